@@ -1,0 +1,102 @@
+"""torch.fx backend: install ``SeparableConv*d`` modules for the decided convs, keeping qualified names."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from torch import fx, nn
+
+from ..modules import SeparableConv1d, SeparableConv2d
+from ..pipeline import Decision
+
+__all__ = ["apply_decisions", "set_submodule", "separable_for"]
+
+
+def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
+    """Replace (or add) the submodule at ``qualname`` under ``root``, creating no new path components."""
+    parent_name, _, attr = qualname.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+def separable_for(decision: Decision, *, stride, padding, dilation, padding_mode: str = "zeros",
+                  backend: str = "auto") -> nn.Module:
+    cls = SeparableConv1d if decision.site.spec.spatial_dims == 1 else SeparableConv2d
+    return cls.from_factors(decision.factors, stride=stride, padding=padding, dilation=dilation,
+                            padding_mode=padding_mode, backend=backend)
+
+
+def _function_module_name(gm: fx.GraphModule, weight_target: str) -> str:
+    owner, _, attr = weight_target.rpartition(".")
+    base = "separable" if attr == "weight" else f"{attr}_separable"
+    name = f"{owner}.{base}" if owner else base
+    i = 1
+    candidate = name
+    while _exists(gm, candidate):
+        i += 1
+        candidate = f"{name}{i}"
+    return candidate
+
+
+def _exists(gm: nn.Module, qualname: str) -> bool:
+    try:
+        gm.get_submodule(qualname)
+        return True
+    except AttributeError:
+        return False
+
+
+def _drop_param_if_unused(gm: fx.GraphModule, target: Optional[str]) -> None:
+    if target is None:
+        return
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and node.target == target:
+            if node.users:
+                return
+            gm.graph.erase_node(node)
+    owner, _, attr = target.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    if attr in mod._parameters:
+        del mod._parameters[attr]
+
+
+def apply_decisions(gm: fx.GraphModule, decisions: List[Decision], *, backend: str = "auto",
+                    also: Optional[nn.Module] = None) -> bool:
+    """Write every rewritten decision into ``gm``; returns whether anything changed.
+
+    ``also``: another module tree (the user's model, with ``inplace=True``) that gets the same module swaps.
+    """
+    modified = False
+    for d in decisions:
+        if not d.rewritten:
+            continue
+        h = d.site.handle
+        if h.kind == "module":
+            conv = h.module
+            new = separable_for(d, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                padding_mode=conv.padding_mode, backend=backend)
+            set_submodule(gm, h.target, new)
+            if also is not None:
+                try:
+                    set_submodule(also, h.target, new)
+                except AttributeError:
+                    pass
+        else:
+            a = h.conv_args
+            new = separable_for(d, stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
+                                backend=backend)
+            name = _function_module_name(gm, h.weight_target)
+            gm.add_submodule(name, new)
+            d.report.note = (d.report.note + "; " if d.report.note else "") + f"functional conv, now module {name}"
+            for node in h.nodes:
+                with gm.graph.inserting_before(node):
+                    call = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
+                call.meta.update(node.meta)
+                node.replace_all_uses_with(call)
+                gm.graph.erase_node(node)
+            _drop_param_if_unused(gm, h.weight_target)
+            _drop_param_if_unused(gm, h.bias_target)
+        modified = True
+    if modified:
+        gm.graph.lint()
+        gm.recompile()
+    return modified

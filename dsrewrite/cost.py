@@ -1,0 +1,47 @@
+"""Cost model of a conv and of its separable replacement: parameters and FLOPs.
+
+FLOPs count 2 per multiply-add over the whole batch, the convention of
+``torch.utils.flop_counter.FlopCounterMode`` (bias adds are not counted, as there). MACs = FLOPs / 2.
+Separable cost per output pixel: ``Cin*r*K + Cin*r*Cout`` multiply-adds vs ``Cin*Cout*K`` (K = taps).
+"""
+from __future__ import annotations
+
+from .ir import ConvSpec
+
+__all__ = [
+    "dense_params",
+    "separable_params",
+    "dense_flops",
+    "separable_flops",
+    "breakeven_rank",
+]
+
+
+def dense_params(spec: ConvSpec) -> int:
+    """Parameters of the original conv (weight + bias)."""
+    w = spec.out_channels * (spec.in_channels // spec.groups) * spec.kernel_area
+    return w + (spec.out_channels if spec.bias else 0)
+
+
+def separable_params(spec: ConvSpec, rank: int) -> int:
+    """Parameters of the depthwise (``Cin*r*K``) + pointwise (``Cout*Cin*r`` + bias) pair."""
+    cr = spec.in_channels * rank
+    return cr * spec.kernel_area + spec.out_channels * cr + (spec.out_channels if spec.bias else 0)
+
+
+def dense_flops(spec: ConvSpec) -> int:
+    """FLOPs (2 x MACs) of the original conv over all its calls; 0 when the output shape is unknown."""
+    macs = spec.out_channels * (spec.in_channels // spec.groups) * spec.kernel_area
+    return 2 * macs * spec.out_pixels
+
+
+def separable_flops(spec: ConvSpec, rank: int) -> int:
+    """FLOPs (2 x MACs) of the separable pair at ``rank`` over all calls of the conv."""
+    cr = spec.in_channels * rank
+    return 2 * (cr * spec.kernel_area + cr * spec.out_channels) * spec.out_pixels
+
+
+def breakeven_rank(spec: ConvSpec) -> float:
+    """Rank at which the separable pair costs as many FLOPs as the dense conv: ``Cout*K / (K + Cout)``."""
+    k = spec.kernel_area
+    return spec.out_channels * k / (k + spec.out_channels)

@@ -1,0 +1,1 @@
+"""Frontends: turn a model (torch.fx graph, eager module tree, ONNX graph) into ConvSite descriptions."""

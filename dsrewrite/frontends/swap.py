@@ -1,0 +1,144 @@
+"""Fallback frontend for models ``torch.fx.symbolic_trace`` cannot trace (e.g. torchvision detectors).
+
+Runs the real forward once with hooks, recording each module's inputs and each conv's output shapes.
+Then, top-down: a child called once with positional inputs that traces becomes a GraphModule handled by
+the fx frontend (so functional convs inside it are found too); a conv module anywhere else is swapped in
+place. Ranks are planned over all sites at once, the same as on the fx route.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..backends.fx import apply_decisions, separable_for, set_submodule
+from ..ir import ConvSite, ConvSpec
+from ..measure import eval_mode
+from ..pipeline import Decision, Selector, plan_sites
+from ..policy import RankArg
+from .fx import _CONV_MODULES, FxHandle, collect_sites
+
+__all__ = ["rewrite_untraceable"]
+
+
+class _Record:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.args: Tuple[Any, ...] = ()
+        self.has_kwargs = False
+        self.out_shapes: List[Tuple[int, ...]] = []
+
+
+def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Record], int]:
+    """One real forward with hooks: per-module call records; returns them and the whole-model FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    recs: Dict[nn.Module, _Record] = {}
+    handles = []
+
+    def pre(mod, a, kw):
+        r = recs.setdefault(mod, _Record())
+        r.calls += 1
+        if r.calls == 1:
+            r.args, r.has_kwargs = a, bool(kw)
+
+    def post(mod, a, out):
+        if isinstance(out, torch.Tensor):
+            recs.setdefault(mod, _Record()).out_shapes.append(tuple(out.shape))
+
+    for m in model.modules():
+        if m is model:
+            continue
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        if isinstance(m, _CONV_MODULES):
+            handles.append(m.register_forward_hook(post))
+    try:
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return recs, int(counter.get_total_flops())
+
+
+def _swap_site(qualname: str, conv: nn.Module, rec: _Record) -> ConvSite:
+    dims = len(conv.kernel_size)
+    transposed = isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+    shapes = rec.out_shapes
+    total = sum(math.prod(s[: len(s) - 1 - dims] or (1,)) * math.prod(s[-dims:]) for s in shapes)
+    first = shapes[0] if shapes else None
+    spec = ConvSpec(
+        name=qualname, in_channels=conv.in_channels, out_channels=conv.out_channels,
+        kernel=tuple(conv.kernel_size), groups=conv.groups, stride=tuple(conv.stride),
+        dilation=tuple(conv.dilation), bias=conv.bias is not None,
+        out_spatial=tuple(first[-dims:]) if first else None,
+        batch=math.prod(first[: len(first) - 1 - dims] or (1,)) if first else 1,
+        calls=len(shapes), pixels=total, kind="module", transposed=transposed,
+        extra={} if shapes else {"unsupported": "not called by the example inputs"},
+    )
+    return ConvSite(spec, None if transposed else conv.weight, conv.bias,
+                    FxHandle("swap", qualname, [], module=conv))
+
+
+def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg, include: Selector,
+                        exclude: Selector, backend: str, progress: bool = False
+                        ) -> Tuple[nn.Module, List[Decision], int, List[str]]:
+    """Rewrite ``model`` in place through sub-module tracing and module swaps.
+
+    Returns ``(model, decisions, whole-model FLOPs of the original, notes)``.
+    """
+    recs, flops = _record(model, args)
+    traced: List[Tuple[str, fx.GraphModule, List[ConvSite]]] = []
+    swaps: List[ConvSite] = []
+    ordered: List[ConvSite] = []  # tree order, for the report
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in list(module.named_children()):
+            q = f"{prefix}.{name}" if prefix else name
+            if next(child.parameters(), None) is None:
+                continue
+            rec = recs.get(child, _Record())
+            if isinstance(child, _CONV_MODULES):
+                swaps.append(_swap_site(q, child, rec))
+                ordered.append(swaps[-1])
+                continue
+            if rec.calls == 1 and not rec.has_kwargs:
+                try:
+                    gm = fx.symbolic_trace(child)
+                    with eval_mode(gm), torch.no_grad():
+                        ShapeProp(gm).propagate(*rec.args)
+                except Exception:
+                    gm = None
+                if gm is not None:
+                    gm.training = child.training
+                    sites = collect_sites(gm)
+                    for s in sites:
+                        s.spec.name = f"{q}.{s.spec.name}"
+                    traced.append((q, gm, sites))
+                    ordered.extend(sites)
+                    continue
+            visit(child, q)
+
+    visit(model, "")
+    decisions = plan_sites(ordered, rank, include, exclude, progress=progress)
+    by_site = {id(d.site): d for d in decisions}
+    for q, gm, sites in traced:
+        apply_decisions(gm, [by_site[id(s)] for s in sites], backend=backend)
+        set_submodule(model, q, gm)
+    for site in swaps:
+        d = by_site[id(site)]
+        if d.rewritten:
+            conv = site.handle.module
+            set_submodule(model, site.handle.target, separable_for(
+                d, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                padding_mode=conv.padding_mode, backend=backend))
+    notes = [
+        f"traced {len(traced)} sub-module(s) with torch.fx"
+        + (f" ({', '.join(q for q, _, _ in traced[:6])}{', ...' if len(traced) > 6 else ''})" if traced else "")
+        + f"; swapped {sum(1 for s in swaps if by_site[id(s)].rewritten)} conv module(s) in place;"
+        " FLOPs from hooks on the real forward"
+    ]
+    return model, decisions, flops, notes

@@ -1,0 +1,68 @@
+"""The torch.fx pass: ``SeparableRewritePass(example_inputs, rank=...)(gm) -> PassResult``.
+
+Usable on its own or inside ``torch.fx.passes.infra.pass_manager.PassManager``. After it runs,
+``pass.decisions`` holds one decision (with its report entry) per convolution found.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils.flop_counter import FlopCounterMode
+
+from .backends.fx import apply_decisions
+from .frontends.fx import collect_sites
+from .modules import BACKENDS
+from .pipeline import Decision, Selector, plan_sites
+from .policy import RankArg, check_rank
+
+__all__ = ["SeparableRewritePass"]
+
+
+class SeparableRewritePass(PassBase):
+    """Replace eligible convs of a GraphModule by rank-``rank`` depthwise-separable pairs.
+
+    Args:
+        example_inputs: positional inputs used to propagate shapes (output sizes give the FLOPs).
+        rank: int, ``"auto"`` or ``"full"`` (see :mod:`dsrewrite.policy`).
+        include / exclude: glob patterns over qualified names, or a callable ``name -> bool``.
+        backend: ``SeparableConv2d`` backend (``"auto"``, ``"triton"``, ``"torch"``).
+        mirror: a module tree that gets the same module swaps (``rewrite(..., inplace=True)``).
+    """
+
+    def __init__(self, example_inputs: Sequence[Any], rank: RankArg = "auto", include: Selector = None,
+                 exclude: Selector = None, backend: str = "auto", mirror: Optional[nn.Module] = None,
+                 progress: bool = False) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            from .errors import DsrewriteError
+
+            raise DsrewriteError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.example_inputs = tuple(example_inputs)
+        self.rank = check_rank(rank)
+        self.include, self.exclude = include, exclude
+        self.backend = backend
+        self.mirror = mirror
+        self.progress = progress
+        self.decisions: List[Decision] = []
+        self.flops_before: int = 0
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        if not isinstance(graph_module, fx.GraphModule):
+            raise TypeError(f"SeparableRewritePass runs on a torch.fx.GraphModule, got {type(graph_module).__name__}")
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        # one forward gives both the output shapes and the original's whole-graph FLOPs
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            ShapeProp(graph_module).propagate(*self.example_inputs)
+        self.flops_before = int(counter.get_total_flops())
+        sites = collect_sites(graph_module)
+        self.decisions = plan_sites(sites, self.rank, self.include, self.exclude, progress=self.progress)
+        modified = apply_decisions(graph_module, self.decisions, backend=self.backend, also=self.mirror)
+        return PassResult(graph_module, modified)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        graph_module.graph.lint()

@@ -1,0 +1,83 @@
+"""Framework-neutral description of one convolution: what every frontend produces and the middle consumes."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+__all__ = ["ConvSpec", "ConvSite"]
+
+
+@dataclass
+class ConvSpec:
+    """A convolution as the middle of the compiler sees it, independent of torch.fx or ONNX.
+
+    Args:
+        name: qualified name (module path, or ONNX node name) used in reports and filters.
+        in_channels / out_channels: channel counts of the convolution.
+        kernel: kernel size per spatial dim, e.g. ``(3, 3)`` or ``(7,)`` for 1-D.
+        groups: convolution groups (only ``1`` is rewritten).
+        stride / dilation: per spatial dim.
+        bias: whether the conv adds a bias.
+        out_spatial: output spatial size per call, e.g. ``(56, 56)``; ``None`` when unknown.
+        batch: batch size of the calls the FLOPs are counted for.
+        calls: how many times the conv runs in one forward (a shared module counts each call).
+        kind: where it came from (``"module"``, ``"function"``, ``"onnx"``).
+        transposed: a transposed convolution (never rewritten).
+        pixels: total output positions over batch and calls, when calls differ in shape
+            (otherwise computed as ``batch * calls * prod(out_spatial)``).
+        extra: frontend notes, e.g. ``{"unsupported": reason}`` for a setting the frontend cannot rewrite.
+    """
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel: Tuple[int, ...]
+    groups: int = 1
+    stride: Tuple[int, ...] = (1, 1)
+    dilation: Tuple[int, ...] = (1, 1)
+    bias: bool = False
+    out_spatial: Optional[Tuple[int, ...]] = None
+    batch: int = 1
+    calls: int = 1
+    kind: str = "module"
+    transposed: bool = False
+    pixels: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kernel_area(self) -> int:
+        """Number of taps of one filter (K*K for a square 2-D kernel, K for 1-D)."""
+        return math.prod(self.kernel)
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.kernel)
+
+    @property
+    def full_rank(self) -> int:
+        """Rank at which the separable form is exact: ``min(Cout, K*K)``."""
+        return min(self.out_channels, self.kernel_area)
+
+    @property
+    def out_pixels(self) -> int:
+        """Output positions of all calls together (batch included); 0 when the shape is unknown."""
+        if self.pixels is not None:
+            return self.pixels
+        if self.out_spatial is None:
+            return 0
+        return self.batch * self.calls * math.prod(self.out_spatial)
+
+
+@dataclass
+class ConvSite:
+    """A conv found by a frontend: its description, its weights, and a frontend-specific handle.
+
+    ``weight`` is ``[Cout, Cin/groups, *kernel]`` (torch tensor or numpy array); ``bias`` ``[Cout]`` or
+    ``None``. ``handle`` is whatever the frontend's backend needs to write the result back.
+    """
+
+    spec: ConvSpec
+    weight: Any = None
+    bias: Any = None
+    handle: Any = None

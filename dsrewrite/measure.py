@@ -1,0 +1,67 @@
+"""Measurements on the real model: whole-model FLOPs (FlopCounterMode), parameter counts, wall time."""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_params", "count_flops", "time_call", "eval_mode", "input_device"]
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of distinct parameters (shared ones counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run in eval mode and restore every submodule's training flag afterwards (BN stats stay untouched)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def count_flops(fn: Callable[..., Any], args: Sequence[Any]) -> int:
+    """FLOPs (2 per multiply-add) of one call, as ``FlopCounterMode`` counts them."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
+def input_device(args: Sequence[Any]) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device
+    return torch.device("cpu")
+
+
+def time_call(fn: Callable[..., Any], args: Sequence[Any], *, warmup: int = 2, reps: int = 10,
+              max_seconds: float = 5.0, device: Optional[torch.device] = None) -> float:
+    """Median wall time of ``fn(*args)`` in milliseconds (CUDA-synchronised on GPU)."""
+    device = device or input_device(args)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn(*args)
+        sync()
+        times = []
+        start = time.perf_counter()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn(*args)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+            if time.perf_counter() - start > max_seconds and len(times) >= 3:
+                break
+    return statistics.median(times)

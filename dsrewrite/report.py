@@ -1,0 +1,228 @@
+"""The savings report: per-layer and whole-model parameters, FLOPs, measured time and approximation error.
+
+FLOPs are 2 x multiply-adds (``torch.utils.flop_counter.FlopCounterMode``'s convention); MACs are half.
+Renders as a terminal table, Markdown and JSON (``Report.from_json(r.to_json())`` round-trips).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+__all__ = ["LayerReport", "Report"]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class LayerReport:
+    """One convolution the pass considered. ``reason`` says why it was skipped (``rewritten=False``)."""
+
+    name: str
+    rewritten: bool
+    reason: Optional[str] = None
+    rank: Optional[int] = None
+    in_channels: int = 0
+    out_channels: int = 0
+    kernel: Tuple[int, ...] = ()
+    stride: Tuple[int, ...] = ()
+    groups: int = 1
+    kind: str = "module"
+    policy: Optional[str] = None
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    error: Optional[float] = None
+    note: Optional[str] = None
+    time_before_ms: Optional[float] = None
+    time_after_ms: Optional[float] = None
+    calib_error_before: Optional[float] = None
+    calib_error_after: Optional[float] = None
+
+    @property
+    def flops_ratio(self) -> Optional[float]:
+        return self.flops_after / self.flops_before if self.flops_before else None
+
+    @property
+    def params_ratio(self) -> Optional[float]:
+        return self.params_after / self.params_before if self.params_before else None
+
+
+@dataclass
+class Report:
+    """What the pass did to a model. Totals are whole-model (every op, not only the convs)."""
+
+    layers: List[LayerReport] = field(default_factory=list)
+    model: str = ""
+    route: str = ""
+    input_shapes: List[List[Any]] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    flops_per_sample: bool = False
+    time_before_ms: Optional[float] = None
+    time_after_ms: Optional[float] = None
+    time_device: Optional[str] = None
+    time_backend: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ summaries
+    @property
+    def rewritten(self) -> List[LayerReport]:
+        return [layer for layer in self.layers if layer.rewritten]
+
+    @property
+    def skipped(self) -> List[LayerReport]:
+        return [layer for layer in self.layers if not layer.rewritten]
+
+    @property
+    def flops_ratio(self) -> Optional[float]:
+        return self.flops_after / self.flops_before if self.flops_before else None
+
+    @property
+    def params_ratio(self) -> Optional[float]:
+        return self.params_after / self.params_before if self.params_before else None
+
+    @property
+    def time_ratio(self) -> Optional[float]:
+        if self.time_before_ms and self.time_after_ms is not None:
+            return self.time_after_ms / self.time_before_ms
+        return None
+
+    def layer(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["schema"] = SCHEMA_VERSION
+        return d
+
+    def to_json(self, path: Optional[Union[str, os.PathLike]] = None, indent: int = 2) -> str:
+        """Serialise to JSON; also write it to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Report":
+        known = {f.name for f in dataclasses.fields(LayerReport)}
+        layers = []
+        for item in d.get("layers", []):
+            item = {k: v for k, v in item.items() if k in known}
+            for key in ("kernel", "stride"):
+                if key in item and item[key] is not None:
+                    item[key] = tuple(item[key])
+            layers.append(LayerReport(**item))
+        top = {f.name for f in dataclasses.fields(cls)} - {"layers"}
+        return cls(layers=layers, **{k: v for k, v in d.items() if k in top})
+
+    @classmethod
+    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "Report":
+        """Load a report from a JSON string or a path to a JSON file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            from .errors import DsrewriteError
+
+            if not os.path.exists(text):
+                raise DsrewriteError(f"report file not found: {text}")
+            with open(text) as f:
+                text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            from .errors import DsrewriteError
+
+            raise DsrewriteError(f"report is not valid JSON: {e.msg} at line {e.lineno}") from None
+        if not isinstance(data, dict) or "layers" not in data:
+            from .errors import DsrewriteError
+
+            raise DsrewriteError("report JSON has no 'layers': not a dsrewrite report")
+        return cls.from_dict(data)
+
+    # ------------------------------------------------------------------ rendering
+    def _rows(self) -> Tuple[List[str], List[List[str]]]:
+        head = ["layer", "kernel", "Cin->Cout", "rank", "params", "FLOPs", "FLOPs kept", "weight err", "status"]
+        rows = []
+        for L in self.layers:
+            kernel = "x".join(str(k) for k in L.kernel)
+            if L.rewritten:
+                status = "rewritten" + (f" ({L.note})" if L.note else "")
+                rows.append([
+                    L.name, kernel, f"{L.in_channels}->{L.out_channels}", str(L.rank),
+                    f"{_num(L.params_before)}->{_num(L.params_after)}",
+                    f"{_num(L.flops_before)}->{_num(L.flops_after)}",
+                    _pct(L.flops_ratio), f"{L.error:.3f}" if L.error is not None else "-", status,
+                ])
+            else:
+                rows.append([
+                    L.name, kernel, f"{L.in_channels}->{L.out_channels}", "-",
+                    _num(L.params_before), _num(L.flops_before), "-", "-", f"skipped: {L.reason}",
+                ])
+        return head, rows
+
+    def _summary_lines(self) -> List[str]:
+        per = " per sample" if self.flops_per_sample else ""
+        lines = [
+            f"model: {self.model or '?'}   route: {self.route or '?'}   "
+            f"convs: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped",
+            f"params: {_num(self.params_before)} -> {_num(self.params_after)} ({_pct(self.params_ratio)})",
+            f"FLOPs{per} (2 x MACs): {_num(self.flops_before)} -> {_num(self.flops_after)} ({_pct(self.flops_ratio)})"
+            f"   MACs: {_num(self.flops_before // 2)} -> {_num(self.flops_after // 2)}",
+        ]
+        if self.time_before_ms is not None and self.time_after_ms is not None:
+            where = ", ".join(x for x in (self.time_device, self.time_backend) if x)
+            lines.append(
+                f"measured time{f' ({where})' if where else ''}: {self.time_before_ms:.2f} ms -> "
+                f"{self.time_after_ms:.2f} ms ({self.time_ratio:.2f}x the original's time)"
+            )
+        else:
+            lines.append("measured time: not measured")
+        lines += [f"note: {n}" for n in self.notes]
+        return lines
+
+    def table(self) -> str:
+        """Plain-text table for the terminal (before/after per layer, totals last)."""
+        head, rows = self._rows()
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+        fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        if not rows:
+            out.append("(no convolution found)")
+        return "\n".join(out + [""] + self._summary_lines())
+
+    def to_markdown(self) -> str:
+        """GitHub-flavoured Markdown: a summary list and a per-layer table."""
+        head, rows = self._rows()
+        lines = ["# dsrewrite report", ""] + [f"- {s}" for s in self._summary_lines()] + [""]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "|".join("---" for _ in head) + "|")
+        for r in rows:
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _num(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
