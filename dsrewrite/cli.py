@@ -1,0 +1,234 @@
+"""Command line: ``dsrewrite rewrite``, ``dsrewrite report``, ``dsrewrite demo``.
+
+Bad input prints one line ``dsrewrite: error: ...`` and exits 2, never a traceback (``--debug`` shows one).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Any, List, Optional, Sequence, Tuple
+
+from .errors import DsrewriteError
+
+__all__ = ["main", "load_model", "build_parser"]
+
+DETECTION_HINT = "torchvision.models.detection"
+
+
+def _parse_shape(text: str) -> Tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape must be comma-separated ints like 1,3,224,224, got {text!r}")
+    if not shape or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"input shape must be positive ints, got {text!r}")
+    return shape
+
+
+def _parse_rank(text: str):
+    from .policy import check_rank
+
+    try:
+        return check_rank(text)
+    except DsrewriteError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def load_model(src: str, weights: Optional[str] = None):
+    """Build a model from ``torchvision:NAME`` or ``package.module:factory`` (weights=None unless a file is given)."""
+    import torch
+
+    if ":" not in src:
+        raise DsrewriteError(f"model source must be torchvision:NAME, package.module:factory or a .onnx file, got {src!r}")
+    mod_name, _, attr = src.partition(":")
+    if mod_name == "torchvision":
+        try:
+            import torchvision
+        except ImportError:
+            raise DsrewriteError("torchvision is not installed (pip install torchvision)") from None
+        names = torchvision.models.list_models()
+        if attr not in names:
+            import difflib
+
+            close = difflib.get_close_matches(attr, names, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise DsrewriteError(f"unknown torchvision model {attr!r}{hint}")
+        model = torchvision.models.get_model(attr, weights=None)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise DsrewriteError(f"cannot import {mod_name!r}: {e}") from None
+        factory = getattr(module, attr, None)
+        if factory is None:
+            raise DsrewriteError(f"{mod_name!r} has no attribute {attr!r}")
+        model = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+    if not isinstance(model, torch.nn.Module):
+        raise DsrewriteError(f"{src} did not give a torch.nn.Module (got {type(model).__name__})")
+    if weights:
+        if not os.path.exists(weights):
+            raise DsrewriteError(f"weights file not found: {weights}")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            model.load_state_dict(state)
+        except Exception as e:  # noqa: BLE001
+            raise DsrewriteError(f"cannot load weights from {weights}: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _example_inputs(model, shape: Optional[Tuple[int, ...]]) -> tuple:
+    import torch
+
+    detection = type(model).__module__.startswith(DETECTION_HINT)
+    if detection:
+        shape = shape or (3, 320, 320)
+        img_shape = shape[-3:]
+        return ([torch.rand(*img_shape)],)
+    shape = shape or (1, 3, 224, 224)
+    return (torch.randn(*shape),)
+
+
+def _save(model, args: tuple, out: str) -> None:
+    import torch
+
+    ext = os.path.splitext(out)[1].lower()
+    try:
+        if ext == ".pt2":
+            ep = torch.export.export(model, args)
+            torch.export.save(ep, out)
+        elif ext == ".onnx":
+            torch.onnx.export(model, args, out, dynamo=True, external_data=False)
+        elif ext in (".pt", ".pth"):
+            torch.save(model, out)
+        else:
+            raise DsrewriteError(f"output must end in .pt2 (torch.export), .onnx or .pt, got {out!r}")
+    except DsrewriteError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DsrewriteError(f"cannot export the rewritten model to {out}: {first[:200]}") from None
+
+
+def _cmd_rewrite(a: argparse.Namespace) -> int:
+    if a.src.lower().endswith(".onnx"):
+        from . import onnx as ds_onnx  # the ONNX frontend
+
+        return ds_onnx.cli_rewrite(a)
+    if a.out and os.path.splitext(a.out)[1].lower() not in (".pt2", ".onnx", ".pt", ".pth"):
+        raise DsrewriteError(f"output must end in .pt2 (torch.export), .onnx or .pt, got {a.out!r}")
+    from .api import rewrite
+
+    model = load_model(a.src, a.weights)
+    args = _example_inputs(model, a.input_shape)
+    result = rewrite(model, args, rank=a.rank, include=a.include or None, exclude=a.exclude or None,
+                     backend=a.backend, measure_time=not a.no_time, progress=not a.quiet, name=a.src)
+    if a.out:
+        _save(result.model, args, a.out)
+    _emit_report(result.report, a)
+    if a.out and not a.quiet:
+        print(f"wrote {a.out}")
+    return 0
+
+
+def _emit_report(report, a: argparse.Namespace) -> None:
+    if a.report:
+        report.to_json(a.report)
+    if getattr(a, "markdown", None):
+        with open(a.markdown, "w") as f:
+            f.write(report.to_markdown())
+    if not a.quiet:
+        print(report.table())
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from .report import Report
+
+    report = Report.from_json(a.path)
+    if a.format == "json":
+        print(report.to_json())
+    elif a.format == "markdown":
+        print(report.to_markdown())
+    else:
+        print(report.table())
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(quick=a.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsrewrite",
+        description="Rewrite standard convolutions into low-rank depthwise-separable pairs and report the savings.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("rewrite", help="rewrite a model", description=(
+        "Rewrite the standard convolutions of a model. SRC is torchvision:NAME, package.module:factory "
+        "or a .onnx file. Without --weights the model has random weights (weights=None)."))
+    r.add_argument("src", help="torchvision:NAME | package.module:factory | model.onnx")
+    r.add_argument("-o", "--out", help="output: .pt2 (torch.export), .onnx (export) or .pt (pickled module)")
+    r.add_argument("--rank", type=_parse_rank, default="auto",
+                   help="int, 'auto' (default: about half of each layer's FLOPs) or 'full' (exact)")
+    r.add_argument("--report", help="write the report as JSON to this path")
+    r.add_argument("--markdown", help="write the report as Markdown to this path")
+    r.add_argument("--input-shape", type=_parse_shape, default=None,
+                   help="example input shape, e.g. 1,3,224,224 (default; detection models: 3,320,320)")
+    r.add_argument("--weights", help="state_dict file to load before rewriting")
+    r.add_argument("--include", action="append", help="only rewrite convs matching this glob (repeatable)")
+    r.add_argument("--exclude", action="append", help="never rewrite convs matching this glob (repeatable)")
+    r.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                   help="how the separable pairs run (default auto: Triton on CUDA, torch ops otherwise)")
+    r.add_argument("--no-time", action="store_true", help="skip the latency measurement")
+    r.add_argument("--overwrite", action="store_true", help="allow writing over the source file (ONNX)")
+    r.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    r.set_defaults(func=_cmd_rewrite)
+
+    s = sub.add_parser("report", help="print a saved report", description="Print a saved JSON report.")
+    s.add_argument("path", help="report JSON written by `dsrewrite rewrite --report`")
+    s.add_argument("--format", choices=("table", "markdown", "json"), default="table")
+    s.set_defaults(func=_cmd_report)
+
+    d = sub.add_parser("demo", help="run the built-in end-to-end demo", description=(
+        "Train a small CNN on scikit-learn's bundled digits, rewrite it to about half its FLOPs, "
+        "fine-tune it back by distillation and print the report."))
+    d.add_argument("--quick", action="store_true", help="a short run (used by tests)")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(a.func(a) or 0)
+    except DsrewriteError as e:
+        if a.debug:
+            raise
+        print(f"dsrewrite: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsrewrite: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI never shows a traceback unless --debug
+        if a.debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"dsrewrite: error: {type(e).__name__}: {first[:300]} (run with --debug for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
