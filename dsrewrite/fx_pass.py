@@ -5,6 +5,9 @@ Usable on its own or inside ``torch.fx.passes.infra.pass_manager.PassManager``. 
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -56,8 +59,17 @@ class SeparableRewritePass(PassBase):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         # one forward gives both the output shapes and the original's whole-graph FLOPs
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            ShapeProp(graph_module).propagate(*self.example_inputs)
+        # ShapeProp prints a traceback before re-raising: keep stderr for the real error or replay it on success
+        captured = io.StringIO()
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter, contextlib.redirect_stderr(captured):
+                ShapeProp(graph_module).propagate(*self.example_inputs)
+        except RuntimeError as e:
+            if e.__cause__ is not None:
+                raise e.__cause__ from None
+            raise
+        if captured.getvalue():
+            sys.stderr.write(captured.getvalue())
         self.flops_before = int(counter.get_total_flops())
         sites = collect_sites(graph_module)
         self.decisions = plan_sites(sites, self.rank, self.include, self.exclude, progress=self.progress)
