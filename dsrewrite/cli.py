@@ -92,7 +92,7 @@ def _example_inputs(model, shape: Optional[Tuple[int, ...]]) -> tuple:
     return (torch.randn(*shape),)
 
 
-def _save(model, args: tuple, out: str) -> None:
+def _save(model, args: tuple, out: str, quiet: bool = False) -> None:
     import torch
 
     ext = os.path.splitext(out)[1].lower()
@@ -101,7 +101,7 @@ def _save(model, args: tuple, out: str) -> None:
             ep = torch.export.export(model, args)
             torch.export.save(ep, out)
         elif ext == ".onnx":
-            torch.onnx.export(model, args, out, dynamo=True, external_data=False)
+            torch.onnx.export(model, args, out, dynamo=True, external_data=False, verbose=not quiet)
         elif ext in (".pt", ".pth"):
             torch.save(model, out)
         else:
@@ -127,7 +127,7 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
     result = rewrite(model, args, rank=a.rank, include=a.include or None, exclude=a.exclude or None,
                      backend=a.backend, measure_time=not a.no_time, progress=not a.quiet, name=a.src)
     if a.out:
-        _save(result.model, args, a.out)
+        _save(result.model, args, a.out, quiet=a.quiet)
     _emit_report(result.report, a)
     if a.out and not a.quiet:
         print(f"wrote {a.out}")

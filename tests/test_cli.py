@@ -71,3 +71,23 @@ def test_bad_rank_is_usage_error_in_a_real_process():
     assert code == 2 and "rank must be >= 1" in err and "Traceback" not in err
     code, _, err = run("rewrite", "torchvision:resnet18", "--input-shape", "1,5,32,32", "--no-time")
     assert code == 2 and err.strip().startswith("dsrewrite: error: example inputs do not run")
+
+
+def test_rewrite_to_onnx_runs_in_onnxruntime(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "m.onnx"
+    assert main(["rewrite", "torchvision:resnet18", "-o", str(out), "--rank", "full",
+                 "--input-shape", "1,3,32,32", "--no-time", "-q"]) == 0
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert sum(1 for o in ops if o == "Conv") > 20 + 17  # 17 convs became pairs
+    import torchvision
+
+    torch.manual_seed(0)
+    x = np.random.default_rng().standard_normal((1, 3, 32, 32)).astype(np.float32)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert y.shape == (1, 1000) and np.isfinite(y).all()

@@ -125,9 +125,12 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
     visit(model, "")
     decisions = plan_sites(ordered, rank, include, exclude, progress=progress)
     by_site = {id(d.site): d for d in decisions}
+    used = []
     for q, gm, sites in traced:
-        apply_decisions(gm, [by_site[id(s)] for s in sites], backend=backend)
-        set_submodule(model, q, gm)
+        # a sub-module becomes a GraphModule only where something in it was rewritten
+        if apply_decisions(gm, [by_site[id(s)] for s in sites], backend=backend):
+            set_submodule(model, q, gm)
+            used.append(q)
     for site in swaps:
         d = by_site[id(site)]
         if d.rewritten:
@@ -136,8 +139,8 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
                 d, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                 padding_mode=conv.padding_mode, backend=backend))
     notes = [
-        f"traced {len(traced)} sub-module(s) with torch.fx"
-        + (f" ({', '.join(q for q, _, _ in traced[:6])}{', ...' if len(traced) > 6 else ''})" if traced else "")
+        f"rewrote {len(used)} traced sub-module(s) with torch.fx"
+        + (f" ({', '.join(used[:6])}{', ...' if len(used) > 6 else ''})" if used else "")
         + f"; swapped {sum(1 for s in swaps if by_site[id(s)].rewritten)} conv module(s) in place;"
         " FLOPs from hooks on the real forward"
     ]
