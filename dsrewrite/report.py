@@ -44,11 +44,11 @@ class LayerReport:
 
     @property
     def flops_ratio(self) -> Optional[float]:
-        return self.flops_after / self.flops_before if self.flops_before else None
+        return _ratio(self.flops_after, self.flops_before)
 
     @property
     def params_ratio(self) -> Optional[float]:
-        return self.params_after / self.params_before if self.params_before else None
+        return _ratio(self.params_after, self.params_before)
 
 
 @dataclass
@@ -81,11 +81,11 @@ class Report:
 
     @property
     def flops_ratio(self) -> Optional[float]:
-        return self.flops_after / self.flops_before if self.flops_before else None
+        return _ratio(self.flops_after, self.flops_before)
 
     @property
     def params_ratio(self) -> Optional[float]:
-        return self.params_after / self.params_before if self.params_before else None
+        return _ratio(self.params_after, self.params_before)
 
     @property
     def time_ratio(self) -> Optional[float]:
@@ -212,6 +212,10 @@ class Report:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _ratio(after, before) -> Optional[float]:
+    return after / before if before else None
 
 
 def _num(n: Optional[float]) -> str:
