@@ -1,0 +1,86 @@
+"""Triton kernels for depthwise-separable convolutions (installed as ``dsrewrite.kernels``).
+
+* :func:`separable_conv2d`: ``act(pointwise(depthwise(x)))`` as one fused Triton kernel (the depthwise
+  result stays in registers), or a depthwise kernel + a pointwise kernel when the dispatcher
+  (:func:`choose_path`) says fusing costs more than it saves. Autograd and ``torch.compile`` work through
+  the custom op ``torch.ops.dsrewrite.separable_conv2d``.
+* :func:`depthwise_conv2d`, :func:`pointwise_conv2d`: the two halves alone (forward only).
+
+Importing this package imports neither Triton nor the kernels: they load on first use, so
+``import dsrewrite`` stays fast and works without Triton or a GPU. Note: ``dsrewrite.kernels.separable_conv2d``
+is the function; the module of the same name is reached with
+``from dsrewrite.kernels.separable_conv2d import separable_conv2d_forward``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from typing import Optional
+
+import torch
+
+__all__ = ["separable_conv2d", "depthwise_conv2d", "pointwise_conv2d", "choose_path", "is_available"]
+
+
+def is_available() -> bool:
+    """Whether Triton can be imported (it is not imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None, *, stride=1, padding=0, dilation=1,
+                     activation: Optional[str] = None, path: str = "auto",
+                     precision: Optional[str] = None) -> torch.Tensor:
+    """Fused depthwise + pointwise conv2d: ``act(conv2d(conv2d(x, dw_weight, groups=C), pw_weight, bias))``.
+
+    Args:
+        x: ``[N, C, H, W]``, NCHW or channels_last (the output keeps the format), fp32/fp16/bf16, CUDA
+            (CPU only under ``TRITON_INTERPRET=1``).
+        dw_weight: ``[C*r, 1, kh, kw]``; depthwise channel ``c*r + j`` reads input channel ``c``.
+        pw_weight: ``[M, C*r, 1, 1]``. bias: ``[M]`` or None.
+        stride, dilation: int or pair. padding: int, pair, ``'valid'``, or ``'same'`` when symmetric.
+        activation: None, ``"relu"``, ``"relu6"`` or ``"silu"``, fused in the epilogue.
+        path: ``"auto"`` (dispatcher), ``"fused"`` or ``"split"`` (depthwise kernel, then pointwise).
+        precision: fp32 ``tl.dot`` precision, ``"ieee"`` or ``"tf32"``; None follows
+            ``torch.backends.cudnn.allow_tf32`` on CUDA (as ``F.conv2d`` does) and is ``"ieee"`` elsewhere.
+    """
+    from .ops import separable_conv2d as impl
+
+    return impl(x, dw_weight, pw_weight, bias, stride=stride, padding=padding, dilation=dilation,
+                activation=activation, path=path, precision=precision)
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """Depthwise conv2d (``weight [C*r, 1, kh, kw]``) with the standalone Triton kernel (forward only)."""
+    from .ops import depthwise_conv2d as impl
+
+    return impl(x, weight, stride=stride, padding=padding, dilation=dilation)
+
+
+def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                     activation: Optional[str] = None, precision: Optional[str] = None) -> torch.Tensor:
+    """1x1 conv2d + bias + activation with the Triton GEMM kernel (forward only)."""
+    from .ops import pointwise_conv2d as impl
+
+    return impl(x, weight, bias, activation=activation, precision=precision)
+
+
+def choose_path(cr: int, m: int, kh: int, kw: int, itemsize: int) -> str:
+    """``"fused"`` or ``"split"``: the dispatcher's heuristic (documented in :func:`ops.choose_path`)."""
+    from .ops import choose_path as impl
+
+    return impl(cr, m, kh, kw, itemsize)
+
+
+class _Package(types.ModuleType):
+    """Keep the public functions when a same-named kernel module is imported (the import system would
+    otherwise set ``dsrewrite.kernels.separable_conv2d`` to the module)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in __all__ and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

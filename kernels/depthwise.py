@@ -1,0 +1,110 @@
+"""Depthwise conv2d (channel multiplier r) as a standalone Triton kernel: the first half of the split path.
+
+Each program computes a ``[BLOCK_P, BLOCK_C]`` tile (output pixels x depthwise channels) in fp32 and stores
+it in the input's dtype and memory format. Used when the fused kernel would recompute the depthwise tile
+for too many output-channel blocks (see ``ops.choose_path``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting, prune_by_size
+from ._shapes import out_size, output_memory_format
+
+__all__ = ["depthwise_conv2d_forward", "DEPTHWISE_CONFIGS"]
+
+
+@triton.jit
+def _depthwise_conv2d_kernel(
+    x_ptr,  # input [N, C, H, W], any strides
+    w_ptr,  # weights [C*r, KH*KW], contiguous; channel k reads input channel k // R
+    z_ptr,  # output [N, C*r, OH, OW], any strides
+    H, W, CR, OH, OW, P, R,
+    sxn, sxc, sxh, sxw,
+    szn, szc, szh, szw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    num_pid_c = tl.cdiv(CR, BLOCK_C)
+    pid_p = pid // num_pid_c
+    pid_c = pid % num_pid_c
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    n = offs_p // (OH * OW)
+    rem = offs_p % (OH * OW)
+    oh = rem // OW
+    ow = rem % OW
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < CR
+    x_chan = (offs_c // R) * sxc
+
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        ih = ih0 + i * dil_h
+        row_ok = mask_p & (ih >= 0) & (ih < H)
+        for j in tl.static_range(KW):
+            iw = iw0 + j * dil_w
+            ok = row_ok & (iw >= 0) & (iw < W)
+            xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + x_chan[None, :],
+                         mask=ok[:, None] & mask_c[None, :], other=0.0)
+            wv = tl.load(w_ptr + offs_c * (KH * KW) + (i * KW + j), mask=mask_c, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+
+    z_off = (n * szn + oh * szh + ow * szw)[:, None] + (offs_c * szc)[None, :]
+    tl.store(z_ptr + z_off, acc.to(z_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+
+
+def _cfg(bp: int, bc: int, warps: int) -> "triton.Config":
+    return triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=warps, num_stages=2)
+
+
+DEPTHWISE_CONFIGS = [_cfg(64, 16, 2), _cfg(128, 16, 4), _cfg(64, 32, 4), _cfg(128, 32, 4), _cfg(256, 32, 8),
+                     _cfg(64, 64, 4)]
+INTERPRET_CONFIG = _cfg(32, 16, 1)
+
+
+def _prune(configs, named_args, **kwargs):
+    return prune_by_size(configs, {"BLOCK_C": named_args["CR"], "BLOCK_P": named_args["P"]})
+
+
+_depthwise_conv2d_tuned = triton.autotune(
+    configs=[INTERPRET_CONFIG] if interpreting() else DEPTHWISE_CONFIGS,
+    key=["CR", "P", "KH", "KW", "stride_h", "stride_w"],
+    prune_configs_by=None if interpreting() else {"early_config_prune": _prune},
+)(_depthwise_conv2d_kernel)
+
+
+def depthwise_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                             padding: Sequence[int], dilation: Sequence[int],
+                             config: Optional[dict] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, stride=, padding=, dilation=, groups=C)`` with ``weight [C*r, 1, KH, KW]``."""
+    N, C, H, W = x.shape
+    CR, _, KH, KW = weight.shape
+    OH = out_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = out_size(W, KW, stride[1], padding[1], dilation[1])
+    z = torch.empty((N, CR, OH, OW), device=x.device, dtype=x.dtype, memory_format=output_memory_format(x))
+    P = N * OH * OW
+    if P == 0 or CR == 0:
+        return z
+    w = weight.reshape(CR, KH * KW).contiguous()
+    args = (x, w, z, H, W, CR, OH, OW, P, CR // C, *x.stride(), *z.stride(),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    if config is not None:
+        cfg = dict(config)
+        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+        grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(CR, cfg["BLOCK_C"]),)
+        _depthwise_conv2d_kernel[grid](*args, KH=KH, KW=KW, **cfg, **launch)
+    else:
+        grid = lambda m: (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(CR, m["BLOCK_C"]),)  # noqa: E731
+        _depthwise_conv2d_tuned[grid](*args, KH=KH, KW=KW)
+    return z

@@ -1,0 +1,219 @@
+"""``torch.library`` registration of the kernels, the fused-vs-split dispatcher and the public entry point.
+
+``torch.ops.dsrewrite.separable_conv2d`` is a custom op (``torch.library.custom_op``, torch >= 2.4) with a
+fake implementation (shapes and memory format, for ``torch.compile``), an autograd formula (backward in
+torch ops: the depthwise output is recomputed with ``F.conv2d`` and fed to ``aten.convolution_backward``)
+and, where torch has the API, a FLOP formula so ``FlopCounterMode`` counts depthwise + pointwise FLOPs.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DsrewriteError
+from ._common import ACTIVATIONS, interpreting
+from .depthwise import depthwise_conv2d_forward
+from .pointwise import pointwise_conv2d_forward
+from ._shapes import out_size, output_memory_format, resolve_padding
+from .separable_conv2d import FUSED_BLOCK_M_MAX, separable_conv2d_forward
+
+__all__ = ["separable_conv2d", "depthwise_conv2d", "pointwise_conv2d", "choose_path", "resolve_padding",
+           "separable_flops", "PATHS", "DW_FLOP_PER_BYTE"]
+
+PATHS = ("auto", "fused", "split")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Dispatcher constant: CUDA-core (non-tensor-core) fp32 FLOP/s over DRAM bytes/s. H100 SXM: ~67 TFLOP/s /
+# ~3.35 TB/s = 20; A100: 19.5 / 2.0 = 10. A first guess, to be calibrated with benchmarks/kernels.py.
+DW_FLOP_PER_BYTE = 20.0
+
+
+def choose_path(cr: int, m: int, kh: int, kw: int, itemsize: int) -> str:
+    """``"fused"`` or ``"split"`` for ``cr`` depthwise channels, ``m`` outputs, a ``kh x kw`` kernel.
+
+    The fused kernel recomputes the depthwise tile once per block of ``FUSED_BLOCK_M_MAX`` output
+    channels: ``2*kh*kw*(ceil(m/FUSED_BLOCK_M_MAX) - 1)`` extra FLOPs per (pixel, depthwise channel). It
+    saves writing and reading the intermediate: ``2*itemsize`` bytes per (pixel, depthwise channel). Fuse
+    while the extra FLOPs cost less time than the saved bytes (``DW_FLOP_PER_BYTE`` FLOPs per byte).
+    ``cr`` does not enter: both costs scale with it.
+    """
+    extra_flops = 2 * kh * kw * (math.ceil(m / FUSED_BLOCK_M_MAX) - 1)
+    saved_bytes = 2 * itemsize
+    return "fused" if extra_flops <= DW_FLOP_PER_BYTE * saved_bytes else "split"
+
+
+def _pair(v, name: str) -> Tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return (int(v[0]), int(v[1]))
+    raise DsrewriteError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def separable_flops(x_shape, dw_shape, pw_shape, out_shape) -> int:
+    """FLOPs (2 per multiply-add) of the depthwise + pointwise pair; bias and activation not counted,
+    as ``FlopCounterMode`` counts ``aten.convolution``."""
+    n, m, oh, ow = out_shape
+    cr, _, kh, kw = dw_shape
+    pixels = n * oh * ow
+    return 2 * cr * kh * kw * pixels + 2 * cr * m * pixels
+
+
+def _precision(x: torch.Tensor, precision: Optional[str]) -> str:
+    """The ``tl.dot`` input precision. It only matters for fp32 operands; 16-bit operands always take
+    tensor cores, so they get Triton's default ("tf32")."""
+    if precision not in (None, "ieee", "tf32"):
+        raise DsrewriteError(f"precision must be 'ieee', 'tf32' or None, got {precision!r}")
+    if x.dtype != torch.float32:
+        return "tf32"
+    if precision is None:  # same precision class as the torch convs this replaces (cuDNN allows tf32)
+        return "tf32" if (x.is_cuda and torch.backends.cudnn.allow_tf32) else "ieee"
+    return precision
+
+
+def _run(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision):
+    cr, _, kh, kw = dw_weight.shape
+    if path == "auto":
+        path = choose_path(cr, pw_weight.shape[0], kh, kw, x.element_size())
+    if path == "fused":
+        return separable_conv2d_forward(x, dw_weight, pw_weight, bias, stride, padding, dilation,
+                                        activation, precision)
+    z = depthwise_conv2d_forward(x, dw_weight, stride, padding, dilation)
+    return pointwise_conv2d_forward(z, pw_weight, bias, activation, precision,
+                                    memory_format=output_memory_format(x))
+
+
+@torch.library.custom_op("dsrewrite::separable_conv2d", mutates_args=())
+def _separable_conv2d_op(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
+                         bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                         dilation: List[int], activation: str, path: str, precision: str) -> torch.Tensor:
+    return _run(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision)
+
+
+@_separable_conv2d_op.register_fake
+def _(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision):
+    n, _, h, w = x.shape
+    _, _, kh, kw = dw_weight.shape
+    oh = out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = out_size(w, kw, stride[1], padding[1], dilation[1])
+    return torch.empty((n, pw_weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=output_memory_format(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, _path, _prec = inputs
+    ctx.conv = (list(stride), list(padding), list(dilation))
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    y = output if activation in ("relu", "relu6") else None  # their gradient masks read the output
+    ctx.save_for_backward(x, dw_weight, pw_weight, bias, y)
+
+
+def _backward(ctx, grad):
+    x, dw_weight, pw_weight, bias, y = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv
+    need_x, need_dw, need_pw, need_b = ctx.needs_input_grad[:4]
+    conv_bw = torch.ops.aten.convolution_backward
+    z = F.conv2d(x, dw_weight, None, stride, padding, dilation, x.shape[1])
+    if ctx.activation == "relu":
+        grad = grad * (y > 0)
+    elif ctx.activation == "relu6":
+        grad = grad * ((y > 0) & (y < 6))
+    elif ctx.activation == "silu":
+        u = F.conv2d(z, pw_weight, bias)
+        s = torch.sigmoid(u)
+        grad = grad * s * (1 + u * (1 - s))
+    need_z = need_x or need_dw
+    gz, gpw, gb = conv_bw(grad, z, pw_weight, [pw_weight.shape[0]] if ctx.has_bias else None, [1, 1], [0, 0],
+                          [1, 1], False, [0, 0], 1, [need_z, need_pw, need_b and ctx.has_bias])
+    gx = gdw = None
+    if need_z:
+        gx, gdw, _ = conv_bw(gz, x, dw_weight, None, stride, padding, dilation, False, [0, 0], x.shape[1],
+                             [need_x, need_dw, False])
+    return gx, gdw, gpw, gb, None, None, None, None, None, None
+
+
+_separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+try:  # FlopCounterMode support (the decorator exists in torch >= 2.4; guard older or changed APIs)
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.dsrewrite.separable_conv2d)
+    def _separable_conv2d_flop(x_shape, dw_shape, pw_shape, *args, out_shape=None, **kwargs) -> int:
+        return separable_flops(x_shape, dw_shape, pw_shape, out_shape)
+except (ImportError, AttributeError, ValueError, RuntimeError):  # pragma: no cover - depends on torch
+    pass
+
+
+def _check_tensors(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> None:
+    if x.dim() != 4:
+        raise DsrewriteError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    if dw_weight.dim() != 4 or dw_weight.shape[1] != 1 or c == 0 or dw_weight.shape[0] % c:
+        raise DsrewriteError(f"dw_weight must be [C*r, 1, kh, kw] with C={c}, got {tuple(dw_weight.shape)}")
+    cr = dw_weight.shape[0]
+    if pw_weight.dim() != 4 or pw_weight.shape[1] != cr or tuple(pw_weight.shape[2:]) != (1, 1):
+        raise DsrewriteError(f"pw_weight must be [M, {cr}, 1, 1], got {tuple(pw_weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (pw_weight.shape[0],):
+        raise DsrewriteError(f"bias must be [{pw_weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("dw_weight", dw_weight), ("pw_weight", pw_weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype or t.device != x.device:
+            raise DsrewriteError(f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}: they must match")
+    if x.dtype not in DTYPES:
+        raise DsrewriteError(f"dtype {x.dtype} is not supported (float32, float16, bfloat16)")
+    if x.device.type != "cuda" and not interpreting():
+        raise DsrewriteError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+
+
+def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None, *, stride=1, padding=0, dilation=1,
+                     activation: Optional[str] = None, path: str = "auto",
+                     precision: Optional[str] = None) -> torch.Tensor:
+    """``act(pointwise(depthwise(x)))`` with Triton kernels; see :mod:`dsrewrite.kernels`."""
+    _check_tensors(x, dw_weight, pw_weight, bias)
+    act = "none" if activation is None else activation
+    if act not in ACTIVATIONS:
+        raise DsrewriteError(f"activation must be None, 'relu', 'relu6' or 'silu', got {activation!r}")
+    if path not in PATHS:
+        raise DsrewriteError(f"path must be one of {PATHS}, got {path!r}")
+    st, dil = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(st) < 1 or min(dil) < 1:
+        raise DsrewriteError(f"stride and dilation must be >= 1, got stride={stride!r}, dilation={dilation!r}")
+    try:
+        pad = resolve_padding(padding, dw_weight.shape[2:], dil)
+    except ValueError as e:
+        raise DsrewriteError(str(e)) from None
+    if pad is None:
+        raise DsrewriteError(f"padding={padding!r} is not symmetric for kernel {tuple(dw_weight.shape[2:])} "
+                             f"and dilation {dil}: use the torch backend")
+    if min(pad) < 0:
+        raise DsrewriteError(f"padding must be >= 0, got {padding!r}")
+    oh = out_size(x.shape[2], dw_weight.shape[2], st[0], pad[0], dil[0])
+    ow = out_size(x.shape[3], dw_weight.shape[3], st[1], pad[1], dil[1])
+    if oh < 1 or ow < 1:
+        raise DsrewriteError(f"input {tuple(x.shape[2:])} is smaller than the (dilated, padded) kernel")
+    return _separable_conv2d_op(x, dw_weight, pw_weight, bias, list(st), list(pad), list(dil), act, path,
+                                _precision(x, precision))
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0,
+                     dilation=1) -> torch.Tensor:
+    """Depthwise conv (``weight [C*r, 1, kh, kw]``) with the standalone Triton kernel (forward only)."""
+    st, dil = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pad = resolve_padding(padding, weight.shape[2:], dil)
+    if pad is None:
+        raise DsrewriteError(f"padding={padding!r} is not symmetric: use F.conv2d")
+    return depthwise_conv2d_forward(x, weight, st, pad, dil)
+
+
+def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                     activation: Optional[str] = None, precision: Optional[str] = None) -> torch.Tensor:
+    """1x1 conv (``weight [M, K, 1, 1]``) + bias + activation with the Triton GEMM kernel (forward only)."""
+    return pointwise_conv2d_forward(x, weight, bias, "none" if activation is None else activation,
+                                    _precision(x, precision))

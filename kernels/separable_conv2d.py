@@ -1,0 +1,143 @@
+"""Fused depthwise + pointwise conv2d in one Triton kernel: the depthwise result never leaves registers.
+
+Each program owns a tile of ``BLOCK_P`` output pixels (flattened over N, H', W') and ``BLOCK_M`` output
+channels. It walks the ``C*r`` intermediate channels in blocks of ``BLOCK_K``: for each block it computes
+the depthwise conv of the pixel tile in fp32 registers (``KH*KW`` masked loads of the input, one
+broadcast FMA each), casts it to the operand dtype and feeds it to ``tl.dot`` with the matching
+``[BLOCK_K, BLOCK_M]`` slice of the pointwise weights. Bias and activation run on the fp32 accumulator
+before the one store. Programs that share a pixel tile run next to each other (the output-channel block
+varies fastest) so the recomputed depthwise input is read from L2, not DRAM.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import ACTIVATIONS, _activation, interpreting, prune_by_size
+from ._shapes import out_size, output_memory_format
+
+__all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_BLOCK_M_MAX"]
+
+
+@triton.jit
+def _separable_conv2d_kernel(
+    x_ptr,  # input [N, C, H, W], any strides (NCHW or channels_last)
+    dw_ptr,  # depthwise weights [C*r, KH*KW], contiguous; channel k reads input channel k // R
+    pw_ptr,  # pointwise weights [M, C*r], contiguous
+    b_ptr,  # bias [M] (not read unless HAS_BIAS)
+    y_ptr,  # output [N, M, OH, OW], any strides
+    C, H, W, CR, M, OH, OW, P, R,  # P = N*OH*OW output pixels, CR = C*R intermediate channels
+    sxn, sxc, sxh, sxw,  # input strides (elements)
+    syn, sym, syh, syw,  # output strides (elements)
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # int64 from here on: offsets may pass 2**31
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_p = pid // num_pid_m
+    pid_m = pid % num_pid_m
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    n = offs_p // (OH * OW)
+    rem = offs_p % (OH * OW)
+    oh = rem // OW
+    ow = rem % OW
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_pix = n * sxn  # [BLOCK_P] offset of each pixel's image
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+
+    acc = tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, CR, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < CR
+        x_chan = (offs_k // R) * sxc  # [BLOCK_K] offset of the input channel each dw channel reads
+        dw = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+        for i in tl.static_range(KH):
+            ih = ih0 + i * dil_h
+            row_ok = mask_p & (ih >= 0) & (ih < H)
+            for j in tl.static_range(KW):
+                iw = iw0 + j * dil_w
+                ok = row_ok & (iw >= 0) & (iw < W)
+                xv = tl.load(x_ptr + (x_pix + ih * sxh + iw * sxw)[:, None] + x_chan[None, :],
+                             mask=ok[:, None] & mask_k[None, :], other=0.0)
+                wv = tl.load(dw_ptr + offs_k * (KH * KW) + (i * KW + j), mask=mask_k, other=0.0)
+                dw += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        pw = tl.load(pw_ptr + offs_m[None, :] * CR + offs_k[:, None],
+                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+        acc = tl.dot(dw.to(pw.dtype), pw, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
+    acc = _activation(acc, ACT)
+    y_off = (n * syn + oh * syh + ow * syw)[:, None] + (offs_m * sym)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_m[None, :])
+
+
+def _cfg(bp: int, bm: int, bk: int, warps: int, stages: int) -> "triton.Config":
+    return triton.Config({"BLOCK_P": bp, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# GPU search space (pruned per shape); the interpreter runs one small config so tests stay fast.
+FUSED_CONFIGS = [
+    _cfg(32, 32, 16, 2, 2), _cfg(64, 32, 32, 4, 2), _cfg(64, 64, 32, 4, 2), _cfg(128, 32, 32, 4, 2),
+    _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3), _cfg(128, 128, 32, 8, 3), _cfg(128, 64, 64, 8, 2),
+]
+INTERPRET_CONFIG = _cfg(32, 32, 16, 1, 1)
+FUSED_BLOCK_M_MAX = max(c.kwargs["BLOCK_M"] for c in FUSED_CONFIGS)  # used by the dispatcher heuristic
+
+
+def _prune(configs, named_args, **kwargs):
+    return prune_by_size(configs, {"BLOCK_M": named_args["M"], "BLOCK_K": named_args["CR"],
+                                   "BLOCK_P": named_args["P"]})
+
+
+_separable_conv2d_tuned = triton.autotune(
+    configs=[INTERPRET_CONFIG] if interpreting() else FUSED_CONFIGS,
+    key=["CR", "M", "P", "KH", "KW", "stride_h", "stride_w"],
+    prune_configs_by=None if interpreting() else {"early_config_prune": _prune},
+)(_separable_conv2d_kernel)
+
+
+def separable_conv2d_forward(
+    x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, bias: Optional[torch.Tensor],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], activation: str = "none",
+    precision: str = "ieee", config: Optional[dict] = None,
+) -> torch.Tensor:
+    """Launch the fused kernel. Arguments are already normalised (pairs of ints, activation name).
+
+    ``config`` (``{"BLOCK_P":..,"BLOCK_M":..,"BLOCK_K":.., "num_warps":..}``) bypasses the autotuner: tests
+    and the benchmark use it to check every config.
+    """
+    N, C, H, W = x.shape
+    CR, _, KH, KW = dw_weight.shape
+    M = pw_weight.shape[0]
+    OH = out_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = out_size(W, KW, stride[1], padding[1], dilation[1])
+    y = torch.empty((N, M, OH, OW), device=x.device, dtype=x.dtype, memory_format=output_memory_format(x))
+    P = N * OH * OW
+    if P == 0 or M == 0:
+        return y
+    dw = dw_weight.reshape(CR, KH * KW).contiguous()
+    pw = pw_weight.reshape(M, CR).to(x.dtype).contiguous()
+    b = bias.contiguous() if bias is not None else pw  # dummy pointer, never read
+    args = (x, dw, pw, b, y, C, H, W, CR, M, OH, OW, P, CR // C,
+            *x.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], PRECISION=precision)
+    if config is not None:
+        cfg = dict(config)
+        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+        grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(M, cfg["BLOCK_M"]),)
+        _separable_conv2d_kernel[grid](*args, **meta, **cfg, **launch)
+    else:
+        grid = lambda m: (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(M, m["BLOCK_M"]),)  # noqa: E731
+        _separable_conv2d_tuned[grid](*args, **meta)
+    return y
