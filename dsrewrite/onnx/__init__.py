@@ -1,0 +1,25 @@
+"""ONNX frontend and backend: rewrite the ``Conv`` nodes of ``.onnx`` models with onnx-graphsurgeon.
+
+The frontend (:mod:`.frontend`) turns convolution nodes into framework-neutral
+:class:`~dsrewrite.ir.ConvSite` objects, the shared :func:`dsrewrite.pipeline.plan_sites` chooses ranks and
+factorises, the backend (:mod:`.backend`) writes depthwise + pointwise ``Conv`` pairs, and :mod:`.flops`
+counts whole-graph FLOPs and parameters with the torch report's conventions.
+"""
+from __future__ import annotations
+
+try:
+    import onnx  # noqa: F401
+    import onnx_graphsurgeon  # noqa: F401
+except ImportError as _e:  # one line for the CLI, with the fix
+    from ..errors import DsrewriteError
+
+    raise DsrewriteError(f"the ONNX route needs the {_e.name!r} package: pip install 'dsrewrite[onnx]'") from None
+
+from .api import OnnxRewriteResult, rewrite
+from .cli import cli_rewrite
+from .flops import count_flops, count_params, infer_shapes
+from .frontend import collect_sites
+from .model_io import load_model, save_model
+
+__all__ = ["rewrite", "OnnxRewriteResult", "cli_rewrite", "collect_sites", "count_flops", "count_params",
+           "infer_shapes", "load_model", "save_model"]

@@ -1,0 +1,164 @@
+"""``dsrewrite.onnx.rewrite``: load, infer shapes, plan with the shared pipeline, rewrite, report, save."""
+from __future__ import annotations
+
+import os
+from typing import List, Mapping, NamedTuple, Optional, Sequence, Union
+
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from ..errors import DsrewriteError
+from ..pipeline import Selector, plan_sites
+from ..policy import RankArg, check_rank
+from ..report import Report
+from .backend import apply_decisions
+from .flops import count_flops, count_params, infer_shapes
+from .frontend import collect_sites, subgraph_convs
+from .model_io import PROTOBUF_LIMIT, load_model, model_nbytes, same_file, save_model
+
+__all__ = ["rewrite", "OnnxRewriteResult"]
+
+
+class OnnxRewriteResult(NamedTuple):
+    """``(model, report)``: the rewritten ModelProto and what changed."""
+
+    model: onnx.ModelProto
+    report: Report
+
+
+def _restore_model_fields(new: onnx.ModelProto, src: onnx.ModelProto) -> None:
+    """Keep what graphsurgeon does not carry over: IR version, opsets, producer, metadata, doc string."""
+    new.ir_version = src.ir_version
+    del new.opset_import[:]
+    new.opset_import.extend(src.opset_import)
+    new.producer_name, new.producer_version = src.producer_name, src.producer_version
+    new.domain, new.model_version, new.doc_string = src.domain, src.model_version, src.doc_string
+    del new.metadata_props[:]
+    new.metadata_props.extend(src.metadata_props)
+    if src.graph.doc_string:
+        new.graph.doc_string = src.graph.doc_string
+
+
+def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[None, str, "os.PathLike[str]"] = None,
+            *, rank: RankArg = "auto", include: Selector = None, exclude: Selector = None,
+            overwrite: bool = False, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+            measure_time: bool = False, progress: bool = False, name: Optional[str] = None) -> OnnxRewriteResult:
+    """Replace the eligible ``Conv`` nodes of an ONNX model by low-rank depthwise + pointwise ``Conv`` pairs.
+
+    Args:
+        src: path to an ``.onnx`` file (external data is read too) or an ``onnx.ModelProto`` (not changed).
+        dst: where to write the result (optional); equal to ``src`` only with ``overwrite=True``. Written
+            atomically, with external data when the source had it or the model exceeds 2 GB.
+        rank: int, ``"auto"`` or ``"full"``, as for :func:`dsrewrite.rewrite`.
+        include / exclude: glob patterns over node names (``"/layer4/*"``) or a callable ``name -> bool``.
+        overwrite: allow ``dst`` to be the source file.
+        input_shapes: static shapes by input name for the FLOP count; by default the model's own, with a
+            symbolic batch set to 1 (FLOPs then per sample).
+        measure_time: time both models with onnxruntime on CPU (random inputs, median wall time).
+        progress: show a progress bar while factorising.
+        name: model name for the report (default: the file name or the graph name).
+
+    Returns:
+        ``(model, report)`` (an :class:`OnnxRewriteResult`).
+    """
+    rank = check_rank(rank)
+    src_path = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
+    if dst is not None:
+        dst = os.fspath(dst)
+        if src_path is not None and same_file(src_path, dst) and not overwrite:
+            raise DsrewriteError(f"refusing to overwrite the source model {dst}: pass overwrite=True (--overwrite) "
+                                 "or choose another output")
+    model, info = load_model(src)
+
+    shapes = infer_shapes(model, input_shapes)
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as e:  # noqa: BLE001 - e.g. a tensor type graphsurgeon cannot represent
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DsrewriteError(f"onnx-graphsurgeon cannot import the model: {first[:200]}") from None
+    sites = collect_sites(graph, shapes)
+    decisions = plan_sites(sites, rank, include, exclude, progress=progress)
+    for d in decisions:
+        if d.rewritten and d.site.spec.extra.get("bias"):
+            d.report.note = d.site.spec.extra["bias"] + ", kept on the pointwise conv"
+    replaced = apply_decisions(graph, decisions)
+    graph.cleanup().toposort()
+    try:
+        new = gs.export_onnx(graph)
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"onnx-graphsurgeon could not export the rewritten graph: {e}") from e
+    _restore_model_fields(new, model)
+
+    large = model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20)
+    if not large:
+        onnx.checker.check_model(new)  # the rewrite's post-condition; a failure here is a dsrewrite bug
+
+    shapes_after = infer_shapes(new, shapes.inputs)
+    flops_before, unknown = count_flops(model, shapes)
+    flops_after, _ = count_flops(new, shapes_after)
+    layers = [d.report for d in decisions]
+    notes: List[str] = []
+    report = Report(
+        layers=layers, model=name or info.name or model.graph.name, route="onnx",
+        input_shapes=[list(s) for s in shapes.inputs.values()],
+        params_before=count_params(model), params_after=count_params(new),
+        flops_before=flops_before, flops_after=flops_after, flops_per_sample=shapes.per_sample, notes=notes,
+    )
+    if shapes.per_sample:
+        notes.append("the model has a symbolic batch size: FLOPs are per sample (batch 1)")
+    notes.extend(shapes.notes)
+    if unknown:
+        notes.append(f"{len(unknown)} conv/matmul nodes have unknown shapes and are not counted "
+                     f"(first: {unknown[0]})")
+    inner = subgraph_convs(graph)
+    if inner:
+        notes.append(f"{len(inner)} convolutions inside subgraphs (If/Loop/Scan) are not rewritten")
+    if not layers:
+        notes.append("no convolution found: nothing to rewrite")
+    elif not replaced:
+        notes.append("no eligible convolution was rewritten: see the reasons per layer")
+    if any(L.note and "costs more" in L.note for L in report.rewritten):
+        notes.append("some rewritten layers cost more than the original (rank at or near full rank)")
+
+    if dst is not None:
+        save_model(new, dst, external_data=info.external_data, threshold=info.threshold)
+        if large:
+            try:
+                onnx.checker.check_model(dst)
+            except onnx.checker.ValidationError as e:
+                raise RuntimeError(f"the rewritten model fails onnx.checker: {e}") from e
+    if measure_time:
+        _measure(model, new, shapes.inputs, report, info.path, dst)
+    return OnnxRewriteResult(new, report)
+
+
+def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], dst: Optional[str]) -> None:
+    from .measure import random_feeds, session, time_session
+
+    if model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20) and not (src_path and dst):
+        report.notes.append("latency not measured: a model over 2 GB needs both src and dst paths")
+        return
+    if any(0 in s for s in input_shapes.values()) or not input_shapes:
+        report.notes.append("latency not measured: input shapes are not static")
+        return
+    big = model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20)
+    try:
+        before = session(src_path if big else model)
+        after = session(dst if big else new)
+    except Exception as e:  # noqa: BLE001 - e.g. an op onnxruntime lacks: keep the rewrite, say why
+        report.notes.append(f"latency not measured: onnxruntime cannot load the model ({str(e).splitlines()[0][:120]})")
+        return
+    feeds = random_feeds(model, input_shapes)
+    try:
+        t_before = time_session(before, feeds)
+        t_after = time_session(after, feeds)
+        t_before = min(t_before, time_session(before, feeds))  # second look at the original: less warm-up bias
+    except Exception as e:  # noqa: BLE001
+        report.notes.append(f"latency not measured: onnxruntime failed to run the model ({str(e).splitlines()[0][:120]})")
+        return
+    report.time_before_ms, report.time_after_ms = t_before, t_after
+    import onnxruntime as ort
+
+    report.time_device = "cpu"
+    report.time_backend = f"onnxruntime {ort.__version__}"

@@ -1,0 +1,204 @@
+"""Whole-graph shapes, FLOPs and parameter counts of an ONNX model, with the torch report's conventions.
+
+FLOPs are 2 x multiply-adds counted as ``torch.utils.flop_counter.FlopCounterMode`` does: only
+convolutions and matrix products (``Conv``, ``ConvTranspose``, ``Gemm``, ``MatMul``), bias adds and
+elementwise ops not counted. Shapes come from ``onnx.shape_inference`` on a copy of the graph whose large
+initializers are replaced by typed inputs (so models over 2 GB infer too) and whose inputs have static
+shapes; a symbolic batch dimension is set to 1 and the FLOPs are then per sample.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import onnx
+from onnx import TensorProto
+
+__all__ = ["Shapes", "infer_shapes", "count_flops", "count_params", "node_flops", "FLOAT_TYPES"]
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+_SMALL = 1024  # initializers with at most this many elements stay in the shape-inference copy (shape inputs)
+
+Shape = Tuple[int, ...]
+
+
+@dataclass
+class Shapes:
+    """Static shapes known after inference. ``per_sample``: a symbolic batch was set to 1."""
+
+    shapes: Dict[str, Shape] = field(default_factory=dict)
+    inputs: Dict[str, Shape] = field(default_factory=dict)
+    per_sample: bool = False
+    notes: List[str] = field(default_factory=list)
+
+    def get(self, name: str) -> Optional[Shape]:
+        return self.shapes.get(name)
+
+
+def _static(tp: onnx.TypeProto) -> Optional[Shape]:
+    if not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for d in tp.tensor_type.shape.dim:
+        if not d.HasField("dim_value") or d.dim_value < 0:
+            return None
+        dims.append(int(d.dim_value))
+    return tuple(dims)
+
+
+def _fix_inputs(graph: onnx.GraphProto, initializers: set, given: Mapping[str, Sequence[int]],
+                out: Shapes) -> bool:
+    """Make every real graph input static in place; returns False when some dim stays unknown."""
+    from ..errors import DsrewriteError
+
+    real = [i for i in graph.input if i.name not in initializers]
+    unknown_names = set(given) - {i.name for i in real}
+    if unknown_names:
+        names = ", ".join(i.name for i in real) or "none"
+        raise DsrewriteError(f"input_shapes names unknown inputs {sorted(unknown_names)} (model inputs: {names})")
+    ok = True
+    for vi in real:
+        if not vi.type.HasField("tensor_type"):
+            ok = False
+            out.notes.append(f"input {vi.name!r} is not a tensor: FLOPs are not counted")
+            continue
+        shape = vi.type.tensor_type.shape
+        if vi.name in given:
+            dims = [int(d) for d in given[vi.name]]
+            if len(dims) != len(shape.dim) and len(shape.dim):
+                raise DsrewriteError(f"input {vi.name!r} has rank {len(shape.dim)}, input shape {tuple(dims)} "
+                                     f"has rank {len(dims)}")
+            if any(d <= 0 for d in dims):
+                raise DsrewriteError(f"input shape for {vi.name!r} must be positive ints, got {tuple(dims)}")
+            fixed = [(i, d.dim_value) for i, d in enumerate(shape.dim) if d.HasField("dim_value") and d.dim_value > 0]
+            clash = [(i, v) for i, v in fixed if dims[i] != v]
+            if clash:
+                i, v = clash[0]
+                raise DsrewriteError(f"input {vi.name!r} has static size {v} in dim {i}, the given input shape "
+                                     f"{tuple(dims)} disagrees (only symbolic dims can be set)")
+            del shape.dim[:]
+            for d in dims:
+                shape.dim.add().dim_value = d
+        else:
+            missing = []
+            for i, d in enumerate(shape.dim):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    continue
+                if i == 0:
+                    d.Clear()
+                    d.dim_value = 1
+                    out.per_sample = True
+                else:
+                    missing.append(d.dim_param or f"dim {i}")
+            if missing:
+                ok = False
+                out.notes.append(f"input {vi.name!r} has symbolic dims {missing}: FLOPs of the convs that depend "
+                                 f"on it are not counted (give static input shapes)")
+        out.inputs[vi.name] = tuple(int(d.dim_value) for d in shape.dim)
+    return ok
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without the data of its large initializers (they become typed graph inputs)."""
+    src = model.graph
+    g = onnx.GraphProto(name=src.name)
+    g.node.extend(src.node)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    inputs = {i.name for i in src.input}
+    g.input.extend(src.input)
+    for t in src.initializer:
+        if math.prod(t.dims) <= _SMALL and t.data_location != TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    g.sparse_initializer.extend(src.sparse_initializer)
+    sk = onnx.ModelProto(ir_version=max(model.ir_version, 4))
+    sk.opset_import.extend(model.opset_import)
+    sk.functions.extend(model.functions)
+    sk.graph.CopyFrom(g)
+    return sk
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Shapes:
+    """Static shapes of every tensor ``onnx.shape_inference`` can resolve (initializers included)."""
+    out = Shapes()
+    initializers = {t.name for t in model.graph.initializer}
+    sk = _skeleton(model)
+    _fix_inputs(sk.graph, initializers, dict(input_shapes or {}), out)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(sk, strict_mode=False, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - inference errors on odd custom graphs: report, do not fail the rewrite
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        out.notes.append(f"shape inference failed ({first[:160]}): FLOPs are not counted")
+        inferred = sk
+    graph = inferred.graph
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        s = _static(vi.type)
+        if s is not None:
+            out.shapes[vi.name] = s
+    for t in model.graph.initializer:
+        out.shapes[t.name] = tuple(int(d) for d in t.dims)
+    for node in model.graph.node:  # Constant nodes carry their shape in the attribute
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    out.shapes[node.output[0]] = tuple(int(d) for d in a.t.dims)
+    return out
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def node_flops(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
+    """FLOPs of one node (``FlopCounterMode`` rules); 0 for uncounted ops, ``None`` when a shape is unknown."""
+    if node.domain not in ("", "ai.onnx"):
+        return 0
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+        y = shapes.get(node.output[0])
+        if x is None or w is None or y is None:
+            return None
+        if op == "Conv":  # torch: prod(out spatial) * prod(w) * batch * 2, w = [Cout, Cin/g, *k]
+            return 2 * y[0] * math.prod(y[2:]) * math.prod(w)
+        # transposed: torch counts over the *input* spatial size, w = [Cin, Cout/g, *k]
+        return 2 * x[0] * math.prod(x[2:]) * math.prod(w)
+    if op == "Gemm":
+        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
+            return None
+        m, k = (a[1], a[0]) if _attr(node, "transA", 0) else a
+        n = b[0] if _attr(node, "transB", 0) else b[1]
+        return 2 * m * n * k
+    if op == "MatMul":
+        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        y = shapes.get(node.output[0])
+        if a is None or b is None or y is None:
+            return None
+        if len(a) < 2 or len(b) < 2:
+            return 0  # vector products go to mv/dot in torch, which FlopCounterMode does not count
+        return 2 * math.prod(y) * a[-1]
+    return 0
+
+
+def count_flops(model: onnx.ModelProto, shapes: Shapes) -> Tuple[int, List[str]]:
+    """Whole-graph FLOPs of the top-level graph and the names of counted nodes whose shapes are unknown."""
+    total, unknown = 0, []
+    for i, node in enumerate(model.graph.node):
+        f = node_flops(node, shapes)
+        if f is None:
+            unknown.append(node.name or f"{node.op_type}_{i}")
+        else:
+            total += f
+    return total, unknown
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of the floating-point initializers (the weights), as the torch report counts parameters."""
+    return sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)

@@ -1,0 +1,63 @@
+"""onnxruntime CPU latency of an ONNX model on random inputs: what the report's measured time means for ONNX."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Dict, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+
+__all__ = ["random_feeds", "session", "time_session"]
+
+_NP = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT8: np.int8, onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                 rng: Optional[np.random.Generator] = None) -> Dict[str, np.ndarray]:
+    """Standard-normal float inputs (zeros for integer inputs) of the given static shapes."""
+    rng = rng or np.random.default_rng()
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dtype = _NP.get(vi.type.tensor_type.elem_type, np.float32)
+        shape = tuple(shapes[vi.name])
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[vi.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def session(model: Union[str, onnx.ModelProto], threads: Optional[int] = None):
+    """A CPU onnxruntime session (``threads`` intra-op threads; onnxruntime's default when ``None``)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    src = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+def time_session(sess, feeds: Mapping[str, np.ndarray], *, warmup: int = 2, reps: int = 10,
+                 max_seconds: float = 5.0) -> float:
+    """Median wall time of ``sess.run`` in milliseconds."""
+    for _ in range(warmup):
+        sess.run(None, dict(feeds))
+    times = []
+    start = time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sess.run(None, dict(feeds))
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > max_seconds and len(times) >= 3:
+            break
+    return statistics.median(times)
