@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .errors import DsrewriteError
+from .frontends.fx import trace
 from .frontends.swap import rewrite_untraceable
 from .fx_pass import SeparableRewritePass
 from .measure import count_params, eval_mode, input_device, time_call
@@ -44,7 +45,11 @@ def _one_line(e: BaseException) -> str:
 
 def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", include: Selector = None,
             exclude: Selector = None, inplace: bool = False, backend: str = "auto",
-            measure_time: bool = True, progress: bool = False, name: Optional[str] = None) -> RewriteResult:
+            measure_time: bool = True, progress: bool = False, name: Optional[str] = None,
+            target_flops: Optional[float] = None, target_params: Optional[float] = None,
+            target_latency: Optional[float] = None, energy: Optional[float] = None,
+            calibration: Any = None, device: Any = None, memory_format: str = "auto",
+            latency_cache: Optional[str] = None) -> RewriteResult:
     """Replace the standard convs of ``model`` by low-rank depthwise-separable pairs.
 
     Args:
@@ -60,6 +65,18 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
         measure_time: time the original and rewritten model on ``example_inputs`` (median wall time).
         progress: show progress bars.
         name: model name for the report.
+        target_flops / target_params: keep at most this fraction of the whole model's FLOPs / parameters;
+            ranks are allocated per layer for the least total error (:mod:`dsrewrite.budget`).
+        target_latency: keep at most this fraction of the model's measured time; layers are timed on
+            ``device`` (original vs separable at candidate ranks, cached) and slower ones left alone.
+        energy: per layer, the smallest rank keeping this fraction of its spectral energy.
+        calibration: a tensor (split into batches) or an iterable of input batches. Ranks under a budget are
+            then allocated on whitened spectra, and every rewritten layer is refitted in execution order on
+            the activations of the rewritten network before it (:mod:`dsrewrite.calibrate`).
+        device: where ``target_latency`` times layers (default: the inputs' device).
+        memory_format: layout for latency planning: ``"auto"`` (on CPU the faster of NCHW and channels_last
+            for the original model), ``"contiguous"`` or ``"channels_last"``.
+        latency_cache: JSON file caching layer timings across runs.
 
     Returns:
         :class:`RewriteResult` with ``.model`` and ``.report``.
@@ -70,18 +87,22 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
     if backend not in BACKENDS:
         raise DsrewriteError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     args = as_args(example_inputs)
+    plan = _Planning(model, args, rank=rank, backend=backend, target_flops=target_flops,
+                     target_params=target_params, target_latency=target_latency, energy=energy,
+                     calibration=calibration, device=device, memory_format=memory_format,
+                     latency_cache=latency_cache, inplace=inplace, progress=progress)
     work = model if inplace else copy.deepcopy(model)
 
-    notes: List[str] = []
+    notes: List[str] = list(plan.notes)
     try:
-        gm = fx.symbolic_trace(work)
+        gm = trace(work)
     except Exception as e:  # noqa: BLE001 - any tracing failure sends us to the fallback route
         gm, trace_error = None, _one_line(e)
 
     if gm is not None:
         gm.training = work.training
         p = SeparableRewritePass(args, rank, include, exclude, backend, mirror=model if inplace else None,
-                                 progress=progress)
+                                 progress=progress, plan_kwargs=plan.kwargs)
         try:
             with eval_mode(gm):
                 p(gm)
@@ -94,13 +115,17 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
     else:
         try:
             new_model, decisions, flops_before, notes = rewrite_untraceable(
-                work, args, rank=rank, include=include, exclude=exclude, backend=backend, progress=progress)
+                work, args, rank=rank, include=include, exclude=exclude, backend=backend, progress=progress,
+                **plan.kwargs)
         except DsrewriteError:
             raise
         except Exception as e:  # noqa: BLE001
             raise DsrewriteError(f"example inputs do not run through the model: {_one_line(e)}") from None
         route = "fx-submodules+module-swap"
         notes.insert(0, f"symbolic_trace failed on the whole model ({trace_error[:160]})")
+
+    if plan.batches is not None:
+        notes.append(plan.calibrate(new_model, decisions))
 
     layers = [d.report for d in decisions]
     saved = sum(L.flops_before - L.flops_after for L in layers if L.rewritten)
@@ -116,9 +141,161 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
         report.notes.append("no eligible convolution was rewritten: see the reasons per layer")
     if any(L.note and "costs more" in L.note for L in report.rewritten):
         report.notes.append("some rewritten layers cost more than the original (rank at or near full rank)")
+    timed = [L for L in layers if L.time_before_ms is not None]
+    if timed:
+        b, a = sum(L.time_before_ms for L in timed), sum(L.time_after_ms for L in timed)
+        report.notes.append(f"layer timings ({plan.timer.memory_format}): {len(timed)} convs {b:.2f} ms -> {a:.2f} ms "
+                            f"(whole model before: {plan.kwargs['total_time_ms']:.2f} ms)")
     if measure_time:
-        _measure(model, new_model, args, report)
+        if plan.timer is not None and plan.timer.memory_format == "channels_last":
+            from .latency import to_format
+
+            m0, a0 = to_format(plan.teacher, args, "channels_last")
+            m1, _ = to_format(new_model, args, "channels_last")
+            _measure(m0, m1, a0, report)
+        else:
+            _measure(model if plan.teacher is None else plan.teacher, new_model, args, report)
+    if plan.timer is not None:
+        plan.timer.save()
     return RewriteResult(new_model, report, decisions)
+
+
+class _Planning:
+    """What ``rewrite`` needs beyond a rank: budget arguments, layer timer, calibration data and statistics."""
+
+    def __init__(self, model: nn.Module, args: tuple, *, rank, backend: str, target_flops, target_params,
+                 target_latency, energy, calibration, device, memory_format: str, latency_cache,
+                 inplace: bool, progress: bool) -> None:
+        from .pipeline import _budget_args
+
+        self.notes: List[str] = []
+        self.timer = None
+        self.batches = None
+        self.progress = progress
+        self.n_inputs = len(args)
+        if memory_format not in ("auto", "contiguous", "channels_last"):
+            raise DsrewriteError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {memory_format!r}")
+        budget = _budget_args(rank, target_flops, target_params, target_latency, energy, timer=True)
+        self.teacher: Optional[nn.Module] = None
+        if calibration is not None:
+            from .calibrate import as_batches
+
+            self.batches = as_batches(calibration)
+            # the original model gives the true outputs; keep a copy when the user's model will be changed
+            self.teacher = copy.deepcopy(model) if inplace else model
+        kw: dict = {}
+        if budget is not None:
+            kw[budget[0]] = budget[1]
+        if budget is not None and budget[0] == "target_latency":
+            from .latency import LayerTimer, best_memory_format
+
+            dev = torch.device(device) if device is not None else input_device(args)
+            ref = model if self.teacher is None else self.teacher
+            p0 = next(ref.parameters(), None)
+            if p0 is not None and p0.device != dev:
+                ref = copy.deepcopy(ref).to(dev)
+                args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
+            fmt = memory_format
+            if fmt == "auto":
+                fmt, times = best_memory_format(ref, args, dev)
+                if times:
+                    self.notes.append("latency planned in " + fmt + " (original model: " + ", ".join(
+                        f"{k} {v:.2f} ms" for k, v in times.items()) + ")" + (
+                        "; run the model and inputs with .to(memory_format=torch.channels_last)"
+                        if fmt == "channels_last" else ""))
+            self.timer = LayerTimer(dev, p0.dtype if p0 is not None else torch.float32, backend, fmt,
+                                    cache_file=latency_cache)
+            with eval_mode(ref):
+                kw["total_time_ms"] = self.timer.model_ms(ref, args)
+            kw["timer"] = self.timer
+            if self.teacher is None:
+                self.teacher = model
+        if self.batches is not None and budget is not None and budget[0] != "energy":
+            from .calibrate import collect_patch_stats
+
+            names = [n for n, m in self.teacher.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+            with eval_mode(self.teacher):
+                kw["stats"] = collect_patch_stats(self.teacher, self.batches, names, self.n_inputs)
+        self.kwargs = kw
+
+    def calibrate(self, new_model: nn.Module, decisions: List[Decision]) -> str:
+        """Refit the rewritten layers sequentially; fill ``calib_error_*`` in the reports; return a note."""
+        from .calibrate import calibrate_sequential
+
+        layers = _calib_layers(new_model, self.teacher, decisions)
+        with eval_mode(new_model), eval_mode(self.teacher):
+            results = calibrate_sequential(new_model, self.teacher, layers, self.batches,
+                                           n_inputs=self.n_inputs, progress=self.progress)
+        by_name = {d.report.name: d.report for d in decisions}
+        methods: dict = {}
+        for name, res in results.items():
+            rep = by_name[name]
+            rep.calib_error_before, rep.calib_error_after = res.error_before, res.error_after
+            methods[res.method] = methods.get(res.method, 0) + 1
+        if not results:
+            return "calibration: no rewritten layer ran on the calibration data"
+        before = sum(r.error_before for r in results.values()) / len(results)
+        after = sum(r.error_after for r in results.values()) / len(results)
+        how = ", ".join(f"{k} {v}" for k, v in sorted(methods.items()))
+        return (f"calibrated {len(results)} layer(s) on {len(self.batches)} batch(es): mean relative output "
+                f"error {before:.4f} (plain SVD) -> {after:.4f} ({how})")
+
+
+def _calib_layers(new_model: nn.Module, teacher: nn.Module, decisions: List[Decision]) -> list:
+    """The rewritten SeparableConv modules of ``new_model`` with their original conv (and teacher conv)."""
+    import re
+
+    from .calibrate import CalibLayer
+    from .modules import SeparableConv1d, SeparableConv2d
+
+    def find(name: str):
+        try:
+            m = new_model.get_submodule(name)
+        except AttributeError:
+            return None
+        return m if isinstance(m, (SeparableConv1d, SeparableConv2d)) else None
+
+    layers = []
+    for d in decisions:
+        if not d.rewritten:
+            continue
+        spec, h = d.site.spec, d.site.handle
+        conv = getattr(h, "module", None)
+        if getattr(h, "kind", None) == "function" or conv is None:
+            m = re.search(r"now module (\S+)", d.report.note or "")
+            if m is None or d.site.weight is None:
+                continue
+            parts = spec.name.split(".")
+            student = None
+            for i in range(len(parts), -1, -1):
+                student = find(".".join(parts[:i] + [m.group(1)]))
+                if student is not None:
+                    break
+            if student is None:
+                continue
+            a = getattr(h, "conv_args", {}) or {}
+            cls = nn.Conv1d if spec.spatial_dims == 1 else nn.Conv2d
+            w = d.site.weight.detach()
+            conv = cls(spec.in_channels, spec.out_channels, spec.kernel, stride=a.get("stride", 1),
+                       padding=a.get("padding", 0), dilation=a.get("dilation", 1), bias=d.site.bias is not None,
+                       device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                conv.weight.copy_(w)
+                if d.site.bias is not None:
+                    conv.bias.copy_(d.site.bias.detach())
+            t = None
+        else:
+            student = find(spec.name)
+            if student is None:
+                continue
+            try:
+                t = teacher.get_submodule(spec.name)
+                if not isinstance(t, (nn.Conv1d, nn.Conv2d)) or t.weight.shape != conv.weight.shape:
+                    t = None
+            except AttributeError:
+                t = None
+        layers.append(CalibLayer(spec.name, student, conv, t, max(spec.calls, 1)))
+    return layers
 
 
 def _measure(original: nn.Module, new: nn.Module, args: tuple, report: Report) -> None:

@@ -124,14 +124,74 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
 
     model = load_model(a.src, a.weights)
     args = _example_inputs(model, a.input_shape)
+    calibration = load_calibration(a.calibration, args) if getattr(a, "calibration", None) else None
     result = rewrite(model, args, rank=a.rank, include=a.include or None, exclude=a.exclude or None,
-                     backend=a.backend, measure_time=not a.no_time, progress=not a.quiet, name=a.src)
+                     backend=a.backend, measure_time=not a.no_time, progress=not a.quiet, name=a.src,
+                     target_flops=a.target_flops, target_params=a.target_params,
+                     target_latency=a.target_latency, energy=a.energy, calibration=calibration,
+                     device=a.device, latency_cache=a.latency_cache)
     if a.out:
         _save(result.model, args, a.out, quiet=a.quiet)
     _emit_report(result.report, a)
     if a.out and not a.quiet:
         print(f"wrote {a.out}")
     return 0
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_calibration(path: str, args: tuple, max_images: int = 64):
+    """Calibration inputs: a ``.pt`` tensor file, or a folder of images resized to the input shape.
+
+    Images are read with PIL, converted to the input's channel count, resized to its H x W and scaled to
+    [0, 1] (no mean/std normalisation: save a ``.pt`` tensor for models that expect it).
+    """
+    import torch
+
+    if not os.path.exists(path):
+        raise DsrewriteError(f"calibration path not found: {path}")
+    x0 = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if os.path.isfile(path):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise DsrewriteError(f"cannot load calibration tensor from {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, torch.Tensor):
+            raise DsrewriteError(f"calibration file must hold one tensor, got {type(data).__name__}")
+        if x0 is not None and tuple(data.shape[1:]) != tuple(x0.shape[1:]):
+            raise DsrewriteError(f"calibration tensor has shape {tuple(data.shape)}; the model takes "
+                                 f"[N, {', '.join(str(d) for d in x0.shape[1:])}]")
+        return data.to(x0.dtype) if x0 is not None else data
+    if x0 is None or x0.dim() != 4:
+        raise DsrewriteError("an image folder needs a 4-D image input (N, C, H, W); use a .pt tensor file")
+    from PIL import Image
+
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))[:max_images]
+    if not files:
+        raise DsrewriteError(f"no images ({', '.join(IMAGE_EXTS)}) in {path}")
+    c, h, w = x0.shape[1:]
+    imgs = []
+    for f in files:
+        try:
+            im = Image.open(os.path.join(path, f)).convert("L" if c == 1 else "RGB").resize((w, h))
+        except Exception as e:  # noqa: BLE001
+            raise DsrewriteError(f"cannot read image {f}: {str(e).splitlines()[0]}") from None
+        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(h, w, -1).permute(2, 0, 1)
+        if t.shape[0] != c:
+            t = t[:1].expand(c, h, w) if t.shape[0] < c else t[:c]
+        imgs.append(t.to(x0.dtype) / 255.0)
+    return torch.stack(imgs)
+
+
+def _parse_fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return v
 
 
 def _emit_report(report, a: argparse.Namespace) -> None:
@@ -188,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="how the separable pairs run (default auto: Triton on CUDA, torch ops otherwise)")
     r.add_argument("--no-time", action="store_true", help="skip the latency measurement")
+    r.add_argument("--target-flops", type=_parse_fraction, help="keep at most this fraction of the model's FLOPs "
+                   "(ranks allocated per layer for the least error)")
+    r.add_argument("--target-params", type=_parse_fraction, help="keep at most this fraction of the parameters")
+    r.add_argument("--target-latency", type=_parse_fraction, help="keep at most this fraction of the measured "
+                   "time (layers timed on --device; slower separable forms left alone)")
+    r.add_argument("--energy", type=_parse_fraction, help="per layer, keep this fraction of the spectral energy")
+    r.add_argument("--calibration", help="a folder of images or a .pt tensor file: data-aware initialisation "
+                   "(and data-aware allocation under a budget)")
+    r.add_argument("--device", help="device to time layers on for --target-latency (default: cpu)")
+    r.add_argument("--latency-cache", help="JSON file caching layer timings across runs")
     r.add_argument("--overwrite", action="store_true", help="allow writing over the source file (ONNX)")
     r.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     r.set_defaults(func=_cmd_rewrite)

@@ -7,6 +7,7 @@ depthwise conv with ``r`` filters per channel (rows of ``sqrt(S) Vh``) followed 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -45,12 +46,28 @@ def _as_tensor(x) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
 
 
+@contextlib.contextmanager
+def _single_thread(device: torch.device):
+    """One intra-op thread for the small CPU SVDs: they do not gain from threads, and when another
+    runtime's thread pool is loaded in the process (onnxruntime's OpenMP) threaded LAPACK ran 10-30x slower."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _svd(weight: torch.Tensor):
     """Batched per-input-channel SVD in float64: returns U [Cin,Cout,q], S [Cin,q], Vh [Cin,q,K]."""
     cout, cin = weight.shape[:2]
     taps = int(math.prod(weight.shape[2:]))
     slices = weight.detach().to(torch.float64).reshape(cout, cin, taps).permute(1, 0, 2)
-    return torch.linalg.svd(slices, full_matrices=False)
+    with _single_thread(slices.device):
+        return torch.linalg.svd(slices, full_matrices=False)
 
 
 def factorize(weight, rank: int, bias=None) -> Factors:

@@ -34,11 +34,13 @@ class SeparableRewritePass(PassBase):
         include / exclude: glob patterns over qualified names, or a callable ``name -> bool``.
         backend: ``SeparableConv2d`` backend (``"auto"``, ``"triton"``, ``"torch"``).
         mirror: a module tree that gets the same module swaps (``rewrite(..., inplace=True)``).
+        plan_kwargs: extra keyword arguments of :func:`dsrewrite.pipeline.plan_sites` (budgets, timer,
+            calibration statistics); the whole-graph FLOPs and parameters are the budget totals.
     """
 
     def __init__(self, example_inputs: Sequence[Any], rank: RankArg = "auto", include: Selector = None,
                  exclude: Selector = None, backend: str = "auto", mirror: Optional[nn.Module] = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, plan_kwargs: Optional[dict] = None) -> None:
         super().__init__()
         if backend not in BACKENDS:
             from .errors import DsrewriteError
@@ -50,6 +52,8 @@ class SeparableRewritePass(PassBase):
         self.backend = backend
         self.mirror = mirror
         self.progress = progress
+        # budgets etc. for plan_sites (target_flops=..., timer=..., stats=...); whole-model totals filled in call()
+        self.plan_kwargs = dict(plan_kwargs or {})
         self.decisions: List[Decision] = []
         self.flops_before: int = 0
 
@@ -72,7 +76,11 @@ class SeparableRewritePass(PassBase):
             sys.stderr.write(captured.getvalue())
         self.flops_before = int(counter.get_total_flops())
         sites = collect_sites(graph_module)
-        self.decisions = plan_sites(sites, self.rank, self.include, self.exclude, progress=self.progress)
+        kw = dict(self.plan_kwargs)
+        if kw:
+            kw.setdefault("total_flops", self.flops_before)
+            kw.setdefault("total_params", sum(p.numel() for p in graph_module.parameters()))
+        self.decisions = plan_sites(sites, self.rank, self.include, self.exclude, progress=self.progress, **kw)
         modified = apply_decisions(graph_module, self.decisions, backend=self.backend, also=self.mirror)
         return PassResult(graph_module, modified)
 

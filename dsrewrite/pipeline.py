@@ -18,7 +18,7 @@ from .ir import ConvSite, ConvSpec
 from .policy import RankArg, check_rank, choose_rank
 from .report import LayerReport
 
-__all__ = ["Decision", "Selector", "plan_sites", "selected", "layer_report"]
+__all__ = ["Decision", "Selector", "plan_sites", "selected", "layer_report", "BUDGET_ARGS"]
 
 Selector = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -84,10 +84,27 @@ def layer_report(spec: ConvSpec, *, rank: Optional[int] = None, factors: Optiona
 
 
 def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selector = None,
-               exclude: Selector = None, progress: bool = False) -> List[Decision]:
-    """Decide and factorise every site. Skipped sites carry their reason; none is dropped silently."""
+               exclude: Selector = None, progress: bool = False, *, target_flops: Optional[float] = None,
+               target_params: Optional[float] = None, target_latency: Optional[float] = None,
+               energy: Optional[float] = None, total_flops: Optional[float] = None,
+               total_params: Optional[float] = None, total_time_ms: Optional[float] = None,
+               timer=None, stats: Optional[dict] = None) -> List[Decision]:
+    """Decide and factorise every site. Skipped sites carry their reason; none is dropped silently.
+
+    Budgets (allocated over all sites at once, see :mod:`dsrewrite.budget`; give at most one, instead of
+    ``rank``): ``target_flops`` / ``target_params`` are fractions of ``total_flops`` / ``total_params`` (the
+    whole model's; default: the sum over the sites); ``target_latency`` a fraction of ``total_time_ms``,
+    with ``timer`` (a :class:`dsrewrite.latency.LayerTimer` or anything with ``dense_ms(spec)`` and
+    ``separable_ms(spec, rank)``) timing the layers. ``energy`` keeps that fraction of each layer's spectral
+    energy. ``stats`` maps a site name to its per-channel patch autocorrelation ``[Cin, K, K]``
+    (:func:`dsrewrite.calibrate.collect_patch_stats`): errors then come from the whitened spectrum.
+    """
     rank = check_rank(rank)
     sites = list(sites)
+    budget = _budget_args(rank, target_flops, target_params, target_latency, energy, timer)
+    if budget is not None:
+        return _plan_budget(sites, include, exclude, budget, total_flops=total_flops, total_params=total_params,
+                            total_time_ms=total_time_ms, timer=timer, stats=stats or {})
     decisions = []
     it = sites
     if progress and len(sites) > 1:
@@ -108,4 +125,145 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
             continue
         factors = factorize(site.weight, r, site.bias)
         decisions.append(Decision(site, layer_report(spec, rank=r, factors=factors, policy=policy), factors))
+    return decisions
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+BUDGET_ARGS = ("target_flops", "target_params", "target_latency", "energy")
+
+
+def _budget_args(rank, target_flops, target_params, target_latency, energy, timer):
+    """``(kind, value)`` of the one budget given, or ``None``; one-line errors for bad combinations."""
+    from .budget import check_fraction
+
+    given = [(k, v) for k, v in zip(BUDGET_ARGS, (target_flops, target_params, target_latency, energy))
+             if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise DsrewriteError(f"give one budget at a time, got {', '.join(k for k, _ in given)}")
+    if rank != "auto":
+        raise DsrewriteError(f"give either rank or {given[0][0]}, not both (rank={rank!r})")
+    kind, value = given[0]
+    value = check_fraction(kind, value)
+    if kind == "target_latency" and timer is None:
+        raise DsrewriteError("target_latency needs a layer timer (rewrite(..., target_latency=..., device=...))")
+    return kind, value
+
+
+def _site_errors(site: ConvSite, stats: dict) -> List[float]:
+    """Relative error at each rank: whitened (data-aware) when calibration statistics are known."""
+    from .factorize import rank_errors
+
+    a = stats.get(site.spec.name)
+    if a is not None:
+        from .calibrate import whitened_rank_errors
+
+        try:
+            return whitened_rank_errors(site.weight, a)
+        except (RuntimeError, ValueError):
+            pass
+    return rank_errors(site.weight)
+
+
+def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, budget, *, total_flops,
+                 total_params, total_time_ms, timer, stats: dict) -> List[Decision]:
+    from .budget import BudgetEntry, budget_ranks, energy_rank
+
+    kind, value = budget
+    reasons: dict = {}
+    for i, site in enumerate(sites):
+        reason = why_not(site.spec) or selected(site.spec.name, include, exclude)
+        if reason is None and site.weight is None:
+            reason = "weight is not a constant parameter"
+        if reason is not None:
+            reasons[i] = reason
+    eligible = [i for i in range(len(sites)) if i not in reasons]
+    errors = {i: _site_errors(sites[i], stats) for i in eligible}
+    ranks: dict = {}
+    times: dict = {}
+    if kind == "energy":
+        for i in eligible:
+            spec = sites[i].spec
+            r = energy_rank(errors[i], value)
+            dense, sep = cost.dense_flops(spec), cost.separable_flops(spec, r)
+            if not dense:  # output shape unknown: judge by parameters
+                dense, sep = cost.dense_params(spec), cost.separable_params(spec, r)
+            if sep >= dense:
+                reasons[i] = (f"energy {value:g} needs rank {r}, which saves nothing "
+                              f"(break-even rank {cost.breakeven_rank(spec):.2f})")
+            else:
+                ranks[i] = r
+    else:
+        entries, idx = [], []
+        for i in eligible:
+            spec = sites[i].spec
+            if kind == "target_flops":
+                dense = cost.dense_flops(spec)
+                fn = lambda r, spec=spec: cost.separable_flops(spec, r)  # noqa: E731
+                cand = list(range(1, spec.full_rank + 1))
+                if not dense:
+                    reasons[i] = "output shape unknown: no FLOPs to count"
+                    continue
+            elif kind == "target_params":
+                dense = cost.dense_params(spec)
+                fn = lambda r, spec=spec: cost.separable_params(spec, r)  # noqa: E731
+                cand = list(range(1, spec.full_rank + 1))
+            else:
+                from .latency import candidate_ranks
+
+                dense = timer.dense_ms(spec)
+                cand = candidate_ranks(spec)
+                if dense is None:
+                    reasons[i] = "output shape unknown: cannot time the layer"
+                    continue
+                measured = {r: timer.separable_ms(spec, r) for r in cand}
+                times[i] = (dense, measured)
+                fn = lambda r, m=measured: m[r]  # noqa: E731
+                faster = [r for r in cand if measured[r] is not None and measured[r] < dense]
+                if not cand:
+                    reasons[i] = (f"separable form saves nothing (break-even rank "
+                                  f"{cost.breakeven_rank(spec):.2f} <= 1)")
+                    continue
+                if not faster:
+                    best = min(cand, key=lambda r: measured[r])
+                    reasons[i] = (f"separable form measured slower than the original "
+                                  f"({measured[best]:.3f} ms at rank {best} vs {dense:.3f} ms)")
+                    continue
+                cand = faster
+            if not any(fn(r) < dense for r in cand):
+                reasons[i] = f"separable form saves nothing (break-even rank {cost.breakeven_rank(spec):.2f} <= 1)"
+                continue
+            entries.append(BudgetEntry(dense, fn, errors[i], cand))
+            idx.append(i)
+        if kind == "target_flops":
+            total = total_flops if total_flops else sum(cost.dense_flops(s.spec) for s in sites)
+        elif kind == "target_params":
+            total = total_params if total_params else sum(cost.dense_params(s.spec) for s in sites)
+        else:
+            measured_total = sum(times[i][0] for i in times)
+            total = max(total_time_ms or 0.0, measured_total)
+        # layers that could not take part still cost their dense amount: count them as fixed via total
+        chosen, _ = budget_ranks(entries, kind=kind, target=value, total=total)
+        what = {"target_flops": "FLOP", "target_params": "parameter", "target_latency": "millisecond"}[kind]
+        for j, i in enumerate(idx):
+            if chosen[j] is None:
+                reasons[i] = f"left dense by the {kind} allocation (others lose less per {what} saved)"
+            else:
+                ranks[i] = chosen[j]
+    decisions = []
+    for i, site in enumerate(sites):
+        spec = site.spec
+        if i in ranks:
+            factors = factorize(site.weight, ranks[i], site.bias)
+            rep = layer_report(spec, rank=ranks[i], factors=factors, policy=kind)
+            d = Decision(site, rep, factors)
+        else:
+            d = Decision(site, layer_report(spec, reason=reasons[i],
+                                            policy=kind if i in errors and "allocation" in reasons[i] else None))
+        if i in times:
+            dense, measured = times[i]
+            d.report.time_before_ms = dense
+            d.report.time_after_ms = measured[ranks[i]] if i in ranks else dense
+        decisions.append(d)
     return decisions

@@ -168,6 +168,18 @@ class Report:
                     L.name, kernel, f"{L.in_channels}->{L.out_channels}", "-",
                     _num(L.params_before), _num(L.flops_before), "-", "-", f"skipped: {L.reason}",
                 ])
+        # planning columns (issue 6), only when some layer has them: layer time and calibration error
+        extra = []
+        if any(L.time_before_ms is not None for L in self.layers):
+            extra.append(("layer ms", lambda L: "-" if L.time_before_ms is None else (
+                f"{L.time_before_ms:.3f}->{L.time_after_ms:.3f}" if L.rewritten else f"{L.time_before_ms:.3f}")))
+        if any(L.calib_error_after is not None for L in self.layers):
+            extra.append(("calib err (svd->fit)", lambda L: "-" if L.calib_error_after is None else
+                          f"{L.calib_error_before:.3f}->{L.calib_error_after:.3f}"))
+        for title, cell in extra:
+            head.insert(len(head) - 1, title)
+            for L, row in zip(self.layers, rows):
+                row.insert(len(row) - 1, cell(L))
         return head, rows
 
     def _summary_lines(self) -> List[str]:

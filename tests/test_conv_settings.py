@@ -37,7 +37,8 @@ def test_conv2d_full_rank_exact(case, seed):
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
         if conv.bias is not None:
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=g, dtype=torch.float64))
-    x = torch.randn(2, case["in_channels"], 13, 12, generator=g, dtype=torch.float64)
+    # large enough for the widest dilated kernel (1 + 2*(7-1) = 13 taps) without padding
+    x = torch.randn(2, case["in_channels"], 17, 16, generator=g, dtype=torch.float64)
     res = dsrewrite.rewrite(nn.Sequential(conv), x, rank="full", measure_time=False)
     assert res.report.layers[0].rewritten
     assert rel_err(res.model(x), conv(x)) < 1e-10

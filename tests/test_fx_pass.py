@@ -149,6 +149,11 @@ def test_rewritten_model_can_be_rewritten_again(gen):
     reasons = {L.name: L.reason for L in twice.report.layers}
     assert twice.report.layer("0").rewritten
     assert "already depthwise" in reasons["2.depthwise"] and "1x1" in reasons["2.pointwise"]
+    # the earlier pair stays one module (traced as a leaf), with its parameters untouched
+    pair = twice.model.get_submodule("2")
+    assert isinstance(pair, SeparableConv2d) and pair.rank == 2
+    assert torch.equal(pair.depthwise.weight, once.model.get_submodule("2").depthwise.weight)
+    assert isinstance(twice.model.get_submodule("0"), SeparableConv2d)
     assert rel_err(twice.model(x), once.model(x)) < 0.999  # still runs, approximation of the approximation
 
 

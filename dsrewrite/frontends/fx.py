@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from ..ir import ConvSite, ConvSpec
 
-__all__ = ["collect_sites", "FxHandle", "CONV_FUNCTIONS"]
+__all__ = ["collect_sites", "trace", "FxHandle", "CONV_FUNCTIONS"]
 
 # functional convs and their spatial dims
 CONV_FUNCTIONS = {
@@ -19,6 +19,23 @@ CONV_FUNCTIONS = {
     torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
 }
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+class _Tracer(fx.Tracer):
+    """``symbolic_trace`` that keeps dsrewrite's own separable modules as leaves, so a rewritten model
+    traces again without its pairs dissolving into anonymous convs."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        from ..modules import SeparableConv1d, SeparableConv2d
+
+        return isinstance(m, (SeparableConv1d, SeparableConv2d)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(root: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace(root)`` with ``SeparableConv1d/2d`` kept as leaf modules."""
+    tracer = _Tracer()
+    graph = tracer.trace(root)
+    return fx.GraphModule(tracer.root, graph, root.__class__.__name__)
 
 
 class FxHandle:
@@ -146,10 +163,23 @@ _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTra
 
 def collect_sites(gm: fx.GraphModule) -> List[ConvSite]:
     """Every convolution in ``gm`` (shape-propagated with ShapeProp), in graph order, each module once."""
+    from ..modules import SeparableConv1d, SeparableConv2d
+
     by_target: "OrderedDict[str, List[fx.Node]]" = OrderedDict()
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _CONV_MODULES):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                   _CONV_MODULES + (SeparableConv1d, SeparableConv2d)):
             by_target.setdefault(node.target, []).append(node)
-    sites = [_module_site(t, gm.get_submodule(t), nodes) for t, nodes in by_target.items()]
+    sites = []
+    for t, nodes in by_target.items():
+        mod = gm.get_submodule(t)
+        if isinstance(mod, _CONV_MODULES):
+            sites.append(_module_site(t, mod, nodes))
+            continue
+        # a pair from an earlier rewrite: both halves are reported (same output positions), never rewritten
+        for half in ("depthwise", "pointwise"):
+            site = _module_site(f"{t}.{half}", getattr(mod, half), nodes)
+            site.spec.extra["unsupported"] = "part of a separable pair from an earlier rewrite"
+            sites.append(site)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     return sorted(sites + _function_sites(gm), key=lambda s: order[s.handle.nodes[0]])

@@ -19,7 +19,7 @@ from ..ir import ConvSite, ConvSpec
 from ..measure import eval_mode
 from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
-from .fx import _CONV_MODULES, FxHandle, collect_sites
+from .fx import _CONV_MODULES, FxHandle, collect_sites, trace
 
 __all__ = ["rewrite_untraceable"]
 
@@ -84,10 +84,11 @@ def _swap_site(qualname: str, conv: nn.Module, rec: _Record) -> ConvSite:
 
 
 def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg, include: Selector,
-                        exclude: Selector, backend: str, progress: bool = False
+                        exclude: Selector, backend: str, progress: bool = False, **plan_kwargs: Any
                         ) -> Tuple[nn.Module, List[Decision], int, List[str]]:
     """Rewrite ``model`` in place through sub-module tracing and module swaps.
 
+    ``plan_kwargs`` go to :func:`~dsrewrite.pipeline.plan_sites` (budgets: the whole model is the total).
     Returns ``(model, decisions, whole-model FLOPs of the original, notes)``.
     """
     recs, flops = _record(model, args)
@@ -107,7 +108,7 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
                 continue
             if rec.calls == 1 and not rec.has_kwargs:
                 try:
-                    gm = fx.symbolic_trace(child)
+                    gm = trace(child)
                     with eval_mode(gm), torch.no_grad():
                         ShapeProp(gm).propagate(*rec.args)
                 except Exception:
@@ -123,7 +124,10 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
             visit(child, q)
 
     visit(model, "")
-    decisions = plan_sites(ordered, rank, include, exclude, progress=progress)
+    if plan_kwargs:  # budgets are fractions of the whole model
+        plan_kwargs.setdefault("total_flops", flops)
+        plan_kwargs.setdefault("total_params", sum(p.numel() for p in model.parameters()))
+    decisions = plan_sites(ordered, rank, include, exclude, progress=progress, **plan_kwargs)
     by_site = {id(d.site): d for d in decisions}
     used = []
     for q, gm, sites in traced:

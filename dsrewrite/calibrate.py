@@ -1,0 +1,508 @@
+"""Data-aware initialisation of a separable pair: whitened SVD for the depthwise filters, ridge refit of the pointwise.
+
+Plain per-channel SVD (:mod:`dsrewrite.factorize`) fits the weights; what matters is the layer's output on the
+data it sees. For input channel ``c`` with patch autocorrelation ``A_c = E[p p^T]`` (``K x K``, ``K`` taps), the
+channel's output error is ``||(W_c - W'_c) A_c^{1/2}||``, so the best rank-``r`` depthwise filters come from the
+SVD of ``W_c A_c^{1/2}`` (whitened SVD). ``A_c`` is damped relative to the layer (``+ damp * mean diag``, with a
+floor) and a dead channel (no variance: dead ReLU, padding) falls back to its plain SVD, so nothing turns NaN.
+The pointwise weights (and bias) are then refitted by ridge least squares on the layer's true outputs, shrunk
+towards the SVD solution. Statistics are Gram matrices accumulated in float64 (``Cin*r`` square for the refit,
+``K x K`` per channel for whitening): activations are never stored.
+
+Of the candidates (plain SVD, plain depthwise + refit, whitened depthwise + refit) the one with the smallest
+calibration objective ``||Y - f(X)||_F / ||Y||_F`` is kept, so the result is never worse than plain SVD there.
+:func:`calibrate_sequential` drives it over a rewritten torch model in execution order, each layer seeing the
+activations of the already-rewritten network before it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .factorize import Factors, _as_tensor, factorize
+
+__all__ = [
+    "PatchStats", "LinearFit", "LayerCalibrator", "CalibResult", "whiten_roots", "whitened_factors",
+    "whitened_rank_errors", "calibrate_conv", "calibrate_sequential", "collect_patch_stats", "as_batches",
+    "DAMP", "RIDGE",
+]
+
+DAMP = 1e-2  # autocorrelation damping, relative to the layer's mean patch energy
+RIDGE = 1e-3  # ridge strength of the pointwise refit, relative to the mean Gram diagonal
+_FLOOR = 1e-12  # absolute floor of the damping (an all-zero layer)
+_DEAD = 1e-6  # a channel whose energy is below this fraction of the layer mean is dead: plain SVD
+_CHUNK = 1 << 22  # elements per float64 block when accumulating
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def patch_conv(conv: nn.Module) -> nn.Module:
+    """A depthwise conv with one-hot filters that turns an input into its patches (same stride/padding/mode).
+
+    ``patch_conv(conv)(x)`` is ``[N, Cin*K, *out]``: channel ``c*K + t`` is tap ``t`` of input channel ``c``,
+    exactly the values ``conv``'s filters multiply (any padding, ``padding_mode``, dilation, stride).
+    """
+    cin = conv.in_channels if conv.groups == 1 else conv.groups
+    kernel = tuple(conv.kernel_size)
+    taps = math.prod(kernel)
+    cls = type(conv) if type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else {1: nn.Conv1d, 2: nn.Conv2d}[len(kernel)]
+    pc = cls(cin, cin * taps, kernel, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+             groups=cin, bias=False, padding_mode=conv.padding_mode,
+             device=conv.weight.device, dtype=conv.weight.dtype)
+    eye = torch.eye(taps, dtype=conv.weight.dtype, device=conv.weight.device)
+    with torch.no_grad():
+        pc.weight.copy_(eye.repeat(cin, 1).reshape(cin * taps, 1, *kernel))
+    pc.requires_grad_(False)
+    return pc
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[N, C, *spatial]`` -> ``[N*P, C]`` (one row per output position)."""
+    return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2).reshape(-1, t.shape[1])
+
+
+class PatchStats:
+    """Per-input-channel patch autocorrelation ``sum p p^T`` (``[Cin, K, K]``, float64) over seen positions."""
+
+    def __init__(self, in_channels: int, taps: int) -> None:
+        self.cin, self.taps = in_channels, taps
+        self.gram = torch.zeros(in_channels, taps, taps, dtype=torch.float64)
+        self.count = 0
+
+    def update(self, patches: torch.Tensor) -> None:
+        """Add ``[N, Cin*K, *out]`` patches (the output of :func:`patch_conv`)."""
+        n = patches.shape[0]
+        p = patches.reshape(n, self.cin, self.taps, -1)
+        step = max(1, _CHUNK // max(1, p[0].numel()))
+        for i in range(0, n, step):
+            blk = p[i:i + step].to(torch.float64)
+            self.gram += torch.einsum("nckp,ncjp->ckj", blk, blk).cpu()
+        self.count += n * p.shape[-1]
+
+    def autocorr(self) -> torch.Tensor:
+        """Mean ``E[p p^T]`` per channel, ``[Cin, K, K]``."""
+        return self.gram / max(self.count, 1)
+
+
+class LinearFit:
+    """Sufficient statistics of a multi-output linear fit ``y ~ P^T z + b`` (float64 Grams, no stored data)."""
+
+    def __init__(self, d: int, cout: int) -> None:
+        f64 = torch.float64
+        self.zz = torch.zeros(d, d, dtype=f64)
+        self.zy = torch.zeros(d, cout, dtype=f64)
+        self.sz = torch.zeros(d, dtype=f64)
+        self.sy = torch.zeros(cout, dtype=f64)
+        self.yy = 0.0
+        self.n = 0
+
+    def update(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        """Add rows ``z [n, d]``, ``y [n, Cout]``."""
+        step = max(1, _CHUNK // max(1, z.shape[1] + y.shape[1]))
+        for i in range(0, z.shape[0], step):
+            zb, yb = z[i:i + step].to(torch.float64), y[i:i + step].to(torch.float64)
+            self.zz += (zb.T @ zb).cpu()
+            self.zy += (zb.T @ yb).cpu()
+            self.sz += zb.sum(0).cpu()
+            self.sy += yb.sum(0).cpu()
+            self.yy += float((yb * yb).sum())
+        self.n += z.shape[0]
+
+    def residual(self, p: torch.Tensor, b: Optional[torch.Tensor]) -> float:
+        """``sum ||y - P^T z - b||^2`` from the statistics (``p`` is ``[d, Cout]``)."""
+        r = self.yy - 2 * float((p * self.zy).sum()) + float((p * (self.zz @ p)).sum())
+        if b is not None:
+            r += -2 * float(b @ self.sy) + 2 * float(b @ (p.T @ self.sz)) + self.n * float(b @ b)
+        return max(r, 0.0)
+
+    def relative_error(self, p: torch.Tensor, b: Optional[torch.Tensor]) -> float:
+        """``||Y - f(Z)||_F / ||Y||_F`` (0 when ``Y`` is all zero and the fit is exact)."""
+        res = self.residual(p, b)
+        return math.sqrt(res / self.yy) if self.yy > 0 else math.sqrt(res)
+
+    def solve(self, prior: torch.Tensor, fit_bias: bool, ridge: float = RIDGE
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Ridge least squares shrunk towards ``prior`` (``[d, Cout]``); returns ``(P, b)`` in float64.
+
+        The strength grows when there are few samples per unknown (``d / n``), so a fit from a handful of
+        positions stays near the SVD solution instead of interpolating noise.
+        """
+        d = self.zz.shape[0]
+        n = max(self.n, 1)
+        g, c = self.zz.clone(), self.zy.clone()
+        mz, my = self.sz / n, self.sy / n
+        if fit_bias:
+            g -= n * torch.outer(mz, mz)
+            c -= n * torch.outer(mz, my)
+        scale = float(torch.diagonal(g).mean().clamp_min(0.0))
+        lam = (ridge + d / n) * scale + _FLOOR
+        g += lam * torch.eye(d, dtype=g.dtype)
+        rhs = c + lam * prior
+        try:
+            p = torch.linalg.solve(g, rhs)
+        except RuntimeError:
+            p = torch.linalg.lstsq(g, rhs).solution
+        if not torch.isfinite(p).all():
+            p = prior.clone()
+        b = (my - p.T @ mz) if fit_bias else None
+        return p, b
+
+
+# ---------------------------------------------------------------------------------------------- whitening
+def whiten_roots(autocorr: torch.Tensor, damp: float = DAMP) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Damped square roots of per-channel autocorrelations.
+
+    Returns ``(L, L_inv, live)``: ``[Cin, K, K]`` symmetric ``A^{1/2}`` and its inverse (identity for dead
+    channels) and a bool mask of channels that are whitened (the rest use plain SVD).
+    """
+    a = _as_tensor(autocorr).to(torch.float64)
+    cin, k, _ = a.shape
+    a = 0.5 * (a + a.transpose(1, 2))
+    energy = torch.diagonal(a, dim1=1, dim2=2).mean(1).clamp_min(0.0)  # per channel
+    mean = float(energy.mean()) if cin else 0.0
+    eye = torch.eye(k, dtype=torch.float64).expand(cin, k, k)
+    if not math.isfinite(mean) or mean <= 0.0:
+        return eye.clone(), eye.clone(), torch.zeros(cin, dtype=torch.bool)
+    lam = damp * mean + _FLOOR
+    live = torch.isfinite(a).all(2).all(1) & (energy > _DEAD * mean)
+    a = torch.where(live[:, None, None], a, eye)
+    evals, evecs = torch.linalg.eigh(a + lam * eye)
+    evals = evals.clamp_min(lam)
+    root = (evecs * evals.sqrt()[:, None, :]) @ evecs.transpose(1, 2)
+    inv = (evecs * evals.rsqrt()[:, None, :]) @ evecs.transpose(1, 2)
+    ok = live & torch.isfinite(root).all(2).all(1) & torch.isfinite(inv).all(2).all(1)
+    root = torch.where(ok[:, None, None], root, eye)
+    inv = torch.where(ok[:, None, None], inv, eye)
+    return root, inv, ok
+
+
+def _whitened_svd(weight, autocorr, damp: float):
+    w = _as_tensor(weight).detach().to(torch.float64).cpu()
+    cout, cin = w.shape[:2]
+    slices = w.reshape(cout, cin, -1).permute(1, 0, 2)  # [Cin, Cout, K]
+    root, inv, live = whiten_roots(autocorr, damp)
+    u, s, vh = torch.linalg.svd(slices @ root, full_matrices=False)
+    return u, s, vh, inv, live
+
+
+def whitened_factors(weight, rank: int, autocorr, bias=None, damp: float = DAMP) -> Factors:
+    """Rank-``rank`` separable factors from the SVD of ``W_c A_c^{1/2}`` per input channel.
+
+    ``autocorr`` is ``[Cin, K, K]`` (:meth:`PatchStats.autocorr`). Dead channels get their plain SVD.
+    ``error`` is the whitened relative error (the data-weighted analogue of the weight error).
+    """
+    w = _as_tensor(weight)
+    kernel = tuple(w.shape[2:])
+    cout, cin = w.shape[:2]
+    u, s, vh, inv, _ = _whitened_svd(w, autocorr, damp)
+    r = min(int(rank), s.shape[1])
+    root = s[:, :r].sqrt()
+    dw = (root[:, :, None] * (vh[:, :r, :] @ inv)).reshape(cin * r, 1, *kernel)
+    pw = (u[:, :, :r] * root[:, None, :]).permute(1, 0, 2).reshape(cout, cin * r, *([1] * len(kernel)))
+    if not (bool(torch.isfinite(dw).all()) and bool(torch.isfinite(pw).all())):
+        return factorize(w, r, bias)
+    total = float((s ** 2).sum())
+    err = math.sqrt(float((s[:, r:] ** 2).sum()) / total) if total > 0 else 0.0
+    b = _as_tensor(bias) if bias is not None else None
+    return Factors(dw.to(dtype=w.dtype, device=w.device).contiguous(),
+                   pw.to(dtype=w.dtype, device=w.device).contiguous(),
+                   None if b is None else b.detach().clone(), r, err)
+
+
+def whitened_rank_errors(weight, autocorr, damp: float = DAMP) -> List[float]:
+    """Whitened relative error at every rank ``0..full_rank`` (index = rank): data-aware rank errors."""
+    _, s, _, _, _ = _whitened_svd(weight, autocorr, damp)
+    e = s ** 2
+    total = float(e.sum())
+    if total <= 0.0:
+        return [0.0] * (s.shape[1] + 1)
+    tail = torch.flip(torch.cumsum(torch.flip(e.sum(0), [0]), 0), [0]).tolist() + [0.0]
+    return [math.sqrt(max(t, 0.0) / total) for t in tail]
+
+
+# ---------------------------------------------------------------------------------------------- one layer
+@dataclass
+class CalibResult:
+    """Outcome for one layer: the chosen factors and the calibration errors (relative output error)."""
+
+    factors: Factors
+    error_before: float  # plain SVD
+    error_after: float  # the kept candidate
+    method: str  # "svd", "svd+refit", "whitened+refit"
+
+
+def _pw_matrix(f: Factors) -> torch.Tensor:
+    """Pointwise weight as ``[d, Cout]`` float64."""
+    return f.pointwise.detach().reshape(f.pointwise.shape[0], -1).T.to(torch.float64).cpu()
+
+
+class LayerCalibrator:
+    """Two passes over calibration data for one conv being replaced by a rank-``rank`` separable pair.
+
+    Pass 1 (:meth:`observe_inputs`): per-channel patch autocorrelation. Pass 2 (:meth:`observe`): Grams of
+    the depthwise outputs of the plain and whitened candidates against the true outputs. :meth:`result`
+    solves the refits and keeps the best candidate on the calibration objective.
+
+    Args:
+        conv: an ``nn.Conv1d``/``nn.Conv2d`` carrying the settings (stride, padding, ...) and, unless
+            ``weight`` is given, the original weight and bias.
+        rank: depthwise filters per input channel.
+        plain: the plain-SVD factors to compare with (computed if ``None``).
+    """
+
+    def __init__(self, conv: nn.Module, rank: int, *, weight=None, bias=None, plain: Optional[Factors] = None,
+                 damp: float = DAMP, ridge: float = RIDGE) -> None:
+        self.weight = (conv.weight if weight is None else _as_tensor(weight)).detach()
+        self.bias = (conv.bias if weight is None else (None if bias is None else _as_tensor(bias)))
+        self.bias = None if self.bias is None else self.bias.detach()
+        self.cout, self.cin = self.weight.shape[:2]
+        self.kernel = tuple(self.weight.shape[2:])
+        self.taps = math.prod(self.kernel)
+        self.plain = plain if plain is not None else factorize(self.weight, rank, self.bias)
+        self.rank = self.plain.rank
+        self.damp, self.ridge = damp, ridge
+        self.patcher = patch_conv(conv)
+        self.stats = PatchStats(self.cin, self.taps)
+        self.whitened: Optional[Factors] = None
+        d = self.cin * self.rank
+        self.fits = {"svd": LinearFit(d, self.cout), "whitened": LinearFit(d, self.cout)}
+        self._dw: Dict[str, nn.Module] = {}
+
+    def _depthwise(self, factors: Factors) -> nn.Module:
+        dw = patch_conv_like(self.patcher, self.rank)
+        with torch.no_grad():
+            dw.weight.copy_(factors.depthwise.to(dw.weight.dtype))
+        return dw
+
+    @torch.no_grad()
+    def observe_inputs(self, x: torch.Tensor) -> None:
+        """Pass 1: add the layer's input ``x`` (``[N, Cin, *spatial]``)."""
+        self.stats.update(self.patcher(x.to(self.patcher.weight.dtype)))
+
+    def finish_inputs(self) -> None:
+        """End pass 1: compute the whitened depthwise filters."""
+        wf = whitened_factors(self.weight, self.rank, self.stats.autocorr(), self.bias, self.damp)
+        self.whitened = wf
+        self._dw = {"svd": self._depthwise(self.plain), "whitened": self._depthwise(wf)}
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Pass 2: add input ``x`` and the true output ``y`` (``[N, Cout, *out]``)."""
+        if not self._dw:
+            self.finish_inputs()
+        yr = _rows(y)
+        for key, dw in self._dw.items():
+            self.fits[key].update(_rows(dw(x.to(dw.weight.dtype))), yr)
+
+    def result(self) -> CalibResult:
+        """The best of plain SVD, SVD + refit and whitened + refit on the calibration objective."""
+        if not self._dw:
+            self.finish_inputs()
+        fit_bias = self.bias is not None
+        p0 = _pw_matrix(self.plain)
+        b0 = None if self.plain.bias is None else self.plain.bias.detach().to(torch.float64).cpu()
+        base = self.fits["svd"].relative_error(p0, b0)
+        best = (base, "svd", self.plain)
+        for key, f in (("svd", self.plain), ("whitened", self.whitened)):
+            p, b = self.fits[key].solve(_pw_matrix(f), fit_bias, self.ridge)
+            err = self.fits[key].relative_error(p, b)
+            if math.isfinite(err) and err < best[0]:
+                best = (err, f"{'svd' if key == 'svd' else 'whitened'}+refit", _with_pointwise(f, p, b))
+        return CalibResult(best[2], base, best[0], best[1])
+
+
+def patch_conv_like(patcher: nn.Module, rank: int) -> nn.Module:
+    """A depthwise conv with the settings of ``patcher`` and ``rank`` filters per channel (weights unset)."""
+    cin = patcher.groups
+    pc = type(patcher)(cin, cin * rank, patcher.kernel_size, stride=patcher.stride, padding=patcher.padding,
+                       dilation=patcher.dilation, groups=cin, bias=False, padding_mode=patcher.padding_mode,
+                       device=patcher.weight.device, dtype=patcher.weight.dtype)
+    pc.requires_grad_(False)
+    return pc
+
+
+def _with_pointwise(f: Factors, p: torch.Tensor, b: Optional[torch.Tensor]) -> Factors:
+    pw = p.T.reshape(f.pointwise.shape).to(dtype=f.pointwise.dtype, device=f.pointwise.device).contiguous()
+    bias = None if b is None else b.to(dtype=f.pointwise.dtype, device=f.pointwise.device)
+    return Factors(f.depthwise, pw, bias, f.rank, f.error)
+
+
+def calibrate_conv(conv: nn.Module, rank: int, inputs: Iterable[torch.Tensor],
+                   targets: Optional[Iterable[torch.Tensor]] = None, **kw: Any) -> CalibResult:
+    """Calibrate one conv on input batches (``targets`` default to ``conv(x)``, the layer's true outputs)."""
+    xs = list(inputs)
+    ys = [conv(x) for x in xs] if targets is None else list(targets)
+    cal = LayerCalibrator(conv, rank, **kw)
+    with torch.no_grad():
+        for x in xs:
+            cal.observe_inputs(x)
+        cal.finish_inputs()
+        for x, y in zip(xs, ys):
+            cal.observe(x, y)
+    return cal.result()
+
+
+# ---------------------------------------------------------------------------------------------- torch driver
+def as_batches(calibration: Any, batch_size: int = 16, max_batches: Optional[int] = None) -> List[tuple]:
+    """Calibration data as a list of positional-argument tuples.
+
+    A tensor is split along dim 0 into batches of ``batch_size``; an iterable yields batches (a tensor, or a
+    tuple/list of positional args; ``(inputs, labels)`` pairs from a DataLoader work: the first item is used
+    when the model takes one input).
+    """
+    from .errors import DsrewriteError
+
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() == 0 or calibration.shape[0] == 0:
+            raise DsrewriteError("calibration tensor is empty")
+        out = [(b,) for b in calibration.split(batch_size)]
+    else:
+        try:
+            it = iter(calibration)
+        except TypeError:
+            raise DsrewriteError(f"calibration must be a tensor or an iterable of batches, got {type(calibration).__name__}") from None
+        out = []
+        for b in it:
+            out.append(tuple(b) if isinstance(b, (tuple, list)) else (b,))
+            if max_batches is not None and len(out) >= max_batches:
+                break
+        if not out:
+            raise DsrewriteError("calibration gave no batches")
+    return out[:max_batches] if max_batches is not None else out
+
+
+class _Stop(Exception):
+    pass
+
+
+def _run_until(model: nn.Module, args: tuple, module: nn.Module, calls: int, capture: str) -> List[torch.Tensor]:
+    """Run ``model(*args)`` until ``module`` has run ``calls`` times; return its inputs or outputs."""
+    got: List[torch.Tensor] = []
+
+    def pre(m, a):
+        if capture == "input":
+            got.append(a[0])
+            if len(got) >= calls:
+                raise _Stop
+
+    def post(m, a, out):
+        got.append(out)
+        if len(got) >= calls:
+            raise _Stop
+
+    h = module.register_forward_pre_hook(pre) if capture == "input" else module.register_forward_hook(post)
+    try:
+        with torch.no_grad():
+            model(*args)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got
+
+
+def _fit_args(model: nn.Module, batch: tuple, n_inputs: int) -> tuple:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batch = batch[:n_inputs] if n_inputs else batch
+    return tuple(b.to(device) if isinstance(b, torch.Tensor) else b for b in batch)
+
+
+@torch.no_grad()
+def collect_patch_stats(model: nn.Module, batches: Sequence[tuple], names: Sequence[str],
+                        n_inputs: int = 1) -> Dict[str, torch.Tensor]:
+    """Per-channel patch autocorrelation of the conv modules ``names`` of ``model`` (one pass, hooks)."""
+    stats: Dict[str, PatchStats] = {}
+    patchers: Dict[str, nn.Module] = {}
+    handles = []
+    for name in names:
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if not isinstance(conv, (nn.Conv1d, nn.Conv2d)) or conv.groups != 1:
+            continue
+        patchers[name] = patch_conv(conv)
+        stats[name] = PatchStats(conv.in_channels, math.prod(conv.kernel_size))
+
+        def pre(m, a, name=name):
+            stats[name].update(patchers[name](a[0].to(patchers[name].weight.dtype)))
+
+        handles.append(conv.register_forward_pre_hook(pre))
+    try:
+        for b in batches:
+            model(*_fit_args(model, b, n_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: s.autocorr() for k, s in stats.items() if s.count}
+
+
+@dataclass
+class CalibLayer:
+    """One rewritten layer for :func:`calibrate_sequential`."""
+
+    name: str
+    student: nn.Module  # the SeparableConv module in the rewritten model
+    conv: nn.Module  # an nn.Conv*d with the original weight and settings
+    teacher: Optional[nn.Module] = None  # the original conv inside the teacher model (hooked for targets)
+    calls: int = 1
+
+
+@torch.no_grad()
+def calibrate_sequential(student: nn.Module, teacher: Optional[nn.Module], layers: Sequence[CalibLayer],
+                         batches: Sequence[tuple], *, n_inputs: int = 1, progress: bool = False,
+                         damp: float = DAMP, ridge: float = RIDGE) -> Dict[str, CalibResult]:
+    """Refit every layer in execution order on the activations of the already-rewritten network before it.
+
+    Targets are the teacher's activations at that conv (so earlier errors are compensated) when the teacher
+    conv is known, else the original conv applied to the student's input. Writes the kept factors into the
+    student's depthwise/pointwise weights; returns the per-layer :class:`CalibResult`.
+    """
+    order: List[nn.Module] = []
+    handles = [L.student.register_forward_pre_hook(lambda m, a: order.append(m) if m not in order else None)
+               for L in layers]
+    try:
+        student(*_fit_args(student, batches[0], n_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    rank_of = {id(m): i for i, m in enumerate(order)}
+    todo = sorted([L for L in layers if id(L.student) in rank_of], key=lambda L: rank_of[id(L.student)])
+    it = todo
+    if progress and len(todo) > 1:
+        from tqdm.auto import tqdm
+
+        it = tqdm(todo, desc="calibrating", unit="conv", leave=False)
+    results: Dict[str, CalibResult] = {}
+    for L in it:
+        sep = L.student
+        plain = Factors(sep.depthwise.weight.detach().clone(), sep.pointwise.weight.detach().clone(),
+                        None if sep.pointwise.bias is None else sep.pointwise.bias.detach().clone(),
+                        sep.rank, 0.0)
+        cal = LayerCalibrator(L.conv, sep.rank, plain=plain, damp=damp, ridge=ridge)
+        for b in batches:
+            for x in _run_until(student, _fit_args(student, b, n_inputs), sep, L.calls, "input"):
+                cal.observe_inputs(x)
+        cal.finish_inputs()
+        for b in batches:
+            args = _fit_args(student, b, n_inputs)
+            xs = _run_until(student, args, sep, L.calls, "input")
+            if L.teacher is not None and teacher is not None:
+                ys = _run_until(teacher, _fit_args(teacher, b, n_inputs), L.teacher, L.calls, "output")
+            else:
+                ys = []
+            if len(ys) != len(xs) or any(y.shape[:2] != (x.shape[0], cal.cout) for x, y in zip(xs, ys)):
+                ys = [L.conv(x.to(L.conv.weight.dtype)) for x in xs]
+            for x, y in zip(xs, ys):
+                cal.observe(x, y)
+        res = cal.result()
+        f = res.factors
+        sep.depthwise.weight.copy_(f.depthwise.to(sep.depthwise.weight.dtype))
+        sep.pointwise.weight.copy_(f.pointwise.to(sep.pointwise.weight.dtype))
+        if sep.pointwise.bias is not None and f.bias is not None:
+            sep.pointwise.bias.copy_(f.bias.to(sep.pointwise.bias.dtype))
+        results[L.name] = res
+    return results

@@ -1,0 +1,196 @@
+"""Per-layer latency: time a conv and its separable replacement at candidate ranks, on the runtime that runs it.
+
+FLOPs are not time (a separable pair at half the FLOPs can be slower in PyTorch eager NCHW), so
+``rewrite(..., target_latency=...)`` allocates ranks by measured milliseconds. :class:`LayerTimer` builds a
+layer of the conv's shape with random weights (the same ``SeparableConv*d`` and backend the rewritten model
+uses: Triton on CUDA, torch ops on CPU), runs it in the chosen memory format and keeps the fastest of a few
+repetitions under a small time budget. Measurements are cached in memory (keyed by shape, dtype, device,
+backend, memory format, rank and thread count) and optionally in a JSON file.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .cost import separable_flops, dense_flops
+from .ir import ConvSpec
+
+__all__ = ["LayerTimer", "candidate_ranks", "time_fn", "best_memory_format", "MEMORY_FORMATS"]
+
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+_CACHE: Dict[str, float] = {}  # process-wide: the same layer shape is timed once
+
+
+def time_fn(fn, args: Sequence[Any], *, device: torch.device, reps: int = 5, warmup: int = 1,
+            max_seconds: float = 0.25) -> float:
+    """Fastest of up to ``reps`` calls in milliseconds (at least 2 timed calls; CUDA-synchronised)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn(*args)
+        sync()
+        best = math.inf
+        start = time.perf_counter()
+        for i in range(reps):
+            t0 = time.perf_counter()
+            fn(*args)
+            sync()
+            best = min(best, (time.perf_counter() - t0) * 1e3)
+            if i >= 1 and time.perf_counter() - start > max_seconds:
+                break
+    return best
+
+
+def candidate_ranks(spec: ConvSpec, count: int = 5) -> List[int]:
+    """Ranks worth timing: the largest rank with fewer FLOPs than the conv, then halving down to 1."""
+    if spec.out_pixels == 0:
+        return []
+    dense = dense_flops(spec)
+    top = 0
+    for r in range(1, spec.full_rank + 1):
+        if separable_flops(spec, r) < dense:
+            top = r
+    ranks: List[int] = []
+    r = top
+    while r >= 1 and len(ranks) < count:
+        ranks.append(r)
+        r = r // 2 if r > 2 else r - 1
+    return sorted(set(ranks))
+
+
+def _format(fmt: str):
+    return torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+
+
+class LayerTimer:
+    """Measure convs and separable pairs of a :class:`~dsrewrite.ir.ConvSpec`'s shape.
+
+    Args:
+        device: where to time (``"cpu"``, ``"cuda"``, a ``torch.device``).
+        dtype: the model's dtype.
+        backend: ``SeparableConv*d`` backend (``"auto"``: Triton on CUDA when it can run, torch ops otherwise).
+        memory_format: ``"contiguous"`` (NCHW) or ``"channels_last"`` (2-D convs only).
+        reps / max_seconds: repetitions and time budget per measurement (the fastest is kept).
+        cache_file: optional JSON file read at start and written after new measurements.
+    """
+
+    def __init__(self, device: Any = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto",
+                 memory_format: str = "contiguous", reps: int = 5, max_seconds: float = 0.25,
+                 cache_file: Optional[str] = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.backend = backend
+        self.memory_format = "contiguous" if memory_format == "auto" else memory_format
+        self.reps, self.max_seconds = reps, max_seconds
+        self.cache_file = os.fspath(cache_file) if cache_file else None
+        self.measured = 0  # new measurements (cache misses)
+        if self.cache_file and os.path.exists(self.cache_file):
+            try:
+                with open(self.cache_file) as f:
+                    _CACHE.update({k: float(v) for k, v in json.load(f).items()})
+            except (OSError, ValueError):
+                pass
+
+    # ------------------------------------------------------------------ keys and shapes
+    def _where(self) -> str:
+        if self.device.type == "cuda":
+            return f"cuda:{torch.cuda.get_device_name(self.device)}"
+        return f"cpu:{torch.get_num_threads()}t"
+
+    def key(self, spec: ConvSpec, rank: Optional[int]) -> str:
+        what = "dense" if rank is None else f"sep{rank}"
+        return "|".join(str(x) for x in (
+            what, spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.dilation, spec.bias,
+            spec.batch, spec.out_spatial, str(self.dtype), self._where(), self.backend, self.memory_format))
+
+    @staticmethod
+    def _input_shape(spec: ConvSpec) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        pads, size = [], []
+        for o, k, s, d in zip(spec.out_spatial, spec.kernel, spec.stride, spec.dilation):
+            p = d * (k - 1) // 2
+            pads.append(p)
+            size.append(max((o - 1) * s + d * (k - 1) + 1 - 2 * p, 1))
+        return (spec.batch, spec.in_channels, *size), tuple(pads)
+
+    def _scale(self, spec: ConvSpec) -> float:
+        one = spec.batch * math.prod(spec.out_spatial)
+        return spec.out_pixels / one if one else 1.0
+
+    # ------------------------------------------------------------------ measuring
+    def _measure(self, spec: ConvSpec, rank: Optional[int]) -> float:
+        from .modules import SeparableConv1d, SeparableConv2d
+
+        shape, pads = self._input_shape(spec)
+        dims = spec.spatial_dims
+        kw = dict(stride=spec.stride, padding=pads, dilation=spec.dilation, bias=spec.bias,
+                  device=self.device, dtype=self.dtype)
+        if rank is None:
+            mod: nn.Module = (nn.Conv1d if dims == 1 else nn.Conv2d)(spec.in_channels, spec.out_channels,
+                                                                     spec.kernel, **kw)
+        else:
+            cls = SeparableConv1d if dims == 1 else SeparableConv2d
+            mod = cls(spec.in_channels, spec.out_channels, spec.kernel, rank, backend=self.backend, **kw)
+        mod.eval().requires_grad_(False)
+        x = torch.randn(shape, device=self.device, dtype=self.dtype)
+        if dims == 2 and self.memory_format == "channels_last":
+            mod = mod.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        return time_fn(mod, (x,), device=self.device, reps=self.reps, max_seconds=self.max_seconds)
+
+    def _get(self, spec: ConvSpec, rank: Optional[int]) -> Optional[float]:
+        if not spec.out_spatial:
+            return None
+        k = self.key(spec, rank)
+        if k not in _CACHE:
+            _CACHE[k] = self._measure(spec, rank)
+            self.measured += 1
+        return _CACHE[k] * self._scale(spec)
+
+    def dense_ms(self, spec: ConvSpec) -> Optional[float]:
+        """Time of the original conv over all its calls (``None`` when the output shape is unknown)."""
+        return self._get(spec, None)
+
+    def separable_ms(self, spec: ConvSpec, rank: int) -> Optional[float]:
+        """Time of the separable pair at ``rank`` over all calls of the conv."""
+        return self._get(spec, int(rank))
+
+    def save(self) -> None:
+        """Write the cache to ``cache_file`` (if one was given)."""
+        if self.cache_file:
+            tmp = self.cache_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(_CACHE, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.cache_file)
+
+    def model_ms(self, model: nn.Module, args: Sequence[Any], reps: int = 7) -> float:
+        """Whole-model time on ``args`` in this timer's memory format (the fastest of a few runs)."""
+        model, args = to_format(model, args, self.memory_format)
+        return time_fn(model, args, device=self.device, reps=reps, warmup=2, max_seconds=4 * self.max_seconds + 1)
+
+
+def to_format(model: nn.Module, args: Sequence[Any], memory_format: str) -> Tuple[nn.Module, tuple]:
+    """A copy of ``model`` and ``args`` in ``memory_format`` (unchanged objects for ``"contiguous"``)."""
+    if memory_format != "channels_last":
+        return model, tuple(args)
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    args = tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
+                 else a for a in args)
+    return model, args
+
+
+def best_memory_format(model: nn.Module, args: Sequence[Any], device: torch.device) -> Tuple[str, Dict[str, float]]:
+    """The faster of NCHW and channels_last for the original model (CPU only; CUDA keeps the input's format)."""
+    if device.type != "cpu" or not any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args):
+        return "contiguous", {}
+    times = {}
+    for fmt in ("contiguous", "channels_last"):
+        m, a = to_format(model, args, fmt)
+        times[fmt] = time_fn(m, a, device=device, reps=5, warmup=2, max_seconds=1.0)
+    return min(times, key=times.get), times

@@ -1,0 +1,138 @@
+"""Latency-aware planning (dsrewrite/latency.py, plan_sites(target_latency=...)): slower layers left alone,
+times filled per layer and in total, measurements cached (memory and JSON), CLI flags."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import dsrewrite
+from dsrewrite import cost
+from dsrewrite.cli import main
+from dsrewrite.errors import DsrewriteError
+from dsrewrite.ir import ConvSite, ConvSpec
+from dsrewrite.latency import LayerTimer, candidate_ranks
+from dsrewrite.pipeline import plan_sites
+
+
+def _spec(name, cin, cout, hw=8):
+    return ConvSpec(name=name, in_channels=cin, out_channels=cout, kernel=(3, 3), out_spatial=(hw, hw))
+
+
+def test_candidate_ranks_save_flops():
+    spec = _spec("c", 64, 64)
+    ranks = candidate_ranks(spec)
+    assert ranks[0] == 1 and ranks == sorted(ranks)
+    assert all(cost.separable_flops(spec, r) < cost.dense_flops(spec) for r in ranks)
+    assert cost.separable_flops(spec, ranks[-1] + 1) >= cost.dense_flops(spec) or ranks[-1] == spec.full_rank
+    assert candidate_ranks(ConvSpec(name="u", in_channels=4, out_channels=4, kernel=(3, 3))) == []
+
+
+class _FakeTimer:
+    """Deterministic timings: the dense conv takes 1 ms per call; 'slow' layers' separable form 2 ms."""
+
+    def __init__(self):
+        self.calls = []
+
+    def dense_ms(self, spec):
+        return 1.0
+
+    def separable_ms(self, spec, rank):
+        self.calls.append((spec.name, rank))
+        return 2.0 if spec.name.startswith("slow") else 0.1 + 0.05 * rank
+
+
+def test_layers_measured_slower_are_left_alone(gen):
+    sites = [ConvSite(_spec(n, 16, 32), torch.randn(32, 16, 3, 3, generator=gen), None, handle=n)
+             for n in ("slow0", "fast1", "fast2", "slow3")]
+    ds = plan_sites(sites, target_latency=0.75, total_time_ms=4.0, timer=_FakeTimer())
+    by = {d.report.name: d for d in ds}
+    for n in ("slow0", "slow3"):
+        assert not by[n].rewritten and "measured slower than the original" in by[n].report.reason
+        assert by[n].report.time_before_ms == by[n].report.time_after_ms == 1.0
+    after = sum(d.report.time_after_ms for d in ds)
+    assert after <= 0.75 * 4.0 + 1e-12
+    for d in ds:
+        if d.rewritten:
+            assert d.report.time_after_ms < d.report.time_before_ms and d.report.policy == "target_latency"
+    with pytest.raises(DsrewriteError, match=r"target_latency=0.2 is not achievable: the smallest reachable is 0\.5"):
+        plan_sites(sites, target_latency=0.2, total_time_ms=4.0, timer=_FakeTimer())
+    with pytest.raises(DsrewriteError, match="needs a layer timer"):
+        plan_sites(sites, target_latency=0.5)
+
+
+def test_timer_caches_in_memory_and_json(tmp_path):
+    path = tmp_path / "lat.json"
+    t = LayerTimer("cpu", reps=2, max_seconds=0.05, cache_file=str(path))
+    spec = _spec("c", 8, 12, hw=5)
+    a = t.dense_ms(spec)
+    b = t.separable_ms(spec, 2)
+    assert a > 0 and b > 0
+    n = t.measured
+    assert t.dense_ms(spec) == a and t.separable_ms(spec, 2) == b and t.measured == n
+    two = ConvSpec(name="c2", in_channels=8, out_channels=12, kernel=(3, 3), out_spatial=(5, 5), calls=2)
+    assert t.dense_ms(two) == pytest.approx(2 * a)  # a shared conv runs twice
+    t.save()
+    data = json.loads(path.read_text())
+    assert t.key(spec, None) in data and t.key(spec, 2) in data
+    assert LayerTimer("cpu", cache_file=str(path)).dense_ms(spec) == a
+
+
+def test_latency_aware_rewrite_on_cpu_fills_times(tmp_path):
+    torch.manual_seed(0)
+    # a 3->16 first layer on a tiny image (separable is slower: two ops for little work) and wide layers after
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 24, 24)
+    r = dsrewrite.rewrite(m, x, target_latency=0.8, memory_format="contiguous",
+                          latency_cache=str(tmp_path / "c.json"))
+    rep = r.report
+    for L in rep.layers:
+        assert L.time_before_ms is not None and L.time_after_ms is not None
+        if L.rewritten:
+            assert L.time_after_ms < L.time_before_ms
+        else:
+            assert L.time_after_ms == L.time_before_ms
+            assert "measured slower" in L.reason or "allocation" in L.reason
+    assert rep.rewritten, rep.table()
+    assert rep.time_before_ms is not None and rep.time_after_ms is not None
+    planned = sum(L.time_before_ms - L.time_after_ms for L in rep.layers)
+    assert planned > 0
+    with torch.no_grad():
+        assert torch.isfinite(r.model(x)).all()
+
+
+def test_cli_budget_and_calibration_flags(tmp_path, capsys):
+    cal = tmp_path / "cal.pt"
+    torch.save(torch.randn(4, 3, 32, 32), cal)
+    out = tmp_path / "r.json"
+    rc = main(["rewrite", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--target-flops", "0.5",
+               "--calibration", str(cal), "--no-time", "-q", "--report", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert d["flops_after"] / d["flops_before"] <= 0.5 + 1e-9
+    assert all(L["calib_error_after"] is not None for L in d["layers"] if L["rewritten"])
+    bad = tmp_path / "bad.pt"
+    torch.save(torch.randn(4, 3, 16, 16), bad)
+    assert main(["rewrite", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--calibration", str(bad),
+                 "--no-time", "-q"]) == 2
+    assert "calibration tensor has shape" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["rewrite", "torchvision:resnet18", "--target-flops", "2"])
+
+
+def test_cli_image_folder_calibration(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    from dsrewrite.cli import load_calibration
+
+    for i in range(3):
+        Image.fromarray((np.random.rand(20, 30, 3) * 255).astype("uint8")).save(tmp_path / f"{i}.png")
+    x = load_calibration(str(tmp_path), (torch.randn(1, 3, 16, 12),))
+    assert x.shape == (3, 3, 16, 12) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DsrewriteError, match="no images"):
+        load_calibration(str(tmp_path / "empty"), (torch.randn(1, 3, 4, 4),))
+    with pytest.raises(DsrewriteError, match="not found"):
+        load_calibration(str(tmp_path / "nothing"), (torch.randn(1, 3, 4, 4),))
