@@ -12,7 +12,7 @@ from .errors import DsrewriteError
 from .frontends.fx import trace
 from .frontends.swap import rewrite_untraceable
 from .fx_pass import SeparableRewritePass
-from .measure import count_params, eval_mode, input_device, time_call
+from .measure import count_params, eval_mode, input_device, time_models
 from .modules import BACKENDS
 from .pipeline import Decision, Selector
 from .policy import RankArg, check_rank
@@ -152,9 +152,9 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
 
             m0, a0 = to_format(plan.teacher, args, "channels_last")
             m1, _ = to_format(new_model, args, "channels_last")
-            _measure(m0, m1, a0, report)
+            time_models(m0, m1, a0, report)
         else:
-            _measure(model if plan.teacher is None else plan.teacher, new_model, args, report)
+            time_models(model if plan.teacher is None else plan.teacher, new_model, args, report)
     if plan.timer is not None:
         plan.timer.save()
     return RewriteResult(new_model, report, decisions)
@@ -296,16 +296,3 @@ def _calib_layers(new_model: nn.Module, teacher: nn.Module, decisions: List[Deci
                 t = None
         layers.append(CalibLayer(spec.name, student, conv, t, max(spec.calls, 1)))
     return layers
-
-
-def _measure(original: nn.Module, new: nn.Module, args: tuple, report: Report) -> None:
-    device = input_device(args)
-    with eval_mode(original), eval_mode(new):
-        before = time_call(original, args)
-        after = time_call(new, args)
-        before = min(before, time_call(original, args))  # second look at the original: less warm-up bias
-    report.time_before_ms, report.time_after_ms = before, after
-    report.time_device = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    backends = {getattr(m, "backend", None) for m in new.modules() if hasattr(m, "rank") and hasattr(m, "pointwise")}
-    backends.discard(None)
-    report.time_backend = "backend=" + ",".join(sorted(backends)) if backends else None

@@ -142,6 +142,10 @@ def run_digits(seed: int = 0, *, quick: bool = False, pretrain_epochs: Optional[
     acc_finetuned = accuracy(student, x_te, y_te)
     log(f"[seed {seed}] test accuracy: original {acc_before:.2f}%, after rewrite {acc_rewritten:.2f}%, "
         f"after fine-tuning {acc_finetuned:.2f}% ({acc_finetuned - acc_before:+.2f} points)")
+    if not quick:  # time next to FLOPs: the original and the fine-tuned model on the whole test set
+        from .measure import time_models
+
+        time_models(teacher, student, (x_te,), report)
     return {
         "seed": seed, "rank": rank, "conv_flops_ratio": ratio, "flops_ratio": report.flops_ratio,
         "before": acc_before, "rewritten": acc_rewritten, "finetuned": acc_finetuned,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_flops", "time_call", "eval_mode", "input_device"]
+__all__ = ["count_params", "count_flops", "time_call", "time_models", "eval_mode", "input_device"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -65,3 +65,17 @@ def time_call(fn: Callable[..., Any], args: Sequence[Any], *, warmup: int = 2, r
             if time.perf_counter() - start > max_seconds and len(times) >= 3:
                 break
     return statistics.median(times)
+
+
+def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report: Any) -> None:
+    """Time ``original`` and ``new`` side by side on ``args`` (eval mode) and fill the report's time fields."""
+    device = input_device(args)
+    with eval_mode(original), eval_mode(new):
+        before = time_call(original, args)
+        after = time_call(new, args)
+        before = min(before, time_call(original, args))  # second look at the original: less warm-up bias
+    report.time_before_ms, report.time_after_ms = before, after
+    report.time_device = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    backends = {getattr(m, "backend", None) for m in new.modules() if hasattr(m, "rank") and hasattr(m, "pointwise")}
+    backends.discard(None)
+    report.time_backend = "backend=" + ",".join(sorted(backends)) if backends else None

@@ -23,8 +23,7 @@ def _is_pair(m: nn.Module) -> bool:
 def separable_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """``{qualified name: module}`` of every depthwise + pointwise pair in ``model``.
 
-    Found by structure, not class: after a second rewrite the fx graph keeps the pair as a plain
-    ``nn.Module`` holding ``.depthwise`` and ``.pointwise``.
+    Found by structure, not class, so pairs built by hand or loaded into another module class count too.
     """
     return {name: m for name, m in unwrap(model).named_modules() if _is_pair(m)}
 
