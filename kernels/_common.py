@@ -1,4 +1,4 @@
-"""Shared pieces of the Triton kernels: the fused activation epilogue and the autotune helpers.
+"""Shared pieces of the Triton kernels: pixel indexing, the depthwise tile, the activation epilogue, autotune helpers.
 
 Imported only by the kernel files (never by ``dsrewrite`` itself), so importing ``dsrewrite`` does not
 import Triton.
@@ -11,7 +11,8 @@ from typing import Dict, List
 import triton
 import triton.language as tl
 
-__all__ = ["ACTIVATIONS", "interpreting", "next_pow2", "prune_by_size", "_activation"]
+__all__ = ["ACTIVATIONS", "interpreting", "next_pow2", "prune_by_size", "_activation", "_pixel_origin",
+           "_depthwise_tile", "_epilogue_store"]
 
 # activation name -> the ACT constexpr of the kernels
 ACTIVATIONS: Dict[str, int] = {"none": 0, "relu": 1, "relu6": 2, "silu": 3}
@@ -51,3 +52,45 @@ def _activation(acc, ACT: tl.constexpr):
     elif ACT == 3:
         acc = acc / (1.0 + tl.exp(-acc))
     return acc
+
+
+@triton.jit
+def _pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w):
+    """Flattened output pixels ``n*OH*OW + oh*OW + ow`` -> ``(n, oh, ow)`` and the input row/column of tap (0, 0)."""
+    n = offs_p // (OH * OW)
+    rem = offs_p % (OH * OW)
+    oh = rem // OW
+    ow = rem % OW
+    return n, oh, ow, oh * stride_h - pad_h, ow * stride_w - pad_w
+
+
+@triton.jit
+def _depthwise_tile(x_ptr, w_ptr, x_pix, ih0, iw0, mask_p, offs_k, mask_k, x_chan, H, W, sxh, sxw, dil_h, dil_w,
+                    KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 ``[BLOCK_P, BLOCK_K]`` depthwise result of a pixel tile: ``KH*KW`` masked input loads (zero
+    padding), one broadcast FMA each. ``x_pix``: offset of each pixel's image; ``x_chan``: offset of the input
+    channel each depthwise channel ``offs_k`` reads; ``w_ptr``: weights ``[C*r, KH*KW]``, contiguous."""
+    acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        ih = ih0 + i * dil_h
+        row_ok = mask_p & (ih >= 0) & (ih < H)
+        for j in tl.static_range(KW):
+            iw = iw0 + j * dil_w
+            ok = row_ok & (iw >= 0) & (iw < W)
+            xv = tl.load(x_ptr + (x_pix + ih * sxh + iw * sxw)[:, None] + x_chan[None, :],
+                         mask=ok[:, None] & mask_k[None, :], other=0.0)
+            wv = tl.load(w_ptr + offs_k * (KH * KW) + (i * KW + j), mask=mask_k, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _epilogue_store(acc, b_ptr, y_ptr, y_pix, offs_m, mask_p, mask_m, sym,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    """Bias and activation on the fp32 ``[BLOCK_P, BLOCK_M]`` accumulator, then one store in the output dtype
+    (``y_pix``: offset of each output pixel, ``sym``: output channel stride)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
+    acc = _activation(acc, ACT)
+    tl.store(y_ptr + y_pix[:, None] + (offs_m * sym)[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_p[:, None] & mask_m[None, :])

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, prune_by_size
+from ._common import _depthwise_tile, _pixel_origin, interpreting, prune_by_size
 from ._shapes import out_size, output_memory_format
 
 __all__ = ["depthwise_conv2d_forward", "DEPTHWISE_CONFIGS"]
@@ -37,28 +37,12 @@ def _depthwise_conv2d_kernel(
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
-    n = offs_p // (OH * OW)
-    rem = offs_p % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
+    n, oh, ow, ih0, iw0 = _pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w)
 
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < CR
-    x_chan = (offs_c // R) * sxc
-
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(KH):
-        ih = ih0 + i * dil_h
-        row_ok = mask_p & (ih >= 0) & (ih < H)
-        for j in tl.static_range(KW):
-            iw = iw0 + j * dil_w
-            ok = row_ok & (iw >= 0) & (iw < W)
-            xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + x_chan[None, :],
-                         mask=ok[:, None] & mask_c[None, :], other=0.0)
-            wv = tl.load(w_ptr + offs_c * (KH * KW) + (i * KW + j), mask=mask_c, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    acc = _depthwise_tile(x_ptr, w_ptr, n * sxn, ih0, iw0, mask_p, offs_c, mask_c, (offs_c // R) * sxc, H, W,
+                          sxh, sxw, dil_h, dil_w, KH, KW, BLOCK_P, BLOCK_C)
 
     z_off = (n * szn + oh * szh + ow * szw)[:, None] + (offs_c * szc)[None, :]
     tl.store(z_ptr + z_off, acc.to(z_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACTIVATIONS, _activation, interpreting, prune_by_size
+from ._common import ACTIVATIONS, _epilogue_store, interpreting, prune_by_size
 from ._shapes import output_memory_format
 
 __all__ = ["pointwise_conv2d_forward", "POINTWISE_CONFIGS"]
@@ -54,11 +54,7 @@ def _pointwise_conv2d_kernel(
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         acc = tl.dot(zv, wv, acc, input_precision=PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
-    acc = _activation(acc, ACT)
-    y_off = (n * syn + h * syh + w * syw)[:, None] + (offs_m * sym)[None, :]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_m[None, :])
+    _epilogue_store(acc, b_ptr, y_ptr, n * syn + h * syh + w * syw, offs_m, mask_p, mask_m, sym, HAS_BIAS, ACT)
 
 
 def _cfg(bp: int, bm: int, bk: int, warps: int, stages: int) -> "triton.Config":

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACTIVATIONS, _activation, interpreting, prune_by_size
+from ._common import ACTIVATIONS, _depthwise_tile, _epilogue_store, _pixel_origin, interpreting, prune_by_size
 from ._shapes import out_size, output_memory_format
 
 __all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_BLOCK_M_MAX"]
@@ -44,12 +44,7 @@ def _separable_conv2d_kernel(
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
-    n = offs_p // (OH * OW)
-    rem = offs_p % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
+    n, oh, ow, ih0, iw0 = _pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w)
     x_pix = n * sxn  # [BLOCK_P] offset of each pixel's image
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -59,27 +54,14 @@ def _separable_conv2d_kernel(
     for k0 in range(0, CR, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < CR
-        x_chan = (offs_k // R) * sxc  # [BLOCK_K] offset of the input channel each dw channel reads
-        dw = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-        for i in tl.static_range(KH):
-            ih = ih0 + i * dil_h
-            row_ok = mask_p & (ih >= 0) & (ih < H)
-            for j in tl.static_range(KW):
-                iw = iw0 + j * dil_w
-                ok = row_ok & (iw >= 0) & (iw < W)
-                xv = tl.load(x_ptr + (x_pix + ih * sxh + iw * sxw)[:, None] + x_chan[None, :],
-                             mask=ok[:, None] & mask_k[None, :], other=0.0)
-                wv = tl.load(dw_ptr + offs_k * (KH * KW) + (i * KW + j), mask=mask_k, other=0.0)
-                dw += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        # the depthwise result of this channel block stays in registers
+        dw = _depthwise_tile(x_ptr, dw_ptr, x_pix, ih0, iw0, mask_p, offs_k, mask_k, (offs_k // R) * sxc, H, W,
+                             sxh, sxw, dil_h, dil_w, KH, KW, BLOCK_P, BLOCK_K)
         pw = tl.load(pw_ptr + offs_m[None, :] * CR + offs_k[:, None],
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         acc = tl.dot(dw.to(pw.dtype), pw, acc, input_precision=PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
-    acc = _activation(acc, ACT)
-    y_off = (n * syn + oh * syh + ow * syw)[:, None] + (offs_m * sym)[None, :]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_m[None, :])
+    _epilogue_store(acc, b_ptr, y_ptr, n * syn + oh * syh + ow * syw, offs_m, mask_p, mask_m, sym, HAS_BIAS, ACT)
 
 
 def _cfg(bp: int, bm: int, bk: int, warps: int, stages: int) -> "triton.Config":
