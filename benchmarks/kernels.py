@@ -223,7 +223,8 @@ def check_configs() -> int:
 
     from dsrewrite.kernels.depthwise import DEPTHWISE_CONFIGS, depthwise_conv2d_forward
     from dsrewrite.kernels.pointwise import POINTWISE_CONFIGS, pointwise_conv2d_forward
-    from dsrewrite.kernels.separable_conv2d import FUSED_CONFIGS, separable_conv2d_forward
+    from dsrewrite.kernels._common import shared_memory_limit
+    from dsrewrite.kernels.separable_conv2d import fused_configs_for, separable_conv2d_forward
 
     bad = 0
     for dt, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)):
@@ -236,7 +237,7 @@ def check_configs() -> int:
             y64 = F.conv2d(z64, pw.double(), b.double())
             runs = [("fused", cfg, lambda cf: separable_conv2d_forward(
                 x, dw, pw, b, (1, 1), (k // 2, k // 2), (1, 1), "none", "ieee", config=cf), y64)
-                for cfg in FUSED_CONFIGS]
+                for cfg in fused_configs_for(x.element_size(), shared_memory_limit(x.device), k, k)]
             runs += [("depthwise", cfg, lambda cf: depthwise_conv2d_forward(
                 x, dw, (1, 1), (k // 2, k // 2), (1, 1), config=cf), z64) for cfg in DEPTHWISE_CONFIGS]
             z = z64.to(dt).contiguous(memory_format=torch.channels_last)

@@ -11,7 +11,7 @@ from typing import Dict, List
 import triton
 import triton.language as tl
 
-__all__ = ["ACTIVATIONS", "interpreting", "next_pow2", "prune_by_size", "_activation", "_pixel_origin",
+__all__ = ["ACTIVATIONS", "interpreting", "next_pow2", "prune_by_size", "shared_memory_limit", "_activation", "_pixel_origin",
            "_depthwise_tile", "_epilogue_store"]
 
 # activation name -> the ACT constexpr of the kernels
@@ -40,6 +40,16 @@ def prune_by_size(configs: List["triton.Config"], sizes: Dict[str, int]) -> List
     if not kept:  # every config too large: keep the smallest one
         kept = [min(configs, key=lambda c: sum(c.kwargs.get(n, 0) for n in sizes))]
     return kept
+
+
+def shared_memory_limit(device) -> int:
+    """Largest shared memory one block may use on ``device`` (bytes; opt-in limit, e.g. 227 KB on H100)."""
+    import torch
+
+    try:
+        return int(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+    except Exception:  # noqa: BLE001 - older torch, or no CUDA device: the smallest of recent NVIDIA parts
+        return 101376
 
 
 @triton.jit

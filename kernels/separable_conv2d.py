@@ -16,10 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACTIVATIONS, _depthwise_tile, _epilogue_store, _pixel_origin, interpreting, prune_by_size
+from ._common import (ACTIVATIONS, _depthwise_tile, _epilogue_store, _pixel_origin, interpreting, prune_by_size,
+                      shared_memory_limit)
 from ._shapes import out_size, output_memory_format
 
-__all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_BLOCK_M_MAX"]
+__all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_FALLBACK_CONFIGS", "FUSED_BLOCK_M_MAX",
+           "fused_shared_bytes", "fused_configs_for"]
 
 
 @triton.jit
@@ -73,17 +75,41 @@ FUSED_CONFIGS = [
     _cfg(32, 32, 16, 2, 2), _cfg(64, 32, 32, 4, 2), _cfg(64, 64, 32, 4, 2), _cfg(128, 32, 32, 4, 2),
     _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3), _cfg(128, 128, 32, 8, 3), _cfg(128, 64, 64, 8, 2),
 ]
+# num_stages=1: no software pipelining, so no staged input in shared memory; what large fp32 kernels fall back on
+FUSED_FALLBACK_CONFIGS = [_cfg(64, 64, 32, 4, 1), _cfg(128, 64, 32, 4, 1)]
 INTERPRET_CONFIG = _cfg(32, 32, 16, 1, 1)
 FUSED_BLOCK_M_MAX = max(c.kwargs["BLOCK_M"] for c in FUSED_CONFIGS)  # used by the dispatcher heuristic
 
 
+def fused_shared_bytes(cfg: "triton.Config", itemsize: int, kh: int, kw: int) -> int:
+    """Upper estimate of a config's shared memory (bytes), checked against Triton's compiler for sm_80/sm_90
+    (``benchmarks/kernels_aot.py``, ``tests/test_kernels_aot.py``). With 4-byte inputs the software pipeliner
+    stages the next channel block's ``kh*kw`` input loads through shared memory, so it grows with
+    ``(num_stages - 1) * kh * kw``: a 7x7 fp32 kernel overflows every pipelined config. 16-bit loads are not
+    staged (Triton 3.8); then the pointwise operand and the epilogue dominate."""
+    bp, bm, bk, s = cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"], cfg.num_stages
+    if itemsize >= 4:
+        return (s - 1) * kh * kw * bp * bk * itemsize + s * bk * bm * itemsize + bp * max(bk, bm) * itemsize
+    return s * bk * bm * itemsize + bp * bm * itemsize
+
+
+def fused_configs_for(itemsize: int, shared_limit: int, kh: int, kw: int,
+                      configs: Optional[Sequence["triton.Config"]] = None) -> list:
+    """The configs whose shared memory fits ``shared_limit`` (the fallbacks always do)."""
+    configs = list(configs if configs is not None else FUSED_CONFIGS + FUSED_FALLBACK_CONFIGS)
+    kept = [c for c in configs if fused_shared_bytes(c, itemsize, kh, kw) <= shared_limit]
+    return kept or [min(configs, key=lambda c: fused_shared_bytes(c, itemsize, kh, kw))]
+
+
 def _prune(configs, named_args, **kwargs):
+    x = named_args["x_ptr"]
+    configs = fused_configs_for(x.element_size(), shared_memory_limit(x.device), kwargs["KH"], kwargs["KW"], configs)
     return prune_by_size(configs, {"BLOCK_M": named_args["M"], "BLOCK_K": named_args["CR"],
                                    "BLOCK_P": named_args["P"]})
 
 
 _separable_conv2d_tuned = triton.autotune(
-    configs=[INTERPRET_CONFIG] if interpreting() else FUSED_CONFIGS,
+    configs=[INTERPRET_CONFIG] if interpreting() else FUSED_CONFIGS + FUSED_FALLBACK_CONFIGS,
     key=["CR", "M", "P", "KH", "KW", "stride_h", "stride_w"],
     prune_configs_by=None if interpreting() else {"early_config_prune": _prune},
 )(_separable_conv2d_kernel)

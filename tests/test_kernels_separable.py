@@ -101,14 +101,14 @@ def _launch_all_configs(configs, run, ref, tol):
 
 def test_every_fused_autotune_config(gen):
     """Each GPU autotune config (block sizes 16..128, masks on every edge) gives the same result."""
-    from dsrewrite.kernels.separable_conv2d import FUSED_CONFIGS, separable_conv2d_forward
+    from dsrewrite.kernels.separable_conv2d import FUSED_CONFIGS, FUSED_FALLBACK_CONFIGS, separable_conv2d_forward
 
     x = torch.randn(1, 20, 7, 6, generator=gen).to(memory_format=torch.channels_last)
     dw = torch.randn(40, 1, 3, 3, generator=gen)
     pw = torch.randn(24, 40, 1, 1, generator=gen)
     b = torch.randn(24, generator=gen)
     ref = reference(x, dw, pw, b, 1, 1, 1, "silu")
-    _launch_all_configs(FUSED_CONFIGS, lambda c: separable_conv2d_forward(
+    _launch_all_configs(FUSED_CONFIGS + FUSED_FALLBACK_CONFIGS, lambda c: separable_conv2d_forward(
         x, dw, pw, b, (1, 1), (1, 1), (1, 1), "silu", "ieee", config=c), ref, 1e-5)
 
 
