@@ -22,4 +22,13 @@ from .frontend import collect_sites
 from .model_io import load_model, save_model
 
 __all__ = ["rewrite", "OnnxRewriteResult", "cli_rewrite", "collect_sites", "count_flops", "count_params",
-           "infer_shapes", "load_model", "save_model"]
+           "infer_shapes", "load_model", "save_model", "SeparableConvPass"]
+
+
+def __getattr__(name: str):
+    """``SeparableConvPass`` (the onnx_ir pass) loads on first use: only it needs the onnx_ir package."""
+    if name == "SeparableConvPass":
+        from .ir_pass import SeparableConvPass
+
+        return SeparableConvPass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

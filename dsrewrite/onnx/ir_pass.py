@@ -1,0 +1,57 @@
+"""``SeparableConvPass``: the ONNX rewrite as an ``onnx_ir`` pass, so it composes with onnxscript's optimizer and
+other IR passes in one ``onnx_ir.passes.Sequential`` / ``PassManager``.
+
+It runs :func:`dsrewrite.onnx.rewrite` itself on the serialised model and reads the result back, so the pass and
+the function give the same graph (one implementation). It is a functional pass: the input model is not changed.
+``pass.report`` holds the :class:`~dsrewrite.report.Report` of the last run.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import onnx
+import onnx_ir as ir
+
+from ..pipeline import Selector, _matcher
+from ..policy import RankArg, check_rank
+from ..report import Report
+from .api import rewrite
+
+__all__ = ["SeparableConvPass"]
+
+
+def _has_external(proto: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+class SeparableConvPass(ir.passes.FunctionalPass):
+    """Replace eligible ``Conv`` nodes by low-rank depthwise + pointwise ``Conv`` pairs (:func:`dsrewrite.onnx.rewrite`).
+
+    Args:
+        rank: int, ``"auto"`` or ``"full"``.
+        include / exclude: glob patterns over node names (``"/layer4/*"``) or a callable ``name -> bool``.
+        input_shapes: static shapes by input name for the FLOP count in the report.
+        progress: show a progress bar while factorising.
+        name: model name for the report.
+    """
+
+    def __init__(self, rank: RankArg = "auto", *, include: Selector = None, exclude: Selector = None,
+                 input_shapes: Optional[Mapping[str, Sequence[int]]] = None, progress: bool = False,
+                 name: Optional[str] = None) -> None:
+        super().__init__()
+        self.rank = check_rank(rank)  # bad arguments fail here, not in the middle of a pipeline
+        _matcher(include, "include")
+        _matcher(exclude, "exclude")
+        self.include, self.exclude = include, exclude
+        self.input_shapes, self.progress, self.name = input_shapes, progress, name
+        self.report: Optional[Report] = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        proto = ir.serde.serialize_model(model)
+        if _has_external(proto):  # the rewrite reads weights: bring them in memory, on a copy
+            inside = model.clone()
+            ir.external_data.load_to_model(inside)
+            proto = ir.serde.serialize_model(inside)
+        new, self.report = rewrite(proto, rank=self.rank, include=self.include, exclude=self.exclude,
+                                   input_shapes=self.input_shapes, progress=self.progress, name=self.name)
+        return ir.passes.PassResult(ir.serde.deserialize_model(new), modified=bool(self.report.rewritten))
