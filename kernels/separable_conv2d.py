@@ -88,9 +88,10 @@ def fused_shared_bytes(cfg: "triton.Config", itemsize: int, kh: int, kw: int) ->
     ``(num_stages - 1) * kh * kw``: a 7x7 fp32 kernel overflows every pipelined config. 16-bit loads are not
     staged (Triton 3.8); then the pointwise operand and the epilogue dominate."""
     bp, bm, bk, s = cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"], cfg.num_stages
+    scratch = 3072  # the compiler's own (layout conversions, barriers): up to ~2.2 KB seen
     if itemsize >= 4:
-        return (s - 1) * kh * kw * bp * bk * itemsize + s * bk * bm * itemsize + bp * max(bk, bm) * itemsize
-    return s * bk * bm * itemsize + bp * bm * itemsize
+        return (s - 1) * kh * kw * bp * bk * itemsize + s * bk * bm * itemsize + bp * max(bk, bm) * itemsize + scratch
+    return s * bk * bm * itemsize + bp * bm * itemsize + scratch
 
 
 def fused_configs_for(itemsize: int, shared_limit: int, kh: int, kw: int,
