@@ -95,9 +95,9 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
 
     notes: List[str] = list(plan.notes)
     try:
-        gm = trace(work)
+        gm = trace(work, len(args))
     except Exception as e:  # noqa: BLE001 - any tracing failure sends us to the fallback route
-        gm, trace_error = None, _one_line(e)
+        gm, trace_error = None, "symbolic_trace failed on the whole model (" + _one_line(e)[:160] + ")"
 
     if gm is not None:
         gm.training = work.training
@@ -106,13 +106,15 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
         try:
             with eval_mode(gm):
                 p(gm)
-            flops_before = p.flops_before
+            new_model, decisions, flops_before, route = gm, p.decisions, p.flops_before, "fx"
         except DsrewriteError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise DsrewriteError(f"example inputs do not run through the model: {_one_line(e)}") from None
-        new_model, decisions, route = gm, p.decisions, "fx"
-    else:
+            if p.decisions:  # it failed after planning: not a tracing limit
+                raise DsrewriteError(f"rewriting the traced graph failed: {_one_line(e)}") from None
+            # the traced graph does not run where the model does (e.g. control flow on an input): fall back
+            gm, trace_error = None, "the traced graph does not run on the example inputs (" + _one_line(e)[:160] + ")"
+    if gm is None:
         try:
             new_model, decisions, flops_before, notes = rewrite_untraceable(
                 work, args, rank=rank, include=include, exclude=exclude, backend=backend, progress=progress,
@@ -122,10 +124,15 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
         except Exception as e:  # noqa: BLE001
             raise DsrewriteError(f"example inputs do not run through the model: {_one_line(e)}") from None
         route = "fx-submodules+module-swap"
-        notes.insert(0, f"symbolic_trace failed on the whole model ({trace_error[:160]})")
+        notes.insert(0, trace_error)
 
     if plan.batches is not None:
-        notes.append(plan.calibrate(new_model, decisions))
+        try:
+            notes.append(plan.calibrate(new_model, decisions))
+        except DsrewriteError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise DsrewriteError(f"calibration batches do not run through the model: {_one_line(e)}") from None
 
     layers = [d.report for d in decisions]
     saved = sum(L.flops_before - L.flops_after for L in layers if L.rewritten)
@@ -180,7 +187,7 @@ class _Planning:
         if calibration is not None:
             from .calibrate import as_batches
 
-            self.batches = as_batches(calibration)
+            self.batches = as_batches(calibration, example_args=args)
             # the original model gives the true outputs; keep a copy when the user's model will be changed
             self.teacher = copy.deepcopy(model) if inplace else model
         kw: dict = {}
@@ -197,7 +204,8 @@ class _Planning:
                 args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
             fmt = memory_format
             if fmt == "auto":
-                fmt, times = best_memory_format(ref, args, dev)
+                with eval_mode(ref):  # timing must not update the user's BatchNorm statistics
+                    fmt, times = best_memory_format(ref, args, dev)
                 if times:
                     self.notes.append("latency planned in " + fmt + " (original model: " + ", ".join(
                         f"{k} {v:.2f} ms" for k, v in times.items()) + ")" + (
@@ -215,7 +223,12 @@ class _Planning:
 
             names = [n for n, m in self.teacher.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
             with eval_mode(self.teacher):
-                kw["stats"] = collect_patch_stats(self.teacher, self.batches, names, self.n_inputs)
+                try:
+                    kw["stats"] = collect_patch_stats(self.teacher, self.batches, names, self.n_inputs)
+                except DsrewriteError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    raise DsrewriteError(f"calibration batches do not run through the model: {_one_line(e)}") from None
         self.kwargs = kw
 
     def calibrate(self, new_model: nn.Module, decisions: List[Decision]) -> str:

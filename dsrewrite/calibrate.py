@@ -346,12 +346,14 @@ def calibrate_conv(conv: nn.Module, rank: int, inputs: Iterable[torch.Tensor],
 
 
 # ---------------------------------------------------------------------------------------------- torch driver
-def as_batches(calibration: Any, batch_size: int = 16, max_batches: Optional[int] = None) -> List[tuple]:
+def as_batches(calibration: Any, batch_size: int = 16, max_batches: Optional[int] = None,
+               example_args: Optional[tuple] = None) -> List[tuple]:
     """Calibration data as a list of positional-argument tuples.
 
     A tensor is split along dim 0 into batches of ``batch_size``; an iterable yields batches (a tensor, or a
     tuple/list of positional args; ``(inputs, labels)`` pairs from a DataLoader work: the first item is used
-    when the model takes one input).
+    when the model takes one input). When the example's first input is itself a list (detection models take
+    a list of images), a list batch is that one input.
     """
     from .errors import DsrewriteError
 
@@ -365,8 +367,12 @@ def as_batches(calibration: Any, batch_size: int = 16, max_batches: Optional[int
         except TypeError:
             raise DsrewriteError(f"calibration must be a tensor or an iterable of batches, got {type(calibration).__name__}") from None
         out = []
+        list_input = bool(example_args) and isinstance(example_args[0], list)
         for b in it:
-            out.append(tuple(b) if isinstance(b, (tuple, list)) else (b,))
+            if isinstance(b, list) and list_input:
+                out.append((b,))
+            else:
+                out.append(tuple(b) if isinstance(b, (tuple, list)) else (b,))
             if max_batches is not None and len(out) >= max_batches:
                 break
         if not out:

@@ -114,6 +114,10 @@ def _save(model, args: tuple, out: str, quiet: bool = False) -> None:
 
 
 def _cmd_rewrite(a: argparse.Namespace) -> int:
+    for path in (a.out, a.report, getattr(a, "markdown", None)):  # fail before the work, not after it
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise DsrewriteError(f"output folder does not exist: {folder}")
     if a.src.lower().endswith(".onnx"):
         from . import onnx as ds_onnx  # the ONNX frontend
 

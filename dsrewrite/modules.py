@@ -68,10 +68,11 @@ class _SeparableConvNd(nn.Module):
             raise ValueError(f"from_conv needs groups=1, got groups={conv.groups}")
         if factors is None:
             factors = factorize(conv.weight, rank, conv.bias)
-        return cls.from_factors(
+        mod = cls.from_factors(
             factors, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
             padding_mode=conv.padding_mode, backend=backend,
         )
+        return mod.requires_grad_(conv.weight.requires_grad)  # a frozen conv stays frozen
 
     @classmethod
     def from_factors(cls, factors: Factors, *, stride=1, padding=0, dilation=1,

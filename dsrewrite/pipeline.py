@@ -10,6 +10,8 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence, Union
 
+import torch
+
 from . import cost
 from .eligibility import why_not
 from .errors import DsrewriteError
@@ -101,6 +103,7 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
     """
     rank = check_rank(rank)
     sites = list(sites)
+    _mark_tied_weights(sites)
     budget = _budget_args(rank, target_flops, target_params, target_latency, energy, timer)
     if budget is not None:
         return _plan_budget(sites, include, exclude, budget, total_flops=total_flops, total_params=total_params,
@@ -126,6 +129,20 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
         factors = factorize(site.weight, r, site.bias)
         decisions.append(Decision(site, layer_report(spec, rank=r, factors=factors, policy=policy), factors))
     return decisions
+
+
+def _mark_tied_weights(sites: List[ConvSite]) -> None:
+    """Convs that share one weight ``Parameter`` (tied modules) are left alone: rewriting them would untie them."""
+    by_weight: dict = {}
+    for site in sites:
+        if isinstance(site.weight, torch.nn.Parameter):
+            by_weight.setdefault(id(site.weight), []).append(site)
+    for group in by_weight.values():
+        if len(group) > 1:
+            names = [g.spec.name for g in group]
+            for site in group:
+                others = ", ".join(n for n in names if n != site.spec.name)
+                site.spec.extra.setdefault("unsupported", f"weight shared with {others}: rewriting would untie it")
 
 
 # ---------------------------------------------------------------------------------------------- budgets

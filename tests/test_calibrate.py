@@ -149,3 +149,19 @@ def test_calibration_argument_errors():
     with pytest.raises(DsrewriteError, match="no batches"):
         as_batches([])
     assert [b[0].shape[0] for b in as_batches(torch.randn(10, 2), batch_size=4)] == [4, 4, 2]
+
+
+def test_calibration_data_that_does_not_fit_is_a_one_line_error(gen):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    for bad in (torch.randn(3, 8, 8, generator=gen), torch.randn(4, 3, 10, 10, generator=gen)):
+        with pytest.raises(DsrewriteError, match="calibration batches do not run through the model") as e:
+            dsrewrite.rewrite(model, x, rank=2, calibration=bad, measure_time=False)
+        assert "\n" not in str(e.value)
+
+
+def test_list_batches_are_one_input_when_the_model_takes_a_list():
+    imgs = [torch.randn(3, 8, 8), torch.randn(3, 8, 8)]
+    assert as_batches([imgs, imgs], example_args=([torch.randn(3, 8, 8)],)) == [(imgs,), (imgs,)]
+    x, y = torch.randn(4, 3, 8, 8), torch.arange(4)
+    assert as_batches([[x, y]], example_args=(x,))[0][0] is x  # DataLoader pairs: inputs first

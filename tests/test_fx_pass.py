@@ -186,3 +186,56 @@ def test_time_is_measured_next_to_flops(gen):
     rep = dsrewrite.rewrite(model, torch.randn(1, 3, 12, 12, generator=gen), rank=2).report
     assert rep.time_before_ms > 0 and rep.time_after_ms > 0 and "cpu" in rep.time_device
     assert "measured time" in rep.table()
+
+
+class OptionalArg(nn.Module):
+    """``forward(x, scale=None)``: a branch on an optional argument, as in ``mask=None`` / ``labels=None``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x, scale=None):
+        y = self.c(x)
+        if scale is not None:
+            y = y * scale
+        return y
+
+
+def test_optional_forward_arguments_trace_with_their_defaults(gen):
+    model = OptionalArg().eval()
+    x = torch.randn(1, 3, 12, 12, generator=gen)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
+    assert res.report.route == "fx" and res.report.layer("c").rewritten
+    assert rel_err(res.model(x), model(x)) < 1e-5
+
+
+def test_graph_that_does_not_run_falls_back_to_module_swap(gen):
+    """Given positionally as None, ``scale`` is a placeholder: the traced graph takes the ``scale`` branch and
+    fails on the example inputs although the model runs. The pass falls back and says why."""
+    model = OptionalArg().eval()
+    x = torch.randn(1, 3, 12, 12, generator=gen)
+    res = dsrewrite.rewrite(model, (x, None), rank="full", measure_time=False)
+    assert res.report.route == "fx-submodules+module-swap"
+    assert "traced graph does not run" in res.report.notes[0]
+    assert res.report.layer("c").rewritten
+    assert rel_err(res.model(x, None), model(x, None)) < 1e-5
+
+
+def test_tied_conv_weights_are_left_alone_with_a_reason(gen):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 6, 3))
+    model[2].weight = model[0].weight  # two modules, one Parameter
+    x = torch.randn(1, 4, 10, 10, generator=gen)
+    res = dsrewrite.rewrite(model.eval(), x, rank=2, measure_time=False)
+    for name, other in (("0", "2"), ("2", "0")):
+        layer = res.report.layer(name)
+        assert not layer.rewritten and f"weight shared with {other}" in layer.reason
+    assert res.report.layer("3").rewritten
+
+
+def test_frozen_conv_gives_a_frozen_pair(gen):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)).eval()
+    model[0].requires_grad_(False)
+    res = dsrewrite.rewrite(model, torch.randn(1, 3, 9, 9, generator=gen), rank=2, measure_time=False)
+    assert not any(p.requires_grad for p in res.model.get_submodule("0").parameters())
+    assert all(p.requires_grad for p in res.model.get_submodule("1").parameters())

@@ -136,3 +136,16 @@ def test_cli_image_folder_calibration(tmp_path):
         load_calibration(str(tmp_path / "empty"), (torch.randn(1, 3, 4, 4),))
     with pytest.raises(DsrewriteError, match="not found"):
         load_calibration(str(tmp_path / "nothing"), (torch.randn(1, 3, 4, 4),))
+
+
+def test_latency_planning_does_not_touch_a_training_model():
+    """Timing runs the original: in train mode that would update BatchNorm statistics. It must not."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        dsrewrite.rewrite(model, torch.randn(2, 3, 16, 16), target_latency=0.9, measure_time=False)
+    except DsrewriteError:
+        pass  # a budget this small model cannot meet is fine here: the point is the model's state
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

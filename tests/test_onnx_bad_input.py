@@ -145,3 +145,49 @@ def test_broken_external_data(tmp_path):
     with pytest.raises(DsrewriteError, match="cannot read the external data"):
         rewrite(str(path), str(tmp_path / "out.onnx"))
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cli_flags_the_onnx_route_cannot_honour_are_refused(tmp_path, good, capsys):
+    cases = [(["-o", str(tmp_path / "out.pt2")], "is an .onnx file"),
+             (["-o", str(tmp_path / "out.onnx"), "--target-latency", "0.7"], "--target-latency is not supported"),
+             (["-o", str(tmp_path / "out.onnx"), "--calibration", str(good)], "--calibration is not supported"),
+             (["-o", str(tmp_path / "nowhere" / "out.onnx")], "output folder does not exist")]
+    for extra, msg in cases:
+        assert main(["rewrite", str(good), *extra, "--no-time", "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+def two_conv_model(h="H", w="W") -> onnx.ModelProto:
+    """x -> Conv(4->16, 3x3) -> Relu -> Conv(16->16, 3x3), spatial dims symbolic by default."""
+    rng = np.random.default_rng()
+    w1 = rng.standard_normal((16, 4, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="/c1/Conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"], name="/relu/Relu"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="/c2/Conv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, h, w])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, h, w])],
+                              initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_symbolic_spatial_dims_rewrite_without_input_shapes():
+    model, report = rewrite(two_conv_model(), rank=2)
+    assert len(report.rewritten) == 2
+    assert any("symbolic dims" in n for n in report.notes)
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_budgets_reach_the_onnx_route():
+    model = two_conv_model(16, 16)
+    _, plain = rewrite(model, rank=2)
+    _, budget = rewrite(model, target_flops=0.5)
+    assert budget.flops_after <= 0.5 * budget.flops_before < plain.flops_before
+    _, params = rewrite(model, target_params=0.6)
+    assert params.params_after <= 0.6 * params.params_before
+    with pytest.raises(DsrewriteError, match="not achievable"):
+        rewrite(model, target_flops=0.01)
+    with pytest.raises(DsrewriteError, match="unknown shapes"):
+        rewrite(two_conv_model(), target_flops=0.5)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+import torch
 from torch import fx, nn
 
 from ..modules import SeparableConv1d, SeparableConv2d
@@ -21,8 +22,10 @@ def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
 def separable_for(decision: Decision, *, stride, padding, dilation, padding_mode: str = "zeros",
                   backend: str = "auto") -> nn.Module:
     cls = SeparableConv1d if decision.site.spec.spatial_dims == 1 else SeparableConv2d
-    return cls.from_factors(decision.factors, stride=stride, padding=padding, dilation=dilation,
-                            padding_mode=padding_mode, backend=backend)
+    mod = cls.from_factors(decision.factors, stride=stride, padding=padding, dilation=dilation,
+                           padding_mode=padding_mode, backend=backend)
+    frozen = isinstance(decision.site.weight, torch.Tensor) and not decision.site.weight.requires_grad
+    return mod.requires_grad_(False) if frozen else mod  # a frozen conv stays frozen
 
 
 def _function_module_name(gm: fx.GraphModule, weight_target: str) -> str:

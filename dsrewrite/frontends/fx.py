@@ -1,6 +1,7 @@
 """torch.fx frontend: find ``nn.Conv*d`` call_module nodes and ``F.conv*d`` calls in a shape-propagated graph."""
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
@@ -31,10 +32,25 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (SeparableConv1d, SeparableConv2d)) or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(root: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace(root)`` with ``SeparableConv1d/2d`` kept as leaf modules."""
+def trace(root: nn.Module, n_args: Optional[int] = None) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace(root)`` with ``SeparableConv1d/2d`` kept as leaf modules.
+
+    With ``n_args`` (how many positional inputs the example has), the defaults of ``forward``'s later
+    parameters are traced as constants (``mask=None``, ``return_features=False``): branches on them are then
+    taken as the example call takes them, instead of on a placeholder.
+    """
     tracer = _Tracer()
-    graph = tracer.trace(root)
+    concrete = None
+    if n_args is not None:
+        try:
+            params = list(inspect.signature(root.forward).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                 inspect.Parameter.KEYWORD_ONLY)
+        concrete = {p.name: p.default for p in params[n_args:]
+                    if p.kind in kinds and p.default is not inspect.Parameter.empty} or None
+    graph = tracer.trace(root, concrete_args=concrete)
     return fx.GraphModule(tracer.root, graph, root.__class__.__name__)
 
 

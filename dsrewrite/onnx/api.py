@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 from ..errors import DsrewriteError
-from ..pipeline import Selector, plan_sites
+from ..pipeline import Selector, _budget_args, plan_sites
 from ..policy import RankArg, check_rank
 from ..report import Report
 from .backend import apply_decisions
@@ -43,7 +43,9 @@ def _restore_model_fields(new: onnx.ModelProto, src: onnx.ModelProto) -> None:
 def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[None, str, "os.PathLike[str]"] = None,
             *, rank: RankArg = "auto", include: Selector = None, exclude: Selector = None,
             overwrite: bool = False, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-            measure_time: bool = False, progress: bool = False, name: Optional[str] = None) -> OnnxRewriteResult:
+            measure_time: bool = False, progress: bool = False, name: Optional[str] = None,
+            target_flops: Optional[float] = None, target_params: Optional[float] = None,
+            energy: Optional[float] = None) -> OnnxRewriteResult:
     """Replace the eligible ``Conv`` nodes of an ONNX model by low-rank depthwise + pointwise ``Conv`` pairs.
 
     Args:
@@ -58,11 +60,14 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         measure_time: time both models with onnxruntime on CPU (random inputs, median wall time).
         progress: show a progress bar while factorising.
         name: model name for the report (default: the file name or the graph name).
+        target_flops / target_params / energy: budgets instead of a rank, as for :func:`dsrewrite.rewrite`
+            (fractions of the whole graph's FLOPs / parameters; per-layer spectral energy).
 
     Returns:
         ``(model, report)`` (an :class:`OnnxRewriteResult`).
     """
     rank = check_rank(rank)
+    budget = _budget_args(rank, target_flops, target_params, None, energy, None)
     src_path = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
     if dst is not None:
         dst = os.fspath(dst)
@@ -78,7 +83,13 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DsrewriteError(f"onnx-graphsurgeon cannot import the model: {first[:200]}") from None
     sites = collect_sites(graph, shapes)
-    decisions = plan_sites(sites, rank, include, exclude, progress=progress)
+    flops_before, unknown = count_flops(model, shapes)
+    if budget is not None and budget[0] == "target_flops" and (unknown or not flops_before):
+        raise DsrewriteError("target_flops needs the FLOPs of every conv: the model has unknown shapes, "
+                             "give input_shapes (--input-shape)")
+    budget_kw = {} if budget is None else {budget[0]: budget[1], "total_flops": flops_before,
+                                           "total_params": count_params(model)}
+    decisions = plan_sites(sites, rank, include, exclude, progress=progress, **budget_kw)
     for d in decisions:
         if d.rewritten and d.site.spec.extra.get("bias"):
             d.report.note = d.site.spec.extra["bias"] + ", kept on the pointwise conv"
@@ -94,8 +105,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     if not large:
         onnx.checker.check_model(new)  # the rewrite's post-condition; a failure here is a dsrewrite bug
 
-    shapes_after = infer_shapes(new, shapes.inputs)
-    flops_before, unknown = count_flops(model, shapes)
+    shapes_after = infer_shapes(new, input_shapes)  # the same user shapes: unknown dims stay unknown
     flops_after, _ = count_flops(new, shapes_after)
     layers = [d.report for d in decisions]
     notes: List[str] = []

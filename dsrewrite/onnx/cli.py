@@ -15,8 +15,14 @@ def cli_rewrite(a: argparse.Namespace) -> int:
 
     if not a.out:
         raise DsrewriteError("-o/--out is required for an ONNX model (e.g. -o model_ds.onnx)")
+    if not a.out.lower().endswith(".onnx"):
+        raise DsrewriteError(f"the output of an ONNX model is an .onnx file, got {a.out!r}")
     if getattr(a, "weights", None):
         raise DsrewriteError("--weights applies to torch models only: the ONNX file holds its weights")
+    for flag in ("calibration", "target_latency"):
+        if getattr(a, flag, None) is not None:
+            raise DsrewriteError(f"--{flag.replace('_', '-')} is not supported for ONNX models (it runs the model "
+                                 "in PyTorch); use --rank, --target-flops, --target-params or --energy")
     input_shapes = None
     if getattr(a, "input_shape", None):
         import onnx
@@ -33,7 +39,9 @@ def cli_rewrite(a: argparse.Namespace) -> int:
             input_shapes = {real[0]: a.input_shape}
     _, report = rewrite(a.src, a.out, rank=a.rank, include=a.include or None, exclude=a.exclude or None,
                         overwrite=bool(getattr(a, "overwrite", False)), input_shapes=input_shapes,
-                        measure_time=not getattr(a, "no_time", False), progress=not a.quiet)
+                        measure_time=not getattr(a, "no_time", False), progress=not a.quiet,
+                        target_flops=getattr(a, "target_flops", None), target_params=getattr(a, "target_params", None),
+                        energy=getattr(a, "energy", None))
     _emit_report(report, a)
     if not a.quiet:
         print(f"wrote {a.out}")
