@@ -34,7 +34,7 @@ KERNELS = {
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-def sweep(archs: List[int], kernels: List[str], ksizes: List[int]) -> List[Dict]:
+def sweep(archs: List[int], kernels: List[str], ksizes: List[int], max_ratio: float = 1.5) -> List[Dict]:
     rows = []
     for name in kernels:
         kernel, configs, consts, ones = KERNELS[name]
@@ -44,17 +44,22 @@ def sweep(archs: List[int], kernels: List[str], ksizes: List[int]) -> List[Dict]
                     if name == "depthwise" and prec == "tf32" and dtype == "fp32":
                         continue  # no tl.dot in the depthwise kernel: precision does not apply
                     for arch in archs:
-                        rows.append(_one(name, kernel, cfg, consts(prec, k), ones, dtype, prec, arch, k))
+                        rows.append(_one(name, kernel, cfg, consts(prec, k), ones, dtype, prec, arch, k, max_ratio))
     return rows
 
 
-def _one(name, kernel, cfg, consts, ones, dtype, prec, arch, k) -> Dict:
+def _one(name, kernel, cfg, consts, ones, dtype, prec, arch, k, max_ratio) -> Dict:
     t0 = time.perf_counter()
     row = dict(kernel=name, k=k, config=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                dtype=dtype, precision=prec if dtype == "fp32" and name != "depthwise" else None, arch=arch)
     if name == "fused":
         row["estimate"] = fused_shared_bytes(cfg, ITEMSIZE[dtype], k, k)
         row["kept"] = cfg in fused_configs_for(ITEMSIZE[dtype], SHARED_LIMIT[arch], k, k)
+        if row["estimate"] > max_ratio * SHARED_LIMIT[arch]:  # far over: compiling it takes minutes, says nothing new
+            row.update(shared_bytes=None, fits=False, mma=None, error="not compiled: estimate over "
+                       f"{max_ratio:g}x the limit", seconds=0.0)
+            print(json.dumps(row), flush=True)
+            return row
     try:
         info = compile_for(kernel, {**consts, **cfg.kwargs}, dtype=dtype, arch=arch, num_warps=cfg.num_warps,
                            num_stages=cfg.num_stages, ones=ones)
@@ -87,10 +92,12 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities (default 90 80)")
     ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     ap.add_argument("--k", type=int, nargs="+", default=[3, 7], help="depthwise kernel sizes (default 3 7)")
+    ap.add_argument("--max-ratio", type=float, default=1.5,
+                    help="do not compile fused configs whose estimate exceeds this multiple of the limit (default 1.5)")
     ap.add_argument("--out", help="write the rows as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
     a = ap.parse_args(argv)
-    rows = sweep(a.arch, a.kernels, a.k)
+    rows = sweep(a.arch, a.kernels, a.k, a.max_ratio)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
