@@ -60,10 +60,11 @@ def test_fused_kernel_compiles_to_the_expected_instructions(compiled, dtype, arc
 
 
 def test_large_fp32_kernels_keep_only_configs_that_fit(compiled):
-    """fp32 inputs are staged through shared memory by the pipeliner, once per tap: at 7x7 nearly every
-    pipelined config overflows even Hopper's 227 KB (it would fail to launch, e.g. a rewritten ResNet stem).
-    Those are pruned; the unpipelined fallbacks always remain."""
+    """fp32 inputs are staged through shared memory by the pipeliner, once per tap: at 7x7 all but the
+    smallest pipelined config overflow even Hopper's 227 KB (and all of them the 99 KB of sm_86/sm_89, where a
+    rewritten 7x7 ResNet stem could not run). Those are pruned; the unpipelined fallbacks always remain."""
     assert all(c in KEPT_7X7_FP32 for c in FUSED_FALLBACK_CONFIGS)
+    assert all(c.num_stages == 1 for c in fused_configs_for(4, SHARED_LIMIT[86], 7, 7))  # 99 KB: fallbacks only
     assert sum(c.num_stages > 1 for c in KEPT_7X7_FP32) < sum(c.num_stages > 1 for c in FUSED_CONFIGS) // 2
     assert not compiled["3x3-dropped"]["fits"]  # the compiler agrees that a pruned config had to go
     assert compiled["7x7-fallback"]["fits"] and compiled["7x7-fallback"]["mma"] == "wgmma"
