@@ -57,6 +57,8 @@ def load_model(src: str, weights: Optional[str] = None):
             raise DsrewriteError(f"unknown torchvision model {attr!r}{hint}")
         model = torchvision.models.get_model(attr, weights=None)
     else:
+        if os.getcwd() not in sys.path and "" not in sys.path:  # like `python -m`: the current folder imports
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(mod_name)
         except ImportError as e:

@@ -1,4 +1,5 @@
 """CLI: --help everywhere, rewrite -> .pt2 / report, bad input gives one line and a non-zero exit."""
+import os
 import subprocess
 import sys
 
@@ -40,10 +41,10 @@ def test_factory_source_and_weights(tmp_path):
     torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)).state_dict(), tmp_path / "w.pt")
     (tmp_path / "mymodels.py").write_text(
         "import torch\ndef tiny():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))\n")
-    p = subprocess.run([sys.executable, "-m", "dsrewrite", "rewrite", "mymodels:tiny", "--weights",
+    script = os.path.join(os.path.dirname(sys.executable), "dsrewrite")  # the console script, as users run it
+    p = subprocess.run([script, "rewrite", "mymodels:tiny", "--weights",
                         str(tmp_path / "w.pt"), "--input-shape", "1,3,8,8", "--rank", "full", "--no-time"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                       env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)  # no PYTHONPATH: cwd imports
     assert p.returncode == 0, p.stderr
     assert "rewritten" in p.stdout
 
