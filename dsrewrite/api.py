@@ -83,6 +83,8 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
     """
     if not isinstance(model, nn.Module):
         raise DsrewriteError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise DsrewriteError("TorchScript modules cannot be rewritten: pass the eager nn.Module (before torch.jit.script/trace)")
     rank = check_rank(rank)
     if backend not in BACKENDS:
         raise DsrewriteError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

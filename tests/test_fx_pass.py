@@ -239,3 +239,9 @@ def test_frozen_conv_gives_a_frozen_pair(gen):
     res = dsrewrite.rewrite(model, torch.randn(1, 3, 9, 9, generator=gen), rank=2, measure_time=False)
     assert not any(p.requires_grad for p in res.model.get_submodule("0").parameters())
     assert all(p.requires_grad for p in res.model.get_submodule("1").parameters())
+
+
+def test_torchscript_module_is_refused_with_a_clear_error():
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 8, 3)))
+    with pytest.raises(DsrewriteError, match="TorchScript modules cannot be rewritten"):
+        dsrewrite.rewrite(scripted, torch.randn(1, 3, 8, 8))
