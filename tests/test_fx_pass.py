@@ -241,6 +241,7 @@ def test_frozen_conv_gives_a_frozen_pair(gen):
     assert all(p.requires_grad for p in res.model.get_submodule("1").parameters())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_torchscript_module_is_refused_with_a_clear_error():
     scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 8, 3)))
     with pytest.raises(DsrewriteError, match="TorchScript modules cannot be rewritten"):
