@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import math
-import statistics
 import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional

@@ -22,7 +22,6 @@ import tempfile
 import time
 import zipfile
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

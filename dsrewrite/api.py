@@ -144,12 +144,7 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
         params_before=count_params(model), params_after=count_params(new_model),
         flops_before=flops_before, flops_after=flops_before - saved, notes=notes,
     )
-    if not layers:
-        report.notes.append("no convolution found: nothing to rewrite")
-    elif not report.rewritten:
-        report.notes.append("no eligible convolution was rewritten: see the reasons per layer")
-    if any(L.note and "costs more" in L.note for L in report.rewritten):
-        report.notes.append("some rewritten layers cost more than the original (rank at or near full rank)")
+    report.add_outcome_notes()
     timed = [L for L in layers if L.time_before_ms is not None]
     if timed:
         b, a = sum(L.time_before_ms for L in timed), sum(L.time_after_ms for L in timed)
@@ -175,7 +170,7 @@ class _Planning:
     def __init__(self, model: nn.Module, args: tuple, *, rank, backend: str, target_flops, target_params,
                  target_latency, energy, calibration, device, memory_format: str, latency_cache,
                  inplace: bool, progress: bool) -> None:
-        from .pipeline import _budget_args
+        from .pipeline import budget_args
 
         self.notes: List[str] = []
         self.timer = None
@@ -184,7 +179,7 @@ class _Planning:
         self.n_inputs = len(args)
         if memory_format not in ("auto", "contiguous", "channels_last"):
             raise DsrewriteError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {memory_format!r}")
-        budget = _budget_args(rank, target_flops, target_params, target_latency, energy, timer=True)
+        budget = budget_args(rank, target_flops, target_params, target_latency, energy, timer=True)
         self.teacher: Optional[nn.Module] = None
         if calibration is not None:
             from .calibrate import as_batches
@@ -237,7 +232,7 @@ class _Planning:
         """Refit the rewritten layers sequentially; fill ``calib_error_*`` in the reports; return a note."""
         from .calibrate import calibrate_sequential
 
-        layers = _calib_layers(new_model, self.teacher, decisions)
+        layers = _calib_layers(self.teacher, decisions)
         with eval_mode(new_model), eval_mode(self.teacher):
             results = calibrate_sequential(new_model, self.teacher, layers, self.batches,
                                            n_inputs=self.n_inputs, progress=self.progress)
@@ -256,39 +251,17 @@ class _Planning:
                 f"error {before:.4f} (plain SVD) -> {after:.4f} ({how})")
 
 
-def _calib_layers(new_model: nn.Module, teacher: nn.Module, decisions: List[Decision]) -> list:
-    """The rewritten SeparableConv modules of ``new_model`` with their original conv (and teacher conv)."""
-    import re
-
+def _calib_layers(teacher: nn.Module, decisions: List[Decision]) -> list:
+    """The separable modules the backends installed, each with its original conv (and the teacher's conv)."""
     from .calibrate import CalibLayer
-    from .modules import SeparableConv1d, SeparableConv2d
-
-    def find(name: str):
-        try:
-            m = new_model.get_submodule(name)
-        except AttributeError:
-            return None
-        return m if isinstance(m, (SeparableConv1d, SeparableConv2d)) else None
 
     layers = []
     for d in decisions:
-        if not d.rewritten:
+        if d.module is None:
             continue
         spec, h = d.site.spec, d.site.handle
-        conv = getattr(h, "module", None)
-        if getattr(h, "kind", None) == "function" or conv is None:
-            m = re.search(r"now module (\S+)", d.report.note or "")
-            if m is None or d.site.weight is None:
-                continue
-            parts = spec.name.split(".")
-            student = None
-            for i in range(len(parts), -1, -1):
-                student = find(".".join(parts[:i] + [m.group(1)]))
-                if student is not None:
-                    break
-            if student is None:
-                continue
-            a = getattr(h, "conv_args", {}) or {}
+        if getattr(h, "kind", None) == "function":  # a dense conv module rebuilt from the functional call
+            a = h.conv_args
             cls = nn.Conv1d if spec.spatial_dims == 1 else nn.Conv2d
             w = d.site.weight.detach()
             conv = cls(spec.in_channels, spec.out_channels, spec.kernel, stride=a.get("stride", 1),
@@ -300,14 +273,12 @@ def _calib_layers(new_model: nn.Module, teacher: nn.Module, decisions: List[Deci
                     conv.bias.copy_(d.site.bias.detach())
             t = None
         else:
-            student = find(spec.name)
-            if student is None:
-                continue
+            conv = h.module
             try:
                 t = teacher.get_submodule(spec.name)
                 if not isinstance(t, (nn.Conv1d, nn.Conv2d)) or t.weight.shape != conv.weight.shape:
                     t = None
             except AttributeError:
                 t = None
-        layers.append(CalibLayer(spec.name, student, conv, t, max(spec.calls, 1)))
+        layers.append(CalibLayer(spec.name, d.module, conv, t, max(spec.calls, 1)))
     return layers

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -505,10 +505,6 @@ def calibrate_sequential(student: nn.Module, teacher: Optional[nn.Module], layer
             for x, y in zip(xs, ys):
                 cal.observe(x, y)
         res = cal.result()
-        f = res.factors
-        sep.depthwise.weight.copy_(f.depthwise.to(sep.depthwise.weight.dtype))
-        sep.pointwise.weight.copy_(f.pointwise.to(sep.pointwise.weight.dtype))
-        if sep.pointwise.bias is not None and f.bias is not None:
-            sep.pointwise.bias.copy_(f.bias.to(sep.pointwise.bias.dtype))
+        sep.load_factors(res.factors)
         results[L.name] = res
     return results

@@ -8,7 +8,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from .errors import DsrewriteError
 

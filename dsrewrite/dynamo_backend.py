@@ -39,7 +39,7 @@ from .factorize import Factors, factorize
 from .frontends.fx import _CONV_ARGS, CONV_FUNCTIONS, collect_sites
 from .ir import ConvSite
 from .modules import BACKENDS
-from .pipeline import Decision, _budget_args, _matcher, layer_report, plan_sites, selected
+from .pipeline import Decision, budget_args, layer_report, matcher, plan_sites, selected
 from .policy import check_rank
 from .report import Report
 
@@ -82,9 +82,9 @@ def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
     if opts["compiler"] not in COMPILERS:
         raise DsrewriteError(f"compiler must be one of {', '.join(COMPILERS)}, got {opts['compiler']!r}")
     _check_mode(opts["mode"])
-    _budget_args(opts["rank"], opts["target_flops"], opts["target_params"], None, opts["energy"], None)
-    _matcher(opts["include"], "include")
-    _matcher(opts["exclude"], "exclude")
+    budget_args(opts["rank"], opts["target_flops"], opts["target_params"], None, opts["energy"], None)
+    matcher(opts["include"], "include")
+    matcher(opts["exclude"], "exclude")
     if opts["calibration"] is not None:
         from .calibrate import as_batches
 
@@ -341,12 +341,7 @@ class _Plan:
             raise DsrewriteError(f"the weight of conv {name!r} changed after compile, but Inductor froze the factors "
                                  "(torch._inductor.config.freezing): call torch._dynamo.reset() and run again")
         sep = self.modules[i]
-        f = factorize(weight, sep.rank, bias)
-        with torch.no_grad():
-            sep.depthwise.weight.copy_(f.depthwise)
-            sep.pointwise.weight.copy_(f.pointwise)
-            if sep.pointwise.bias is not None and f.bias is not None:
-                sep.pointwise.bias.copy_(f.bias)
+        sep.load_factors(factorize(weight, sep.rank, bias))
         self.snaps[i] = (_Snap(weight), _Snap(bias))
         if not self.warned:
             self.warned = True
@@ -614,12 +609,7 @@ def _report(decisions: List[Decision], inputs: _Inputs, opts: Dict[str, Any], gm
     if report.rewritten:
         notes.insert(0, "factors computed at compile time from the weights Dynamo passed as graph inputs; every call "
                         "checks them and refactorises (same rank) a weight changed since")
-    if not layers:
-        notes.append("no convolution found: nothing to rewrite")
-    elif not report.rewritten:
-        notes.append("no eligible convolution was rewritten: see the reasons per layer")
-    if any(L.note and "costs more" in L.note for L in report.rewritten):
-        notes.append("some rewritten layers cost more than the original (rank at or near full rank)")
+    report.add_outcome_notes()
     return report
 
 

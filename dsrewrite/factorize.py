@@ -48,8 +48,9 @@ def _as_tensor(x) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _single_thread(device: torch.device):
-    """One intra-op thread for the small CPU SVDs: they do not gain from threads, and when another
-    runtime's thread pool is loaded in the process (onnxruntime's OpenMP) threaded LAPACK ran 10-30x slower."""
+    """One intra-op thread for the small CPU SVDs: they do not gain from threads, and with another runtime's
+    thread pool loaded in the process (onnxruntime's OpenMP) threaded LAPACK was seen to run many times
+    slower (not benchmarked here)."""
     n = torch.get_num_threads()
     if device.type != "cpu" or n == 1:
         yield

@@ -13,7 +13,6 @@ import copy
 import json
 import math
 import os
-import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from .cost import separable_flops, dense_flops
 from .ir import ConvSpec
+from .measure import time_call
 
 __all__ = ["LayerTimer", "candidate_ranks", "time_fn", "best_memory_format", "MEMORY_FORMATS"]
 
@@ -31,21 +31,8 @@ _CACHE: Dict[str, float] = {}  # process-wide: the same layer shape is timed onc
 def time_fn(fn, args: Sequence[Any], *, device: torch.device, reps: int = 5, warmup: int = 1,
             max_seconds: float = 0.25) -> float:
     """Fastest of up to ``reps`` calls in milliseconds (at least 2 timed calls; CUDA-synchronised)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn(*args)
-        sync()
-        best = math.inf
-        start = time.perf_counter()
-        for i in range(reps):
-            t0 = time.perf_counter()
-            fn(*args)
-            sync()
-            best = min(best, (time.perf_counter() - t0) * 1e3)
-            if i >= 1 and time.perf_counter() - start > max_seconds:
-                break
-    return best
+    return time_call(fn, args, warmup=warmup, reps=reps, max_seconds=max_seconds, device=device, reduce=min,
+                     min_reps=2)
 
 
 def candidate_ranks(spec: ConvSpec, count: int = 5) -> List[int]:

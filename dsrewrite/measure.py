@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -47,24 +47,26 @@ def input_device(args: Sequence[Any]) -> torch.device:
 
 
 def time_call(fn: Callable[..., Any], args: Sequence[Any], *, warmup: int = 2, reps: int = 10,
-              max_seconds: float = 5.0, device: Optional[torch.device] = None) -> float:
-    """Median wall time of ``fn(*args)`` in milliseconds (CUDA-synchronised on GPU)."""
+              max_seconds: float = 5.0, device: Optional[torch.device] = None,
+              reduce: Callable[[List[float]], float] = statistics.median, min_reps: int = 3) -> float:
+    """``reduce`` (median by default) of the wall times of ``fn(*args)`` in milliseconds, CUDA-synchronised on
+    GPU: up to ``reps`` timed calls, stopping after ``max_seconds`` once ``min_reps`` calls are in."""
     device = device or input_device(args)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         for _ in range(warmup):
             fn(*args)
         sync()
-        times = []
+        times: List[float] = []
         start = time.perf_counter()
         for _ in range(reps):
             t0 = time.perf_counter()
             fn(*args)
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
-            if time.perf_counter() - start > max_seconds and len(times) >= 3:
+            if time.perf_counter() - start > max_seconds and len(times) >= min_reps:
                 break
-    return statistics.median(times)
+    return reduce(times)
 
 
 def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report: Any) -> None:

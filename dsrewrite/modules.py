@@ -85,12 +85,16 @@ class _SeparableConvNd(nn.Module):
             dilation=dilation, bias=factors.bias is not None, padding_mode=padding_mode,
             backend=backend, device=dw.device, dtype=dw.dtype,
         )
+        return mod.load_factors(factors)
+
+    def load_factors(self, factors: Factors) -> "_SeparableConvNd":
+        """Copy ``factors`` (same rank and shapes) into this pair's weights, in place; returns ``self``."""
         with torch.no_grad():
-            mod.depthwise.weight.copy_(dw)
-            mod.pointwise.weight.copy_(pw)
-            if factors.bias is not None:
-                mod.pointwise.bias.copy_(factors.bias)
-        return mod
+            self.depthwise.weight.copy_(factors.depthwise)
+            self.pointwise.weight.copy_(factors.pointwise)
+            if factors.bias is not None and self.pointwise.bias is not None:
+                self.pointwise.bias.copy_(factors.bias)
+        return self
 
     # ------------------------------------------------------------------ running
     @property

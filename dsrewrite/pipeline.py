@@ -20,7 +20,7 @@ from .ir import ConvSite, ConvSpec
 from .policy import RankArg, check_rank, choose_rank
 from .report import LayerReport
 
-__all__ = ["Decision", "Selector", "plan_sites", "selected", "layer_report", "BUDGET_ARGS"]
+__all__ = ["Decision", "Selector", "plan_sites", "selected", "matcher", "layer_report", "budget_args", "BUDGET_ARGS"]
 
 Selector = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -32,13 +32,14 @@ class Decision:
     site: ConvSite
     report: LayerReport
     factors: Optional[Factors] = None
+    module: Optional[torch.nn.Module] = None  # the separable module a torch backend installed for it
 
     @property
     def rewritten(self) -> bool:
         return self.factors is not None
 
 
-def _matcher(sel: Selector, what: str) -> Optional[Callable[[str], bool]]:
+def matcher(sel: Selector, what: str) -> Optional[Callable[[str], bool]]:
     if sel is None:
         return None
     if callable(sel):
@@ -57,7 +58,7 @@ def _matcher(sel: Selector, what: str) -> Optional[Callable[[str], bool]]:
 
 def selected(name: str, include: Selector = None, exclude: Selector = None) -> Optional[str]:
     """``None`` if the conv ``name`` is selected by include/exclude, otherwise the reason it is not."""
-    inc, exc = _matcher(include, "include"), _matcher(exclude, "exclude")
+    inc, exc = matcher(include, "include"), matcher(exclude, "exclude")
     if inc is not None and not inc(name):
         return "not matched by include"
     if exc is not None and exc(name):
@@ -104,7 +105,7 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
     rank = check_rank(rank)
     sites = list(sites)
     _mark_tied_weights(sites)
-    budget = _budget_args(rank, target_flops, target_params, target_latency, energy, timer)
+    budget = budget_args(rank, target_flops, target_params, target_latency, energy, timer)
     if budget is not None:
         return _plan_budget(sites, include, exclude, budget, total_flops=total_flops, total_params=total_params,
                             total_time_ms=total_time_ms, timer=timer, stats=stats or {})
@@ -149,7 +150,7 @@ def _mark_tied_weights(sites: List[ConvSite]) -> None:
 BUDGET_ARGS = ("target_flops", "target_params", "target_latency", "energy")
 
 
-def _budget_args(rank, target_flops, target_params, target_latency, energy, timer):
+def budget_args(rank, target_flops, target_params, target_latency, energy, timer):
     """``(kind, value)`` of the one budget given, or ``None``; one-line errors for bad combinations."""
     from .budget import check_fraction
 

@@ -87,6 +87,15 @@ class Report:
     def params_ratio(self) -> Optional[float]:
         return _ratio(self.params_after, self.params_before)
 
+    def add_outcome_notes(self) -> None:
+        """The notes every route adds: nothing found, nothing rewritten, rewritten layers that cost more."""
+        if not self.layers:
+            self.notes.append("no convolution found: nothing to rewrite")
+        elif not self.rewritten:
+            self.notes.append("no eligible convolution was rewritten: see the reasons per layer")
+        if any(L.note and "costs more" in L.note for L in self.rewritten):
+            self.notes.append("some rewritten layers cost more than the original (rank at or near full rank)")
+
     @property
     def time_ratio(self) -> Optional[float]:
         if self.time_before_ms and self.time_after_ms is not None:

@@ -6,13 +6,14 @@ import Triton.
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import triton
 import triton.language as tl
 
 __all__ = ["ACTIVATIONS", "interpreting", "next_pow2", "prune_by_size", "shared_memory_limit", "_activation", "_pixel_origin",
-           "_depthwise_tile", "_epilogue_store"]
+           "_depthwise_tile", "_epilogue_store",
+           "_tile_ids", "gemm_config", "launch"]
 
 # activation name -> the ACT constexpr of the kernels
 ACTIVATIONS: Dict[str, int] = {"none": 0, "relu": 1, "relu6": 2, "silu": 3}
@@ -42,6 +43,22 @@ def prune_by_size(configs: List["triton.Config"], sizes: Dict[str, int]) -> List
     return kept
 
 
+def gemm_config(bp: int, bm: int, bk: int, warps: int, stages: int) -> "triton.Config":
+    """An autotune config of the kernels tiled as pixels x output channels x reduction channels."""
+    return triton.Config({"BLOCK_P": bp, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+def launch(kernel, tuned, args: tuple, meta: dict, config: Optional[dict], grid_of) -> None:
+    """Run ``tuned`` (the autotuned kernel), or ``kernel`` with a forced ``config`` (block sizes plus optional
+    ``num_warps``/``num_stages``: tests and benchmarks check every config). ``grid_of(blocks)`` gives the grid."""
+    if config is None:
+        tuned[grid_of](*args, **meta)
+        return
+    cfg = dict(config)
+    opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+    kernel[grid_of(cfg)](*args, **meta, **cfg, **opts)
+
+
 def shared_memory_limit(device) -> int:
     """Largest shared memory one block may use on ``device`` (bytes; opt-in limit, e.g. 227 KB on H100)."""
     import torch
@@ -62,6 +79,13 @@ def _activation(acc, ACT: tl.constexpr):
     elif ACT == 3:
         acc = acc / (1.0 + tl.exp(-acc))
     return acc
+
+
+@triton.jit
+def _tile_ids(num_inner):
+    """This program's (outer, inner) tile indices, inner varying fastest; int64 from here on (large offsets)."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // num_inner, pid % num_inner
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _depthwise_tile, _pixel_origin, interpreting, prune_by_size
+from ._common import _depthwise_tile, _pixel_origin, _tile_ids, interpreting, launch, prune_by_size
 from ._shapes import out_size, output_memory_format
 
 __all__ = ["depthwise_conv2d_forward", "DEPTHWISE_CONFIGS"]
@@ -30,10 +30,7 @@ def _depthwise_conv2d_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    num_pid_c = tl.cdiv(CR, BLOCK_C)
-    pid_p = pid // num_pid_c
-    pid_c = pid % num_pid_c
+    pid_p, pid_c = _tile_ids(tl.cdiv(CR, BLOCK_C))
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -83,12 +80,6 @@ def depthwise_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride: Sequ
     w = weight.reshape(CR, KH * KW).contiguous()
     args = (x, w, z, H, W, CR, OH, OW, P, CR // C, *x.stride(), *z.stride(),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-    if config is not None:
-        cfg = dict(config)
-        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-        grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(CR, cfg["BLOCK_C"]),)
-        _depthwise_conv2d_kernel[grid](*args, KH=KH, KW=KW, **cfg, **launch)
-    else:
-        grid = lambda m: (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(CR, m["BLOCK_C"]),)  # noqa: E731
-        _depthwise_conv2d_tuned[grid](*args, KH=KH, KW=KW)
+    launch(_depthwise_conv2d_kernel, _depthwise_conv2d_tuned, args, dict(KH=KH, KW=KW), config,
+           lambda m: (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(CR, m["BLOCK_C"]),))
     return z

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACTIVATIONS, _epilogue_store, interpreting, prune_by_size
+from ._common import (ACTIVATIONS, _epilogue_store, _pixel_origin, _tile_ids, gemm_config, interpreting, launch,
+                      prune_by_size)
 from ._shapes import output_memory_format
 
 __all__ = ["pointwise_conv2d_forward", "POINTWISE_CONFIGS"]
@@ -29,17 +30,10 @@ def _pointwise_conv2d_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    pid_p = pid // num_pid_m
-    pid_m = pid % num_pid_m
-
+    pid_p, pid_m = _tile_ids(tl.cdiv(M, BLOCK_M))
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
-    n = offs_p // HW
-    rem = offs_p % HW
-    h = rem // W
-    w = rem % W
+    n, h, w, _, _ = _pixel_origin(offs_p, HW // W, W, 1, 1, 0, 0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
 
@@ -57,8 +51,7 @@ def _pointwise_conv2d_kernel(
     _epilogue_store(acc, b_ptr, y_ptr, n * syn + h * syh + w * syw, offs_m, mask_p, mask_m, sym, HAS_BIAS, ACT)
 
 
-def _cfg(bp: int, bm: int, bk: int, warps: int, stages: int) -> "triton.Config":
-    return triton.Config({"BLOCK_P": bp, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+_cfg = gemm_config
 
 
 POINTWISE_CONFIGS = [
@@ -97,12 +90,6 @@ def pointwise_conv2d_forward(z: torch.Tensor, weight: torch.Tensor, bias: Option
     b = bias.contiguous() if bias is not None else w
     args = (z, w, b, y, K, M, H * W, W, P, *z.stride(), *y.stride())
     meta = dict(HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], PRECISION=precision)
-    if config is not None:
-        cfg = dict(config)
-        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-        grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(M, cfg["BLOCK_M"]),)
-        _pointwise_conv2d_kernel[grid](*args, **meta, **cfg, **launch)
-    else:
-        grid = lambda m: (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(M, m["BLOCK_M"]),)  # noqa: E731
-        _pointwise_conv2d_tuned[grid](*args, **meta)
+    launch(_pointwise_conv2d_kernel, _pointwise_conv2d_tuned, args, meta, config,
+           lambda m: (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(M, m["BLOCK_M"]),))
     return y

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACTIVATIONS, _depthwise_tile, _epilogue_store, _pixel_origin, interpreting, prune_by_size,
-                      shared_memory_limit)
+from ._common import (ACTIVATIONS, _depthwise_tile, _epilogue_store, _pixel_origin, _tile_ids, gemm_config,
+                      interpreting, launch, prune_by_size, shared_memory_limit)
 from ._shapes import out_size, output_memory_format
 
 __all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_FALLBACK_CONFIGS", "FUSED_BLOCK_M_MAX",
@@ -39,10 +39,7 @@ def _separable_conv2d_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # int64 from here on: offsets may pass 2**31
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    pid_p = pid // num_pid_m
-    pid_m = pid % num_pid_m
+    pid_p, pid_m = _tile_ids(tl.cdiv(M, BLOCK_M))  # int64: offsets may pass 2**31
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -66,8 +63,7 @@ def _separable_conv2d_kernel(
     _epilogue_store(acc, b_ptr, y_ptr, n * syn + oh * syh + ow * syw, offs_m, mask_p, mask_m, sym, HAS_BIAS, ACT)
 
 
-def _cfg(bp: int, bm: int, bk: int, warps: int, stages: int) -> "triton.Config":
-    return triton.Config({"BLOCK_P": bp, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+_cfg = gemm_config
 
 
 # GPU search space (pruned per shape); the interpreter runs one small config so tests stay fast.
@@ -141,12 +137,6 @@ def separable_conv2d_forward(
     args = (x, dw, pw, b, y, C, H, W, CR, M, OH, OW, P, CR // C,
             *x.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], PRECISION=precision)
-    if config is not None:
-        cfg = dict(config)
-        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-        grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(M, cfg["BLOCK_M"]),)
-        _separable_conv2d_kernel[grid](*args, **meta, **cfg, **launch)
-    else:
-        grid = lambda m: (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(M, m["BLOCK_M"]),)  # noqa: E731
-        _separable_conv2d_tuned[grid](*args, **meta)
+    launch(_separable_conv2d_kernel, _separable_conv2d_tuned, args, meta, config,
+           lambda m: (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(M, m["BLOCK_M"]),))
     return y

@@ -98,6 +98,7 @@ def apply_decisions(gm: fx.GraphModule, decisions: List[Decision], *, backend: s
                 gm.graph.erase_node(node)
             _drop_param_if_unused(gm, h.weight_target)
             _drop_param_if_unused(gm, h.bias_target)
+        d.module = new
         modified = True
     if modified:
         gm.graph.lint()

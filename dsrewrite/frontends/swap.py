@@ -139,9 +139,9 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
         d = by_site[id(site)]
         if d.rewritten:
             conv = site.handle.module
-            set_submodule(model, site.handle.target, separable_for(
-                d, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                padding_mode=conv.padding_mode, backend=backend))
+            d.module = separable_for(d, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                     padding_mode=conv.padding_mode, backend=backend)
+            set_submodule(model, site.handle.target, d.module)
     notes = [
         f"rewrote {len(used)} traced sub-module(s) with torch.fx"
         + (f" ({', '.join(used[:6])}{', ...' if len(used) > 6 else ''})" if used else "")

@@ -6,10 +6,9 @@ from typing import List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import onnx
 import onnx_graphsurgeon as gs
-import torch
 
 from ..errors import DsrewriteError
-from ..pipeline import Selector, _budget_args, plan_sites
+from ..pipeline import Selector, budget_args, plan_sites
 from ..policy import RankArg, check_rank
 from ..report import Report
 from .backend import apply_decisions
@@ -67,7 +66,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         ``(model, report)`` (an :class:`OnnxRewriteResult`).
     """
     rank = check_rank(rank)
-    budget = _budget_args(rank, target_flops, target_params, None, energy, None)
+    budget = budget_args(rank, target_flops, target_params, None, energy, None)
     src_path = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
     if dst is not None:
         dst = os.fspath(dst)
@@ -84,16 +83,17 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         raise DsrewriteError(f"onnx-graphsurgeon cannot import the model: {first[:200]}") from None
     sites = collect_sites(graph, shapes)
     flops_before, unknown = count_flops(model, shapes)
+    params_before = count_params(model)
     if budget is not None and budget[0] == "target_flops" and (unknown or not flops_before):
         raise DsrewriteError("target_flops needs the FLOPs of every conv: the model has unknown shapes, "
                              "give input_shapes (--input-shape)")
     budget_kw = {} if budget is None else {budget[0]: budget[1], "total_flops": flops_before,
-                                           "total_params": count_params(model)}
+                                           "total_params": params_before}
     decisions = plan_sites(sites, rank, include, exclude, progress=progress, **budget_kw)
     for d in decisions:
         if d.rewritten and d.site.spec.extra.get("bias"):
             d.report.note = d.site.spec.extra["bias"] + ", kept on the pointwise conv"
-    replaced = apply_decisions(graph, decisions)
+    apply_decisions(graph, decisions)
     graph.cleanup().toposort()
     try:
         new = gs.export_onnx(graph)
@@ -112,7 +112,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     report = Report(
         layers=layers, model=name or info.name or model.graph.name, route="onnx",
         input_shapes=[list(s) for s in shapes.inputs.values()],
-        params_before=count_params(model), params_after=count_params(new),
+        params_before=params_before, params_after=count_params(new),
         flops_before=flops_before, flops_after=flops_after, flops_per_sample=shapes.per_sample, notes=notes,
     )
     if shapes.per_sample:
@@ -124,12 +124,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     inner = subgraph_convs(graph)
     if inner:
         notes.append(f"{len(inner)} convolutions inside subgraphs (If/Loop/Scan) are not rewritten")
-    if not layers:
-        notes.append("no convolution found: nothing to rewrite")
-    elif not replaced:
-        notes.append("no eligible convolution was rewritten: see the reasons per layer")
-    if any(L.note and "costs more" in L.note for L in report.rewritten):
-        notes.append("some rewritten layers cost more than the original (rank at or near full rank)")
+    report.add_outcome_notes()
 
     if dst is not None:
         save_model(new, dst, external_data=info.external_data, threshold=info.threshold)

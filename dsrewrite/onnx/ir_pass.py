@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Sequence
 import onnx
 import onnx_ir as ir
 
-from ..pipeline import Selector, _matcher
+from ..pipeline import Selector, matcher
 from ..policy import RankArg, check_rank
 from ..report import Report
 from .api import rewrite
@@ -40,8 +40,8 @@ class SeparableConvPass(ir.passes.FunctionalPass):
                  name: Optional[str] = None) -> None:
         super().__init__()
         self.rank = check_rank(rank)  # bad arguments fail here, not in the middle of a pipeline
-        _matcher(include, "include")
-        _matcher(exclude, "exclude")
+        matcher(include, "include")
+        matcher(exclude, "exclude")
         self.include, self.exclude = include, exclude
         self.input_shapes, self.progress, self.name = input_shapes, progress, name
         self.report: Optional[Report] = None
