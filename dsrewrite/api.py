@@ -49,7 +49,7 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
             target_flops: Optional[float] = None, target_params: Optional[float] = None,
             target_latency: Optional[float] = None, energy: Optional[float] = None,
             calibration: Any = None, device: Any = None, memory_format: str = "auto",
-            latency_cache: Optional[str] = None) -> RewriteResult:
+            latency_cache: Optional[str] = None, ragged: bool = False) -> RewriteResult:
     """Replace the standard convs of ``model`` by low-rank depthwise-separable pairs.
 
     Args:
@@ -77,6 +77,9 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
         memory_format: layout for latency planning: ``"auto"`` (on CPU the faster of NCHW and channels_last
             for the original model), ``"contiguous"`` or ``"channels_last"``.
         latency_cache: JSON file caching layer timings across runs.
+        ragged: give each input channel its own rank, from its own spectrum: the same ``Cin*rank`` depthwise
+            filters (same cost) spread where they reduce the error most; never a worse fit than uniform ranks.
+            The depthwise conv then gathers its input channels (torch ops; not with ``calibration``).
 
     Returns:
         :class:`RewriteResult` with ``.model`` and ``.report``.
@@ -92,7 +95,7 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
     plan = _Planning(model, args, rank=rank, backend=backend, target_flops=target_flops,
                      target_params=target_params, target_latency=target_latency, energy=energy,
                      calibration=calibration, device=device, memory_format=memory_format,
-                     latency_cache=latency_cache, inplace=inplace, progress=progress)
+                     latency_cache=latency_cache, inplace=inplace, progress=progress, ragged=ragged)
     work = model if inplace else copy.deepcopy(model)
 
     notes: List[str] = list(plan.notes)
@@ -169,7 +172,7 @@ class _Planning:
 
     def __init__(self, model: nn.Module, args: tuple, *, rank, backend: str, target_flops, target_params,
                  target_latency, energy, calibration, device, memory_format: str, latency_cache,
-                 inplace: bool, progress: bool) -> None:
+                 inplace: bool, progress: bool, ragged: bool = False) -> None:
         from .pipeline import budget_args
 
         self.notes: List[str] = []
@@ -180,6 +183,8 @@ class _Planning:
         if memory_format not in ("auto", "contiguous", "channels_last"):
             raise DsrewriteError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {memory_format!r}")
         budget = budget_args(rank, target_flops, target_params, target_latency, energy, timer=True)
+        if ragged and calibration is not None:
+            raise DsrewriteError("ragged ranks use the plain SVD: they cannot be combined with calibration data")
         self.teacher: Optional[nn.Module] = None
         if calibration is not None:
             from .calibrate import as_batches
@@ -187,7 +192,7 @@ class _Planning:
             self.batches = as_batches(calibration, example_args=args)
             # the original model gives the true outputs; keep a copy when the user's model will be changed
             self.teacher = copy.deepcopy(model) if inplace else model
-        kw: dict = {}
+        kw: dict = {"ragged": True} if ragged else {}
         if budget is not None:
             kw[budget[0]] = budget[1]
         if budget is not None and budget[0] == "target_latency":
@@ -209,7 +214,7 @@ class _Planning:
                         "; run the model and inputs with .to(memory_format=torch.channels_last)"
                         if fmt == "channels_last" else ""))
             self.timer = LayerTimer(dev, p0.dtype if p0 is not None else torch.float32, backend, fmt,
-                                    cache_file=latency_cache)
+                                    cache_file=latency_cache, ragged=ragged)
             with eval_mode(ref):
                 kw["total_time_ms"] = self.timer.model_ms(ref, args)
             kw["timer"] = self.timer

@@ -135,7 +135,7 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
                      backend=a.backend, measure_time=not a.no_time, progress=not a.quiet, name=a.src,
                      target_flops=a.target_flops, target_params=a.target_params,
                      target_latency=a.target_latency, energy=a.energy, calibration=calibration,
-                     device=a.device, latency_cache=a.latency_cache)
+                     device=a.device, latency_cache=a.latency_cache, ragged=a.ragged)
     if a.out:
         _save(result.model, args, a.out, quiet=a.quiet)
     _emit_report(result.report, a)
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target-latency", type=_parse_fraction, help="keep at most this fraction of the measured "
                    "time (layers timed on --device; slower separable forms left alone)")
     r.add_argument("--energy", type=_parse_fraction, help="per layer, keep this fraction of the spectral energy")
+    r.add_argument("--ragged", action="store_true", help="per-channel ranks from each channel's spectrum: same "
+                   "cost as the uniform rank, lower error (the depthwise conv gathers its inputs)")
     r.add_argument("--calibration", help="a folder of images or a .pt tensor file: data-aware initialisation "
                    "(and data-aware allocation under a budget)")
     r.add_argument("--device", help="device to time layers on for --target-latency (default: cpu)")

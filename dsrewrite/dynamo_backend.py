@@ -56,6 +56,8 @@ _UNSUPPORTED = {
     "latency_cache": "it only serves target_latency, which the backend does not support",
     "inplace": "the backend never changes the model: the rewrite lives in the compiled graph",
     "measure_time": "time the compiled model itself (benchmarks/compile.py does)",
+    "ragged": "ragged pairs gather their input channels and run as torch ops, not as the fused kernel: use "
+              "dsrewrite.rewrite(..., ragged=True) and torch.compile its result",
 }
 _NS = "dsrewrite_convs"  # where lifted and rewritten conv modules live inside the captured GraphModule
 _STATE_ATTRS = {"_modules", "_parameters", "_buffers"}

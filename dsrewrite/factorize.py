@@ -4,6 +4,11 @@ For each input channel ``c`` the slice ``W[:, c]`` reshaped to ``Cout x K`` (``K
 SVD ``U S Vh``. Keeping ``r`` terms gives the best rank-``r`` fit of that slice (Eckart-Young), i.e. a
 depthwise conv with ``r`` filters per channel (rows of ``sqrt(S) Vh``) followed by a 1x1 conv
 (columns of ``U sqrt(S)``). ``r = min(Cout, K)`` is exact. All channels go through one batched SVD.
+
+*Ragged* ranks keep the same number of terms, ``Cin*r``, but let each channel have its own count: the
+``Cin*r`` largest singular values over all channels. That is the best fit with that many depthwise filters
+(the error is the sum of the dropped ``s**2``), at the cost of the uniform rank ``r``; the depthwise conv then
+reads its input through ``channel_index`` (filter ``j`` reads input channel ``channel_index[j]``).
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ class Factors:
         bias: the original bias (now on the pointwise conv) or ``None``.
         rank: the rank kept (after clamping to the full rank).
         error: relative Frobenius error ``||W - W_r|| / ||W||`` of the weight reconstruction.
+        channel_index: for ragged ranks, ``[Cin*r]`` int64, the input channel of each depthwise filter
+            (non-decreasing; a channel may have none); ``depthwise`` is then ``[Cin*r, 1, *kernel]`` with one
+            filter per entry. ``None`` for uniform ranks (filter ``c*r + j`` reads input ``c``).
     """
 
     depthwise: torch.Tensor
@@ -35,6 +43,15 @@ class Factors:
     bias: Optional[torch.Tensor]
     rank: int
     error: float
+    channel_index: Optional[torch.Tensor] = None
+
+    @property
+    def channel_ranks(self) -> Optional[torch.Tensor]:
+        """Ragged ranks: filters per input channel ``[Cin]`` (``None`` for uniform ranks)."""
+        if self.channel_index is None:
+            return None
+        cin = self.pointwise.shape[1] // self.rank
+        return torch.bincount(self.channel_index.cpu(), minlength=cin)
 
 
 def full_rank(weight_shape) -> int:
@@ -71,13 +88,14 @@ def _svd(weight: torch.Tensor):
         return torch.linalg.svd(slices, full_matrices=False)
 
 
-def factorize(weight, rank: int, bias=None) -> Factors:
+def factorize(weight, rank: int, bias=None, *, ragged: bool = False) -> Factors:
     """Factorise a conv weight ``[Cout, Cin, *kernel]`` (groups=1) into a rank-``rank`` separable pair.
 
     Args:
         weight: torch tensor or numpy array, 1-D, 2-D or 3-D kernel.
         rank: depthwise filters per input channel; values above the full rank are clamped.
         bias: optional bias ``[Cout]``, carried over to the pointwise conv unchanged.
+        ragged: spread the ``Cin*rank`` filters over the channels by their spectra (see the module doc).
 
     Returns:
         :class:`Factors` with tensors of the weight's dtype and device.
@@ -92,28 +110,62 @@ def factorize(weight, rank: int, bias=None) -> Factors:
     kernel = tuple(weight.shape[2:])
     r = min(int(rank), full_rank(weight.shape))
     u, s, vh = _svd(weight)
-    root = s[:, :r].sqrt()  # balanced split of the singular values between the two convs
-    dw = (root[:, :, None] * vh[:, :r, :]).reshape(cin * r, 1, *kernel)
-    pw = (u[:, :, :r] * root[:, None, :]).permute(1, 0, 2).reshape(cout, cin * r, *([1] * len(kernel)))
-    err = _relative_error(s, r)
+    index = None
+    if ragged and r < s.shape[1]:
+        keep = _ragged_keep(s, cin * r)  # [Cin, q] bool, a prefix of each channel's terms
+        ch, term = keep.nonzero(as_tuple=True)  # row-major: channel order, then term order
+        root = s[ch, term].sqrt()
+        dw = (root[:, None] * vh[ch, term, :]).reshape(cin * r, 1, *kernel)
+        pw = (u[ch, :, term] * root[:, None]).t().reshape(cout, cin * r, *([1] * len(kernel)))
+        index = ch.to(device=weight.device, dtype=torch.int64)
+        err = _error_of(s, float((s[~keep] ** 2).sum()))
+    else:
+        root = s[:, :r].sqrt()  # balanced split of the singular values between the two convs
+        dw = (root[:, :, None] * vh[:, :r, :]).reshape(cin * r, 1, *kernel)
+        pw = (u[:, :, :r] * root[:, None, :]).permute(1, 0, 2).reshape(cout, cin * r, *([1] * len(kernel)))
+        err = _relative_error(s, r)
     return Factors(
         depthwise=dw.to(dtype=weight.dtype, device=weight.device).contiguous(),
         pointwise=pw.to(dtype=weight.dtype, device=weight.device).contiguous(),
         bias=None if bias is None else bias.detach().clone(),
         rank=r,
         error=err,
+        channel_index=index,
     )
 
 
-def _relative_error(s: torch.Tensor, r: int) -> float:
+def _ragged_keep(s: torch.Tensor, terms: int) -> torch.Tensor:
+    """Mask of the ``terms`` largest singular values over all channels (ties: lower channel, lower term).
+
+    Each channel's values are sorted, so the kept set is a prefix of every channel's terms.
+    """
+    flat = s.reshape(-1)
+    order = torch.argsort(-flat, stable=True)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order[:terms]] = True
+    return keep.reshape(s.shape)
+
+
+def _error_of(s: torch.Tensor, dropped: float) -> float:
     total = float((s**2).sum())
-    if total == 0.0:
-        return 0.0
-    return math.sqrt(max(float((s[:, r:] ** 2).sum()), 0.0) / total)
+    return 0.0 if total == 0.0 else math.sqrt(max(dropped, 0.0) / total)
 
 
-def rank_errors(weight) -> list:
-    """Relative reconstruction error at every rank ``0..full_rank`` (index = rank), from one SVD."""
+def _relative_error(s: torch.Tensor, r: int) -> float:
+    return _error_of(s, float((s[:, r:] ** 2).sum()))
+
+
+def rank_errors(weight, *, ragged: bool = False) -> list:
+    """Relative reconstruction error at every rank ``0..full_rank`` (index = rank), from one SVD.
+
+    ``ragged``: the error of the ragged factorisation with ``Cin*rank`` filters.
+    """
     weight = _as_tensor(weight)
     _, s, _ = _svd(weight)
-    return [_relative_error(s, r) for r in range(s.shape[1] + 1)]
+    if not ragged:
+        return [_relative_error(s, r) for r in range(s.shape[1] + 1)]
+    cin = s.shape[0]
+    energy = torch.sort(s.reshape(-1) ** 2, descending=True).values
+    dropped = energy.flip(0).cumsum(0).flip(0)  # dropped[i] = sum of energy[i:]
+    return [_error_of(s, float(dropped[cin * r]) if cin * r < energy.numel() else 0.0)
+            for r in range(s.shape[1] + 1)]

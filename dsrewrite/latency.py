@@ -66,16 +66,18 @@ class LayerTimer:
         memory_format: ``"contiguous"`` (NCHW) or ``"channels_last"`` (2-D convs only).
         reps / max_seconds: repetitions and time budget per measurement (the fastest is kept).
         cache_file: optional JSON file read at start and written after new measurements.
+        ragged: time ragged pairs (their depthwise conv gathers its input channels first).
     """
 
     def __init__(self, device: Any = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto",
                  memory_format: str = "contiguous", reps: int = 5, max_seconds: float = 0.25,
-                 cache_file: Optional[str] = None) -> None:
+                 cache_file: Optional[str] = None, ragged: bool = False) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.backend = backend
         self.memory_format = "contiguous" if memory_format == "auto" else memory_format
         self.reps, self.max_seconds = reps, max_seconds
+        self.ragged = bool(ragged)
         self.cache_file = os.fspath(cache_file) if cache_file else None
         self.measured = 0  # new measurements (cache misses)
         if self.cache_file and os.path.exists(self.cache_file):
@@ -92,7 +94,7 @@ class LayerTimer:
         return f"cpu:{torch.get_num_threads()}t"
 
     def key(self, spec: ConvSpec, rank: Optional[int]) -> str:
-        what = "dense" if rank is None else f"sep{rank}"
+        what = "dense" if rank is None else f"{'ragged' if self.ragged else 'sep'}{rank}"
         return "|".join(str(x) for x in (
             what, spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.dilation, spec.bias,
             spec.batch, spec.out_spatial, str(self.dtype), self._where(), self.backend, self.memory_format))
@@ -123,7 +125,10 @@ class LayerTimer:
                                                                      spec.kernel, **kw)
         else:
             cls = SeparableConv1d if dims == 1 else SeparableConv2d
-            mod = cls(spec.in_channels, spec.out_channels, spec.kernel, rank, backend=self.backend, **kw)
+            # a ragged pair costs the same whatever the per-channel split: time the uniform split, gathered
+            index = torch.arange(spec.in_channels).repeat_interleave(rank) if self.ragged else None
+            mod = cls(spec.in_channels, spec.out_channels, spec.kernel, rank, backend=self.backend,
+                      channel_index=index, **kw)
         mod.eval().requires_grad_(False)
         x = torch.randn(shape, device=self.device, dtype=self.dtype)
         if dims == 2 and self.memory_format == "channels_last":

@@ -4,6 +4,9 @@ The children ``.depthwise`` and ``.pointwise`` are plain ``nn.Conv*d`` modules, 
 read ``layer1.0.conv1.depthwise.weight``. ``backend`` picks how the pair runs: ``"torch"`` (two conv ops),
 ``"triton"`` (the fused kernel of ``dsrewrite.kernels``), ``"auto"`` (Triton on CUDA tensors when it can
 run there, torch ops otherwise).
+
+With ragged ranks (``channel_index`` given, see :mod:`dsrewrite.factorize`) the depthwise conv has one
+filter per entry of the index and reads its input through it (an ``index_select``; torch ops only).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class _SeparableConvNd(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        channel_index: Optional[torch.Tensor] = None,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -45,10 +49,21 @@ class _SeparableConvNd(nn.Module):
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.rank = int(rank)
         self.backend = backend
+        self.in_channels = int(in_channels)
+        filters = in_channels * rank
+        if channel_index is not None:
+            channel_index = torch.as_tensor(channel_index, dtype=torch.int64, device=device).reshape(-1)
+            bad = channel_index.numel() != filters or (
+                filters and (int(channel_index.min()) < 0 or int(channel_index.max()) >= in_channels))
+            if bad:
+                raise ValueError(f"channel_index must hold {filters} input channels in [0, {in_channels}), "
+                                 f"got {channel_index.numel()} values")
+        # ragged: one filter per index entry, on the gathered input; uniform: `rank` filters per input channel
+        self.register_buffer("channel_index", channel_index)
         self.depthwise = self._conv_cls(
-            in_channels, in_channels * rank, kernel_size, stride=stride, padding=padding,
-            dilation=dilation, groups=in_channels, bias=False, padding_mode=padding_mode,
-            device=device, dtype=dtype,
+            filters if channel_index is not None else in_channels, filters, kernel_size, stride=stride,
+            padding=padding, dilation=dilation, groups=filters if channel_index is not None else in_channels,
+            bias=False, padding_mode=padding_mode, device=device, dtype=dtype,
         )
         self.pointwise = self._conv_cls(
             in_channels * rank, out_channels, 1, bias=bias, device=device, dtype=dtype
@@ -83,13 +98,17 @@ class _SeparableConvNd(nn.Module):
         mod = cls(
             cin, pw.shape[0], tuple(dw.shape[2:]), factors.rank, stride=stride, padding=padding,
             dilation=dilation, bias=factors.bias is not None, padding_mode=padding_mode,
-            backend=backend, device=dw.device, dtype=dw.dtype,
+            backend=backend, device=dw.device, dtype=dw.dtype, channel_index=factors.channel_index,
         )
         return mod.load_factors(factors)
 
     def load_factors(self, factors: Factors) -> "_SeparableConvNd":
-        """Copy ``factors`` (same rank and shapes) into this pair's weights, in place; returns ``self``."""
+        """Copy ``factors`` (same rank and shapes, and ragged if this pair is) into this pair, in place."""
+        if (factors.channel_index is None) != (self.channel_index is None):
+            raise ValueError("load_factors: ragged factors need a ragged pair and uniform ones a uniform pair")
         with torch.no_grad():
+            if self.channel_index is not None:
+                self.channel_index.copy_(factors.channel_index)
             self.depthwise.weight.copy_(factors.depthwise)
             self.pointwise.weight.copy_(factors.pointwise)
             if factors.bias is not None and self.pointwise.bias is not None:
@@ -98,25 +117,33 @@ class _SeparableConvNd(nn.Module):
 
     # ------------------------------------------------------------------ running
     @property
-    def in_channels(self) -> int:
-        return self.depthwise.in_channels
-
-    @property
     def out_channels(self) -> int:
         return self.pointwise.out_channels
+
+    @property
+    def ragged(self) -> bool:
+        return self.channel_index is not None
 
     def dense_weight(self) -> torch.Tensor:
         """The dense ``[Cout, Cin, *kernel]`` weight this pair computes (for checks and distillation)."""
         dw = self.depthwise.weight  # [Cin*r, 1, *k]
         pw = self.pointwise.weight  # [Cout, Cin*r, 1...]
-        cin, r = self.in_channels, self.rank
+        cin, r, cout = self.in_channels, self.rank, pw.shape[0]
         k = dw.shape[2:]
+        if self.channel_index is not None:
+            terms = pw.reshape(cout, -1, 1) * dw.reshape(1, dw.shape[0], -1)  # [Cout, Cin*r, K]
+            dense = terms.new_zeros(cout, cin, terms.shape[2]).index_add(1, self.channel_index, terms)
+            return dense.reshape(cout, cin, *k)
         dw = dw.reshape(cin, r, -1)
-        pw = pw.reshape(pw.shape[0], cin, r)
-        return torch.einsum("ocr,crk->ock", pw, dw).reshape(pw.shape[0], cin, *k)
+        pw = pw.reshape(cout, cin, r)
+        return torch.einsum("ocr,crk->ock", pw, dw).reshape(cout, cin, *k)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         if self.backend == "torch" or self._dims != 2:
+            return False
+        if self.channel_index is not None:
+            if self.backend == "triton":
+                raise RuntimeError("backend='triton' cannot run a ragged SeparableConv2d: use backend='torch' or 'auto'")
             return False
         from . import backends
 
@@ -130,10 +157,12 @@ class _SeparableConvNd(nn.Module):
             from .backends import triton_forward
 
             return triton_forward(self, x)
+        if self.channel_index is not None:
+            x = x.index_select(1, self.channel_index)
         return self.pointwise(self.depthwise(x))
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, backend={self.backend!r}"
+        return f"rank={self.rank}{', ragged' if self.ragged else ''}, backend={self.backend!r}"
 
 
 class SeparableConv2d(_SeparableConvNd):

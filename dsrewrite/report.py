@@ -41,6 +41,16 @@ class LayerReport:
     time_after_ms: Optional[float] = None
     calib_error_before: Optional[float] = None
     calib_error_after: Optional[float] = None
+    channel_ranks: Optional[List[int]] = None  # ragged ranks: depthwise filters per input channel
+
+    @property
+    def rank_text(self) -> str:
+        """The rank column: ``2``, or ``2 (ragged 0-7)`` with per-channel ranks."""
+        if self.rank is None:
+            return "-"
+        if self.channel_ranks:
+            return f"{self.rank} (ragged {min(self.channel_ranks)}-{max(self.channel_ranks)})"
+        return str(self.rank)
 
     @property
     def flops_ratio(self) -> Optional[float]:
@@ -167,7 +177,7 @@ class Report:
             if L.rewritten:
                 status = "rewritten" + (f" ({L.note})" if L.note else "")
                 rows.append([
-                    L.name, kernel, f"{L.in_channels}->{L.out_channels}", str(L.rank),
+                    L.name, kernel, f"{L.in_channels}->{L.out_channels}", L.rank_text,
                     f"{_num(L.params_before)}->{_num(L.params_after)}",
                     f"{_num(L.flops_before)}->{_num(L.flops_after)}",
                     _pct(L.flops_ratio), f"{L.error:.3f}" if L.error is not None else "-", status,

@@ -44,7 +44,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
             overwrite: bool = False, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
             measure_time: bool = False, progress: bool = False, name: Optional[str] = None,
             target_flops: Optional[float] = None, target_params: Optional[float] = None,
-            energy: Optional[float] = None) -> OnnxRewriteResult:
+            energy: Optional[float] = None, ragged: bool = False) -> OnnxRewriteResult:
     """Replace the eligible ``Conv`` nodes of an ONNX model by low-rank depthwise + pointwise ``Conv`` pairs.
 
     Args:
@@ -61,6 +61,8 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         name: model name for the report (default: the file name or the graph name).
         target_flops / target_params / energy: budgets instead of a rank, as for :func:`dsrewrite.rewrite`
             (fractions of the whole graph's FLOPs / parameters; per-layer spectral energy).
+        ragged: per-channel ranks, as for :func:`dsrewrite.rewrite`; the depthwise ``Conv`` then reads its
+            input through a ``Gather`` of the channels.
 
     Returns:
         ``(model, report)`` (an :class:`OnnxRewriteResult`).
@@ -89,7 +91,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
                              "give input_shapes (--input-shape)")
     budget_kw = {} if budget is None else {budget[0]: budget[1], "total_flops": flops_before,
                                            "total_params": params_before}
-    decisions = plan_sites(sites, rank, include, exclude, progress=progress, **budget_kw)
+    decisions = plan_sites(sites, rank, include, exclude, progress=progress, ragged=ragged, **budget_kw)
     for d in decisions:
         if d.rewritten and d.site.spec.extra.get("bias"):
             d.report.note = d.site.spec.extra["bias"] + ", kept on the pointwise conv"

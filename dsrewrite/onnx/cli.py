@@ -41,7 +41,7 @@ def cli_rewrite(a: argparse.Namespace) -> int:
                         overwrite=bool(getattr(a, "overwrite", False)), input_shapes=input_shapes,
                         measure_time=not getattr(a, "no_time", False), progress=not a.quiet,
                         target_flops=getattr(a, "target_flops", None), target_params=getattr(a, "target_params", None),
-                        energy=getattr(a, "energy", None))
+                        energy=getattr(a, "energy", None), ragged=bool(getattr(a, "ragged", False)))
     _emit_report(report, a)
     if not a.quiet:
         print(f"wrote {a.out}")
