@@ -1,8 +1,9 @@
 """Planning benchmark: rank allocation and data-aware initialisation vs uniform rank and tensorly-torch CP.
 
 Part 1 (digits CNN, trained here in a few seconds on sklearn's bundled digits): test accuracy and logit error
-vs FLOPs for uniform rank (plain SVD), plain-SVD allocation (target_flops), data-aware allocation
-(target_flops + calibration) and tensorly-torch CP (`FactorizedConv.from_conv`, factorized) at equal FLOPs.
+vs FLOPs for uniform rank (plain SVD), plain-SVD allocation (target_flops), both again with ragged per-channel
+ranks (ragged=True), data-aware allocation (target_flops + calibration) and tensorly-torch CP
+(`FactorizedConv.from_conv`, factorized) at equal FLOPs.
 Part 2 (a real pretrained CNN shipped inside a wheel: facenet-pytorch's MTCNN ONet, `--facenet-wheel`):
 output error and decision agreement vs FLOPs on crops of sklearn's bundled sample images.
 Part 3: measured CPU latency of FLOP-aware vs latency-aware plans at the same budget (resnet18).
@@ -113,10 +114,10 @@ def cp_model(model: nn.Module, x: torch.Tensor, target: float, total: int):
 
 
 # ---------------------------------------------------------------------------------------------- part 1
-def uniform_for(model, x, target):
+def uniform_for(model, x, target, ragged: bool = False):
     best = None
     for r in range(1, 10):
-        res = dsrewrite.rewrite(model, x, rank=r, measure_time=False)
+        res = dsrewrite.rewrite(model, x, rank=r, measure_time=False, ragged=ragged)
         if res.report.flops_ratio <= target:
             best = res
     return best
@@ -140,7 +141,10 @@ def part_digits(quick: bool):
         cands = {
             "uniform rank (plain SVD)": uniform_for(model, x1, target),
             "uniform rank + calibration": None,
+            "uniform rank, ragged": uniform_for(model, x1, target, ragged=True),
             "plain SVD allocation": dsrewrite.rewrite(model, x1, target_flops=target, measure_time=False),
+            "plain SVD allocation, ragged": dsrewrite.rewrite(model, x1, target_flops=target, ragged=True,
+                                                              measure_time=False),
             "data-aware allocation + init": dsrewrite.rewrite(model, x1, target_flops=target, calibration=cal,
                                                               measure_time=False),
         }
@@ -212,7 +216,10 @@ def part_onet(wheel: str, quick: bool):
     for target in ((0.5,) if quick else (0.4, 0.5, 0.7)):
         runs = {
             "uniform rank (plain SVD)": uniform_for(model, test[:1], target),
+            "uniform rank, ragged": uniform_for(model, test[:1], target, ragged=True),
             "plain SVD allocation": dsrewrite.rewrite(model, test[:1], target_flops=target, measure_time=False),
+            "plain SVD allocation, ragged": dsrewrite.rewrite(model, test[:1], target_flops=target, ragged=True,
+                                                              measure_time=False),
             "data-aware allocation + init": dsrewrite.rewrite(model, test[:1], target_flops=target, calibration=cal,
                                                               measure_time=False),
         }

@@ -168,6 +168,9 @@ def test_ragged_onnx_matches_torch_and_checks(gen, tmp_path):
         want = torch_side.model(x)
     assert rel_err(torch.from_numpy(got), want) < 1e-5
     assert [L.channel_ranks for L in res.report.layers] == [L.channel_ranks for L in torch_side.report.layers]
+    cli_out = tmp_path / "cli.onnx"
+    assert main(["rewrite", str(src), "-o", str(cli_out), "--rank", "2", "--ragged", "--no-time", "-q"]) == 0
+    assert [n.op_type for n in onnx.load(str(cli_out)).graph.node] == [n.op_type for n in proto.graph.node]
 
 
 def test_cli_ragged(tmp_path, capsys):

@@ -1,0 +1,81 @@
+"""CPU latency of ragged vs uniform ranks (torch ops backend), side by side with the original in one run.
+
+A ragged pair gathers its input channels and runs a depthwise conv with one filter per channel
+(``groups == channels``); a uniform pair at rank r > 1 runs a depthwise conv with r filters per channel.
+Both have the same FLOPs. Times are the fastest of ``--reps`` rounds; each round runs the three models in
+turn, so drift on a shared machine hits all three alike.
+
+Usage: python benchmarks/ragged.py [--quick] [--out ragged.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torchvision
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import dsrewrite  # noqa: E402
+from dsrewrite.latency import time_fn, to_format  # noqa: E402
+
+CASES = [("resnet18", (4, 3, 112, 112)), ("vgg16", (1, 3, 224, 224))]
+
+
+def run(quick: bool, reps: int):
+    cpu = torch.device("cpu")
+    rows = []
+    for name, shape in CASES[:1] if quick else CASES:
+        model = getattr(torchvision.models, name)(weights=None).eval()
+        x = torch.randn(*shape)
+        for rank in (2,) if quick else (2, 4):
+            uni = dsrewrite.rewrite(model, x, rank=rank, backend="torch", measure_time=False)
+            rag = dsrewrite.rewrite(model, x, rank=rank, backend="torch", measure_time=False, ragged=True)
+            for fmt in ("contiguous", "channels_last"):
+                models = {k: to_format(m, (x,), fmt) for k, m in
+                          (("original", model), ("uniform", uni.model), ("ragged", rag.model))}
+                best = {k: float("inf") for k in models}
+                with torch.no_grad():
+                    for _ in range(reps):
+                        for k, (m, args) in models.items():
+                            best[k] = min(best[k], time_fn(m, args, device=cpu, reps=1, warmup=1))
+                rows.append(dict(model=name, input=list(shape), rank=rank, memory_format=fmt,
+                                 flops_ratio=uni.report.flops_ratio, original_ms=best["original"],
+                                 uniform_ms=best["uniform"], ragged_ms=best["ragged"]))
+                print(rows[-1], flush=True)
+    return rows
+
+
+def markdown(rows) -> str:
+    lines = ["| model | input | rank | FLOPs kept | format | original ms | uniform ms (x orig) | ragged ms (x orig) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o = r["original_ms"]
+        lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['rank']} | {r['flops_ratio']:.3f} | "
+                     f"{r['memory_format']} | {o:.1f} | {r['uniform_ms']:.1f} ({r['uniform_ms'] / o:.2f}x) | "
+                     f"{r['ragged_ms']:.1f} ({r['ragged_ms'] / o:.2f}x) |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="resnet18 at rank 2 only, few rounds")
+    ap.add_argument("--reps", type=int, default=None, help="rounds (default 15, 2 with --quick)")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    rows = run(a.quick, a.reps or (2 if a.quick else 15))
+    res = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(),
+               seconds=time.perf_counter() - t0, rows=rows)
+    print(markdown(rows))
+    print(f"total {res['seconds']:.0f} s, {res['threads']} threads")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
