@@ -26,8 +26,10 @@ VARIANTS = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "tf32"), ("bf16", "tf32
 UNIT = ["stride_h", "stride_w", "dil_h", "dil_w", "pad_h", "pad_w"]  # 3x3/1/1 convs: the JIT specialises 1s
 KERNELS = {
     "fused": (_separable_conv2d_kernel, FUSED_CONFIGS + FUSED_FALLBACK_CONFIGS,
-              lambda prec, k: dict(KH=k, KW=k, HAS_BIAS=True, ACT=1, PRECISION=prec), ["sxw", "syw"] + UNIT),
-    "depthwise": (_depthwise_conv2d_kernel, DEPTHWISE_CONFIGS, lambda prec, k: dict(KH=k, KW=k), ["sxw", "szw"] + UNIT),
+              lambda prec, k: dict(KH=k, KW=k, HAS_BIAS=True, ACT=1, PRECISION=prec, HAS_INDEX=False),
+              ["sxw", "syw"] + UNIT),
+    "depthwise": (_depthwise_conv2d_kernel, DEPTHWISE_CONFIGS, lambda prec, k: dict(KH=k, KW=k, HAS_INDEX=False),
+                  ["sxw", "szw"] + UNIT),
     "pointwise": (_pointwise_conv2d_kernel, POINTWISE_CONFIGS,
                   lambda prec, k: dict(HAS_BIAS=True, ACT=1, PRECISION=prec), ["szw", "syw"]),
 }

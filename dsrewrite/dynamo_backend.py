@@ -46,7 +46,7 @@ from .report import Report
 __all__ = ["DsrewriteBackend", "dsrewrite_backend", "compile", "last_report", "clear_cache", "OPTIONS", "COMPILERS"]
 
 OPTIONS = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "calibration",
-           "progress", "name", "compiler", "mode")
+           "ragged", "progress", "name", "compiler", "mode")
 COMPILERS = ("inductor", "eager")  # "eager": run the rewritten graph without Inductor (debugging, fast checks)
 _UNSUPPORTED = {
     "target_latency": "it times layers in eager mode, which does not predict Inductor's compiled latency: "
@@ -56,8 +56,6 @@ _UNSUPPORTED = {
     "latency_cache": "it only serves target_latency, which the backend does not support",
     "inplace": "the backend never changes the model: the rewrite lives in the compiled graph",
     "measure_time": "time the compiled model itself (benchmarks/compile.py does)",
-    "ragged": "ragged pairs gather their input channels and run as torch ops, not as the fused kernel: use "
-              "dsrewrite.rewrite(..., ragged=True) and torch.compile its result",
 }
 _NS = "dsrewrite_convs"  # where lifted and rewritten conv modules live inside the captured GraphModule
 _STATE_ATTRS = {"_modules", "_parameters", "_buffers"}
@@ -75,8 +73,8 @@ def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
         if key not in OPTIONS:
             raise DsrewriteError(f"unknown option {key!r} for the dsrewrite backend (options: {', '.join(OPTIONS)})")
     opts: Dict[str, Any] = dict(rank="auto", include=None, exclude=None, backend="auto", target_flops=None,
-                                target_params=None, energy=None, calibration=None, progress=False, name=None,
-                                compiler="inductor", mode=None)
+                                target_params=None, energy=None, calibration=None, ragged=False, progress=False,
+                                name=None, compiler="inductor", mode=None)
     opts.update(options)
     opts["rank"] = check_rank(opts["rank"])
     if opts["backend"] not in BACKENDS:
@@ -119,7 +117,8 @@ def _options_key(opts: Dict[str, Any]) -> Tuple[tuple, list]:
         keep.append(v)
         return ("id", id(v))
 
-    names = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "calibration")
+    names = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "calibration",
+             "ragged")
     return tuple((k, freeze(opts[k])) for k in names), keep
 
 
@@ -343,7 +342,7 @@ class _Plan:
             raise DsrewriteError(f"the weight of conv {name!r} changed after compile, but Inductor froze the factors "
                                  "(torch._inductor.config.freezing): call torch._dynamo.reset() and run again")
         sep = self.modules[i]
-        sep.load_factors(factorize(weight, sep.rank, bias))
+        sep.load_factors(factorize(weight, sep.rank, bias, ragged=sep.ragged))
         self.snaps[i] = (_Snap(weight), _Snap(bias))
         if not self.warned:
             self.warned = True
@@ -518,7 +517,7 @@ def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: _Inputs, opts
                          rank=opts["rank"], backend=opts["backend"], target_flops=opts["target_flops"],
                          target_params=opts["target_params"], target_latency=None, energy=opts["energy"],
                          calibration=batches, device=None, memory_format="contiguous", latency_cache=None,
-                         inplace=False, progress=opts["progress"])
+                         inplace=False, progress=opts["progress"], ragged=bool(opts["ragged"]))
     kw = dict(planning.kwargs, total_flops=flops, total_params=params)
     decisions = plan_sites(sites, opts["rank"], opts["include"], opts["exclude"], progress=opts["progress"], **kw)
     apply_decisions(gm, decisions, backend=opts["backend"])
@@ -620,7 +619,7 @@ class DsrewriteBackend:
 
     Args:
         **options: those of :func:`dsrewrite.rewrite`: ``rank``, ``include``, ``exclude``, ``backend``,
-            ``target_flops``, ``target_params``, ``energy``, ``calibration``, ``progress``, ``name``; plus
+            ``target_flops``, ``target_params``, ``energy``, ``calibration``, ``ragged``, ``progress``, ``name``; plus
             ``compiler``: ``"inductor"`` (default) or ``"eager"`` (run the rewritten graph as is), and ``mode``:
             Inductor's mode (``"max-autotune"``, ...; ``torch.compile`` takes no ``mode=`` next to ``options=``).
 

@@ -66,7 +66,7 @@ class LayerTimer:
         memory_format: ``"contiguous"`` (NCHW) or ``"channels_last"`` (2-D convs only).
         reps / max_seconds: repetitions and time budget per measurement (the fastest is kept).
         cache_file: optional JSON file read at start and written after new measurements.
-        ragged: time ragged pairs (their depthwise conv gathers its input channels first).
+        ragged: time ragged pairs (torch ops gather the input channels first; Triton reads through the index).
     """
 
     def __init__(self, device: Any = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto",

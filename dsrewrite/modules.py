@@ -6,7 +6,8 @@ read ``layer1.0.conv1.depthwise.weight``. ``backend`` picks how the pair runs: `
 run there, torch ops otherwise).
 
 With ragged ranks (``channel_index`` given, see :mod:`dsrewrite.factorize`) the depthwise conv has one
-filter per entry of the index and reads its input through it (an ``index_select``; torch ops only).
+filter per entry of the index and reads its input through it (an ``index_select`` with torch ops; the
+Triton kernels read through the index directly).
 """
 from __future__ import annotations
 
@@ -140,10 +141,6 @@ class _SeparableConvNd(nn.Module):
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         if self.backend == "torch" or self._dims != 2:
-            return False
-        if self.channel_index is not None:
-            if self.backend == "triton":
-                raise RuntimeError("backend='triton' cannot run a ragged SeparableConv2d: use backend='torch' or 'auto'")
             return False
         from . import backends
 

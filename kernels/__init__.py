@@ -31,7 +31,7 @@ def is_available() -> bool:
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
                      bias: Optional[torch.Tensor] = None, *, stride=1, padding=0, dilation=1,
                      activation: Optional[str] = None, path: str = "auto",
-                     precision: Optional[str] = None) -> torch.Tensor:
+                     precision: Optional[str] = None, channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fused depthwise + pointwise conv2d: ``act(conv2d(conv2d(x, dw_weight, groups=C), pw_weight, bias))``.
 
     Args:
@@ -44,18 +44,22 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
         path: ``"auto"`` (dispatcher), ``"fused"`` or ``"split"`` (depthwise kernel, then pointwise).
         precision: fp32 ``tl.dot`` precision, ``"ieee"`` or ``"tf32"``; None follows
             ``torch.backends.cudnn.allow_tf32`` on CUDA (as ``F.conv2d`` does) and is ``"ieee"`` elsewhere.
+        channel_index: ragged ranks: int ``[dw_weight.shape[0]]``, the input channel each depthwise filter
+            reads (the kernels read through it: no gathered copy of ``x``).
     """
     from .ops import separable_conv2d as impl
 
     return impl(x, dw_weight, pw_weight, bias, stride=stride, padding=padding, dilation=dilation,
-                activation=activation, path=path, precision=precision)
+                activation=activation, path=path, precision=precision, channel_index=channel_index)
 
 
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """Depthwise conv2d (``weight [C*r, 1, kh, kw]``) with the standalone Triton kernel (forward only)."""
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0, dilation=1,
+                     channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Depthwise conv2d (``weight [C*r, 1, kh, kw]``) with the standalone Triton kernel (forward only);
+    ``channel_index``: the input channel of each filter (ragged ranks)."""
     from .ops import depthwise_conv2d as impl
 
-    return impl(x, weight, stride=stride, padding=padding, dilation=dilation)
+    return impl(x, weight, stride=stride, padding=padding, dilation=dilation, channel_index=channel_index)
 
 
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,

@@ -24,7 +24,7 @@ __all__ = ["CompiledInfo", "compile_for", "compile_many", "SHARED_LIMIT", "DTYPE
 # largest dynamic shared memory per block (bytes) by compute capability
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # torch dtype name -> Triton pointer element type
-DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "i64": "i64"}
 
 
 @dataclass
@@ -98,13 +98,13 @@ def _compile_case(case: dict) -> dict:
 
     mod, name = _KERNELS[case["kernel"]]
     kernel = getattr(importlib.import_module(mod), name)
-    kw = {k: case[k] for k in ("dtype", "arch", "num_warps", "num_stages", "ones") if k in case}
+    kw = {k: case[k] for k in ("dtype", "arch", "num_warps", "num_stages", "ones", "pointer_dtypes") if k in case}
     return asdict(compile_for(kernel, case["constexprs"], **kw))
 
 
 def compile_many(cases: List[dict]) -> List[dict]:
     """Compile each case (``{"kernel": "fused"|"depthwise"|"pointwise", "constexprs": {...}, "dtype", "arch",
-    "num_warps", "num_stages", "ones"}``) and return :class:`CompiledInfo` fields as dicts. Under
+    "num_warps", "num_stages", "ones", "pointer_dtypes"}``) and return :class:`CompiledInfo` fields as dicts. Under
     ``TRITON_INTERPRET=1`` the kernels are interpreter objects, so the compiles run in a child process
     without it."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):

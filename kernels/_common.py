@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["ACTIVATIONS", "interpreting", "next_pow2", "prune_by_size", "shared_memory_limit", "_activation", "_pixel_origin",
-           "_depthwise_tile", "_epilogue_store",
+           "_depthwise_tile", "_epilogue_store", "_input_channel",
            "_tile_ids", "gemm_config", "launch"]
 
 # activation name -> the ACT constexpr of the kernels
@@ -96,6 +96,16 @@ def _pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w):
     oh = rem // OW
     ow = rem % OW
     return n, oh, ow, oh * stride_h - pad_h, ow * stride_w - pad_w
+
+
+@triton.jit
+def _input_channel(idx_ptr, offs_k, mask_k, R, HAS_INDEX: tl.constexpr):
+    """The input channel each depthwise channel ``offs_k`` reads: ``idx_ptr[k]`` (ragged ranks) or ``k // R``."""
+    if HAS_INDEX:
+        chan = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    else:
+        chan = offs_k // R
+    return chan
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _depthwise_tile, _pixel_origin, _tile_ids, interpreting, launch, prune_by_size
+from ._common import _depthwise_tile, _input_channel, _pixel_origin, _tile_ids, interpreting, launch, prune_by_size
 from ._shapes import out_size, output_memory_format
 
 __all__ = ["depthwise_conv2d_forward", "DEPTHWISE_CONFIGS"]
@@ -22,12 +22,13 @@ __all__ = ["depthwise_conv2d_forward", "DEPTHWISE_CONFIGS"]
 def _depthwise_conv2d_kernel(
     x_ptr,  # input [N, C, H, W], any strides
     w_ptr,  # weights [C*r, KH*KW], contiguous; channel k reads input channel k // R
+    idx_ptr,  # ragged ranks: int64 [C*r], the input channel of each depthwise channel (read if HAS_INDEX)
     z_ptr,  # output [N, C*r, OH, OW], any strides
     H, W, CR, OH, OW, P, R,
     sxn, sxc, sxh, sxw,
     szn, szc, szh, szw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_INDEX: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p, pid_c = _tile_ids(tl.cdiv(CR, BLOCK_C))
@@ -38,7 +39,8 @@ def _depthwise_conv2d_kernel(
 
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < CR
-    acc = _depthwise_tile(x_ptr, w_ptr, n * sxn, ih0, iw0, mask_p, offs_c, mask_c, (offs_c // R) * sxc, H, W,
+    x_chan = _input_channel(idx_ptr, offs_c, mask_c, R, HAS_INDEX) * sxc
+    acc = _depthwise_tile(x_ptr, w_ptr, n * sxn, ih0, iw0, mask_p, offs_c, mask_c, x_chan, H, W,
                           sxh, sxw, dil_h, dil_w, KH, KW, BLOCK_P, BLOCK_C)
 
     z_off = (n * szn + oh * szh + ow * szw)[:, None] + (offs_c * szc)[None, :]
@@ -67,8 +69,10 @@ _depthwise_conv2d_tuned = triton.autotune(
 
 def depthwise_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
                              padding: Sequence[int], dilation: Sequence[int],
-                             config: Optional[dict] = None) -> torch.Tensor:
-    """``F.conv2d(x, weight, stride=, padding=, dilation=, groups=C)`` with ``weight [C*r, 1, KH, KW]``."""
+                             config: Optional[dict] = None,
+                             channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, stride=, padding=, dilation=, groups=C)`` with ``weight [C*r, 1, KH, KW]``;
+    with ``channel_index`` (ragged): ``F.conv2d(x[:, channel_index], weight, ..., groups=C*r)``."""
     N, C, H, W = x.shape
     CR, _, KH, KW = weight.shape
     OH = out_size(H, KH, stride[0], padding[0], dilation[0])
@@ -78,8 +82,10 @@ def depthwise_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride: Sequ
     if P == 0 or CR == 0:
         return z
     w = weight.reshape(CR, KH * KW).contiguous()
-    args = (x, w, z, H, W, CR, OH, OW, P, CR // C, *x.stride(), *z.stride(),
+    idx = channel_index.to(torch.int64).contiguous() if channel_index is not None else w  # dummy, never read
+    args = (x, w, idx, z, H, W, CR, OH, OW, P, max(CR // C, 1), *x.stride(), *z.stride(),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-    launch(_depthwise_conv2d_kernel, _depthwise_conv2d_tuned, args, dict(KH=KH, KW=KW), config,
+    launch(_depthwise_conv2d_kernel, _depthwise_conv2d_tuned, args,
+           dict(KH=KH, KW=KW, HAS_INDEX=channel_index is not None), config,
            lambda m: (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(CR, m["BLOCK_C"]),))
     return z

@@ -74,14 +74,14 @@ def _precision(x: torch.Tensor, precision: Optional[str]) -> str:
     return precision
 
 
-def _run(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision):
+def _run(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision, channel_index):
     cr, _, kh, kw = dw_weight.shape
     if path == "auto":
         path = choose_path(cr, pw_weight.shape[0], kh, kw, x.element_size())
     if path == "fused":
         return separable_conv2d_forward(x, dw_weight, pw_weight, bias, stride, padding, dilation,
-                                        activation, precision)
-    z = depthwise_conv2d_forward(x, dw_weight, stride, padding, dilation)
+                                        activation, precision, channel_index=channel_index)
+    z = depthwise_conv2d_forward(x, dw_weight, stride, padding, dilation, channel_index=channel_index)
     return pointwise_conv2d_forward(z, pw_weight, bias, activation, precision,
                                     memory_format=output_memory_format(x))
 
@@ -89,12 +89,14 @@ def _run(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, p
 @torch.library.custom_op("dsrewrite::separable_conv2d", mutates_args=())
 def _separable_conv2d_op(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
                          bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
-                         dilation: List[int], activation: str, path: str, precision: str) -> torch.Tensor:
-    return _run(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision)
+                         dilation: List[int], activation: str, path: str, precision: str,
+                         channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _run(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision,
+                channel_index)
 
 
 @_separable_conv2d_op.register_fake
-def _(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision):
+def _(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision, channel_index=None):
     n, _, h, w = x.shape
     _, _, kh, kw = dw_weight.shape
     oh = out_size(h, kh, stride[0], padding[0], dilation[0])
@@ -104,20 +106,23 @@ def _(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path
 
 
 def _setup_context(ctx, inputs, output):
-    x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, _path, _prec = inputs
+    x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, _path, _prec, *rest = inputs
+    index = rest[0] if rest else None
     ctx.conv = (list(stride), list(padding), list(dilation))
     ctx.activation = activation
     ctx.has_bias = bias is not None
     y = output if activation in ("relu", "relu6") else None  # their gradient masks read the output
-    ctx.save_for_backward(x, dw_weight, pw_weight, bias, y)
+    ctx.save_for_backward(x, dw_weight, pw_weight, bias, y, index)
 
 
 def _backward(ctx, grad):
-    x, dw_weight, pw_weight, bias, y = ctx.saved_tensors
+    x, dw_weight, pw_weight, bias, y, index = ctx.saved_tensors
     stride, padding, dilation = ctx.conv
     need_x, need_dw, need_pw, need_b = ctx.needs_input_grad[:4]
     conv_bw = torch.ops.aten.convolution_backward
-    z = F.conv2d(x, dw_weight, None, stride, padding, dilation, x.shape[1])
+    xin = x if index is None else x.index_select(1, index)  # ragged: the depthwise conv reads gathered channels
+    groups = xin.shape[1]
+    z = F.conv2d(xin, dw_weight, None, stride, padding, dilation, groups)
     if ctx.activation == "relu":
         grad = grad * (y > 0)
     elif ctx.activation == "relu6":
@@ -131,9 +136,11 @@ def _backward(ctx, grad):
                           [1, 1], False, [0, 0], 1, [need_z, need_pw, need_b and ctx.has_bias])
     gx = gdw = None
     if need_z:
-        gx, gdw, _ = conv_bw(gz, x, dw_weight, None, stride, padding, dilation, False, [0, 0], x.shape[1],
+        gx, gdw, _ = conv_bw(gz, xin, dw_weight, None, stride, padding, dilation, False, [0, 0], groups,
                              [need_x, need_dw, False])
-    return gx, gdw, gpw, gb, None, None, None, None, None, None
+        if index is not None and gx is not None:
+            gx = torch.zeros_like(x).index_add_(1, index, gx)
+    return gx, gdw, gpw, gb, None, None, None, None, None, None, None
 
 
 _separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -149,13 +156,22 @@ except (ImportError, AttributeError, ValueError, RuntimeError):  # pragma: no co
 
 
 def _check_tensors(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
-                   bias: Optional[torch.Tensor]) -> None:
+                   bias: Optional[torch.Tensor], channel_index: Optional[torch.Tensor] = None) -> None:
     if x.dim() != 4:
         raise DsrewriteError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
     c = x.shape[1]
-    if dw_weight.dim() != 4 or dw_weight.shape[1] != 1 or c == 0 or dw_weight.shape[0] % c:
+    ragged = channel_index is not None
+    if dw_weight.dim() != 4 or dw_weight.shape[1] != 1 or c == 0 or (dw_weight.shape[0] % c and not ragged):
         raise DsrewriteError(f"dw_weight must be [C*r, 1, kh, kw] with C={c}, got {tuple(dw_weight.shape)}")
     cr = dw_weight.shape[0]
+    if ragged:
+        if channel_index.dtype not in (torch.int32, torch.int64) or tuple(channel_index.shape) != (cr,):
+            raise DsrewriteError(f"channel_index must be an integer tensor of shape [{cr}], got "
+                                 f"{channel_index.dtype} {tuple(channel_index.shape)}")
+        if channel_index.device != x.device:
+            raise DsrewriteError(f"channel_index is on {channel_index.device}, x is on {x.device}: they must match")
+        if cr and (int(channel_index.min()) < 0 or int(channel_index.max()) >= c):
+            raise DsrewriteError(f"channel_index values must lie in [0, {c})")
     if pw_weight.dim() != 4 or pw_weight.shape[1] != cr or tuple(pw_weight.shape[2:]) != (1, 1):
         raise DsrewriteError(f"pw_weight must be [M, {cr}, 1, 1], got {tuple(pw_weight.shape)}")
     if bias is not None and tuple(bias.shape) != (pw_weight.shape[0],):
@@ -174,9 +190,13 @@ def _check_tensors(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Te
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
                      bias: Optional[torch.Tensor] = None, *, stride=1, padding=0, dilation=1,
                      activation: Optional[str] = None, path: str = "auto",
-                     precision: Optional[str] = None) -> torch.Tensor:
-    """``act(pointwise(depthwise(x)))`` with Triton kernels; see :mod:`dsrewrite.kernels`."""
-    _check_tensors(x, dw_weight, pw_weight, bias)
+                     precision: Optional[str] = None, channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(pointwise(depthwise(x)))`` with Triton kernels; see :mod:`dsrewrite.kernels`.
+
+    ``channel_index`` (ragged ranks): the input channel each of the ``dw_weight.shape[0]`` depthwise filters
+    reads, read by the kernel itself (no gathered copy of ``x``).
+    """
+    _check_tensors(x, dw_weight, pw_weight, bias, channel_index)
     act = "none" if activation is None else activation
     if act not in ACTIVATIONS:
         raise DsrewriteError(f"activation must be None, 'relu', 'relu6' or 'silu', got {activation!r}")
@@ -199,17 +219,18 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     if oh < 1 or ow < 1:
         raise DsrewriteError(f"input {tuple(x.shape[2:])} is smaller than the (dilated, padded) kernel")
     return _separable_conv2d_op(x, dw_weight, pw_weight, bias, list(st), list(pad), list(dil), act, path,
-                                _precision(x, precision))
+                                _precision(x, precision), channel_index)
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0,
-                     dilation=1) -> torch.Tensor:
-    """Depthwise conv (``weight [C*r, 1, kh, kw]``) with the standalone Triton kernel (forward only)."""
+                     dilation=1, channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Depthwise conv (``weight [C*r, 1, kh, kw]``) with the standalone Triton kernel (forward only);
+    ``channel_index``: the input channel of each filter (ragged ranks)."""
     st, dil = _pair(stride, "stride"), _pair(dilation, "dilation")
     pad = resolve_padding(padding, weight.shape[2:], dil)
     if pad is None:
         raise DsrewriteError(f"padding={padding!r} is not symmetric: use F.conv2d")
-    return depthwise_conv2d_forward(x, weight, st, pad, dil)
+    return depthwise_conv2d_forward(x, weight, st, pad, dil, channel_index=channel_index)
 
 
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,

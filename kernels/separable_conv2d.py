@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACTIVATIONS, _depthwise_tile, _epilogue_store, _pixel_origin, _tile_ids, gemm_config,
-                      interpreting, launch, prune_by_size, shared_memory_limit)
+from ._common import (ACTIVATIONS, _depthwise_tile, _epilogue_store, _input_channel, _pixel_origin, _tile_ids,
+                      gemm_config, interpreting, launch, prune_by_size, shared_memory_limit)
 from ._shapes import out_size, output_memory_format
 
 __all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_FALLBACK_CONFIGS", "FUSED_BLOCK_M_MAX",
@@ -28,6 +28,7 @@ __all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_FALLBACK_CONFIGS"
 def _separable_conv2d_kernel(
     x_ptr,  # input [N, C, H, W], any strides (NCHW or channels_last)
     dw_ptr,  # depthwise weights [C*r, KH*KW], contiguous; channel k reads input channel k // R
+    idx_ptr,  # ragged ranks: int64 [C*r], the input channel of each depthwise channel (read if HAS_INDEX)
     pw_ptr,  # pointwise weights [M, C*r], contiguous
     b_ptr,  # bias [M] (not read unless HAS_BIAS)
     y_ptr,  # output [N, M, OH, OW], any strides
@@ -36,7 +37,7 @@ def _separable_conv2d_kernel(
     syn, sym, syh, syw,  # output strides (elements)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, HAS_INDEX: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_p, pid_m = _tile_ids(tl.cdiv(M, BLOCK_M))  # int64: offsets may pass 2**31
@@ -54,7 +55,8 @@ def _separable_conv2d_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < CR
         # the depthwise result of this channel block stays in registers
-        dw = _depthwise_tile(x_ptr, dw_ptr, x_pix, ih0, iw0, mask_p, offs_k, mask_k, (offs_k // R) * sxc, H, W,
+        x_chan = _input_channel(idx_ptr, offs_k, mask_k, R, HAS_INDEX) * sxc
+        dw = _depthwise_tile(x_ptr, dw_ptr, x_pix, ih0, iw0, mask_p, offs_k, mask_k, x_chan, H, W,
                              sxh, sxw, dil_h, dil_w, KH, KW, BLOCK_P, BLOCK_K)
         pw = tl.load(pw_ptr + offs_m[None, :] * CR + offs_k[:, None],
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
@@ -115,9 +117,11 @@ _separable_conv2d_tuned = triton.autotune(
 def separable_conv2d_forward(
     x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, bias: Optional[torch.Tensor],
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], activation: str = "none",
-    precision: str = "ieee", config: Optional[dict] = None,
+    precision: str = "ieee", config: Optional[dict] = None, channel_index: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the fused kernel. Arguments are already normalised (pairs of ints, activation name).
+
+    ``channel_index`` (ragged ranks): int64 ``[C*r]``, the input channel each depthwise filter reads.
 
     ``config`` (``{"BLOCK_P":..,"BLOCK_M":..,"BLOCK_K":.., "num_warps":..}``) bypasses the autotuner: tests
     and the benchmark use it to check every config.
@@ -134,9 +138,11 @@ def separable_conv2d_forward(
     dw = dw_weight.reshape(CR, KH * KW).contiguous()
     pw = pw_weight.reshape(M, CR).to(x.dtype).contiguous()
     b = bias.contiguous() if bias is not None else pw  # dummy pointer, never read
-    args = (x, dw, pw, b, y, C, H, W, CR, M, OH, OW, P, CR // C,
+    idx = channel_index.to(torch.int64).contiguous() if channel_index is not None else dw  # dummy, never read
+    args = (x, dw, idx, pw, b, y, C, H, W, CR, M, OH, OW, P, max(CR // C, 1),
             *x.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-    meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], PRECISION=precision)
+    meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], PRECISION=precision,
+                HAS_INDEX=channel_index is not None)
     launch(_separable_conv2d_kernel, _separable_conv2d_tuned, args, meta, config,
            lambda m: (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(M, m["BLOCK_M"]),))
     return y

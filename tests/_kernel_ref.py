@@ -7,11 +7,14 @@ import torch.nn.functional as F
 ACTS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu}
 
 
-def reference(x, dw, pw, bias, stride, padding, dilation, activation=None):
-    """act(pointwise(depthwise(x))) in float64; ``padding`` as ints."""
+def reference(x, dw, pw, bias, stride, padding, dilation, activation=None, channel_index=None):
+    """act(pointwise(depthwise(x))) in float64; ``padding`` as ints. ``channel_index`` (ragged ranks): the
+    depthwise conv runs on the gathered channels ``x[:, channel_index]``, one filter each."""
     x64, dw64, pw64 = x.double(), dw.double(), pw.double()
+    if channel_index is not None:
+        x64 = x64[:, channel_index]
     b64 = bias.double() if bias is not None else None
-    z = F.conv2d(x64, dw64, None, stride, padding, dilation, groups=x.shape[1])
+    z = F.conv2d(x64, dw64, None, stride, padding, dilation, groups=x64.shape[1])
     return ACTS[activation](F.conv2d(z, pw64, b64))
 
 

@@ -22,9 +22,11 @@ def _largest(configs):
     return max(configs, key=lambda c: (c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_M"], c.num_stages))
 
 
-def _fused(cfg, dtype, arch, kh=3, kw=3, precision="tf32"):
-    return dict(kernel="fused", constexprs=dict(KH=kh, KW=kw, HAS_BIAS=True, ACT=3, PRECISION=precision, **cfg.kwargs),
-                dtype=dtype, arch=arch, num_warps=cfg.num_warps, num_stages=cfg.num_stages, ones=NCHW_UNIT)
+def _fused(cfg, dtype, arch, kh=3, kw=3, precision="tf32", ragged=False):
+    return dict(kernel="fused", constexprs=dict(KH=kh, KW=kw, HAS_BIAS=True, ACT=3, PRECISION=precision,
+                                                HAS_INDEX=ragged, **cfg.kwargs),
+                dtype=dtype, arch=arch, num_warps=cfg.num_warps, num_stages=cfg.num_stages, ones=NCHW_UNIT,
+                pointer_dtypes={"idx_ptr": "i64"})
 
 
 # (dtype, arch, precision, expected dot instructions) for the largest config the runtime keeps at 3x3
@@ -42,8 +44,11 @@ def compiled():
     cases["3x3-dropped"] = _fused(DROPPED_3X3_FP32, "fp32", 90)
     cases["7x7-fallback"] = _fused(FUSED_FALLBACK_CONFIGS[0], "fp32", 90, 7, 7)
     dwc, pwc = DEPTHWISE_CONFIGS[-1], POINTWISE_CONFIGS[0]
-    cases["depthwise"] = dict(kernel="depthwise", constexprs=dict(KH=5, KW=5, **dwc.kwargs), dtype="bf16", arch=90,
-                              num_warps=dwc.num_warps, num_stages=dwc.num_stages, ones=["sxw", "szw"])
+    cases["depthwise"] = dict(kernel="depthwise", constexprs=dict(KH=5, KW=5, HAS_INDEX=True, **dwc.kwargs),
+                              dtype="bf16", arch=90, num_warps=dwc.num_warps, num_stages=dwc.num_stages,
+                              ones=["sxw", "szw"], pointer_dtypes={"idx_ptr": "i64"})
+    # ragged ranks: the channel index is one more load per channel block; the tensor-core path must survive it
+    cases["ragged-fp16-90"] = _fused(_largest(fused_configs_for(2, SHARED_LIMIT[90], 3, 3)), "fp16", 90, ragged=True)
     cases["pointwise"] = dict(kernel="pointwise", constexprs=dict(HAS_BIAS=True, ACT=1, PRECISION="tf32", **pwc.kwargs),
                               dtype="fp16", arch=90, num_warps=pwc.num_warps, num_stages=pwc.num_stages,
                               ones=["szc", "sym"])
@@ -75,3 +80,11 @@ def test_split_kernels_compile(compiled):
     dw, pw = compiled["depthwise"], compiled["pointwise"]
     assert dw["mma"] == "fma" and dw["shared_bytes"] == 0  # pure register FMAs, nothing staged
     assert pw["mma"] == "wgmma" and pw["fits"]
+
+
+def test_ragged_fused_kernel_keeps_tensor_cores(compiled):
+    """Reading the depthwise channels through an index (ragged ranks) keeps the wgmma path and fits."""
+    info = compiled["ragged-fp16-90"]
+    cfg = _largest(fused_configs_for(2, SHARED_LIMIT[90], 3, 3))
+    assert info["mma"] == "wgmma" and info["fits"]
+    assert fused_shared_bytes(cfg, 2, 3, 3) >= info["shared_bytes"]

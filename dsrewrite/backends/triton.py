@@ -48,8 +48,9 @@ def triton_supports(module, x: torch.Tensor) -> Tuple[bool, str]:
     for p in (dw.weight, pw.weight, pw.bias):
         if p is not None and (p.dtype != x.dtype or p.device != x.device):
             return False, f"weights are {p.dtype} on {p.device}, input is {x.dtype} on {x.device}"
-    if x.shape[1] != dw.in_channels:
-        return False, f"input has {x.shape[1]} channels, the module expects {dw.in_channels}"
+    cin = getattr(module, "in_channels", dw.in_channels)
+    if x.shape[1] != cin:
+        return False, f"input has {x.shape[1]} channels, the module expects {cin}"
     if dw.padding_mode != "zeros":
         return False, f"padding_mode={dw.padding_mode!r} (the kernels pad with zeros only)"
     if module_padding(module) is None:
@@ -63,4 +64,4 @@ def triton_forward(module, x: torch.Tensor) -> torch.Tensor:
 
     dw, pw = module.depthwise, module.pointwise
     return separable_conv2d(x, dw.weight, pw.weight, pw.bias, stride=dw.stride, padding=module_padding(module),
-                            dilation=dw.dilation)
+                            dilation=dw.dilation, channel_index=getattr(module, "channel_index", None))
