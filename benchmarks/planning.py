@@ -1,8 +1,8 @@
 """Planning benchmark: rank allocation and data-aware initialisation vs uniform rank and tensorly-torch CP.
 
 Part 1 (digits CNN, trained here in a few seconds on sklearn's bundled digits): test accuracy and logit error
-vs FLOPs for uniform rank (plain SVD), plain-SVD allocation (target_flops), both again with ragged per-channel
-ranks (ragged=True), data-aware allocation (target_flops + calibration) and tensorly-torch CP
+vs FLOPs for uniform rank (plain SVD), plain-SVD allocation (target_flops), data-aware allocation
+(target_flops + calibration), each also with ragged per-channel ranks (ragged=True), and tensorly-torch CP
 (`FactorizedConv.from_conv`, factorized) at equal FLOPs.
 Part 2 (a real pretrained CNN shipped inside a wheel: facenet-pytorch's MTCNN ONet, `--facenet-wheel`):
 output error and decision agreement vs FLOPs on crops of sklearn's bundled sample images.
@@ -147,6 +147,8 @@ def part_digits(quick: bool):
                                                               measure_time=False),
             "data-aware allocation + init": dsrewrite.rewrite(model, x1, target_flops=target, calibration=cal,
                                                               measure_time=False),
+            "data-aware allocation + init, ragged": dsrewrite.rewrite(model, x1, target_flops=target, calibration=cal,
+                                                                      ragged=True, measure_time=False),
         }
         u = cands["uniform rank (plain SVD)"]
         if u is not None:
@@ -222,6 +224,8 @@ def part_onet(wheel: str, quick: bool):
                                                               measure_time=False),
             "data-aware allocation + init": dsrewrite.rewrite(model, test[:1], target_flops=target, calibration=cal,
                                                               measure_time=False),
+            "data-aware allocation + init, ragged": dsrewrite.rewrite(model, test[:1], target_flops=target,
+                                                                      calibration=cal, ragged=True, measure_time=False),
         }
         models = {k: v.model for k, v in runs.items() if v is not None}
         try:

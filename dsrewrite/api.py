@@ -79,7 +79,8 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
         latency_cache: JSON file caching layer timings across runs.
         ragged: give each input channel its own rank, from its own spectrum: the same ``Cin*rank`` depthwise
             filters (same cost) spread where they reduce the error most; never a worse fit than uniform ranks.
-            The depthwise conv then gathers its input channels (torch ops; not with ``calibration``).
+            The depthwise conv reads its inputs through a channel index. With ``calibration`` the split
+            follows the whitened (output-energy) spectra.
 
     Returns:
         :class:`RewriteResult` with ``.model`` and ``.report``.
@@ -183,8 +184,6 @@ class _Planning:
         if memory_format not in ("auto", "contiguous", "channels_last"):
             raise DsrewriteError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {memory_format!r}")
         budget = budget_args(rank, target_flops, target_params, target_latency, energy, timer=True)
-        if ragged and calibration is not None:
-            raise DsrewriteError("ragged ranks use the plain SVD: they cannot be combined with calibration data")
         self.teacher: Optional[nn.Module] = None
         if calibration is not None:
             from .calibrate import as_batches

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .factorize import Factors, _as_tensor, factorize
+from .factorize import Factors, _as_tensor, _ragged_keep, factorize
 
 __all__ = [
     "PatchStats", "LinearFit", "LayerCalibrator", "CalibResult", "whiten_roots", "whitened_factors",
@@ -188,37 +188,65 @@ def _whitened_svd(weight, autocorr, damp: float):
     return u, s, vh, inv, live
 
 
-def whitened_factors(weight, rank: int, autocorr, bias=None, damp: float = DAMP) -> Factors:
+def _output_energy(s: torch.Tensor, live: torch.Tensor, ragged: bool) -> torch.Tensor:
+    """Squared whitened singular values. For a ragged split, which compares channels, a dead channel (no
+    input: its ``s`` are unwhitened weight values) has none, so it gives its filters to live channels."""
+    return (s ** 2) * live[:, None].to(s.dtype) if ragged else s ** 2
+
+
+def whitened_factors(weight, rank: int, autocorr, bias=None, damp: float = DAMP, ragged: bool = False) -> Factors:
     """Rank-``rank`` separable factors from the SVD of ``W_c A_c^{1/2}`` per input channel.
 
     ``autocorr`` is ``[Cin, K, K]`` (:meth:`PatchStats.autocorr`). Dead channels get their plain SVD.
     ``error`` is the whitened relative error (the data-weighted analogue of the weight error).
+    ``ragged``: keep the ``Cin*rank`` terms of largest output energy over all channels (dead channels last).
     """
     w = _as_tensor(weight)
     kernel = tuple(w.shape[2:])
     cout, cin = w.shape[:2]
-    u, s, vh, inv, _ = _whitened_svd(w, autocorr, damp)
+    u, s, vh, inv, live = _whitened_svd(w, autocorr, damp)
     r = min(int(rank), s.shape[1])
-    root = s[:, :r].sqrt()
-    dw = (root[:, :, None] * (vh[:, :r, :] @ inv)).reshape(cin * r, 1, *kernel)
-    pw = (u[:, :, :r] * root[:, None, :]).permute(1, 0, 2).reshape(cout, cin * r, *([1] * len(kernel)))
+    energy = _output_energy(s, live, ragged)
+    index = None
+    if ragged and r < s.shape[1]:
+        keep = _ragged_keep(energy, cin * r)
+        ch, term = keep.nonzero(as_tuple=True)
+        root = s[ch, term].sqrt()
+        dw = (root[:, None] * (vh[ch, term, :][:, None, :] @ inv[ch]).squeeze(1)).reshape(cin * r, 1, *kernel)
+        pw = (u[ch, :, term] * root[:, None]).t().reshape(cout, cin * r, *([1] * len(kernel)))
+        dropped = float(energy[~keep].sum())
+        index = ch.to(device=w.device, dtype=torch.int64)
+    else:
+        root = s[:, :r].sqrt()
+        dw = (root[:, :, None] * (vh[:, :r, :] @ inv)).reshape(cin * r, 1, *kernel)
+        pw = (u[:, :, :r] * root[:, None, :]).permute(1, 0, 2).reshape(cout, cin * r, *([1] * len(kernel)))
+        dropped = float(energy[:, r:].sum())
     if not (bool(torch.isfinite(dw).all()) and bool(torch.isfinite(pw).all())):
-        return factorize(w, r, bias)
-    total = float((s ** 2).sum())
-    err = math.sqrt(float((s[:, r:] ** 2).sum()) / total) if total > 0 else 0.0
+        return factorize(w, r, bias, ragged=ragged)
+    total = float(energy.sum())
+    err = math.sqrt(max(dropped, 0.0) / total) if total > 0 else 0.0
     b = _as_tensor(bias) if bias is not None else None
     return Factors(dw.to(dtype=w.dtype, device=w.device).contiguous(),
                    pw.to(dtype=w.dtype, device=w.device).contiguous(),
-                   None if b is None else b.detach().clone(), r, err)
+                   None if b is None else b.detach().clone(), r, err, index)
 
 
-def whitened_rank_errors(weight, autocorr, damp: float = DAMP) -> List[float]:
-    """Whitened relative error at every rank ``0..full_rank`` (index = rank): data-aware rank errors."""
-    _, s, _, _, _ = _whitened_svd(weight, autocorr, damp)
-    e = s ** 2
+def whitened_rank_errors(weight, autocorr, damp: float = DAMP, ragged: bool = False) -> List[float]:
+    """Whitened relative error at every rank ``0..full_rank`` (index = rank): data-aware rank errors.
+
+    ``ragged``: the error of the ragged split with ``Cin*rank`` terms.
+    """
+    _, s, _, _, live = _whitened_svd(weight, autocorr, damp)
+    e = _output_energy(s, live, ragged)
     total = float(e.sum())
     if total <= 0.0:
         return [0.0] * (s.shape[1] + 1)
+    if ragged:
+        flat = torch.sort(e.reshape(-1), descending=True).values
+        tail = torch.flip(torch.cumsum(torch.flip(flat, [0]), 0), [0])
+        cin = s.shape[0]
+        return [math.sqrt(max(float(tail[cin * r]), 0.0) / total) if cin * r < flat.numel() else 0.0
+                for r in range(s.shape[1] + 1)]
     tail = torch.flip(torch.cumsum(torch.flip(e.sum(0), [0]), 0), [0]).tolist() + [0.0]
     return [math.sqrt(max(t, 0.0) / total) for t in tail]
 
@@ -251,17 +279,19 @@ class LayerCalibrator:
             ``weight`` is given, the original weight and bias.
         rank: depthwise filters per input channel.
         plain: the plain-SVD factors to compare with (computed if ``None``).
+        ragged: per-channel ranks (the whitened split is chosen on output energy); implied by ragged ``plain``.
     """
 
     def __init__(self, conv: nn.Module, rank: int, *, weight=None, bias=None, plain: Optional[Factors] = None,
-                 damp: float = DAMP, ridge: float = RIDGE) -> None:
+                 damp: float = DAMP, ridge: float = RIDGE, ragged: bool = False) -> None:
         self.weight = (conv.weight if weight is None else _as_tensor(weight)).detach()
         self.bias = (conv.bias if weight is None else (None if bias is None else _as_tensor(bias)))
         self.bias = None if self.bias is None else self.bias.detach()
         self.cout, self.cin = self.weight.shape[:2]
         self.kernel = tuple(self.weight.shape[2:])
         self.taps = math.prod(self.kernel)
-        self.plain = plain if plain is not None else factorize(self.weight, rank, self.bias)
+        self.ragged = bool(ragged) or (plain is not None and plain.channel_index is not None)
+        self.plain = plain if plain is not None else factorize(self.weight, rank, self.bias, ragged=self.ragged)
         self.rank = self.plain.rank
         self.damp, self.ridge = damp, ridge
         self.patcher = patch_conv(conv)
@@ -271,11 +301,16 @@ class LayerCalibrator:
         self.fits = {"svd": LinearFit(d, self.cout), "whitened": LinearFit(d, self.cout)}
         self._dw: Dict[str, nn.Module] = {}
 
-    def _depthwise(self, factors: Factors) -> nn.Module:
-        dw = patch_conv_like(self.patcher, self.rank)
+    def _depthwise(self, factors: Factors):
+        """The candidate's depthwise conv as a function of the layer input (ragged: on the gathered channels)."""
+        index = factors.channel_index
+        dw = patch_conv_like(self.patcher, self.rank, ragged=index is not None)
         with torch.no_grad():
             dw.weight.copy_(factors.depthwise.to(dw.weight.dtype))
-        return dw
+        if index is None:
+            return dw
+        index = index.to(dw.weight.device)
+        return lambda x: dw(x.index_select(1, index))
 
     @torch.no_grad()
     def observe_inputs(self, x: torch.Tensor) -> None:
@@ -284,7 +319,7 @@ class LayerCalibrator:
 
     def finish_inputs(self) -> None:
         """End pass 1: compute the whitened depthwise filters."""
-        wf = whitened_factors(self.weight, self.rank, self.stats.autocorr(), self.bias, self.damp)
+        wf = whitened_factors(self.weight, self.rank, self.stats.autocorr(), self.bias, self.damp, ragged=self.ragged)
         self.whitened = wf
         self._dw = {"svd": self._depthwise(self.plain), "whitened": self._depthwise(wf)}
 
@@ -295,7 +330,7 @@ class LayerCalibrator:
             self.finish_inputs()
         yr = _rows(y)
         for key, dw in self._dw.items():
-            self.fits[key].update(_rows(dw(x.to(dw.weight.dtype))), yr)
+            self.fits[key].update(_rows(dw(x.to(self.patcher.weight.dtype))), yr)
 
     def result(self) -> CalibResult:
         """The best of plain SVD, SVD + refit and whitened + refit on the calibration objective."""
@@ -314,11 +349,13 @@ class LayerCalibrator:
         return CalibResult(best[2], base, best[0], best[1])
 
 
-def patch_conv_like(patcher: nn.Module, rank: int) -> nn.Module:
-    """A depthwise conv with the settings of ``patcher`` and ``rank`` filters per channel (weights unset)."""
+def patch_conv_like(patcher: nn.Module, rank: int, ragged: bool = False) -> nn.Module:
+    """A depthwise conv with the settings of ``patcher`` and ``rank`` filters per channel (weights unset);
+    ``ragged``: one filter per channel of an input gathered to ``Cin*rank`` channels."""
     cin = patcher.groups
-    pc = type(patcher)(cin, cin * rank, patcher.kernel_size, stride=patcher.stride, padding=patcher.padding,
-                       dilation=patcher.dilation, groups=cin, bias=False, padding_mode=patcher.padding_mode,
+    groups = cin * rank if ragged else cin
+    pc = type(patcher)(groups, cin * rank, patcher.kernel_size, stride=patcher.stride, padding=patcher.padding,
+                       dilation=patcher.dilation, groups=groups, bias=False, padding_mode=patcher.padding_mode,
                        device=patcher.weight.device, dtype=patcher.weight.dtype)
     pc.requires_grad_(False)
     return pc
@@ -327,7 +364,7 @@ def patch_conv_like(patcher: nn.Module, rank: int) -> nn.Module:
 def _with_pointwise(f: Factors, p: torch.Tensor, b: Optional[torch.Tensor]) -> Factors:
     pw = p.T.reshape(f.pointwise.shape).to(dtype=f.pointwise.dtype, device=f.pointwise.device).contiguous()
     bias = None if b is None else b.to(dtype=f.pointwise.dtype, device=f.pointwise.device)
-    return Factors(f.depthwise, pw, bias, f.rank, f.error)
+    return Factors(f.depthwise, pw, bias, f.rank, f.error, f.channel_index)
 
 
 def calibrate_conv(conv: nn.Module, rank: int, inputs: Iterable[torch.Tensor],
@@ -487,7 +524,7 @@ def calibrate_sequential(student: nn.Module, teacher: Optional[nn.Module], layer
         sep = L.student
         plain = Factors(sep.depthwise.weight.detach().clone(), sep.pointwise.weight.detach().clone(),
                         None if sep.pointwise.bias is None else sep.pointwise.bias.detach().clone(),
-                        sep.rank, 0.0)
+                        sep.rank, 0.0, None if sep.channel_index is None else sep.channel_index.clone())
         cal = LayerCalibrator(L.conv, sep.rank, plain=plain, damp=damp, ridge=ridge)
         for b in batches:
             for x in _run_until(student, _fit_args(student, b, n_inputs), sep, L.calls, "input"):

@@ -111,8 +111,6 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
     sites = list(sites)
     _mark_tied_weights(sites)
     budget = budget_args(rank, target_flops, target_params, target_latency, energy, timer)
-    if ragged and stats:
-        raise DsrewriteError("ragged ranks use the plain SVD: they cannot be combined with calibration data")
     if budget is not None:
         return _plan_budget(sites, include, exclude, budget, total_flops=total_flops, total_params=total_params,
                             total_time_ms=total_time_ms, timer=timer, stats=stats or {}, ragged=ragged)
@@ -185,7 +183,7 @@ def _site_errors(site: ConvSite, stats: dict, ragged: bool = False) -> List[floa
         from .calibrate import whitened_rank_errors
 
         try:
-            return whitened_rank_errors(site.weight, a)
+            return whitened_rank_errors(site.weight, a, ragged=ragged)
         except (RuntimeError, ValueError):
             pass
     return rank_errors(site.weight, ragged=ragged)

@@ -1,6 +1,6 @@
 """Ragged ranks (factorize(..., ragged=True), rewrite(ragged=True)): the Cin*r largest singular values over
-all channels. Checked against a brute-force search over per-channel ranks with numpy SVDs, against
-F.conv2d with the reconstructed dense weight, and in onnxruntime."""
+all channels (whitened ones with calibration). Checked against a brute-force search over per-channel ranks
+with numpy SVDs, against F.conv2d with the reconstructed dense weight, and in onnxruntime."""
 import itertools
 
 import numpy as np
@@ -11,7 +11,7 @@ from torch import nn
 
 import dsrewrite
 from dsrewrite.cli import main
-from dsrewrite.errors import DsrewriteError
+from dsrewrite.calibrate import PatchStats, calibrate_conv, patch_conv, whitened_factors, whitened_rank_errors
 from dsrewrite.factorize import factorize, full_rank, rank_errors
 from dsrewrite.modules import SeparableConv1d, SeparableConv2d
 
@@ -131,14 +131,63 @@ def test_rewrite_ragged_same_cost_lower_error(gen):
     assert rel_err(full.model(x), m(x)) < 1e-10
 
 
-def test_ragged_budget_and_refusals(gen, tmp_path):
+def test_ragged_budget_and_calibration(gen):
     m = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
     x = torch.randn(1, 8, 12, 12, generator=gen)
     r = dsrewrite.rewrite(m, x, target_flops=0.5, ragged=True, measure_time=False)
     assert r.report.flops_after <= 0.5 * r.report.flops_before
     assert all(L.channel_ranks for L in r.report.rewritten)
-    with pytest.raises(DsrewriteError, match="ragged ranks use the plain SVD"):
-        dsrewrite.rewrite(m, x, rank=2, ragged=True, calibration=torch.randn(4, 8, 12, 12), measure_time=False)
+    cal = F.avg_pool2d(torch.randn(8, 8, 12, 12, generator=gen), 3, 1, 1)
+    c = dsrewrite.rewrite(m, x, target_flops=0.5, ragged=True, calibration=cal, measure_time=False)
+    assert c.report.flops_after <= 0.5 * c.report.flops_before
+    for L in c.report.rewritten:
+        assert L.channel_ranks and L.calib_error_after <= L.calib_error_before + 1e-9
+    with torch.no_grad():
+        assert torch.isfinite(c.model(x)).all()
+
+
+def _direct_error(conv, f, xs, ys) -> float:
+    """||Y - pw(dw(X[:, index]))|| / ||Y|| with F.conv2d in float64 (independent of the Gram objective)."""
+    num = den = 0.0
+    for x, y in zip(xs, ys):
+        xg = x.double() if f.channel_index is None else x.double()[:, f.channel_index]
+        groups = conv.in_channels if f.channel_index is None else xg.shape[1]
+        z = F.conv2d(xg, f.depthwise.double(), None, conv.stride, conv.padding, conv.dilation, groups=groups)
+        out = F.conv2d(z, f.pointwise.double(), None if f.bias is None else f.bias.double())
+        num += float(((out - y.double()) ** 2).sum())
+        den += float((y.double() ** 2).sum())
+    return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_ragged_calibration_never_worse_than_ragged_svd(gen, rank):
+    conv = nn.Conv2d(6, 10, 3, padding=1, stride=2).double()
+    with torch.no_grad():
+        conv.weight.copy_(_uneven(gen, 10, 6, 3, 3))
+    xs = []
+    for _ in range(2):
+        x = F.avg_pool2d(torch.randn(3, 6, 9, 9, generator=gen, dtype=torch.float64), 3, 1, 1)
+        x = x * torch.rand(6, generator=gen, dtype=torch.float64)[None, :, None, None] * 5  # uneven input scales
+        x[:, 1] = 0.0  # a dead channel
+        xs.append(x)
+    with torch.no_grad():
+        ys = [conv(x) for x in xs]
+        res = calibrate_conv(conv, rank, xs, ys, ragged=True)
+    f = res.factors
+    assert f.channel_index is not None and int(f.channel_ranks.sum()) == 6 * rank
+    assert res.error_after <= res.error_before + 1e-9
+    plain = factorize(conv.weight, rank, conv.bias, ragged=True)
+    assert res.error_before == pytest.approx(_direct_error(conv, plain, xs, ys), rel=1e-6)
+    assert res.error_after == pytest.approx(_direct_error(conv, f, xs, ys), rel=1e-6)
+    # the whitened split: never more whitened error than uniform, the dead channel gets no filter
+    stats = PatchStats(6, 9)
+    pc = patch_conv(conv)
+    for x in xs:
+        stats.update(pc(x))
+    a = stats.autocorr()
+    wr, wu = whitened_factors(conv.weight, rank, a, ragged=True), whitened_factors(conv.weight, rank, a)
+    assert wr.error <= wu.error + 1e-12 and int(wr.channel_ranks[1]) == 0
+    assert whitened_rank_errors(conv.weight, a, ragged=True)[rank] == pytest.approx(wr.error, rel=1e-9, abs=1e-12)
 
 
 def test_ragged_onnx_matches_torch_and_checks(gen, tmp_path):
@@ -177,8 +226,9 @@ def test_cli_ragged(tmp_path, capsys):
     cal = tmp_path / "cal.pt"
     torch.save(torch.randn(2, 3, 32, 32), cal)
     assert main(["rewrite", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--ragged", "--calibration",
-                 str(cal), "--no-time", "-q"]) == 2
-    assert "cannot be combined with calibration" in capsys.readouterr().err
+                 str(cal), "--no-time", "-q", "--report", str(out)]) == 0
+    rep = dsrewrite.Report.from_json(str(out))
+    assert all(L.channel_ranks and L.calib_error_after is not None for L in rep.rewritten)
 
 
 def test_compile_backend_ragged_equals_rewrite_and_refactorises_ragged(gen):
