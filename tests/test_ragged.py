@@ -249,3 +249,18 @@ def test_compile_backend_ragged_equals_rewrite_and_refactorises_ragged(gen):
             got = compiled(x)
         again = dsrewrite.rewrite(m, x, rank=2, ragged=True, measure_time=False).model(x)
     assert rel_err(got, again) < 1e-5
+
+
+def test_progressive_ragged_keeps_pairs_ragged_across_stages(gen):
+    from dsrewrite.finetune import progressive
+
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    data = [(torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 4, (4,), generator=gen))]
+    res = progressive(teacher, x, data, stages=2, rank=2, epochs_per_stage=1, progress=False, ragged=True)
+    assert sorted(L.name for L in res.report.rewritten) == ["0", "2"]
+    assert all(L.channel_ranks for L in res.report.rewritten)
+    assert all(m.ragged for m in res.model.modules() if isinstance(m, SeparableConv2d))
+    skipped = {L.name: L.reason for L in res.stage_reports[1].skipped}
+    assert skipped["2.depthwise"].startswith("already depthwise")  # a ragged depthwise conv is still depthwise

@@ -71,11 +71,11 @@ def progressive(model: nn.Module, example_inputs: Any, loader: Any, *, stages: S
                 rank: RankArg = "auto", include: Selector = None, exclude: Selector = None,
                 epochs_per_stage: Optional[int] = None, steps_per_stage: Optional[int] = None,
                 backend: str = "auto", on_stage: Optional[Callable[[int, nn.Module, Report], None]] = None,
-                progress: bool = True, **fit_kwargs: Any) -> ProgressiveResult:
+                progress: bool = True, ragged: bool = False, **fit_kwargs: Any) -> ProgressiveResult:
     """Rewrite and fine-tune ``model`` in stages; the original ``model`` is the teacher and stays unchanged.
 
     Args:
-        model, example_inputs, rank, include, exclude, backend: as for :func:`dsrewrite.rewrite`
+        model, example_inputs, rank, include, exclude, backend, ragged: as for :func:`dsrewrite.rewrite`
             (``include``/``exclude`` pick the layers; ``stages`` orders them).
         loader: batches for :func:`fit`.
         stages: an int (that many groups of layers, deepest first) or a list of include selectors.
@@ -86,7 +86,7 @@ def progressive(model: nn.Module, example_inputs: Any, loader: Any, *, stages: S
     from ..api import rewrite
 
     plan = rewrite(model, example_inputs, rank=rank, include=include, exclude=exclude, backend=backend,
-                   measure_time=False, name=fit_kwargs.pop("name", None))
+                   measure_time=False, name=fit_kwargs.pop("name", None), ragged=ragged)
     groups = plan_stages([L.name for L in plan.report.rewritten], stages)
     if not groups:
         raise DsrewriteError("no layer to rewrite: " + "; ".join(plan.report.notes or ["nothing selected"]))
@@ -98,7 +98,7 @@ def progressive(model: nn.Module, example_inputs: Any, loader: Any, *, stages: S
         if progress:
             print(f"stage {i + 1}/{len(groups)}: rewriting {len(group)} layer(s): {', '.join(group)}", flush=True)
         step = rewrite(student, example_inputs, rank=rank, include=lambda n, s=members: n in s, backend=backend,
-                       measure_time=False, name=plan.report.model)
+                       measure_time=False, name=plan.report.model, ragged=ragged)
         done = {L.name for L in step.report.rewritten}
         if done != members:
             raise DsrewriteError(f"stage {i + 1} rewrote {sorted(done)} instead of {sorted(members)}")
