@@ -279,14 +279,16 @@ def _unlift(gm: fx.GraphModule, lifted: Dict[str, _Lifted], rewritten: set) -> N
 
 
 def _declare_params(gm: fx.GraphModule) -> None:
-    """Give the factors a Dynamo source. AOT autograd (under Inductor) looks up the source of every parameter of
-    a Dynamo graph module (guards, cudagraph static inputs); the factors have none in user code."""
+    """Give the factors (and ragged pairs' channel index buffers) a Dynamo source. AOT autograd (under Inductor)
+    looks up the source of every parameter and buffer of a Dynamo graph module (guards, cudagraph static
+    inputs); the factors have none in user code."""
     table = getattr(gm, "_param_name_to_source", None)
     if table is None:
         return
     from torch._dynamo.source import ConstantSource
 
-    for name, _ in gm.named_parameters(remove_duplicate=False):
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, _ in named:
         if name not in table:
             table[name] = ConstantSource(f"__dsrewrite_{name.replace('.', '_')}")
 

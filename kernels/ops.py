@@ -155,6 +155,16 @@ except (ImportError, AttributeError, ValueError, RuntimeError):  # pragma: no co
     pass
 
 
+def _can_read(t: torch.Tensor) -> bool:
+    """Whether checking ``t``'s values is free: a real CPU tensor outside tracing. On CUDA it would cost a
+    device sync per call, and under torch.compile it is data-dependent; ``SeparableConv2d`` checks its index
+    once, when it is built."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    return t.device.type == "cpu" and not compiling and not isinstance(t, FakeTensor)
+
+
 def _check_tensors(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
                    bias: Optional[torch.Tensor], channel_index: Optional[torch.Tensor] = None) -> None:
     if x.dim() != 4:
@@ -170,7 +180,7 @@ def _check_tensors(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Te
                                  f"{channel_index.dtype} {tuple(channel_index.shape)}")
         if channel_index.device != x.device:
             raise DsrewriteError(f"channel_index is on {channel_index.device}, x is on {x.device}: they must match")
-        if cr and (int(channel_index.min()) < 0 or int(channel_index.max()) >= c):
+        if cr and _can_read(channel_index) and (int(channel_index.min()) < 0 or int(channel_index.max()) >= c):
             raise DsrewriteError(f"channel_index values must lie in [0, {c})")
     if pw_weight.dim() != 4 or pw_weight.shape[1] != cr or tuple(pw_weight.shape[2:]) != (1, 1):
         raise DsrewriteError(f"pw_weight must be [M, {cr}, 1, 1], got {tuple(pw_weight.shape)}")
