@@ -192,6 +192,24 @@ def test_triton_op_inside_inductor_graph(monkeypatch, gen):
     assert ran and rel_err(got, want) < TOL
 
 
+def test_ragged_triton_pairs_under_torch_compile(gen):
+    """Ragged pairs on the Triton op compile: inside the dsrewrite backend's Inductor graph (the index is a
+    buffer of the rewritten graph) and in a user's torch.compile(fullgraph=True) of a rewritten model (the
+    index is not read on the host while tracing)."""
+    pytest.importorskip("triton")
+    m = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU()).eval()
+    scale = torch.tensor([0.02, 0.5, 1.0, 3.0])[None, :, None, None]  # uneven channels: a ragged split
+    with torch.no_grad():
+        m[0].weight.copy_(torch.randn(8, 4, 3, 3, generator=gen) * scale)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    with torch.no_grad():
+        want = dsrewrite.rewrite(m, x, rank=2, backend="torch", ragged=True, measure_time=False).model(x)
+        got = dsrewrite.compile(m, rank=2, backend="triton", ragged=True)(x)
+        assert rel_err(got, want) < TOL
+        tri = dsrewrite.rewrite(m, x, rank=2, backend="triton", ragged=True, measure_time=False).model
+        assert rel_err(torch.compile(tri, backend="aot_eager", fullgraph=True)(x), want) < TOL
+
+
 @pytest.mark.parametrize("options, match", [
     ({"rank": 0}, "rank must be >= 1"),
     ({"target_latency": 0.5}, "'target_latency' is not supported by the torch.compile backend"),

@@ -264,20 +264,3 @@ def test_progressive_ragged_keeps_pairs_ragged_across_stages(gen):
     assert all(m.ragged for m in res.model.modules() if isinstance(m, SeparableConv2d))
     skipped = {L.name: L.reason for L in res.stage_reports[1].skipped}
     assert skipped["2.depthwise"].startswith("already depthwise")  # a ragged depthwise conv is still depthwise
-
-
-def test_ragged_triton_pairs_under_torch_compile(gen):
-    """Ragged pairs on the Triton op compile: inside the dsrewrite backend's Inductor graph (the index is a
-    buffer of the rewritten graph) and in a user's torch.compile(fullgraph=True) of a rewritten model (the
-    index is not read on the host while tracing)."""
-    pytest.importorskip("triton")
-    m = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU()).eval()
-    with torch.no_grad():
-        m[0].weight.copy_(_uneven(gen, 8, 4, 3, 3).float())
-    x = torch.randn(1, 4, 8, 8, generator=gen)
-    with torch.no_grad():
-        want = dsrewrite.rewrite(m, x, rank=2, backend="torch", ragged=True, measure_time=False).model(x)
-        got = dsrewrite.compile(m, rank=2, backend="triton", ragged=True)(x)
-        assert rel_err(got, want) < 1e-5
-        tri = dsrewrite.rewrite(m, x, rank=2, backend="triton", ragged=True, measure_time=False).model
-        assert rel_err(torch.compile(tri, backend="aot_eager", fullgraph=True)(x), want) < 1e-5
