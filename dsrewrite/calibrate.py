@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .factorize import Factors, _as_tensor, _ragged_keep, factorize
+from .factorize import Factors, _as_tensor, _ragged_keep, _ragged_terms, factorize, ragged_error_curve
 
 __all__ = [
     "PatchStats", "LinearFit", "LayerCalibrator", "CalibResult", "whiten_roots", "whitened_factors",
@@ -210,12 +210,9 @@ def whitened_factors(weight, rank: int, autocorr, bias=None, damp: float = DAMP,
     index = None
     if ragged and r < s.shape[1]:
         keep = _ragged_keep(energy, cin * r)
-        ch, term = keep.nonzero(as_tuple=True)
-        root = s[ch, term].sqrt()
-        dw = (root[:, None] * (vh[ch, term, :][:, None, :] @ inv[ch]).squeeze(1)).reshape(cin * r, 1, *kernel)
-        pw = (u[ch, :, term] * root[:, None]).t().reshape(cout, cin * r, *([1] * len(kernel)))
+        dw, pw, index = _ragged_terms(u, s, vh @ inv, keep, kernel)  # filters back in input units
         dropped = float(energy[~keep].sum())
-        index = ch.to(device=w.device, dtype=torch.int64)
+        index = index.to(device=w.device)
     else:
         root = s[:, :r].sqrt()
         dw = (root[:, :, None] * (vh[:, :r, :] @ inv)).reshape(cin * r, 1, *kernel)
@@ -242,11 +239,7 @@ def whitened_rank_errors(weight, autocorr, damp: float = DAMP, ragged: bool = Fa
     if total <= 0.0:
         return [0.0] * (s.shape[1] + 1)
     if ragged:
-        flat = torch.sort(e.reshape(-1), descending=True).values
-        tail = torch.flip(torch.cumsum(torch.flip(flat, [0]), 0), [0])
-        cin = s.shape[0]
-        return [math.sqrt(max(float(tail[cin * r]), 0.0) / total) if cin * r < flat.numel() else 0.0
-                for r in range(s.shape[1] + 1)]
+        return ragged_error_curve(e)
     tail = torch.flip(torch.cumsum(torch.flip(e.sum(0), [0]), 0), [0]).tolist() + [0.0]
     return [math.sqrt(max(t, 0.0) / total) for t in tail]
 

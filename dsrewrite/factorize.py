@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["Factors", "factorize", "full_rank", "rank_errors"]
+__all__ = ["Factors", "factorize", "full_rank", "rank_errors", "ragged_error_curve"]
 
 
 @dataclass
@@ -112,12 +112,9 @@ def factorize(weight, rank: int, bias=None, *, ragged: bool = False) -> Factors:
     u, s, vh = _svd(weight)
     index = None
     if ragged and r < s.shape[1]:
-        keep = _ragged_keep(s, cin * r)  # [Cin, q] bool, a prefix of each channel's terms
-        ch, term = keep.nonzero(as_tuple=True)  # row-major: channel order, then term order
-        root = s[ch, term].sqrt()
-        dw = (root[:, None] * vh[ch, term, :]).reshape(cin * r, 1, *kernel)
-        pw = (u[ch, :, term] * root[:, None]).t().reshape(cout, cin * r, *([1] * len(kernel)))
-        index = ch.to(device=weight.device, dtype=torch.int64)
+        keep = _ragged_keep(s ** 2, cin * r)
+        dw, pw, index = _ragged_terms(u, s, vh, keep, kernel)
+        index = index.to(device=weight.device)
         err = _error_of(s, float((s[~keep] ** 2).sum()))
     else:
         root = s[:, :r].sqrt()  # balanced split of the singular values between the two convs
@@ -134,16 +131,26 @@ def factorize(weight, rank: int, bias=None, *, ragged: bool = False) -> Factors:
     )
 
 
-def _ragged_keep(s: torch.Tensor, terms: int) -> torch.Tensor:
-    """Mask of the ``terms`` largest singular values over all channels (ties: lower channel, lower term).
+def _ragged_keep(energy: torch.Tensor, terms: int) -> torch.Tensor:
+    """Mask ``[Cin, q]`` of the ``terms`` largest energies over all channels (ties: lower channel, lower term).
 
     Each channel's values are sorted, so the kept set is a prefix of every channel's terms.
     """
-    flat = s.reshape(-1)
+    flat = energy.reshape(-1)
     order = torch.argsort(-flat, stable=True)
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[order[:terms]] = True
-    return keep.reshape(s.shape)
+    return keep.reshape(energy.shape)
+
+
+def _ragged_terms(u: torch.Tensor, s: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, kernel: tuple):
+    """Depthwise ``[R, 1, *kernel]``, pointwise ``[Cout, R, 1...]`` and channel index ``[R]`` of the kept terms
+    (channel order, then term order), singular values split evenly; ``rows`` ``[Cin, q, K]``: the filters."""
+    ch, term = keep.nonzero(as_tuple=True)
+    root = s[ch, term].sqrt()
+    dw = (root[:, None] * rows[ch, term, :]).reshape(len(ch), 1, *kernel)
+    pw = (u[ch, :, term] * root[:, None]).t().reshape(u.shape[1], len(ch), *([1] * len(kernel)))
+    return dw, pw, ch.to(torch.int64)
 
 
 def _error_of(s: torch.Tensor, dropped: float) -> float:
@@ -164,8 +171,15 @@ def rank_errors(weight, *, ragged: bool = False) -> list:
     _, s, _ = _svd(weight)
     if not ragged:
         return [_relative_error(s, r) for r in range(s.shape[1] + 1)]
-    cin = s.shape[0]
-    energy = torch.sort(s.reshape(-1) ** 2, descending=True).values
-    dropped = energy.flip(0).cumsum(0).flip(0)  # dropped[i] = sum of energy[i:]
-    return [_error_of(s, float(dropped[cin * r]) if cin * r < energy.numel() else 0.0)
-            for r in range(s.shape[1] + 1)]
+    return ragged_error_curve(s ** 2)
+
+
+def ragged_error_curve(energy: torch.Tensor) -> list:
+    """Relative error of the best ragged split at every rank ``0..q`` (index = rank), from ``energy``
+    ``[Cin, q]`` (squared singular values, or any per-term energy): the ``Cin*rank`` largest are kept."""
+    cin, q = energy.shape
+    total = float(energy.sum())
+    flat = torch.sort(energy.reshape(-1), descending=True).values
+    dropped = flat.flip(0).cumsum(0).flip(0)  # dropped[i] = sum of flat[i:]
+    return [math.sqrt(max(float(dropped[cin * r]), 0.0) / total) if total > 0 and cin * r < flat.numel() else 0.0
+            for r in range(q + 1)]
