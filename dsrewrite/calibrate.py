@@ -23,7 +23,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .factorize import Factors, _as_tensor, _ragged_keep, _ragged_terms, factorize, ragged_error_curve
+from .factorize import (Factors, _as_tensor, _ragged_keep, _separable_terms, _uniform_keep, factorize,
+                        ragged_error_curve)
 
 __all__ = [
     "PatchStats", "LinearFit", "LayerCalibrator", "CalibResult", "whiten_roots", "whitened_factors",
@@ -203,21 +204,14 @@ def whitened_factors(weight, rank: int, autocorr, bias=None, damp: float = DAMP,
     """
     w = _as_tensor(weight)
     kernel = tuple(w.shape[2:])
-    cout, cin = w.shape[:2]
+    cin = w.shape[1]
     u, s, vh, inv, live = _whitened_svd(w, autocorr, damp)
     r = min(int(rank), s.shape[1])
     energy = _output_energy(s, live, ragged)
-    index = None
-    if ragged and r < s.shape[1]:
-        keep = _ragged_keep(energy, cin * r)
-        dw, pw, index = _ragged_terms(u, s, vh @ inv, keep, kernel)  # filters back in input units
-        dropped = float(energy[~keep].sum())
-        index = index.to(device=w.device)
-    else:
-        root = s[:, :r].sqrt()
-        dw = (root[:, :, None] * (vh[:, :r, :] @ inv)).reshape(cin * r, 1, *kernel)
-        pw = (u[:, :, :r] * root[:, None, :]).permute(1, 0, 2).reshape(cout, cin * r, *([1] * len(kernel)))
-        dropped = float(energy[:, r:].sum())
+    ragged = ragged and r < s.shape[1]
+    keep = _ragged_keep(energy, cin * r) if ragged else _uniform_keep(s, r)
+    dw, pw, index = _separable_terms(u, s, vh @ inv, keep, kernel)  # filters back in input units
+    dropped = float(energy[~keep].sum())
     if not (bool(torch.isfinite(dw).all()) and bool(torch.isfinite(pw).all())):
         return factorize(w, r, bias, ragged=ragged)
     total = float(energy.sum())
@@ -225,7 +219,7 @@ def whitened_factors(weight, rank: int, autocorr, bias=None, damp: float = DAMP,
     b = _as_tensor(bias) if bias is not None else None
     return Factors(dw.to(dtype=w.dtype, device=w.device).contiguous(),
                    pw.to(dtype=w.dtype, device=w.device).contiguous(),
-                   None if b is None else b.detach().clone(), r, err, index)
+                   None if b is None else b.detach().clone(), r, err, index.to(w.device) if ragged else None)
 
 
 def whitened_rank_errors(weight, autocorr, damp: float = DAMP, ragged: bool = False) -> List[float]:

@@ -106,28 +106,21 @@ def factorize(weight, rank: int, bias=None, *, ragged: bool = False) -> Factors:
         raise ValueError(f"conv weight must be [Cout, Cin, *kernel], got shape {tuple(weight.shape)}")
     if int(rank) < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    cout, cin = weight.shape[:2]
+    cin = weight.shape[1]
     kernel = tuple(weight.shape[2:])
     r = min(int(rank), full_rank(weight.shape))
     u, s, vh = _svd(weight)
-    index = None
-    if ragged and r < s.shape[1]:
-        keep = _ragged_keep(s ** 2, cin * r)
-        dw, pw, index = _ragged_terms(u, s, vh, keep, kernel)
-        index = index.to(device=weight.device)
-        err = _error_of(s, float((s[~keep] ** 2).sum()))
-    else:
-        root = s[:, :r].sqrt()  # balanced split of the singular values between the two convs
-        dw = (root[:, :, None] * vh[:, :r, :]).reshape(cin * r, 1, *kernel)
-        pw = (u[:, :, :r] * root[:, None, :]).permute(1, 0, 2).reshape(cout, cin * r, *([1] * len(kernel)))
-        err = _relative_error(s, r)
+    ragged = ragged and r < s.shape[1]
+    keep = _ragged_keep(s ** 2, cin * r) if ragged else _uniform_keep(s, r)
+    dw, pw, index = _separable_terms(u, s, vh, keep, kernel)
+    err = _error_of(s, float((s[~keep] ** 2).sum()))
     return Factors(
         depthwise=dw.to(dtype=weight.dtype, device=weight.device).contiguous(),
         pointwise=pw.to(dtype=weight.dtype, device=weight.device).contiguous(),
         bias=None if bias is None else bias.detach().clone(),
         rank=r,
         error=err,
-        channel_index=index,
+        channel_index=index.to(weight.device) if ragged else None,
     )
 
 
@@ -143,9 +136,15 @@ def _ragged_keep(energy: torch.Tensor, terms: int) -> torch.Tensor:
     return keep.reshape(energy.shape)
 
 
-def _ragged_terms(u: torch.Tensor, s: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, kernel: tuple):
+def _uniform_keep(s: torch.Tensor, rank: int) -> torch.Tensor:
+    """Mask ``[Cin, q]`` of every channel's first ``rank`` terms (uniform ranks)."""
+    return (torch.arange(s.shape[1], device=s.device) < rank).expand(s.shape)
+
+
+def _separable_terms(u: torch.Tensor, s: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, kernel: tuple):
     """Depthwise ``[R, 1, *kernel]``, pointwise ``[Cout, R, 1...]`` and channel index ``[R]`` of the kept terms
-    (channel order, then term order), singular values split evenly; ``rows`` ``[Cin, q, K]``: the filters."""
+    in channel order, then term order (uniform masks give filter ``c*r + j``), each singular value split
+    evenly between the two convs; ``rows`` ``[Cin, q, K]``: the depthwise filters of every term."""
     ch, term = keep.nonzero(as_tuple=True)
     root = s[ch, term].sqrt()
     dw = (root[:, None] * rows[ch, term, :]).reshape(len(ch), 1, *kernel)

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["out_size", "resolve_padding", "output_memory_format"]
+__all__ = ["out_size", "resolve_padding", "output_memory_format", "conv_output", "depthwise_operands"]
 
 
 def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
@@ -36,3 +36,24 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def conv_output(x: torch.Tensor, kernel: Sequence[int], channels: int, stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int]) -> Tuple[torch.Tensor, int]:
+    """The empty ``[N, channels, OH, OW]`` output of a conv of ``x`` (in ``x``'s memory format) and its pixel
+    count ``P = N*OH*OW``."""
+    n, _, h, w = x.shape
+    oh = out_size(h, kernel[0], stride[0], padding[0], dilation[0])
+    ow = out_size(w, kernel[1], stride[1], padding[1], dilation[1])
+    y = torch.empty((n, channels, oh, ow), device=x.device, dtype=x.dtype, memory_format=output_memory_format(x))
+    return y, n * oh * ow
+
+
+def depthwise_operands(dw_weight: torch.Tensor, in_channels: int, channel_index: Optional[torch.Tensor]
+                       ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """What the kernels take for a depthwise weight ``[C*r, 1, KH, KW]``: the ``[C*r, KH*KW]`` filters, the
+    int64 channel index (the filters again as a never-read dummy when uniform) and the multiplier ``r``."""
+    cr = dw_weight.shape[0]
+    w = dw_weight.reshape(cr, -1).contiguous()
+    idx = channel_index.to(torch.int64).contiguous() if channel_index is not None else w
+    return w, idx, max(cr // in_channels, 1)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import _depthwise_tile, _input_channel, _pixel_origin, _tile_ids, interpreting, launch, prune_by_size
-from ._shapes import out_size, output_memory_format
+from ._shapes import conv_output, depthwise_operands
 
 __all__ = ["depthwise_conv2d_forward", "DEPTHWISE_CONFIGS"]
 
@@ -73,17 +73,13 @@ def depthwise_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride: Sequ
                              channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, stride=, padding=, dilation=, groups=C)`` with ``weight [C*r, 1, KH, KW]``;
     with ``channel_index`` (ragged): ``F.conv2d(x[:, channel_index], weight, ..., groups=C*r)``."""
-    N, C, H, W = x.shape
+    _, C, H, W = x.shape
     CR, _, KH, KW = weight.shape
-    OH = out_size(H, KH, stride[0], padding[0], dilation[0])
-    OW = out_size(W, KW, stride[1], padding[1], dilation[1])
-    z = torch.empty((N, CR, OH, OW), device=x.device, dtype=x.dtype, memory_format=output_memory_format(x))
-    P = N * OH * OW
+    z, P = conv_output(x, (KH, KW), CR, stride, padding, dilation)
     if P == 0 or CR == 0:
         return z
-    w = weight.reshape(CR, KH * KW).contiguous()
-    idx = channel_index.to(torch.int64).contiguous() if channel_index is not None else w  # dummy, never read
-    args = (x, w, idx, z, H, W, CR, OH, OW, P, max(CR // C, 1), *x.stride(), *z.stride(),
+    w, idx, R = depthwise_operands(weight, C, channel_index)
+    args = (x, w, idx, z, H, W, CR, z.shape[2], z.shape[3], P, R, *x.stride(), *z.stride(),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     launch(_depthwise_conv2d_kernel, _depthwise_conv2d_tuned, args,
            dict(KH=KH, KW=KW, HAS_INDEX=channel_index is not None), config,

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._common import (ACTIVATIONS, _depthwise_tile, _epilogue_store, _input_channel, _pixel_origin, _tile_ids,
                       gemm_config, interpreting, launch, prune_by_size, shared_memory_limit)
-from ._shapes import out_size, output_memory_format
+from ._shapes import conv_output, depthwise_operands
 
 __all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_FALLBACK_CONFIGS", "FUSED_BLOCK_M_MAX",
            "fused_shared_bytes", "fused_configs_for"]
@@ -126,20 +126,16 @@ def separable_conv2d_forward(
     ``config`` (``{"BLOCK_P":..,"BLOCK_M":..,"BLOCK_K":.., "num_warps":..}``) bypasses the autotuner: tests
     and the benchmark use it to check every config.
     """
-    N, C, H, W = x.shape
+    _, C, H, W = x.shape
     CR, _, KH, KW = dw_weight.shape
     M = pw_weight.shape[0]
-    OH = out_size(H, KH, stride[0], padding[0], dilation[0])
-    OW = out_size(W, KW, stride[1], padding[1], dilation[1])
-    y = torch.empty((N, M, OH, OW), device=x.device, dtype=x.dtype, memory_format=output_memory_format(x))
-    P = N * OH * OW
+    y, P = conv_output(x, (KH, KW), M, stride, padding, dilation)
     if P == 0 or M == 0:
         return y
-    dw = dw_weight.reshape(CR, KH * KW).contiguous()
+    dw, idx, R = depthwise_operands(dw_weight, C, channel_index)
     pw = pw_weight.reshape(M, CR).to(x.dtype).contiguous()
     b = bias.contiguous() if bias is not None else pw  # dummy pointer, never read
-    idx = channel_index.to(torch.int64).contiguous() if channel_index is not None else dw  # dummy, never read
-    args = (x, dw, idx, pw, b, y, C, H, W, CR, M, OH, OW, P, max(CR // C, 1),
+    args = (x, dw, idx, pw, b, y, C, H, W, CR, M, y.shape[2], y.shape[3], P, R,
             *x.stride(), *y.stride(), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], PRECISION=precision,
                 HAS_INDEX=channel_index is not None)

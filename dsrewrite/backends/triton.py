@@ -48,9 +48,8 @@ def triton_supports(module, x: torch.Tensor) -> Tuple[bool, str]:
     for p in (dw.weight, pw.weight, pw.bias):
         if p is not None and (p.dtype != x.dtype or p.device != x.device):
             return False, f"weights are {p.dtype} on {p.device}, input is {x.dtype} on {x.device}"
-    cin = getattr(module, "in_channels", dw.in_channels)
-    if x.shape[1] != cin:
-        return False, f"input has {x.shape[1]} channels, the module expects {cin}"
+    if x.shape[1] != module.in_channels:
+        return False, f"input has {x.shape[1]} channels, the module expects {module.in_channels}"
     if dw.padding_mode != "zeros":
         return False, f"padding_mode={dw.padding_mode!r} (the kernels pad with zeros only)"
     if module_padding(module) is None:
@@ -64,4 +63,4 @@ def triton_forward(module, x: torch.Tensor) -> torch.Tensor:
 
     dw, pw = module.depthwise, module.pointwise
     return separable_conv2d(x, dw.weight, pw.weight, pw.bias, stride=dw.stride, padding=module_padding(module),
-                            dilation=dw.dilation, channel_index=getattr(module, "channel_index", None))
+                            dilation=dw.dilation, channel_index=module.channel_index)
