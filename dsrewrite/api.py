@@ -181,7 +181,9 @@ class _Planning:
         self.batches = None
         self.progress = progress
         self.n_inputs = len(args)
-        if memory_format not in ("auto", "contiguous", "channels_last"):
+        from .latency import MEMORY_FORMATS
+
+        if memory_format not in MEMORY_FORMATS:
             raise DsrewriteError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {memory_format!r}")
         budget = budget_args(rank, target_flops, target_params, target_latency, energy, timer=True)
         self.teacher: Optional[nn.Module] = None

@@ -17,9 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from .errors import DsrewriteError
 
 __all__ = ["Option", "LayerOptions", "allocate", "smallest_cost", "energy_rank", "check_fraction",
-           "BUDGET_KINDS", "budget_ranks"]
+           "budget_ranks"]
 
-BUDGET_KINDS = ("target_flops", "target_params", "target_latency")
 _WHAT = {"target_flops": "FLOPs", "target_params": "parameters", "target_latency": "measured time"}
 
 
@@ -157,11 +156,11 @@ class BudgetEntry:
 
 
 def budget_ranks(entries: Sequence[BudgetEntry], *, kind: str, target: float, total: float
-                 ) -> Tuple[Dict[int, Optional[int]], float]:
+                 ) -> Dict[int, Optional[int]]:
     """Ranks (``None`` = leave dense) per entry index so the whole model costs ``<= target * total``.
 
-    ``total`` is the whole model's cost (convs that are not entries count as fixed). Returns the ranks and
-    the planned cost fraction; raises :class:`DsrewriteError` stating the smallest achievable fraction.
+    ``total`` is the whole model's cost (convs that are not entries count as fixed). Returns the ranks;
+    raises :class:`DsrewriteError` stating the smallest achievable fraction.
     """
     layers = []
     for i, e in enumerate(entries):
@@ -184,5 +183,4 @@ def budget_ranks(entries: Sequence[BudgetEntry], *, kind: str, target: float, to
         raise DsrewriteError(
             f"{kind}={target:g} is not achievable: the smallest reachable is {least:.4f} of the model's "
             f"{_WHAT.get(kind, 'cost')} (every eligible conv at its cheapest rank)") from None
-    planned = fixed + sum(layer.dense if choice[layer.key] is None else choice[layer.key].cost for layer in layers)
-    return {k: (None if o is None else o.rank) for k, o in choice.items()}, planned / total
+    return {k: (None if o is None else o.rank) for k, o in choice.items()}

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .factorize import (Factors, _as_tensor, _ragged_keep, _separable_terms, _uniform_keep, factorize,
+from .factorize import (Factors, _as_tensor, _ragged_keep, _separable_terms, _svd, _uniform_keep, factorize,
                         ragged_error_curve)
 
 __all__ = [
@@ -181,11 +181,8 @@ def whiten_roots(autocorr: torch.Tensor, damp: float = DAMP) -> Tuple[torch.Tens
 
 
 def _whitened_svd(weight, autocorr, damp: float):
-    w = _as_tensor(weight).detach().to(torch.float64).cpu()
-    cout, cin = w.shape[:2]
-    slices = w.reshape(cout, cin, -1).permute(1, 0, 2)  # [Cin, Cout, K]
     root, inv, live = whiten_roots(autocorr, damp)
-    u, s, vh = torch.linalg.svd(slices @ root, full_matrices=False)
+    u, s, vh = _svd(_as_tensor(weight).detach().to(torch.float64).cpu(), right=root)
     return u, s, vh, inv, live
 
 
@@ -509,10 +506,7 @@ def calibrate_sequential(student: nn.Module, teacher: Optional[nn.Module], layer
     results: Dict[str, CalibResult] = {}
     for L in it:
         sep = L.student
-        plain = Factors(sep.depthwise.weight.detach().clone(), sep.pointwise.weight.detach().clone(),
-                        None if sep.pointwise.bias is None else sep.pointwise.bias.detach().clone(),
-                        sep.rank, 0.0, None if sep.channel_index is None else sep.channel_index.clone())
-        cal = LayerCalibrator(L.conv, sep.rank, plain=plain, damp=damp, ridge=ridge)
+        cal = LayerCalibrator(L.conv, sep.rank, plain=sep.factors(clone=True), damp=damp, ridge=ridge)
         for b in batches:
             for x in _run_until(student, _fit_args(student, b, n_inputs), sep, L.calls, "input"):
                 cal.observe_inputs(x)

@@ -525,7 +525,7 @@ def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: _Inputs, opts
     apply_decisions(gm, decisions, backend=opts["backend"])
     for d in decisions:
         if d.rewritten and d.site.handle.kind == "module":
-            gm.get_submodule(d.site.handle.target).requires_grad_(False)
+            d.module.requires_grad_(False)
     notes.extend(planning.notes)
     if batches is not None:
         student = _BoundGraph(gm, inputs)
@@ -548,11 +548,8 @@ def _new_plan(decisions: List[Decision], sites: List[ConvSite], gm: fx.GraphModu
     """Remember what was decided, with factors that are views of the modules' tensors (what the graph runs)."""
     modules, layers = [], []
     for d in decisions:
-        m = gm.get_submodule(d.site.handle.target) if d.rewritten and d.site.handle.kind == "module" else None
-        f = None
-        if m is not None:
-            f = Factors(m.depthwise.weight.detach(), m.pointwise.weight.detach(),
-                        None if m.pointwise.bias is None else m.pointwise.bias.detach(), m.rank, d.factors.error)
+        m = d.module if d.rewritten and d.site.handle.kind == "module" else None
+        f = None if m is None else m.factors(d.factors.error)
         modules.append(m)
         layers.append((d.report, f))
     plan = _Plan(options_key, tuple(s.spec.name for s in sites), [(_Snap(s.weight), _Snap(s.bias)) for s in sites],
@@ -634,14 +631,11 @@ class DsrewriteBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optional[str] = None,
                  options: Optional[Dict[str, Any]] = None) -> Callable:
-        opts = self.options if not options else _check_options({**self._given(), **options})
+        opts = self.options if not options else _check_options({**self.options, **options})
         if mode not in (None, "default") and opts["mode"] not in (None, mode):
             raise DsrewriteError(f"two compile modes given: mode={mode!r} and the option mode={opts['mode']!r}")
         mode = opts["mode"] if mode in (None, "default") else mode
         return _compile_graph(gm, example_inputs, opts, mode, self.reports)
-
-    def _given(self) -> Dict[str, Any]:
-        return {k: v for k, v in self.options.items() if k in OPTIONS}
 
 
 def dsrewrite_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optional[str] = None,

@@ -79,11 +79,16 @@ def _single_thread(device: torch.device):
         torch.set_num_threads(n)
 
 
-def _svd(weight: torch.Tensor):
-    """Batched per-input-channel SVD in float64: returns U [Cin,Cout,q], S [Cin,q], Vh [Cin,q,K]."""
+def _svd(weight: torch.Tensor, right: Optional[torch.Tensor] = None):
+    """Batched per-input-channel SVD in float64: returns U [Cin,Cout,q], S [Cin,q], Vh [Cin,q,K].
+
+    ``right`` (``[Cin, K, K]``, float64): decompose ``W_c @ right_c`` instead (the whitened SVD).
+    """
     cout, cin = weight.shape[:2]
     taps = int(math.prod(weight.shape[2:]))
     slices = weight.detach().to(torch.float64).reshape(cout, cin, taps).permute(1, 0, 2)
+    if right is not None:
+        slices = slices @ right.to(slices.device)
     with _single_thread(slices.device):
         return torch.linalg.svd(slices, full_matrices=False)
 

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .backends.fx import apply_decisions
 from .frontends.fx import collect_sites
+from .measure import count_params
 from .modules import BACKENDS
 from .pipeline import Decision, Selector, plan_sites
 from .policy import RankArg, check_rank
@@ -76,10 +77,9 @@ class SeparableRewritePass(PassBase):
             sys.stderr.write(captured.getvalue())
         self.flops_before = int(counter.get_total_flops())
         sites = collect_sites(graph_module)
-        kw = dict(self.plan_kwargs)
-        if kw:
-            kw.setdefault("total_flops", self.flops_before)
-            kw.setdefault("total_params", sum(p.numel() for p in graph_module.parameters()))
+        kw = dict(self.plan_kwargs)  # budgets are fractions of the whole model (plan_sites ignores these without one)
+        kw.setdefault("total_flops", self.flops_before)
+        kw.setdefault("total_params", count_params(graph_module))
         self.decisions = plan_sites(sites, self.rank, self.include, self.exclude, progress=self.progress, **kw)
         modified = apply_decisions(graph_module, self.decisions, backend=self.backend, also=self.mirror)
         return PassResult(graph_module, modified)

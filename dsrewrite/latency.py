@@ -52,10 +52,6 @@ def candidate_ranks(spec: ConvSpec, count: int = 5) -> List[int]:
     return sorted(set(ranks))
 
 
-def _format(fmt: str):
-    return torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-
-
 class LayerTimer:
     """Measure convs and separable pairs of a :class:`~dsrewrite.ir.ConvSpec`'s shape.
 

@@ -116,6 +116,14 @@ class _SeparableConvNd(nn.Module):
                 self.pointwise.bias.copy_(factors.bias)
         return self
 
+    def factors(self, error: float = 0.0, *, clone: bool = False) -> Factors:
+        """This pair's weights as :class:`Factors` (the inverse of :meth:`load_factors`): detached views of
+        the module's tensors, or copies with ``clone=True``; ``error`` is recorded as given."""
+        take = (lambda t: t.detach().clone()) if clone else (lambda t: t.detach())
+        bias = self.pointwise.bias
+        return Factors(take(self.depthwise.weight), take(self.pointwise.weight), None if bias is None else take(bias),
+                       self.rank, error, None if self.channel_index is None else take(self.channel_index))
+
     # ------------------------------------------------------------------ running
     @property
     def out_channels(self) -> int:
@@ -140,8 +148,6 @@ class _SeparableConvNd(nn.Module):
         return torch.einsum("ocr,crk->ock", pw, dw).reshape(cout, cin, *k)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch" or self._dims != 2:
-            return False
         from . import backends
 
         ok, why = backends.triton_supports(self, x)

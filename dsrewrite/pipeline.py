@@ -267,7 +267,7 @@ def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, bu
             measured_total = sum(times[i][0] for i in times)
             total = max(total_time_ms or 0.0, measured_total)
         # layers that could not take part still cost their dense amount: count them as fixed via total
-        chosen, _ = budget_ranks(entries, kind=kind, target=value, total=total)
+        chosen = budget_ranks(entries, kind=kind, target=value, total=total)
         what = {"target_flops": "FLOP", "target_params": "parameter", "target_latency": "millisecond"}[kind]
         for j, i in enumerate(idx):
             if chosen[j] is None:

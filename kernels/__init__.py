@@ -14,18 +14,27 @@ is the function; the module of the same name is reached with
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import types
 from typing import Optional
 
 import torch
 
-__all__ = ["separable_conv2d", "depthwise_conv2d", "pointwise_conv2d", "choose_path", "is_available"]
+__all__ = ["separable_conv2d", "depthwise_conv2d", "pointwise_conv2d", "choose_path", "is_available", "interpreting"]
+
+
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None  # looked up once, not on every forward
 
 
 def is_available() -> bool:
     """Whether Triton can be imported (it is not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
+
+
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``): one small config, no tuning."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,

@@ -19,6 +19,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import interpreting
+
 __all__ = ["CompiledInfo", "compile_for", "compile_many", "SHARED_LIMIT", "DTYPES"]
 
 # largest dynamic shared memory per block (bytes) by compute capability
@@ -107,7 +109,7 @@ def compile_many(cases: List[dict]) -> List[dict]:
     "num_warps", "num_stages", "ones", "pointer_dtypes"}``) and return :class:`CompiledInfo` fields as dicts. Under
     ``TRITON_INTERPRET=1`` the kernels are interpreter objects, so the compiles run in a child process
     without it."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not interpreting():
         return [_compile_case(c) for c in cases]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "dsrewrite.kernels._aot"], input=json.dumps(cases), env=env,

@@ -5,11 +5,12 @@ import Triton.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional
 
 import triton
 import triton.language as tl
+
+from . import interpreting  # noqa: F401 - re-exported for the kernel files
 
 __all__ = ["ACTIVATIONS", "interpreting", "next_pow2", "prune_by_size", "shared_memory_limit", "_activation", "_pixel_origin",
            "_depthwise_tile", "_epilogue_store", "_input_channel",
@@ -17,11 +18,6 @@ __all__ = ["ACTIVATIONS", "interpreting", "next_pow2", "prune_by_size", "shared_
 
 # activation name -> the ACT constexpr of the kernels
 ACTIVATIONS: Dict[str, int] = {"none": 0, "relu": 1, "relu6": 2, "silu": 3}
-
-
-def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``): one small config, no tuning."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def next_pow2(n: int) -> int:

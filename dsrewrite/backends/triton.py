@@ -6,8 +6,6 @@ only on CUDA tensors; ``backend="triton"`` also accepts CPU tensors when ``TRITO
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -15,10 +13,6 @@ import torch
 __all__ = ["triton_supports", "triton_forward", "module_padding"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def module_padding(module) -> Optional[Tuple[int, int]]:
@@ -31,13 +25,15 @@ def module_padding(module) -> Optional[Tuple[int, int]]:
 
 def triton_supports(module, x: torch.Tensor) -> Tuple[bool, str]:
     """Whether the Triton kernels can run ``module`` (a ``SeparableConv2d``) on ``x``, and if not, why."""
+    from ..kernels import interpreting, is_available  # no Triton import
+
     if getattr(module, "_dims", 2) != 2:
         return False, "only SeparableConv2d has Triton kernels"
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
-    if x.device.type != "cuda":
-        if not (module.backend == "triton" and x.device.type == "cpu" and _interpreting()):
+    if x.device.type != "cuda":  # the common CPU case first: no lookup at all
+        if not (module.backend == "triton" and x.device.type == "cpu" and interpreting()):
             return False, f"input on {x.device.type} (Triton runs on CUDA; CPU only with TRITON_INTERPRET=1)"
+    if not is_available():
+        return False, "triton is not installed"
     if x.dim() != 4:
         return False, f"input must be 4-D [N, C, H, W], got {x.dim()}-D"
     if x.dtype not in _DTYPES:

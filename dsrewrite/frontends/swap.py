@@ -16,7 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..backends.fx import apply_decisions, separable_for, set_submodule
 from ..ir import ConvSite, ConvSpec
-from ..measure import eval_mode
+from ..measure import count_params, eval_mode
 from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
 from .fx import _CONV_MODULES, FxHandle, collect_sites, trace
@@ -124,9 +124,8 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
             visit(child, q)
 
     visit(model, "")
-    if plan_kwargs:  # budgets are fractions of the whole model
-        plan_kwargs.setdefault("total_flops", flops)
-        plan_kwargs.setdefault("total_params", sum(p.numel() for p in model.parameters()))
+    plan_kwargs.setdefault("total_flops", flops)  # budgets are fractions of the whole model
+    plan_kwargs.setdefault("total_params", count_params(model))
     decisions = plan_sites(ordered, rank, include, exclude, progress=progress, **plan_kwargs)
     by_site = {id(d.site): d for d in decisions}
     used = []

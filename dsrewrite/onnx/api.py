@@ -136,20 +136,21 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
             except onnx.checker.ValidationError as e:
                 raise RuntimeError(f"the rewritten model fails onnx.checker: {e}") from e
     if measure_time:
-        _measure(model, new, shapes.inputs, report, info.path, dst)
+        _measure(model, new, shapes.inputs, report, info.path, dst, large)
     return OnnxRewriteResult(new, report)
 
 
-def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], dst: Optional[str]) -> None:
+def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], dst: Optional[str],
+             big: bool) -> None:
+    """Time both models with onnxruntime; ``big``: over the protobuf limit, so loaded from their files."""
     from .measure import random_feeds, session, time_session
 
-    if model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20) and not (src_path and dst):
+    if big and not (src_path and dst):
         report.notes.append("latency not measured: a model over 2 GB needs both src and dst paths")
         return
     if any(0 in s for s in input_shapes.values()) or not input_shapes:
         report.notes.append("latency not measured: input shapes are not static")
         return
-    big = model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20)
     try:
         before = session(src_path if big else model)
         after = session(dst if big else new)

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
 
-import onnx
 import onnx_ir as ir
 
 from ..pipeline import Selector, matcher
 from ..policy import RankArg, check_rank
 from ..report import Report
 from .api import rewrite
+from .model_io import _uses_external_data
 
 __all__ = ["SeparableConvPass"]
-
-
-def _has_external(proto: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
 
 
 class SeparableConvPass(ir.passes.FunctionalPass):
@@ -48,7 +44,7 @@ class SeparableConvPass(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         proto = ir.serde.serialize_model(model)
-        if _has_external(proto):  # the rewrite reads weights: bring them in memory, on a copy
+        if _uses_external_data(proto):  # the rewrite reads weights: bring them in memory, on a copy
             inside = model.clone()
             ir.external_data.load_to_model(inside)
             proto = ir.serde.serialize_model(inside)

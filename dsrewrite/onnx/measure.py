@@ -1,8 +1,6 @@
 """onnxruntime CPU latency of an ONNX model on random inputs: what the report's measured time means for ONNX."""
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -49,15 +47,10 @@ def session(model: Union[str, onnx.ModelProto], threads: Optional[int] = None):
 
 def time_session(sess, feeds: Mapping[str, np.ndarray], *, warmup: int = 2, reps: int = 10,
                  max_seconds: float = 5.0) -> float:
-    """Median wall time of ``sess.run`` in milliseconds."""
-    for _ in range(warmup):
-        sess.run(None, dict(feeds))
-    times = []
-    start = time.perf_counter()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        sess.run(None, dict(feeds))
-        times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - start > max_seconds and len(times) >= 3:
-            break
-    return statistics.median(times)
+    """Median wall time of ``sess.run`` in milliseconds (the shared timer, :func:`dsrewrite.measure.time_call`)."""
+    import torch
+
+    from ..measure import time_call
+
+    return time_call(sess.run, (None, dict(feeds)), warmup=warmup, reps=reps, max_seconds=max_seconds,
+                     device=torch.device("cpu"))
