@@ -5,6 +5,8 @@ A ragged pair gathers its input channels and runs a depthwise conv with one filt
 Both have the same FLOPs. Times are the fastest of ``--reps`` rounds; each round runs the three models in
 turn, so drift on a shared machine hits all three alike.
 
+Also the depthwise conv alone (batch 4, 3x3), r filters per channel vs the gathered one-filter-per-channel form.
+
 Usage: python benchmarks/ragged.py [--quick] [--out ragged.json]
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -49,6 +52,27 @@ def run(quick: bool, reps: int):
     return rows
 
 
+def depthwise_only(reps: int):
+    """The depthwise conv alone: r filters per channel (uniform) vs one filter per channel on the input
+    gathered to C*r channels (what a ragged pair runs), the gather included."""
+    cpu = torch.device("cpu")
+    rows = []
+    for c, hw in ((64, 28), (128, 14), (256, 7)):
+        for r in (2, 4):
+            x = torch.randn(4, c, hw, hw)
+            w = torch.randn(c * r, 1, 3, 3)
+            index = torch.arange(c).repeat_interleave(r)
+            uniform = lambda x: F.conv2d(x, w, padding=1, groups=c)  # noqa: E731
+            gathered = lambda x: F.conv2d(x.index_select(1, index), w, padding=1, groups=c * r)  # noqa: E731
+            best = {"uniform": float("inf"), "gathered": float("inf")}
+            for _ in range(reps):
+                for k, fn in (("uniform", uniform), ("gathered", gathered)):
+                    best[k] = min(best[k], time_fn(fn, (x,), device=cpu, reps=1, warmup=1))
+            rows.append(dict(channels=c, hw=hw, rank=r, uniform_ms=best["uniform"], gathered_ms=best["gathered"]))
+            print(rows[-1], flush=True)
+    return rows
+
+
 def markdown(rows) -> str:
     lines = ["| model | input | rank | FLOPs kept | format | original ms | uniform ms (x orig) | ragged ms (x orig) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -67,10 +91,16 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args()
     t0 = time.perf_counter()
-    rows = run(a.quick, a.reps or (2 if a.quick else 15))
+    reps = a.reps or (2 if a.quick else 15)
+    rows = run(a.quick, reps)
+    dw = depthwise_only(reps)
     res = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(),
-               seconds=time.perf_counter() - t0, rows=rows)
+               seconds=time.perf_counter() - t0, rows=rows, depthwise_only=dw)
     print(markdown(rows))
+    print("| channels | HxW | rank | depthwise, r filters per channel ms | gathered, 1 filter per channel ms |")
+    print("|---|---|---|---|---|")
+    for r in dw:
+        print(f"| {r['channels']} | {r['hw']}x{r['hw']} | {r['rank']} | {r['uniform_ms']:.3f} | {r['gathered_ms']:.3f} |")
     print(f"total {res['seconds']:.0f} s, {res['threads']} threads")
     if a.out:
         with open(a.out, "w") as f:
