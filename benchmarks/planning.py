@@ -6,7 +6,8 @@ vs FLOPs for uniform rank (plain SVD), plain-SVD allocation (target_flops), data
 (`FactorizedConv.from_conv`, factorized) at equal FLOPs.
 Part 2 (a real pretrained CNN shipped inside a wheel: facenet-pytorch's MTCNN ONet, `--facenet-wheel`):
 output error and decision agreement vs FLOPs on crops of sklearn's bundled sample images.
-Part 3: measured CPU latency of FLOP-aware vs latency-aware plans at the same budget (resnet18).
+Part 3: measured CPU latency of FLOP-aware vs latency-aware plans at the same budget (resnet18), and of the
+latency-aware plan with every pair in the grouped depthwise form (what the per-layer choice of form adds).
 
 Usage: python benchmarks/planning.py [--quick] [--facenet-wheel PATH.whl] [--out benchmarks/planning.json]
 """
@@ -30,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dsrewrite  # noqa: E402
-from dsrewrite.latency import time_fn, to_format  # noqa: E402
+from dsrewrite.latency import to_format  # noqa: E402
+from dsrewrite.measure import time_side_by_side  # noqa: E402
 
 
 def flops(model, x) -> int:
@@ -246,16 +248,8 @@ def part_latency(quick: bool):
     model = torchvision.models.resnet18().eval()
     x = torch.randn(4, 3, 112, 112) if not quick else torch.randn(2, 3, 64, 64)
 
-    def times(m):
-        out = {}
-        for fmt in ("contiguous", "channels_last"):
-            mm, a = to_format(m, (x,), fmt)
-            out[fmt] = time_fn(mm, a, device=torch.device("cpu"), reps=15, warmup=3, max_seconds=3.0)
-        return out
-
-    base = times(model)
     total = flops(model, x)
-    rows = [dict(plan="original", target=None, flops_ratio=1.0, rewritten=0, **{f"{k}_ms": v for k, v in base.items()})]
+    rows = [dict(plan="original", target=None, flops_ratio=1.0, rewritten=0, model=model)]
     for target in ((0.7,) if quick else (0.6, 0.8)):
         t0 = time.perf_counter()
         fl = dsrewrite.rewrite(model, x, target_flops=target, measure_time=False)
@@ -272,13 +266,28 @@ def part_latency(quick: bool):
             la_target = min(1.0, least + 0.01)
             la = dsrewrite.rewrite(model, x, target_latency=la_target, measure_time=False)
         la_s = time.perf_counter() - t0
-        for name, r, secs, tg in (("FLOP-aware (target_flops)", fl, fl_s, target),
-                                  ("latency-aware (target_latency)", la, la_s, la_target)):
-            t = times(r.model)
-            rows.append(dict(plan=name, target=tg, flops_ratio=flops(r.model, x) / total,
+        # the same latency-aware plan with every pair in the grouped depthwise form: what the planner's
+        # per-layer choice of form (gather_input) adds
+        grouped = copy.deepcopy(la.model)
+        for m in grouped.modules():
+            if isinstance(m, dsrewrite.SeparableConv2d):
+                m.gather_input = False
+        for name, m, r, secs, tg in (("FLOP-aware (target_flops)", fl.model, fl, fl_s, target),
+                                     ("latency-aware (target_latency)", la.model, la, la_s, la_target),
+                                     ("latency-aware, every pair grouped", grouped, la, None, la_target)):
+            rows.append(dict(plan=name, target=tg, flops_ratio=flops(m, x) / total,
                              rewritten=len(r.report.rewritten), plan_seconds=secs,
-                             notes=[n for n in r.report.notes if "latency" in n],
-                             **{f"{k}_ms": v for k, v in t.items()}))
+                             gathered=sum(getattr(mod, "gather_input", False) for mod in m.modules()),
+                             notes=[n for n in r.report.notes if "latency" in n], model=m))
+    # every model timed side by side (in turn in each of 15 rounds; the fastest kept), in both memory formats
+    timed = [r for r in rows if "model" in r]
+    for fmt in ("contiguous", "channels_last"):
+        fns = [to_format(r["model"], (x,), fmt) for r in timed]
+        ms = time_side_by_side([m for m, _ in fns], fns[0][1], reps=15, warmup=3, max_seconds=120.0)
+        for r, t in zip(timed, ms):
+            r[f"{fmt}_ms"] = t
+    for r in timed:
+        del r["model"]
     return dict(model="torchvision resnet18 (random weights)", input=list(x.shape), threads=torch.get_num_threads(),
                 rows=rows)
 
@@ -304,16 +313,18 @@ def markdown(res) -> str:
             lines.append(f"| {r['target']:.2f} | {r['method']} | {r['flops_ratio']:.3f} | {r['box_error']:.3f} | "
                          f"{r['landmark_error']:.3f} | {r['prob_error']:.3f} | {100 * r['agreement']:.1f}% |")
     L = res["latency"]
-    lines += ["", f"### CPU latency, {L['model']}, input {L['input']}, {L['threads']} threads (fastest of 15 runs)", "",
-              "| plan | target | FLOPs kept | convs rewritten | NCHW ms | channels_last ms | planning s |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", f"### CPU latency, {L['model']}, input {L['input']}, {L['threads']} threads (fastest of 15 rounds, "
+                        "all plans in turn in each round)", "",
+              "| plan | target | FLOPs kept | convs rewritten | pairs gathered | NCHW ms | channels_last ms | planning s |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in L["rows"]:
         tgt = "-" if r["target"] is None else f"{r['target']:.2f}"
         if "refused" in r:
-            lines.append(f"| {r['plan']} | {tgt} | refused: {r['refused']} | | | | |")
+            lines.append(f"| {r['plan']} | {tgt} | refused: {r['refused']} | | | | | |")
             continue
-        lines.append(f"| {r['plan']} | {tgt} | {r['flops_ratio']:.3f} | {r['rewritten']} | "
-                     f"{r['contiguous_ms']:.2f} | {r['channels_last_ms']:.2f} | {r.get('plan_seconds', 0):.1f} |")
+        secs = "-" if r.get("plan_seconds") is None else f"{r['plan_seconds']:.1f}"
+        lines.append(f"| {r['plan']} | {tgt} | {r['flops_ratio']:.3f} | {r['rewritten']} | {r.get('gathered', 0)} | "
+                     f"{r['contiguous_ms']:.2f} | {r['channels_last_ms']:.2f} | {secs} |")
     return "\n".join(lines) + "\n"
 
 

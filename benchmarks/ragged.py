@@ -2,8 +2,10 @@
 
 A ragged pair gathers its input channels and runs a depthwise conv with one filter per channel
 (``groups == channels``); a uniform pair at rank r > 1 runs a depthwise conv with r filters per channel.
-Both have the same FLOPs. Times are the fastest of ``--reps`` rounds; each round runs the three models in
-turn, so drift on a shared machine hits all three alike.
+Both have the same FLOPs. A third uniform model runs each pair in the depthwise form the latency planner
+picks for it (``LayerTimer.gathered``: grouped, or gathered like a ragged pair; same weights, same FLOPs).
+Times are the fastest of ``--reps`` rounds; each round runs the four models in turn, so drift on a shared
+machine hits all of them alike.
 
 Also the depthwise conv alone (batch 4, 3x3), r filters per channel vs the gathered one-filter-per-channel form.
 
@@ -12,6 +14,7 @@ Usage: python benchmarks/ragged.py [--quick] [--out ragged.json]
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -23,9 +26,19 @@ import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dsrewrite  # noqa: E402
-from dsrewrite.latency import time_fn, to_format  # noqa: E402
+from dsrewrite.latency import LayerTimer, time_fn, to_format  # noqa: E402
 
 CASES = [("resnet18", (4, 3, 112, 112)), ("vgg16", (1, 3, 224, 224))]
+
+
+def planned_forms(result, memory_format: str):
+    """A copy of a uniform rewrite with each pair in the form LayerTimer measured faster at its shape."""
+    timer = LayerTimer("cpu", backend="torch", memory_format=memory_format)
+    model = copy.deepcopy(result.model)
+    for d in result.decisions:
+        if d.rewritten:
+            model.get_submodule(d.site.spec.name).gather_input = timer.gathered(d.site.spec, d.factors.rank)
+    return model, sum(m.gather_input for m in model.modules() if isinstance(m, dsrewrite.SeparableConv2d))
 
 
 def run(quick: bool, reps: int):
@@ -38,8 +51,9 @@ def run(quick: bool, reps: int):
             uni = dsrewrite.rewrite(model, x, rank=rank, backend="torch", measure_time=False)
             rag = dsrewrite.rewrite(model, x, rank=rank, backend="torch", measure_time=False, ragged=True)
             for fmt in ("contiguous", "channels_last"):
+                planned, n_gathered = planned_forms(uni, fmt)
                 models = {k: to_format(m, (x,), fmt) for k, m in
-                          (("original", model), ("uniform", uni.model), ("ragged", rag.model))}
+                          (("original", model), ("uniform", uni.model), ("planned", planned), ("ragged", rag.model))}
                 best = {k: float("inf") for k in models}
                 with torch.no_grad():
                     for _ in range(reps):
@@ -47,7 +61,8 @@ def run(quick: bool, reps: int):
                             best[k] = min(best[k], time_fn(m, args, device=cpu, reps=1, warmup=1))
                 rows.append(dict(model=name, input=list(shape), rank=rank, memory_format=fmt,
                                  flops_ratio=uni.report.flops_ratio, original_ms=best["original"],
-                                 uniform_ms=best["uniform"], ragged_ms=best["ragged"]))
+                                 uniform_ms=best["uniform"], planned_ms=best["planned"], ragged_ms=best["ragged"],
+                                 gathered_layers=n_gathered, layers=len(uni.report.rewritten)))
                 print(rows[-1], flush=True)
     return rows
 
@@ -74,13 +89,15 @@ def depthwise_only(reps: int):
 
 
 def markdown(rows) -> str:
-    lines = ["| model | input | rank | FLOPs kept | format | original ms | uniform ms (x orig) | ragged ms (x orig) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | input | rank | FLOPs kept | format | original ms | uniform ms (x orig) | "
+             "uniform, planned forms ms (x orig) | layers gathered | ragged ms (x orig) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o = r["original_ms"]
+        x = lambda k: f"{r[k]:.1f} ({r[k] / o:.2f}x)"  # noqa: E731
         lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['rank']} | {r['flops_ratio']:.3f} | "
-                     f"{r['memory_format']} | {o:.1f} | {r['uniform_ms']:.1f} ({r['uniform_ms'] / o:.2f}x) | "
-                     f"{r['ragged_ms']:.1f} ({r['ragged_ms'] / o:.2f}x) |")
+                     f"{r['memory_format']} | {o:.1f} | {x('uniform_ms')} | {x('planned_ms')} | "
+                     f"{r['gathered_layers']}/{r['layers']} | {x('ragged_ms')} |")
     return "\n".join(lines) + "\n"
 
 

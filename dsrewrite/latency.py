@@ -4,8 +4,11 @@ FLOPs are not time (a separable pair at half the FLOPs can be slower in PyTorch 
 ``rewrite(..., target_latency=...)`` allocates ranks by measured milliseconds. :class:`LayerTimer` builds a
 layer of the conv's shape with random weights (the same ``SeparableConv*d`` and backend the rewritten model
 uses: Triton on CUDA, torch ops on CPU), runs it in the chosen memory format and keeps the fastest of a few
-repetitions under a small time budget. Measurements are cached in memory (keyed by shape, dtype, device,
-backend, memory format, rank and thread count) and optionally in a JSON file.
+repetitions under a small time budget. With torch ops a uniform pair is timed in both depthwise forms
+(grouped, and on a gathered copy of the input: see :mod:`dsrewrite.modules`), side by side, and the
+gathered form is chosen when it is clearly faster (``GATHER_MARGIN``). Measurements are cached in memory
+(keyed by shape, dtype, device, backend, memory format, rank, form and thread count) and optionally in a
+JSON file.
 """
 from __future__ import annotations
 
@@ -20,11 +23,14 @@ from torch import nn
 
 from .cost import separable_flops, dense_flops
 from .ir import ConvSpec
-from .measure import time_call
+from .measure import time_call, time_side_by_side
 
-__all__ = ["LayerTimer", "candidate_ranks", "time_fn", "best_memory_format", "MEMORY_FORMATS"]
+__all__ = ["LayerTimer", "candidate_ranks", "time_fn", "best_memory_format", "MEMORY_FORMATS", "GATHER_MARGIN"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+# the gathered depthwise form must take less than this fraction of the grouped form's time: it copies the
+# input `rank` times (memory), and a single timing of a large layer on a shared CPU is noisy (seen: 4x)
+GATHER_MARGIN = 0.9
 _CACHE: Dict[str, float] = {}  # process-wide: the same layer shape is timed once
 
 
@@ -63,6 +69,8 @@ class LayerTimer:
         reps / max_seconds: repetitions and time budget per measurement (the fastest is kept).
         cache_file: optional JSON file read at start and written after new measurements.
         ragged: time ragged pairs (torch ops gather the input channels first; Triton reads through the index).
+
+    ``gathered(spec, rank)`` says whether the pair should run with ``gather_input=True`` (measured faster).
     """
 
     def __init__(self, device: Any = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto",
@@ -74,6 +82,8 @@ class LayerTimer:
         self.memory_format = "contiguous" if memory_format == "auto" else memory_format
         self.reps, self.max_seconds = reps, max_seconds
         self.ragged = bool(ragged)
+        # torch ops run a uniform pair's depthwise conv in either form; Triton (auto on CUDA) has one
+        self.two_forms = not self.ragged and (self.backend == "torch" or self.device.type != "cuda")
         self.cache_file = os.fspath(cache_file) if cache_file else None
         self.measured = 0  # new measurements (cache misses)
         if self.cache_file and os.path.exists(self.cache_file):
@@ -89,8 +99,8 @@ class LayerTimer:
             return f"cuda:{torch.cuda.get_device_name(self.device)}"
         return f"cpu:{torch.get_num_threads()}t"
 
-    def key(self, spec: ConvSpec, rank: Optional[int]) -> str:
-        what = "dense" if rank is None else f"{'ragged' if self.ragged else 'sep'}{rank}"
+    def key(self, spec: ConvSpec, rank: Optional[int], gathered: bool = False) -> str:
+        what = "dense" if rank is None else f"{'ragged' if self.ragged else 'gathered' if gathered else 'sep'}{rank}"
         return "|".join(str(x) for x in (
             what, spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.dilation, spec.bias,
             spec.batch, spec.out_spatial, str(self.dtype), self._where(), self.backend, self.memory_format))
@@ -109,7 +119,8 @@ class LayerTimer:
         return spec.out_pixels / one if one else 1.0
 
     # ------------------------------------------------------------------ measuring
-    def _measure(self, spec: ConvSpec, rank: Optional[int]) -> float:
+    def _build(self, spec: ConvSpec, rank: Optional[int], gathered: bool = False) -> Tuple[nn.Module, torch.Tensor]:
+        """A layer of ``spec``'s shape (dense, or separable at ``rank``) with random weights, and its input."""
         from .modules import SeparableConv1d, SeparableConv2d
 
         shape, pads = self._input_shape(spec)
@@ -124,13 +135,24 @@ class LayerTimer:
             # a ragged pair costs the same whatever the per-channel split: time the uniform split, gathered
             index = torch.arange(spec.in_channels).repeat_interleave(rank) if self.ragged else None
             mod = cls(spec.in_channels, spec.out_channels, spec.kernel, rank, backend=self.backend,
-                      channel_index=index, **kw)
+                      channel_index=index, gather_input=gathered, **kw)
         mod.eval().requires_grad_(False)
         x = torch.randn(shape, device=self.device, dtype=self.dtype)
         if dims == 2 and self.memory_format == "channels_last":
             mod = mod.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
+        return mod, x
+
+    def _measure(self, spec: ConvSpec, rank: Optional[int]) -> float:
+        mod, x = self._build(spec, rank)
         return time_fn(mod, (x,), device=self.device, reps=self.reps, max_seconds=self.max_seconds)
+
+    def _measure_forms(self, spec: ConvSpec, rank: int) -> Tuple[float, float]:
+        """(grouped, gathered) times of the uniform pair at ``rank``, measured side by side."""
+        (grouped, x), (gathered, _) = self._build(spec, rank), self._build(spec, rank, gathered=True)
+        a, b = time_side_by_side([grouped, gathered], (x,), device=self.device, reps=self.reps,
+                                 max_seconds=2 * self.max_seconds)
+        return a, b
 
     def _get(self, spec: ConvSpec, rank: Optional[int]) -> Optional[float]:
         if not spec.out_spatial:
@@ -141,13 +163,32 @@ class LayerTimer:
             self.measured += 1
         return _CACHE[k] * self._scale(spec)
 
+    def form_times(self, spec: ConvSpec, rank: int) -> Optional[Tuple[float, float]]:
+        """(grouped, gathered) times of the uniform pair over all calls of the conv; ``None`` when the output
+        shape is unknown or the pair has one form only (Triton, ragged pairs, rank 1)."""
+        if not (self.two_forms and rank > 1 and spec.out_spatial):
+            return None
+        keys = self.key(spec, rank), self.key(spec, rank, gathered=True)
+        if not all(k in _CACHE for k in keys):
+            _CACHE[keys[0]], _CACHE[keys[1]] = self._measure_forms(spec, rank)
+            self.measured += 2
+        return _CACHE[keys[0]] * self._scale(spec), _CACHE[keys[1]] * self._scale(spec)
+
     def dense_ms(self, spec: ConvSpec) -> Optional[float]:
         """Time of the original conv over all its calls (``None`` when the output shape is unknown)."""
         return self._get(spec, None)
 
     def separable_ms(self, spec: ConvSpec, rank: int) -> Optional[float]:
-        """Time of the separable pair at ``rank`` over all calls of the conv."""
-        return self._get(spec, int(rank))
+        """Time of the separable pair at ``rank`` over all calls of the conv, in the form it will run in."""
+        times = self.form_times(spec, int(rank))
+        if times is None:
+            return self._get(spec, int(rank))
+        return times[1] if self.gathered(spec, rank) else times[0]
+
+    def gathered(self, spec: ConvSpec, rank: int) -> bool:
+        """Whether the pair at ``rank`` runs with ``gather_input=True``: measured faster by ``GATHER_MARGIN``."""
+        times = self.form_times(spec, int(rank))
+        return times is not None and times[1] < GATHER_MARGIN * times[0]
 
     def save(self) -> None:
         """Write the cache to ``cache_file`` (if one was given)."""

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_flops", "time_call", "time_models", "eval_mode", "input_device"]
+__all__ = ["count_params", "count_flops", "time_call", "time_side_by_side", "time_models", "eval_mode",
+           "input_device"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -67,6 +68,32 @@ def time_call(fn: Callable[..., Any], args: Sequence[Any], *, warmup: int = 2, r
             if time.perf_counter() - start > max_seconds and len(times) >= min_reps:
                 break
     return reduce(times)
+
+
+def time_side_by_side(fns: Sequence[Callable[..., Any]], args: Sequence[Any], *, warmup: int = 1, reps: int = 5,
+                      max_seconds: float = 0.5, device: Optional[torch.device] = None,
+                      min_reps: int = 2) -> List[float]:
+    """The fastest wall time (ms) of each of ``fns`` on ``args``, called in turn in every round, so drift on a
+    shared machine hits all of them alike: up to ``reps`` rounds, stopping after ``max_seconds`` once
+    ``min_reps`` rounds are in."""
+    device = device or input_device(args)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = [float("inf")] * len(fns)
+    with torch.no_grad():
+        for fn in fns:
+            for _ in range(warmup):
+                fn(*args)
+        sync()
+        start = time.perf_counter()
+        for done in range(1, reps + 1):
+            for i, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn(*args)
+                sync()
+                best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
+            if time.perf_counter() - start > max_seconds and done >= min_reps:
+                break
+    return best
 
 
 def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report: Any) -> None:

@@ -8,12 +8,18 @@ run there, torch ops otherwise).
 With ragged ranks (``channel_index`` given, see :mod:`dsrewrite.factorize`) the depthwise conv has one
 filter per entry of the index and reads its input through it (an ``index_select`` with torch ops; the
 Triton kernels read through the index directly).
+
+A uniform pair can run its depthwise conv in that gathered form too (``gather_input=True``: each input
+channel copied ``rank`` times, then one filter per copy). It computes the same thing with the same weights;
+PyTorch's CPU kernels run it up to a few times faster or slower depending on the shape, so the latency
+planner times both forms and sets the flag per layer. Triton ignores it (its kernels read the input once).
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .factorize import Factors, factorize
@@ -42,6 +48,7 @@ class _SeparableConvNd(nn.Module):
         device=None,
         dtype=None,
         channel_index: Optional[torch.Tensor] = None,
+        gather_input: bool = False,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -51,6 +58,7 @@ class _SeparableConvNd(nn.Module):
         self.rank = int(rank)
         self.backend = backend
         self.in_channels = int(in_channels)
+        self.gather_input = bool(gather_input)  # torch ops only: run the depthwise conv on a gathered copy
         filters = in_channels * rank
         if channel_index is not None:
             channel_index = torch.as_tensor(channel_index, dtype=torch.int64, device=device).reshape(-1)
@@ -91,8 +99,8 @@ class _SeparableConvNd(nn.Module):
         return mod.requires_grad_(conv.weight.requires_grad)  # a frozen conv stays frozen
 
     @classmethod
-    def from_factors(cls, factors: Factors, *, stride=1, padding=0, dilation=1,
-                     padding_mode: str = "zeros", backend: str = "auto") -> "_SeparableConvNd":
+    def from_factors(cls, factors: Factors, *, stride=1, padding=0, dilation=1, padding_mode: str = "zeros",
+                     backend: str = "auto", gather_input: bool = False) -> "_SeparableConvNd":
         """Build the pair from precomputed :class:`~dsrewrite.factorize.Factors`."""
         dw, pw = factors.depthwise, factors.pointwise
         cin = dw.shape[0] // factors.rank
@@ -100,6 +108,7 @@ class _SeparableConvNd(nn.Module):
             cin, pw.shape[0], tuple(dw.shape[2:]), factors.rank, stride=stride, padding=padding,
             dilation=dilation, bias=factors.bias is not None, padding_mode=padding_mode,
             backend=backend, device=dw.device, dtype=dw.dtype, channel_index=factors.channel_index,
+            gather_input=gather_input,
         )
         return mod.load_factors(factors)
 
@@ -162,10 +171,24 @@ class _SeparableConvNd(nn.Module):
             return triton_forward(self, x)
         if self.channel_index is not None:
             x = x.index_select(1, self.channel_index)
+        elif self.gather_input and self.rank > 1:
+            return self.pointwise(self._gathered_depthwise(x))
         return self.pointwise(self.depthwise(x))
 
+    def _gathered_depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        """The uniform depthwise conv on ``rank`` copies of each input channel, one filter per copy."""
+        dw = self.depthwise
+        x = x.repeat_interleave(self.rank, dim=1)
+        padding = dw.padding
+        if dw.padding_mode != "zeros":  # as nn.Conv*d does it
+            x = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode)
+            padding = 0
+        conv = F.conv1d if self._dims == 1 else F.conv2d
+        return conv(x, dw.weight, None, dw.stride, padding, dw.dilation, x.shape[1])
+
     def extra_repr(self) -> str:
-        return f"rank={self.rank}{', ragged' if self.ragged else ''}, backend={self.backend!r}"
+        form = ", ragged" if self.ragged else ", gather_input=True" if self.gather_input else ""
+        return f"rank={self.rank}{form}, backend={self.backend!r}"
 
 
 class SeparableConv2d(_SeparableConvNd):

@@ -33,6 +33,7 @@ class Decision:
     report: LayerReport
     factors: Optional[Factors] = None
     module: Optional[torch.nn.Module] = None  # the separable module a torch backend installed for it
+    gather_input: bool = False  # torch ops: run the depthwise conv on a gathered input (timed faster)
 
     @property
     def rewritten(self) -> bool:
@@ -281,6 +282,8 @@ def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, bu
             factors = factorize(site.weight, ranks[i], site.bias, ragged=ragged)
             rep = layer_report(spec, rank=ranks[i], factors=factors, policy=kind)
             d = Decision(site, rep, factors)
+            if i in times and hasattr(timer, "gathered"):  # the form the time was measured in
+                d.gather_input = rep.gather_input = bool(timer.gathered(spec, ranks[i]))
         else:
             d = Decision(site, layer_report(spec, reason=reasons[i],
                                             policy=kind if i in errors and "allocation" in reasons[i] else None))

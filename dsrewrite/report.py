@@ -42,15 +42,16 @@ class LayerReport:
     calib_error_before: Optional[float] = None
     calib_error_after: Optional[float] = None
     channel_ranks: Optional[List[int]] = None  # ragged ranks: depthwise filters per input channel
+    gather_input: bool = False  # runs its depthwise conv on a gathered copy of the input (measured faster)
 
     @property
     def rank_text(self) -> str:
-        """The rank column: ``2``, or ``2 (ragged 0-7)`` with per-channel ranks."""
+        """The rank column: ``2``, ``2 (ragged 0-7)`` with per-channel ranks, ``2 (gathered)`` in that form."""
         if self.rank is None:
             return "-"
         if self.channel_ranks:
             return f"{self.rank} (ragged {min(self.channel_ranks)}-{max(self.channel_ranks)})"
-        return str(self.rank)
+        return f"{self.rank} (gathered)" if self.gather_input else str(self.rank)
 
     @property
     def flops_ratio(self) -> Optional[float]:

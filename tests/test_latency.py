@@ -82,22 +82,27 @@ def _synthetic_device(monkeypatch):
     """Replace measurement by a deterministic device: time = launch overhead + FLOPs at 10 GFLOP/s.
 
     The separable pair pays two launches and a buffer (0.2 ms) against the dense conv's one (0.02 ms), so a
-    conv with little work is slower separable, as on a real CPU. Wall-clock timing is tested above: a plan
-    from real timings depends on the machine (a CI run once found target 0.8 out of reach).
+    conv with little work is slower separable, as on a real CPU. The gathered depthwise form takes 0.7x
+    the grouped form's time on layers with 64 or more input channels and 1.3x on thinner ones.
+    Wall-clock timing is tested above: a plan from real timings depends on the machine (a CI run once found
+    target 0.8 out of reach).
     """
     from dsrewrite import latency
 
     monkeypatch.setattr(latency, "_CACHE", {})
 
-    def measure(self, spec, rank):
+    def measure(self, spec, rank, gathered=False):
         flops = cost.dense_flops(spec) if rank is None else cost.separable_flops(spec, rank)
-        return (0.02 if rank is None else 0.2) + flops * 1e-7
+        t = (0.02 if rank is None else 0.2) + flops * 1e-7
+        return t * (0.7 if spec.in_channels >= 64 else 1.3) if gathered else t
 
     def model_ms(self, model, args, reps=7):
         return 0.3 + sum(measure(self, s, None) for s in specs)
 
     specs = []
     monkeypatch.setattr(latency.LayerTimer, "_measure", measure)
+    monkeypatch.setattr(latency.LayerTimer, "_measure_forms",
+                        lambda self, spec, rank: (measure(self, spec, rank), measure(self, spec, rank, True)))
     monkeypatch.setattr(latency.LayerTimer, "model_ms", model_ms)
     return specs, measure
 
@@ -121,11 +126,16 @@ def test_latency_aware_rewrite_fills_times(tmp_path, monkeypatch):
         L = by[s.name]
         assert L.time_before_ms == pytest.approx(measure(None, s, None))
         if L.rewritten:
-            assert L.time_after_ms == pytest.approx(measure(None, s, L.rank)) and L.time_after_ms < L.time_before_ms
+            # the faster depthwise form is chosen, reported, built, and its time counted
+            assert L.gather_input == (L.rank > 1 and s.in_channels >= 64)
+            assert r.model.get_submodule(s.name).gather_input == L.gather_input
+            assert L.time_after_ms == pytest.approx(measure(None, s, L.rank, L.gather_input))
+            assert L.time_after_ms < L.time_before_ms
         else:
             assert L.time_after_ms == L.time_before_ms
     assert not by["0"].rewritten and "measured slower" in by["0"].reason, rep.table()
     assert rep.rewritten, rep.table()
+    assert any(L.gather_input for L in rep.layers) and "(gathered)" in rep.table(), rep.table()
     planned = total - sum(L.time_before_ms - L.time_after_ms for L in rep.layers)
     assert planned <= 0.8 * total + 1e-9
     assert json.loads(cache.read_text())  # the measurements were cached to the file
