@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
-from .errors import DsrewriteError
+from .errors import DsrewriteError, first_line
 from .frontends.fx import trace
 from .frontends.swap import rewrite_untraceable
 from .fx_pass import SeparableRewritePass
@@ -36,11 +36,6 @@ class RewriteResult:
 def as_args(example_inputs: Any) -> tuple:
     """Positional inputs: a tuple is taken as the args, anything else (a tensor, a list) as one arg."""
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", include: Selector = None,
@@ -103,7 +98,7 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
     try:
         gm = trace(work, len(args))
     except Exception as e:  # noqa: BLE001 - any tracing failure sends us to the fallback route
-        gm, trace_error = None, "symbolic_trace failed on the whole model (" + _one_line(e)[:160] + ")"
+        gm, trace_error = None, "symbolic_trace failed on the whole model (" + first_line(e, 160, typed=True) + ")"
 
     if gm is not None:
         gm.training = work.training
@@ -117,9 +112,9 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
             raise
         except Exception as e:  # noqa: BLE001
             if p.decisions:  # it failed after planning: not a tracing limit
-                raise DsrewriteError(f"rewriting the traced graph failed: {_one_line(e)}") from None
+                raise DsrewriteError(f"rewriting the traced graph failed: {first_line(e, typed=True)}") from None
             # the traced graph does not run where the model does (e.g. control flow on an input): fall back
-            gm, trace_error = None, "the traced graph does not run on the example inputs (" + _one_line(e)[:160] + ")"
+            gm, trace_error = None, "the traced graph does not run on the example inputs (" + first_line(e, 160, typed=True) + ")"
     if gm is None:
         try:
             new_model, decisions, flops_before, notes = rewrite_untraceable(
@@ -128,7 +123,7 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
         except DsrewriteError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise DsrewriteError(f"example inputs do not run through the model: {_one_line(e)}") from None
+            raise DsrewriteError(f"example inputs do not run through the model: {first_line(e, typed=True)}") from None
         route = "fx-submodules+module-swap"
         notes.insert(0, trace_error)
 
@@ -138,7 +133,7 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
         except DsrewriteError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise DsrewriteError(f"calibration batches do not run through the model: {_one_line(e)}") from None
+            raise DsrewriteError(f"calibration batches do not run through the model: {first_line(e, typed=True)}") from None
 
     layers = [d.report for d in decisions]
     saved = sum(L.flops_before - L.flops_after for L in layers if L.rewritten)
@@ -231,7 +226,7 @@ class _Planning:
                 except DsrewriteError:
                     raise
                 except Exception as e:  # noqa: BLE001
-                    raise DsrewriteError(f"calibration batches do not run through the model: {_one_line(e)}") from None
+                    raise DsrewriteError(f"calibration batches do not run through the model: {first_line(e, typed=True)}") from None
         self.kwargs = kw
 
     def calibrate(self, new_model: nn.Module, decisions: List[Decision]) -> str:

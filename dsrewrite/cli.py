@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Optional, Sequence, Tuple
 
-from .errors import DsrewriteError
+from .errors import DsrewriteError, first_line
 
 __all__ = ["main", "load_model", "build_parser"]
 
@@ -78,7 +78,7 @@ def load_model(src: str, weights: Optional[str] = None):
                 state = state["state_dict"]
             model.load_state_dict(state)
         except Exception as e:  # noqa: BLE001
-            raise DsrewriteError(f"cannot load weights from {weights}: {str(e).splitlines()[0]}") from None
+            raise DsrewriteError(f"cannot load weights from {weights}: {first_line(e)}") from None
     return model.eval()
 
 
@@ -111,8 +111,7 @@ def _save(model, args: tuple, out: str, quiet: bool = False) -> None:
     except DsrewriteError:
         raise
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DsrewriteError(f"cannot export the rewritten model to {out}: {first[:200]}") from None
+        raise DsrewriteError(f"cannot export the rewritten model to {out}: {first_line(e, 200)}") from None
 
 
 def _cmd_rewrite(a: argparse.Namespace) -> int:
@@ -162,7 +161,7 @@ def load_calibration(path: str, args: tuple, max_images: int = 64):
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise DsrewriteError(f"cannot load calibration tensor from {path}: {str(e).splitlines()[0]}") from None
+            raise DsrewriteError(f"cannot load calibration tensor from {path}: {first_line(e)}") from None
         if not isinstance(data, torch.Tensor):
             raise DsrewriteError(f"calibration file must hold one tensor, got {type(data).__name__}")
         if x0 is not None and tuple(data.shape[1:]) != tuple(x0.shape[1:]):
@@ -182,7 +181,7 @@ def load_calibration(path: str, args: tuple, max_images: int = 64):
         try:
             im = Image.open(os.path.join(path, f)).convert("L" if c == 1 else "RGB").resize((w, h))
         except Exception as e:  # noqa: BLE001
-            raise DsrewriteError(f"cannot read image {f}: {str(e).splitlines()[0]}") from None
+            raise DsrewriteError(f"cannot read image {f}: {first_line(e)}") from None
         t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(h, w, -1).permute(2, 0, 1)
         if t.shape[0] != c:
             t = t[:1].expand(c, h, w) if t.shape[0] < c else t[:c]
@@ -302,8 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI never shows a traceback unless --debug
         if a.debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"dsrewrite: error: {type(e).__name__}: {first[:300]} (run with --debug for a traceback)",
+        print(f"dsrewrite: error: {first_line(e, 300, typed=True)} (run with --debug for a traceback)",
               file=sys.stderr)
         return 1
 

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .backends.fx import apply_decisions, set_submodule
 from .eligibility import why_not
-from .errors import DsrewriteError
+from .errors import DsrewriteError, first_line
 from .factorize import Factors, factorize
 from .frontends.fx import _CONV_ARGS, CONV_FUNCTIONS, collect_sites
 from .ir import ConvSite
@@ -479,8 +479,7 @@ def _propagate(gm: fx.GraphModule, values: List[Any]) -> int:
         with FlopCounterMode(display=False) as counter:
             ShapeProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*values)
     except Exception as e:  # noqa: BLE001 - any failure: one line, the cause kept
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DsrewriteError(f"cannot propagate shapes through the captured graph: {first[:200]}") from e
+        raise DsrewriteError(f"cannot propagate shapes through the captured graph: {first_line(e, 200)}") from e
     return int(counter.get_total_flops())
 
 

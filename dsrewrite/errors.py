@@ -1,8 +1,22 @@
 """One error type for bad input, so the CLI can print a one-line message and exit non-zero."""
 from __future__ import annotations
 
-__all__ = ["DsrewriteError"]
+from typing import Optional
+
+__all__ = ["DsrewriteError", "first_line"]
 
 
 class DsrewriteError(ValueError):
     """Bad input to dsrewrite: the message is one line and names the problem."""
+
+
+def first_line(e: BaseException, limit: Optional[int] = None, *, typed: bool = False) -> str:
+    """The first non-empty line of ``e``'s message (its type name when the message is empty), cut to ``limit``
+    characters; ``typed`` puts the type name first (``KeyError: 'x'``). For one-line errors and notes."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    name = type(e).__name__
+    if typed:
+        text = f"{name}: {lines[0]}" if lines else name
+    else:
+        text = lines[0] if lines else name
+    return text if limit is None else text[:limit]

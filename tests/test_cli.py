@@ -90,3 +90,27 @@ def test_rewrite_to_onnx_runs_in_onnxruntime(tmp_path):
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     assert y.shape == (1, 1000) and np.isfinite(y).all()
+
+
+def test_error_without_a_message_is_still_one_line(tmp_path, capsys, monkeypatch):
+    """An exception with an empty message (here from torch.load) gives its type name, not an IndexError."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not a checkpoint")
+
+    def fail(*a, **k):
+        raise RuntimeError()
+
+    monkeypatch.setattr(torch, "load", fail)
+    code = main(["rewrite", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--weights", str(weights)])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"dsrewrite: error: cannot load weights from {weights}: RuntimeError", err
+
+
+def test_first_line():
+    from dsrewrite.errors import first_line
+
+    assert first_line(ValueError("\n  first  \nsecond")) == "first"
+    assert first_line(ValueError("")) == "ValueError" == first_line(ValueError(" \n "), typed=True)
+    assert first_line(KeyError("k"), typed=True) == "KeyError: 'k'"
+    assert first_line(ValueError("abcdef"), 3) == "abc"

@@ -7,7 +7,7 @@ from typing import List, Mapping, NamedTuple, Optional, Sequence, Union
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import DsrewriteError
+from ..errors import DsrewriteError, first_line
 from ..pipeline import Selector, budget_args, plan_sites
 from ..policy import RankArg, check_rank
 from ..report import Report
@@ -81,8 +81,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     try:
         graph = gs.import_onnx(model)
     except Exception as e:  # noqa: BLE001 - e.g. a tensor type graphsurgeon cannot represent
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DsrewriteError(f"onnx-graphsurgeon cannot import the model: {first[:200]}") from None
+        raise DsrewriteError(f"onnx-graphsurgeon cannot import the model: {first_line(e, 200)}") from None
     sites = collect_sites(graph, shapes)
     flops_before, unknown = count_flops(model, shapes)
     params_before = count_params(model)
@@ -155,7 +154,7 @@ def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], 
         before = session(src_path if big else model)
         after = session(dst if big else new)
     except Exception as e:  # noqa: BLE001 - e.g. an op onnxruntime lacks: keep the rewrite, say why
-        report.notes.append(f"latency not measured: onnxruntime cannot load the model ({str(e).splitlines()[0][:120]})")
+        report.notes.append(f"latency not measured: onnxruntime cannot load the model ({first_line(e, 120)})")
         return
     feeds = random_feeds(model, input_shapes)
     try:
@@ -163,7 +162,7 @@ def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], 
         t_after = time_session(after, feeds)
         t_before = min(t_before, time_session(before, feeds))  # second look at the original: less warm-up bias
     except Exception as e:  # noqa: BLE001
-        report.notes.append(f"latency not measured: onnxruntime failed to run the model ({str(e).splitlines()[0][:120]})")
+        report.notes.append(f"latency not measured: onnxruntime failed to run the model ({first_line(e, 120)})")
         return
     report.time_before_ms, report.time_after_ms = t_before, t_after
     import onnxruntime as ort

@@ -15,6 +15,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import onnx
 from onnx import TensorProto
 
+from ..errors import first_line
+
 __all__ = ["Shapes", "infer_shapes", "count_flops", "count_params", "node_flops", "FLOAT_TYPES"]
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
@@ -130,8 +132,7 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Seq
     try:
         inferred = onnx.shape_inference.infer_shapes(sk, strict_mode=False, data_prop=True)
     except Exception as e:  # noqa: BLE001 - inference errors on odd custom graphs: report, do not fail the rewrite
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        out.notes.append(f"shape inference failed ({first[:160]}): FLOPs are not counted")
+        out.notes.append(f"shape inference failed ({first_line(e, 160)}): FLOPs are not counted")
         inferred = sk
     graph = inferred.graph
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
