@@ -89,10 +89,12 @@ def test_gathered_model_compiles_and_exports(gen, tmp_path):
         assert rel_err(out, ref) < 1e-5
         # torch.compile on the CPU (aot_eager: no C++ toolchain needed) traces the gathered form
         assert rel_err(torch.compile(model, backend="aot_eager")(x), ref) < 1e-5
+        # the CLI's exporters: torch.export (.pt2) and the dynamo ONNX exporter
+        assert rel_err(torch.export.export(model, (x,)).module()(x), ref) < 1e-5
     import onnxruntime as ort
 
     path = tmp_path / "g.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=False)
+    torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False, verbose=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert rel_err(torch.from_numpy(np.asarray(got)), ref) < 1e-5
