@@ -145,10 +145,13 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
     )
     report.add_outcome_notes()
     timed = [L for L in layers if L.time_before_ms is not None]
+    planned = None
     if timed:
         b, a = sum(L.time_before_ms for L in timed), sum(L.time_after_ms for L in timed)
+        total = plan.kwargs["total_time_ms"]
+        planned = (total - (b - a)) / total if total else None
         report.notes.append(f"layer timings ({plan.timer.memory_format}): {len(timed)} convs {b:.2f} ms -> {a:.2f} ms "
-                            f"(whole model before: {plan.kwargs['total_time_ms']:.2f} ms)")
+                            f"(whole model before: {total:.2f} ms)")
     if measure_time:
         if plan.timer is not None and plan.timer.memory_format == "channels_last":
             from .latency import to_format
@@ -158,6 +161,11 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
             time_models(m0, m1, a0, report)
         else:
             time_models(model if plan.teacher is None else plan.teacher, new_model, args, report)
+        ratio = report.time_ratio
+        if target_latency is not None and planned is not None and ratio is not None and ratio > target_latency:
+            report.notes.append(
+                f"target_latency={target_latency:g} not met on the whole model: measured {ratio:.2f}x against "
+                f"{planned:.2f}x planned from layer timings (layers are timed alone, on random inputs)")
     if plan.timer is not None:
         plan.timer.save()
     return RewriteResult(new_model, report, decisions)

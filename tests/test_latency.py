@@ -190,3 +190,31 @@ def test_latency_planning_does_not_touch_a_training_model():
         pass  # a budget this small model cannot meet is fine here: the point is the model's state
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("measured", [0.95, 0.7])
+def test_unmet_latency_target_is_reported(monkeypatch, measured):
+    """When the whole model measures slower than target_latency (layers are timed alone), the report says so."""
+    from dsrewrite import api
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
+    x = torch.randn(2, 8, 24, 24)
+    specs, measure = _synthetic_device(monkeypatch)
+    specs += [ConvSpec(name=n, in_channels=c.in_channels, out_channels=c.out_channels, kernel=(3, 3),
+                       out_spatial=(24, 24), batch=2) for n, c in m.named_children() if isinstance(c, nn.Conv2d)]
+
+    def fixed_times(original, new, args, report):  # a deterministic whole-model measurement
+        report.time_before_ms, report.time_after_ms = 10.0, 10.0 * measured
+
+    monkeypatch.setattr(api, "time_models", fixed_times)
+    rep = dsrewrite.rewrite(m, x, target_latency=0.8, memory_format="contiguous").report
+    assert rep.rewritten, rep.table()
+    total = 0.3 + sum(measure(None, s, None) for s in specs)
+    planned = (total - sum(L.time_before_ms - L.time_after_ms for L in rep.layers)) / total
+    unmet = [n for n in rep.notes if "not met" in n]
+    if measured > 0.8:
+        assert unmet == [f"target_latency=0.8 not met on the whole model: measured {measured:.2f}x against "
+                         f"{planned:.2f}x planned from layer timings (layers are timed alone, on random inputs)"]
+    else:
+        assert not unmet, rep.notes
