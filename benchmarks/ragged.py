@@ -26,7 +26,8 @@ import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dsrewrite  # noqa: E402
-from dsrewrite.latency import LayerTimer, time_fn, to_format  # noqa: E402
+from dsrewrite.latency import LayerTimer, to_format  # noqa: E402
+from dsrewrite.measure import time_side_by_side  # noqa: E402
 
 CASES = [("resnet18", (4, 3, 112, 112)), ("vgg16", (1, 3, 224, 224))]
 
@@ -54,11 +55,9 @@ def run(quick: bool, reps: int):
                 planned, n_gathered = planned_forms(uni, fmt)
                 models = {k: to_format(m, (x,), fmt) for k, m in
                           (("original", model), ("uniform", uni.model), ("planned", planned), ("ragged", rag.model))}
-                best = {k: float("inf") for k in models}
-                with torch.no_grad():
-                    for _ in range(reps):
-                        for k, (m, args) in models.items():
-                            best[k] = min(best[k], time_fn(m, args, device=cpu, reps=1, warmup=1))
+                args = models["original"][1]
+                best = dict(zip(models, time_side_by_side([m for m, _ in models.values()], args, device=cpu,
+                                                          reps=reps, max_seconds=float("inf"))))
                 rows.append(dict(model=name, input=list(shape), rank=rank, memory_format=fmt,
                                  flops_ratio=uni.report.flops_ratio, original_ms=best["original"],
                                  uniform_ms=best["uniform"], planned_ms=best["planned"], ragged_ms=best["ragged"],
@@ -79,10 +78,8 @@ def depthwise_only(reps: int):
             index = torch.arange(c).repeat_interleave(r)
             uniform = lambda x: F.conv2d(x, w, padding=1, groups=c)  # noqa: E731
             gathered = lambda x: F.conv2d(x.index_select(1, index), w, padding=1, groups=c * r)  # noqa: E731
-            best = {"uniform": float("inf"), "gathered": float("inf")}
-            for _ in range(reps):
-                for k, fn in (("uniform", uniform), ("gathered", gathered)):
-                    best[k] = min(best[k], time_fn(fn, (x,), device=cpu, reps=1, warmup=1))
+            best = dict(zip(("uniform", "gathered"), time_side_by_side([uniform, gathered], (x,), device=cpu,
+                                                                       reps=reps, max_seconds=float("inf"))))
             rows.append(dict(channels=c, hw=hw, rank=r, uniform_ms=best["uniform"], gathered_ms=best["gathered"]))
             print(rows[-1], flush=True)
     return rows

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .factorize import (Factors, _as_tensor, _ragged_keep, _separable_terms, _svd, _uniform_keep, factorize,
-                        ragged_error_curve)
+                        ragged_error_curve, uniform_error_curve)
 
 __all__ = [
     "PatchStats", "LinearFit", "LayerCalibrator", "CalibResult", "whiten_roots", "whitened_factors",
@@ -225,14 +225,7 @@ def whitened_rank_errors(weight, autocorr, damp: float = DAMP, ragged: bool = Fa
     ``ragged``: the error of the ragged split with ``Cin*rank`` terms.
     """
     _, s, _, _, live = _whitened_svd(weight, autocorr, damp)
-    e = _output_energy(s, live, ragged)
-    total = float(e.sum())
-    if total <= 0.0:
-        return [0.0] * (s.shape[1] + 1)
-    if ragged:
-        return ragged_error_curve(e)
-    tail = torch.flip(torch.cumsum(torch.flip(e.sum(0), [0]), 0), [0]).tolist() + [0.0]
-    return [math.sqrt(max(t, 0.0) / total) for t in tail]
+    return (ragged_error_curve if ragged else uniform_error_curve)(_output_energy(s, live, ragged))
 
 
 # ---------------------------------------------------------------------------------------------- one layer

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["Factors", "factorize", "full_rank", "rank_errors", "ragged_error_curve"]
+__all__ = ["Factors", "factorize", "full_rank", "rank_errors", "uniform_error_curve", "ragged_error_curve"]
 
 
 @dataclass
@@ -162,10 +162,6 @@ def _error_of(s: torch.Tensor, dropped: float) -> float:
     return 0.0 if total == 0.0 else math.sqrt(max(dropped, 0.0) / total)
 
 
-def _relative_error(s: torch.Tensor, r: int) -> float:
-    return _error_of(s, float((s[:, r:] ** 2).sum()))
-
-
 def rank_errors(weight, *, ragged: bool = False) -> list:
     """Relative reconstruction error at every rank ``0..full_rank`` (index = rank), from one SVD.
 
@@ -173,9 +169,17 @@ def rank_errors(weight, *, ragged: bool = False) -> list:
     """
     weight = _as_tensor(weight)
     _, s, _ = _svd(weight)
-    if not ragged:
-        return [_relative_error(s, r) for r in range(s.shape[1] + 1)]
-    return ragged_error_curve(s ** 2)
+    return (ragged_error_curve if ragged else uniform_error_curve)(s ** 2)
+
+
+def uniform_error_curve(energy: torch.Tensor) -> list:
+    """Relative error of the uniform split at every rank ``0..q`` (index = rank), from ``energy`` ``[Cin, q]``
+    (squared singular values, or any per-term energy): every channel's first ``rank`` terms are kept."""
+    total = float(energy.sum())
+    if total <= 0.0:
+        return [0.0] * (energy.shape[1] + 1)
+    tail = torch.flip(torch.cumsum(torch.flip(energy.sum(0), [0]), 0), [0]).tolist() + [0.0]
+    return [math.sqrt(max(t, 0.0) / total) for t in tail]
 
 
 def ragged_error_curve(energy: torch.Tensor) -> list:

@@ -183,12 +183,12 @@ class LayerTimer:
         times = self.form_times(spec, int(rank))
         if times is None:
             return self._get(spec, int(rank))
-        return times[1] if self.gathered(spec, rank) else times[0]
+        return times[1] if _gathers(times) else times[0]
 
     def gathered(self, spec: ConvSpec, rank: int) -> bool:
         """Whether the pair at ``rank`` runs with ``gather_input=True``: measured faster by ``GATHER_MARGIN``."""
         times = self.form_times(spec, int(rank))
-        return times is not None and times[1] < GATHER_MARGIN * times[0]
+        return times is not None and _gathers(times)
 
     def save(self) -> None:
         """Write the cache to ``cache_file`` (if one was given)."""
@@ -202,6 +202,11 @@ class LayerTimer:
         """Whole-model time on ``args`` in this timer's memory format (the fastest of a few runs)."""
         model, args = to_format(model, args, self.memory_format)
         return time_fn(model, args, device=self.device, reps=reps, warmup=2, max_seconds=4 * self.max_seconds + 1)
+
+
+def _gathers(times: Tuple[float, float]) -> bool:
+    """The form rule on (grouped, gathered) times: gathered only when clearly faster."""
+    return times[1] < GATHER_MARGIN * times[0]
 
 
 def to_format(model: nn.Module, args: Sequence[Any], memory_format: str) -> Tuple[nn.Module, tuple]:

@@ -52,22 +52,7 @@ def time_call(fn: Callable[..., Any], args: Sequence[Any], *, warmup: int = 2, r
               reduce: Callable[[List[float]], float] = statistics.median, min_reps: int = 3) -> float:
     """``reduce`` (median by default) of the wall times of ``fn(*args)`` in milliseconds, CUDA-synchronised on
     GPU: up to ``reps`` timed calls, stopping after ``max_seconds`` once ``min_reps`` calls are in."""
-    device = device or input_device(args)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn(*args)
-        sync()
-        times: List[float] = []
-        start = time.perf_counter()
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn(*args)
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-            if time.perf_counter() - start > max_seconds and len(times) >= min_reps:
-                break
-    return reduce(times)
+    return reduce(_rounds([fn], args, warmup, reps, max_seconds, device, min_reps)[0])
 
 
 def time_side_by_side(fns: Sequence[Callable[..., Any]], args: Sequence[Any], *, warmup: int = 1, reps: int = 5,
@@ -76,9 +61,17 @@ def time_side_by_side(fns: Sequence[Callable[..., Any]], args: Sequence[Any], *,
     """The fastest wall time (ms) of each of ``fns`` on ``args``, called in turn in every round, so drift on a
     shared machine hits all of them alike: up to ``reps`` rounds, stopping after ``max_seconds`` once
     ``min_reps`` rounds are in."""
+    return [min(t) for t in _rounds(fns, args, warmup, reps, max_seconds, device, min_reps)]
+
+
+def _rounds(fns: Sequence[Callable[..., Any]], args: Sequence[Any], warmup: int, reps: int, max_seconds: float,
+            device: Optional[torch.device], min_reps: int) -> List[List[float]]:
+    """Wall times (ms) of each of ``fns``, called in turn each round (CUDA-synchronised on GPU), after
+    ``warmup`` untimed calls each; up to ``reps`` rounds, stopping after ``max_seconds`` once ``min_reps``
+    rounds are in."""
     device = device or input_device(args)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = [float("inf")] * len(fns)
+    times: List[List[float]] = [[] for _ in fns]
     with torch.no_grad():
         for fn in fns:
             for _ in range(warmup):
@@ -86,14 +79,14 @@ def time_side_by_side(fns: Sequence[Callable[..., Any]], args: Sequence[Any], *,
         sync()
         start = time.perf_counter()
         for done in range(1, reps + 1):
-            for i, fn in enumerate(fns):
+            for fn, t in zip(fns, times):
                 t0 = time.perf_counter()
                 fn(*args)
                 sync()
-                best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
+                t.append((time.perf_counter() - t0) * 1e3)
             if time.perf_counter() - start > max_seconds and done >= min_reps:
                 break
-    return best
+    return times
 
 
 def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report: Any) -> None:

@@ -33,7 +33,6 @@ class Decision:
     report: LayerReport
     factors: Optional[Factors] = None
     module: Optional[torch.nn.Module] = None  # the separable module a torch backend installed for it
-    gather_input: bool = False  # torch ops: run the depthwise conv on a gathered input (timed faster)
 
     @property
     def rewritten(self) -> bool:
@@ -123,9 +122,7 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
         it = tqdm(sites, desc="factorising", unit="conv", leave=False)
     for site in it:
         spec = site.spec
-        reason = why_not(spec) or selected(spec.name, include, exclude)
-        if reason is None and site.weight is None:
-            reason = "weight is not a constant parameter"
+        reason = _skip_reason(site, include, exclude)
         if reason is not None:
             decisions.append(Decision(site, layer_report(spec, reason=reason)))
             continue
@@ -136,6 +133,14 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
         factors = factorize(site.weight, r, site.bias, ragged=ragged)
         decisions.append(Decision(site, layer_report(spec, rank=r, factors=factors, policy=policy), factors))
     return decisions
+
+
+def _skip_reason(site: ConvSite, include: Selector, exclude: Selector) -> Optional[str]:
+    """Why the pass leaves this conv alone before any rank is considered, or ``None``."""
+    reason = why_not(site.spec) or selected(site.spec.name, include, exclude)
+    if reason is None and site.weight is None:
+        reason = "weight is not a constant parameter"
+    return reason
 
 
 def _mark_tied_weights(sites: List[ConvSite]) -> None:
@@ -197,9 +202,7 @@ def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, bu
     kind, value = budget
     reasons: dict = {}
     for i, site in enumerate(sites):
-        reason = why_not(site.spec) or selected(site.spec.name, include, exclude)
-        if reason is None and site.weight is None:
-            reason = "weight is not a constant parameter"
+        reason = _skip_reason(site, include, exclude)
         if reason is not None:
             reasons[i] = reason
     eligible = [i for i in range(len(sites)) if i not in reasons]
@@ -283,7 +286,7 @@ def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, bu
             rep = layer_report(spec, rank=ranks[i], factors=factors, policy=kind)
             d = Decision(site, rep, factors)
             if i in times and hasattr(timer, "gathered"):  # the form the time was measured in
-                d.gather_input = rep.gather_input = bool(timer.gathered(spec, ranks[i]))
+                rep.gather_input = bool(timer.gathered(spec, ranks[i]))
         else:
             d = Decision(site, layer_report(spec, reason=reasons[i],
                                             policy=kind if i in errors and "allocation" in reasons[i] else None))

@@ -23,7 +23,7 @@ def separable_for(decision: Decision, *, stride, padding, dilation, padding_mode
                   backend: str = "auto") -> nn.Module:
     cls = SeparableConv1d if decision.site.spec.spatial_dims == 1 else SeparableConv2d
     mod = cls.from_factors(decision.factors, stride=stride, padding=padding, dilation=dilation,
-                           padding_mode=padding_mode, backend=backend, gather_input=decision.gather_input)
+                           padding_mode=padding_mode, backend=backend, gather_input=decision.report.gather_input)
     frozen = isinstance(decision.site.weight, torch.Tensor) and not decision.site.weight.requires_grad
     return mod.requires_grad_(False) if frozen else mod  # a frozen conv stays frozen
 
