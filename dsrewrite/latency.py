@@ -29,7 +29,7 @@ __all__ = ["LayerTimer", "candidate_ranks", "time_fn", "best_memory_format", "ME
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 # the gathered depthwise form must take less than this fraction of the grouped form's time: it copies the
-# input `rank` times (memory), and a single timing of a large layer on a shared CPU is noisy (seen: 4x)
+# input `rank` times (memory), and a single timing of a large layer on a shared CPU is noisy
 GATHER_MARGIN = 0.9
 _CACHE: Dict[str, float] = {}  # process-wide: the same layer shape is timed once
 
