@@ -6,8 +6,9 @@
   the custom op ``torch.ops.dsrewrite.separable_conv2d``.
 * :func:`depthwise_conv2d`, :func:`pointwise_conv2d`: the two halves alone (forward only).
 
-Importing this package imports neither Triton nor the kernels: they load on first use, so
-``import dsrewrite`` stays fast and works without Triton or a GPU. Note: ``dsrewrite.kernels.separable_conv2d``
+Importing this package registers the custom op (schema, fake implementation, autograd, FLOP formula;
+:mod:`._op`) but not the kernels: they load on the op's first call, so the import needs no GPU and works
+without Triton (``import dsrewrite`` does not import this package). Note: ``dsrewrite.kernels.separable_conv2d``
 is the function; the module of the same name is reached with
 ``from dsrewrite.kernels.separable_conv2d import separable_conv2d_forward``.
 """
@@ -97,3 +98,5 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+from . import _op  # noqa: E402,F401 - registers torch.ops.dsrewrite.separable_conv2d (no Triton import)

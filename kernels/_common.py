@@ -95,13 +95,17 @@ def _pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w):
 
 
 @triton.jit
-def _input_channel(idx_ptr, offs_k, mask_k, R, HAS_INDEX: tl.constexpr):
-    """The input channel each depthwise channel ``offs_k`` reads: ``idx_ptr[k]`` (ragged ranks) or ``k // R``."""
+def _input_channel(idx_ptr, offs_k, mask_k, R, C, HAS_INDEX: tl.constexpr):
+    """The input channel each depthwise channel ``offs_k`` reads, ``idx_ptr[k]`` (ragged ranks) or ``k // R``,
+    and the mask of the channels to compute: ``mask_k``, less any index outside ``[0, C)``. The host checks
+    the index without a device sync only asynchronously (``torch._assert_async``), so a bad index must not
+    read out of bounds here: its depthwise channel computes as zero."""
     if HAS_INDEX:
         chan = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+        mask_k = mask_k & (chan >= 0) & (chan < C)
     else:
         chan = offs_k // R
-    return chan
+    return chan, mask_k
 
 
 @triton.jit

@@ -24,7 +24,7 @@ def _depthwise_conv2d_kernel(
     w_ptr,  # weights [C*r, KH*KW], contiguous; channel k reads input channel k // R
     idx_ptr,  # ragged ranks: int64 [C*r], the input channel of each depthwise channel (read if HAS_INDEX)
     z_ptr,  # output [N, C*r, OH, OW], any strides
-    H, W, CR, OH, OW, P, R,
+    C, H, W, CR, OH, OW, P, R,
     sxn, sxc, sxh, sxw,
     szn, szc, szh, szw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -39,8 +39,8 @@ def _depthwise_conv2d_kernel(
 
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < CR
-    x_chan = _input_channel(idx_ptr, offs_c, mask_c, R, HAS_INDEX) * sxc
-    acc = _depthwise_tile(x_ptr, w_ptr, n * sxn, ih0, iw0, mask_p, offs_c, mask_c, x_chan, H, W,
+    chan, mask_in = _input_channel(idx_ptr, offs_c, mask_c, R, C, HAS_INDEX)  # mask_in: index in range too
+    acc = _depthwise_tile(x_ptr, w_ptr, n * sxn, ih0, iw0, mask_p, offs_c, mask_in, chan * sxc, H, W,
                           sxh, sxw, dil_h, dil_w, KH, KW, BLOCK_P, BLOCK_C)
 
     z_off = (n * szn + oh * szh + ow * szw)[:, None] + (offs_c * szc)[None, :]
@@ -79,7 +79,7 @@ def depthwise_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, stride: Sequ
     if P == 0 or CR == 0:
         return z
     w, idx, R = depthwise_operands(weight, C, channel_index)
-    args = (x, w, idx, z, H, W, CR, z.shape[2], z.shape[3], P, R, *x.stride(), *z.stride(),
+    args = (x, w, idx, z, C, H, W, CR, z.shape[2], z.shape[3], P, R, *x.stride(), *z.stride(),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     launch(_depthwise_conv2d_kernel, _depthwise_conv2d_tuned, args,
            dict(KH=KH, KW=KW, HAS_INDEX=channel_index is not None), config,

@@ -1,27 +1,28 @@
-"""``torch.library`` registration of the kernels, the fused-vs-split dispatcher and the public entry point.
+"""The fused-vs-split dispatcher and the public entry points (argument checks, then the custom op).
 
 ``torch.ops.dsrewrite.separable_conv2d`` is a custom op (``torch.library.custom_op``, torch >= 2.4) with a
 fake implementation (shapes and memory format, for ``torch.compile``), an autograd formula (backward in
 torch ops: the depthwise output is recomputed with ``F.conv2d`` and fed to ``aten.convolution_backward``)
-and, where torch has the API, a FLOP formula so ``FlopCounterMode`` counts depthwise + pointwise FLOPs.
+and, where torch has the API, a FLOP formula so ``FlopCounterMode`` counts depthwise + pointwise FLOPs. It
+is registered in :mod:`._op` when ``dsrewrite.kernels`` is imported (no Triton import there).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import DsrewriteError
 from ._common import ACTIVATIONS, interpreting
+from ._op import _separable_conv2d_op, separable_flops
+from ._shapes import out_size, output_memory_format, resolve_padding
 from .depthwise import depthwise_conv2d_forward
 from .pointwise import pointwise_conv2d_forward
-from ._shapes import out_size, output_memory_format, resolve_padding
 from .separable_conv2d import FUSED_BLOCK_M_MAX, separable_conv2d_forward
 
 __all__ = ["separable_conv2d", "depthwise_conv2d", "pointwise_conv2d", "choose_path", "resolve_padding",
-           "separable_flops", "PATHS", "DW_FLOP_PER_BYTE"]
+           "separable_flops", "check_index_values", "PATHS", "DW_FLOP_PER_BYTE"]
 
 PATHS = ("auto", "fused", "split")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,15 +54,6 @@ def _pair(v, name: str) -> Tuple[int, int]:
     raise DsrewriteError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
-def separable_flops(x_shape, dw_shape, pw_shape, out_shape) -> int:
-    """FLOPs (2 per multiply-add) of the depthwise + pointwise pair; bias and activation not counted,
-    as ``FlopCounterMode`` counts ``aten.convolution``."""
-    n, m, oh, ow = out_shape
-    cr, _, kh, kw = dw_shape
-    pixels = n * oh * ow
-    return 2 * cr * kh * kw * pixels + 2 * cr * m * pixels
-
-
 def _precision(x: torch.Tensor, precision: Optional[str]) -> str:
     """The ``tl.dot`` input precision. It only matters for fp32 operands; 16-bit operands always take
     tensor cores, so they get Triton's default ("tf32")."""
@@ -86,83 +78,28 @@ def _run(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, p
                                     memory_format=output_memory_format(x))
 
 
-@torch.library.custom_op("dsrewrite::separable_conv2d", mutates_args=())
-def _separable_conv2d_op(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
-                         bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
-                         dilation: List[int], activation: str, path: str, precision: str,
-                         channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _run(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision,
-                channel_index)
+def check_index_values(index: torch.Tensor, channels: int, *, sync: Optional[bool] = None) -> None:
+    """Check that every ``channel_index`` value lies in ``[0, channels)`` without a device sync.
 
-
-@_separable_conv2d_op.register_fake
-def _(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision, channel_index=None):
-    n, _, h, w = x.shape
-    _, _, kh, kw = dw_weight.shape
-    oh = out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = out_size(w, kw, stride[1], padding[1], dilation[1])
-    return torch.empty((n, pw_weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
-                       memory_format=output_memory_format(x))
-
-
-def _setup_context(ctx, inputs, output):
-    x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, _path, _prec, *rest = inputs
-    index = rest[0] if rest else None
-    ctx.conv = (list(stride), list(padding), list(dilation))
-    ctx.activation = activation
-    ctx.has_bias = bias is not None
-    y = output if activation in ("relu", "relu6") else None  # their gradient masks read the output
-    ctx.save_for_backward(x, dw_weight, pw_weight, bias, y, index)
-
-
-def _backward(ctx, grad):
-    x, dw_weight, pw_weight, bias, y, index = ctx.saved_tensors
-    stride, padding, dilation = ctx.conv
-    need_x, need_dw, need_pw, need_b = ctx.needs_input_grad[:4]
-    conv_bw = torch.ops.aten.convolution_backward
-    xin = x if index is None else x.index_select(1, index)  # ragged: the depthwise conv reads gathered channels
-    groups = xin.shape[1]
-    z = F.conv2d(xin, dw_weight, None, stride, padding, dilation, groups)
-    if ctx.activation == "relu":
-        grad = grad * (y > 0)
-    elif ctx.activation == "relu6":
-        grad = grad * ((y > 0) & (y < 6))
-    elif ctx.activation == "silu":
-        u = F.conv2d(z, pw_weight, bias)
-        s = torch.sigmoid(u)
-        grad = grad * s * (1 + u * (1 - s))
-    need_z = need_x or need_dw
-    gz, gpw, gb = conv_bw(grad, z, pw_weight, [pw_weight.shape[0]] if ctx.has_bias else None, [1, 1], [0, 0],
-                          [1, 1], False, [0, 0], 1, [need_z, need_pw, need_b and ctx.has_bias])
-    gx = gdw = None
-    if need_z:
-        gx, gdw, _ = conv_bw(gz, xin, dw_weight, None, stride, padding, dilation, False, [0, 0], groups,
-                             [need_x, need_dw, False])
-        if index is not None and gx is not None:
-            gx = torch.zeros_like(x).index_add_(1, index, gx)
-    return gx, gdw, gpw, gb, None, None, None, None, None, None, None
-
-
-_separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
-
-try:  # FlopCounterMode support (the decorator exists in torch >= 2.4; guard older or changed APIs)
-    from torch.utils.flop_counter import register_flop_formula
-
-    @register_flop_formula(torch.ops.dsrewrite.separable_conv2d)
-    def _separable_conv2d_flop(x_shape, dw_shape, pw_shape, *args, out_shape=None, **kwargs) -> int:
-        return separable_flops(x_shape, dw_shape, pw_shape, out_shape)
-except (ImportError, AttributeError, ValueError, RuntimeError):  # pragma: no cover - depends on torch
-    pass
-
-
-def _can_read(t: torch.Tensor) -> bool:
-    """Whether checking ``t``'s values is free: a real CPU tensor outside tracing. On CUDA it would cost a
-    device sync per call, and under torch.compile it is data-dependent; ``SeparableConv2d`` checks its index
-    once, when it is built."""
+    ``sync`` (default: whether ``index`` is on the CPU) reads the values and raises :class:`DsrewriteError`.
+    Otherwise (CUDA) it queues ``torch._assert_async``: the device raises on a bad value when the stream
+    reaches it, and the kernels mask such an index meanwhile (no out-of-bounds read). Under tracing
+    (``torch.compile``, fake tensors) nothing is checked: the values are data-dependent there;
+    ``SeparableConv2d`` checks its index once, when it is built.
+    """
     from torch._subclasses.fake_tensor import FakeTensor
 
     compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
-    return t.device.type == "cpu" and not compiling and not isinstance(t, FakeTensor)
+    if index.numel() == 0 or compiling or isinstance(index, FakeTensor):
+        return
+    msg = f"channel_index values must lie in [0, {channels})"
+    if sync is None:
+        sync = index.device.type == "cpu"
+    if sync:
+        if int(index.min()) < 0 or int(index.max()) >= channels:
+            raise DsrewriteError(msg)
+    else:
+        torch._assert_async(((index >= 0) & (index < channels)).all(), msg)
 
 
 def _check_tensors(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
@@ -180,8 +117,7 @@ def _check_tensors(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Te
                                  f"{channel_index.dtype} {tuple(channel_index.shape)}")
         if channel_index.device != x.device:
             raise DsrewriteError(f"channel_index is on {channel_index.device}, x is on {x.device}: they must match")
-        if cr and _can_read(channel_index) and (int(channel_index.min()) < 0 or int(channel_index.max()) >= c):
-            raise DsrewriteError(f"channel_index values must lie in [0, {c})")
+        check_index_values(channel_index, c)
     if pw_weight.dim() != 4 or pw_weight.shape[1] != cr or tuple(pw_weight.shape[2:]) != (1, 1):
         raise DsrewriteError(f"pw_weight must be [M, {cr}, 1, 1], got {tuple(pw_weight.shape)}")
     if bias is not None and tuple(bias.shape) != (pw_weight.shape[0],):

@@ -55,8 +55,8 @@ def _separable_conv2d_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < CR
         # the depthwise result of this channel block stays in registers
-        x_chan = _input_channel(idx_ptr, offs_k, mask_k, R, HAS_INDEX) * sxc
-        dw = _depthwise_tile(x_ptr, dw_ptr, x_pix, ih0, iw0, mask_p, offs_k, mask_k, x_chan, H, W,
+        chan, mask_c = _input_channel(idx_ptr, offs_k, mask_k, R, C, HAS_INDEX)  # mask_c: index in range too
+        dw = _depthwise_tile(x_ptr, dw_ptr, x_pix, ih0, iw0, mask_p, offs_k, mask_c, chan * sxc, H, W,
                              sxh, sxw, dil_h, dil_w, KH, KW, BLOCK_P, BLOCK_K)
         pw = tl.load(pw_ptr + offs_m[None, :] * CR + offs_k[:, None],
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]

@@ -73,6 +73,48 @@ def test_ragged_opcheck_and_bad_index(gen):
         K.separable_conv2d(x, dw, pw, b, padding=1, channel_index=index[:-1])
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_bad_index_is_masked_in_the_kernels(gen, path):
+    """On CUDA the host checks the index only asynchronously, so the kernels themselves must not read out of
+    bounds: called directly (no host check), a filter whose index lies outside [0, C) computes as zero."""
+    from dsrewrite.kernels.depthwise import depthwise_conv2d_forward
+    from dsrewrite.kernels.pointwise import pointwise_conv2d_forward
+    from dsrewrite.kernels.separable_conv2d import separable_conv2d_forward
+
+    c = 3
+    x, dw, pw, b, index = _ragged(gen, c=c, r=2, m=4, n=1, h=5, w=5)
+    bad = torch.tensor([0, 3, 5])
+    index = index.clone()
+    index[bad] = torch.tensor([-2, c, c + 1000])
+    dw_ref = dw.clone()
+    dw_ref[bad] = 0.0
+    ref = reference(x, dw_ref, pw, b, 1, 1, 1, channel_index=index.clamp(0, c - 1))
+    if path == "fused":
+        y = separable_conv2d_forward(x, dw, pw, b, (1, 1), (1, 1), (1, 1), channel_index=index)
+    else:
+        z = depthwise_conv2d_forward(x, dw, (1, 1), (1, 1), (1, 1), channel_index=index)
+        assert (z[:, bad] == 0).all()
+        y = pointwise_conv2d_forward(z, pw, b, "none", "ieee")
+    assert_matches(y, ref, 1e-5)
+
+
+def test_index_check_without_a_sync(gen):
+    """The check the wrapper runs on CUDA (``sync=False``: ``torch._assert_async``, no device sync) run on a
+    CPU tensor, where the assert fires at once; and the CPU check (``sync=True``) with its one-line error."""
+    from dsrewrite.kernels.ops import check_index_values
+
+    good, low, high = torch.tensor([0, 2, 1, 2]), torch.tensor([0, -1, 1]), torch.tensor([2, 3])
+    for sync in (True, False):
+        check_index_values(good, 3, sync=sync)
+        check_index_values(torch.empty(0, dtype=torch.int64), 3, sync=sync)
+    for t in (low, high):
+        with pytest.raises(DsrewriteError, match=r"channel_index values must lie in \[0, 3\)"):
+            check_index_values(t, 3, sync=True)
+        with pytest.raises(RuntimeError, match=r"channel_index values must lie in \[0, 3\)"):
+            check_index_values(t, 3, sync=False)
+    check_index_values(high, 4, sync=False)
+
+
 def test_ragged_module_triton_backend_equals_torch_backend(gen):
     conv = torch.nn.Conv2d(6, 9, 3, padding=1, stride=2)
     with torch.no_grad():
