@@ -1,15 +1,14 @@
-"""ONNX frontend and backend: rewrite the ``Conv`` nodes of ``.onnx`` models with onnx-graphsurgeon.
+"""ONNX frontend and backend: rewrite the ``Conv`` nodes of ``.onnx`` models by editing the protobuf.
 
-The frontend (:mod:`.frontend`) turns convolution nodes into framework-neutral
-:class:`~dsrewrite.ir.ConvSite` objects, the shared :func:`dsrewrite.pipeline.plan_sites` chooses ranks and
-factorises, the backend (:mod:`.backend`) writes depthwise + pointwise ``Conv`` pairs, and :mod:`.flops`
-counts whole-graph FLOPs and parameters with the torch report's conventions.
+The frontend (:mod:`.frontend`) turns convolution nodes, subgraphs included (:mod:`.scopes`), into
+framework-neutral :class:`~dsrewrite.ir.ConvSite` objects, the shared :func:`dsrewrite.pipeline.plan_sites`
+chooses ranks and factorises, the backend (:mod:`.backend`) replaces just those nodes by depthwise + pointwise
+``Conv`` pairs, and :mod:`.flops` counts whole-model FLOPs and parameters with the torch report's conventions.
 """
 from __future__ import annotations
 
 try:
     import onnx  # noqa: F401
-    import onnx_graphsurgeon  # noqa: F401
 except ImportError as _e:  # one line for the CLI, with the fix
     from ..errors import DsrewriteError
 

@@ -1,19 +1,24 @@
-"""``dsrewrite.onnx.rewrite``: load, infer shapes, plan with the shared pipeline, rewrite, report, save."""
+"""``dsrewrite.onnx.rewrite``: load, infer shapes, plan with the shared pipeline, rewrite, report, save.
+
+The model is edited as a protobuf: only the rewritten ``Conv`` nodes (and the weights nothing reads any more)
+change, so a model with nothing to rewrite comes back as it was, and everything the rewrite does not touch
+(value infos, subgraphs, metadata, opsets) is kept exactly.
+"""
 from __future__ import annotations
 
 import os
 from typing import List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import onnx
-import onnx_graphsurgeon as gs
 
 from ..errors import DsrewriteError, first_line
+from ..ir import ConvSite
 from ..pipeline import Selector, budget_args, plan_sites
 from ..policy import RankArg, check_rank
 from ..report import Report
 from .backend import apply_decisions
-from .flops import count_flops, count_params, infer_shapes
-from .frontend import collect_sites, subgraph_convs
+from .flops import Shapes, count_flops, count_params, infer_shapes, subgraph_note
+from .frontend import collect_sites
 from .model_io import PROTOBUF_LIMIT, load_model, model_nbytes, same_file, save_model
 
 __all__ = ["rewrite", "OnnxRewriteResult"]
@@ -24,19 +29,6 @@ class OnnxRewriteResult(NamedTuple):
 
     model: onnx.ModelProto
     report: Report
-
-
-def _restore_model_fields(new: onnx.ModelProto, src: onnx.ModelProto) -> None:
-    """Keep what graphsurgeon does not carry over: IR version, opsets, producer, metadata, doc string."""
-    new.ir_version = src.ir_version
-    del new.opset_import[:]
-    new.opset_import.extend(src.opset_import)
-    new.producer_name, new.producer_version = src.producer_name, src.producer_version
-    new.domain, new.model_version, new.doc_string = src.domain, src.model_version, src.doc_string
-    del new.metadata_props[:]
-    new.metadata_props.extend(src.metadata_props)
-    if src.graph.doc_string:
-        new.graph.doc_string = src.graph.doc_string
 
 
 def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[None, str, "os.PathLike[str]"] = None,
@@ -78,42 +70,32 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     model, info = load_model(src)
 
     shapes = infer_shapes(model, input_shapes)
-    try:
-        graph = gs.import_onnx(model)
-    except Exception as e:  # noqa: BLE001 - e.g. a tensor type graphsurgeon cannot represent
-        raise DsrewriteError(f"onnx-graphsurgeon cannot import the model: {first_line(e, 200)}") from None
-    sites = collect_sites(graph, shapes)
+    new = onnx.ModelProto()
+    new.CopyFrom(model)  # edited in place by the backend; the source model stays as it was
+    sites = collect_sites(new, shapes)
     flops_before, unknown = count_flops(model, shapes)
     params_before = count_params(model)
-    if budget is not None and budget[0] == "target_flops" and (unknown or not flops_before):
-        raise DsrewriteError("target_flops needs the FLOPs of every conv: the model has unknown shapes, "
-                             "give input_shapes (--input-shape)")
-    budget_kw = {} if budget is None else {budget[0]: budget[1], "total_flops": flops_before,
-                                           "total_params": params_before}
+    notes: List[str] = []
+    budget_kw = {}
+    if budget is not None:
+        budget_kw = {budget[0]: budget[1], "total_params": params_before}
+        if budget[0] == "target_flops":
+            budget_kw["total_flops"] = _flops_total(sites, flops_before, unknown, shapes, notes)
     decisions = plan_sites(sites, rank, include, exclude, progress=progress, ragged=ragged, **budget_kw)
     for d in decisions:
         if d.rewritten and d.site.spec.extra.get("bias"):
             d.report.note = d.site.spec.extra["bias"] + ", kept on the pointwise conv"
-    apply_decisions(graph, decisions)
-    graph.cleanup().toposort()
-    try:
-        new = gs.export_onnx(graph)
-    except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"onnx-graphsurgeon could not export the rewritten graph: {e}") from e
-    _restore_model_fields(new, model)
+    done = apply_decisions(new, decisions)
 
     large = model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20)
-    if not large:
-        onnx.checker.check_model(new)  # the rewrite's post-condition; a failure here is a dsrewrite bug
-
-    shapes_after = infer_shapes(new, input_shapes)  # the same user shapes: unknown dims stay unknown
+    if done and not large:
+        _check_rewritten(new)
+    shapes_after = infer_shapes(new, input_shapes) if done else shapes  # the same user shapes
     flops_after, _ = count_flops(new, shapes_after)
-    layers = [d.report for d in decisions]
-    notes: List[str] = []
     report = Report(
-        layers=layers, model=name or info.name or model.graph.name, route="onnx",
+        layers=[d.report for d in decisions], model=name or info.name or model.graph.name, route="onnx",
         input_shapes=[list(s) for s in shapes.inputs.values()],
-        params_before=params_before, params_after=count_params(new),
+        params_before=params_before, params_after=count_params(new) if done else params_before,
         flops_before=flops_before, flops_after=flops_after, flops_per_sample=shapes.per_sample, notes=notes,
     )
     if shapes.per_sample:
@@ -122,21 +104,47 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     if unknown:
         notes.append(f"{len(unknown)} conv/matmul nodes have unknown shapes and are not counted "
                      f"(first: {unknown[0]})")
-    inner = subgraph_convs(graph)
+    inner = subgraph_note(model, shapes)
     if inner:
-        notes.append(f"{len(inner)} convolutions inside subgraphs (If/Loop/Scan) are not rewritten")
+        notes.append(inner)
     report.add_outcome_notes()
 
     if dst is not None:
         save_model(new, dst, external_data=info.external_data, threshold=info.threshold)
-        if large:
-            try:
-                onnx.checker.check_model(dst)
-            except onnx.checker.ValidationError as e:
-                raise RuntimeError(f"the rewritten model fails onnx.checker: {e}") from e
+        if done and large:
+            _check_rewritten(dst)
     if measure_time:
         _measure(model, new, shapes.inputs, report, info.path, dst, large)
     return OnnxRewriteResult(new, report)
+
+
+def _check_rewritten(model: Union[str, onnx.ModelProto]) -> None:
+    """The rewrite's post-condition: the rewritten model passes ``onnx.checker`` (a failure is a dsrewrite bug)."""
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001 - ValidationError or a protobuf error: one line, dsrewrite's type
+        raise DsrewriteError(f"the rewritten model fails onnx.checker ({first_line(e, 200)}): a dsrewrite bug, "
+                             "please report it with the model") from None
+
+
+def _flops_total(sites: List[ConvSite], flops_before: int, unknown: List[str], shapes: Shapes,
+                 notes: List[str]) -> Optional[int]:
+    """What a ``target_flops`` budget is a fraction of: the whole model's FLOPs when every counted node has known
+    shapes; the convolutions' FLOPs (``None``: the planner's sum over the sites) when only MatMul/Gemm nodes are
+    unknown, said in a note; a one-line error when a conv's FLOPs are unknown."""
+    conv_names = {s.spec.name for s in sites if s.handle.node.op_type in ("Conv", "ConvTranspose")}
+    blind = [n for n in unknown if n in conv_names]
+    if blind:
+        advice = ("give input_shapes (--input-shape)" if shapes.symbolic_inputs else
+                  "shape inference cannot resolve them: use target_params, energy or a rank")
+        raise DsrewriteError(f"target_flops needs the FLOPs of every conv, and {len(blind)} convs have unknown "
+                             f"shapes (first: {blind[0]}): {advice}")
+    others = [n for n in unknown if n not in conv_names]
+    if not others:
+        return flops_before
+    notes.append(f"target_flops applies to the convolutions' FLOPs: {len(others)} MatMul/Gemm nodes have unknown "
+                 f"shapes, so the whole model's FLOPs are not known (first: {others[0]})")
+    return None
 
 
 def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], dst: Optional[str],

@@ -1,4 +1,11 @@
-"""ONNX backend: write each decided conv as a depthwise ``Conv`` followed by a 1x1 ``Conv`` (onnx-graphsurgeon).
+"""ONNX backend: write each decided conv as a depthwise ``Conv`` followed by a 1x1 ``Conv``, editing the protobuf.
+
+Only the rewritten convs change: each ``Conv`` node is replaced, in its own graph and at its own position, by
+the pair; the weights it no longer needs are removed when nothing else reads them; every other node, value
+info, subgraph and model field is left exactly as it was (no import/export round trip that could drop shapes
+or copy outer-scope weights into subgraphs). The factors are stored where the original weight was defined
+(the main graph's initializers for a subgraph conv reading a main-graph weight), so a weight shared by
+several convs, in one graph or across ``If`` branches, gets one depthwise/pointwise pair per rank.
 
 The depthwise conv (``group=Cin``, ``Cin*r`` outputs) keeps the original's ``strides``, ``dilations``,
 ``pads`` / ``auto_pad`` and ``kernel_shape``, so it does all the padding and the output has the original
@@ -10,12 +17,15 @@ depthwise conv with ``group`` = filters (node ``<name>_gather``, indices ``<weig
 """
 from __future__ import annotations
 
-from typing import Dict, List, Set, Tuple
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx
+from onnx import helper, numpy_helper
 
 from ..pipeline import Decision
+from .scopes import Scope, scopes, taken_names, value_uses
 
 __all__ = ["apply_decisions"]
 
@@ -27,8 +37,8 @@ def _numpy(t) -> np.ndarray:
 class _Names:
     """Unique tensor and node names: the derived name, or with ``_2``, ``_3`` ... if it is taken."""
 
-    def __init__(self, graph: gs.Graph) -> None:
-        self.taken: Set[str] = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
+    def __init__(self, taken: set) -> None:
+        self.taken = taken
 
     def __call__(self, name: str) -> str:
         candidate, i = name, 1
@@ -39,47 +49,111 @@ class _Names:
         return candidate
 
 
-def apply_decisions(graph: gs.Graph, decisions: List[Decision]) -> int:
-    """Replace every rewritten decision's node in ``graph``; returns how many convs were replaced.
+def _index_of(graph: onnx.GraphProto, output: str) -> Optional[int]:
+    """Position of the node that writes ``output`` in ``graph`` (value names are unique within a graph)."""
+    return next((i for i, n in enumerate(graph.node) if output in n.output), None)
 
-    Call ``graph.cleanup().toposort()`` afterwards (the original nodes and weights become dangling).
+
+def _replace(graph: onnx.GraphProto, index: int, nodes: Sequence[onnx.NodeProto]) -> None:
+    del graph.node[index]
+    for k, n in enumerate(nodes):
+        graph.node.insert(index + k, n)
+
+
+def _add_constant(scope: Scope, name: str, value: np.ndarray, ir_version: int) -> None:
+    """Store ``value`` as ``name`` in ``scope``'s graph: an initializer, or before IR 4 (initializers must then
+    be graph inputs, and a subgraph's inputs are bound by position) a ``Constant`` node of a subgraph."""
+    tensor = numpy_helper.from_array(value, name)
+    if ir_version >= 4:
+        scope.graph.initializer.append(tensor)
+    elif scope.is_main:
+        scope.graph.initializer.append(tensor)
+        scope.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    else:
+        scope.graph.node.insert(0, helper.make_node("Constant", [], [name], value=tensor))
+
+
+def _remove_dead(scope: Scope, name: str, uses: Counter) -> None:
+    """Remove what defined ``name`` (seen from ``scope``) once nothing reads it: initializers, ``Constant``
+    nodes and ``Identity`` chains, following the chain while its values fall out of use."""
+    while uses[name] <= 0:
+        d = scope.lookup(name)
+        if d is None or d.kind == "input":
+            return
+        g = d.scope.graph
+        if d.kind == "initializer":
+            if d.scope.is_main:
+                inputs = [i for i, vi in enumerate(g.input) if vi.name == name]
+                for i in reversed(inputs):
+                    del g.input[i]
+            elif any(vi.name == name for vi in g.input):
+                return  # a subgraph input (IR < 4): bound by position, keep it
+            i = next((i for i, t in enumerate(g.initializer) if t.name == name), None)
+            if i is not None:
+                del g.initializer[i]
+            nxt = None
+        elif d.node.op_type in ("Identity", "Constant") and len(d.node.output) == 1:
+            i = _index_of(g, name)
+            if i is None:
+                return
+            nxt = d.node.input[0] if d.node.op_type == "Identity" and d.node.input else None
+            del g.node[i]
+        else:
+            return
+        for i in reversed([i for i, vi in enumerate(g.value_info) if vi.name == name]):
+            del g.value_info[i]
+        if nxt is None:
+            return
+        uses[nxt] -= 1
+        scope, name = d.scope, nxt
+
+
+def apply_decisions(model: onnx.ModelProto, decisions: List[Decision]) -> int:
+    """Replace every rewritten decision's node in ``model`` (in place); returns how many convs were replaced.
+
+    The sites' handles must point into ``model`` (:func:`dsrewrite.onnx.frontend.collect_sites` on it).
     """
-    names = _Names(graph)
-    weights: Dict[Tuple[str, int], tuple] = {}  # shared weights: one pair (and index) per rank
-    done = 0
-    for d in decisions:
-        if not d.rewritten:
-            continue
+    todo = [d for d in decisions if d.rewritten]
+    if not todo:
+        return 0
+    all_scopes = scopes(model.graph)
+    names = _Names(taken_names(all_scopes))
+    uses = value_uses(all_scopes)
+    pairs: Dict[Tuple[int, int], Tuple[str, str, Optional[str], int]] = {}  # one pair per shared weight and rank
+    for d in todo:
         h, f = d.site.handle, d.factors
-        node = h.node
-        x, y = node.inputs[0], node.outputs[0]
+        key = (id(h.source), f.rank)
+        if key not in pairs:
+            home = h.source.scope  # where the original weight is defined: visible from every conv that reads it
+            dw_name, pw_name = names(f"{h.weight}.depthwise"), names(f"{h.weight}.pointwise")
+            _add_constant(home, dw_name, _numpy(f.depthwise), model.ir_version)
+            _add_constant(home, pw_name, _numpy(f.pointwise), model.ir_version)
+            index = None
+            if f.channel_index is not None:
+                index = names(f"{h.weight}.channel_index")
+                _add_constant(home, index, _numpy(f.channel_index).astype(np.int64), model.ir_version)
+            pairs[key] = (dw_name, pw_name, index, int(f.depthwise.shape[0]))
+        dw_name, pw_name, index, filters = pairs[key]
+
+        node, graph = h.node, h.scope.graph
+        x, y = node.input[0], node.output[0]
+        base = h.node_name
         dims = len(d.site.spec.kernel)
-        cin = d.site.spec.in_channels
-        key = (h.weight_key, f.rank)
-        if key not in weights:
-            dw = _numpy(f.depthwise)
-            pw = _numpy(f.pointwise)
-            index = None if f.channel_index is None else gs.Constant(
-                names(f"{h.weight.name}.channel_index"), _numpy(f.channel_index).astype(np.int64))
-            weights[key] = (gs.Constant(names(f"{h.weight.name}.depthwise"), dw),
-                            gs.Constant(names(f"{h.weight.name}.pointwise"), pw), index)
-        dw_w, pw_w, index = weights[key]
-        base = d.site.spec.name  # the node name (or OpType_index for an unnamed node), as in the report
-        mid = gs.Variable(names(f"{base}_depthwise_output_0"), dtype=dw_w.values.dtype)
-        dw_attrs = {k: v for k, v in node.attrs.items() if k != "group"}
-        dw_attrs["group"] = cin if index is None else int(index.values.shape[0])
-        pw_attrs = {"kernel_shape": [1] * dims}
-        bias = [h.bias] if h.bias is not None else []
-        node.inputs.clear()
-        node.outputs.clear()
+        new: List[onnx.NodeProto] = []
         if index is not None:
-            gathered = gs.Variable(names(f"{base}_gather_output_0"), dtype=x.dtype)
-            graph.nodes.append(gs.Node("Gather", names(f"{base}_gather"), attrs={"axis": 1}, inputs=[x, index],
-                                       outputs=[gathered]))
+            gathered = names(f"{base}_gather_output_0")
+            new.append(helper.make_node("Gather", [x, index], [gathered], name=names(f"{base}_gather"), axis=1))
             x = gathered
-        graph.nodes.append(gs.Node("Conv", names(f"{base}_depthwise"), attrs=dw_attrs, inputs=[x, dw_w],
-                                   outputs=[mid]))
-        graph.nodes.append(gs.Node("Conv", names(f"{base}_pointwise"), attrs=pw_attrs, inputs=[mid, pw_w] + bias,
-                                   outputs=[y]))
-        done += 1
-    return done
+        mid = names(f"{base}_depthwise_output_0")
+        dw = helper.make_node("Conv", [x, dw_name], [mid], name=names(f"{base}_depthwise"), domain=node.domain)
+        dw.attribute.extend(a for a in node.attribute if a.name != "group")
+        dw.attribute.append(helper.make_attribute("group", d.site.spec.in_channels if index is None else filters))
+        bias = [h.bias] if h.bias is not None else []
+        pw = helper.make_node("Conv", [mid, pw_name] + bias, [y], name=names(f"{base}_pointwise"),
+                              domain=node.domain, kernel_shape=[1] * dims)
+        new += [dw, pw]
+        position = _index_of(graph, y)
+        _replace(graph, position, new)
+        uses[h.weight] -= 1
+        _remove_dead(h.scope, h.weight, uses)
+    return len(todo)

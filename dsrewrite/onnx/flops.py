@@ -4,7 +4,9 @@ FLOPs are 2 x multiply-adds counted as ``torch.utils.flop_counter.FlopCounterMod
 convolutions and matrix products (``Conv``, ``ConvTranspose``, ``Gemm``, ``MatMul``), bias adds and
 elementwise ops not counted. Shapes come from ``onnx.shape_inference`` on a copy of the graph whose large
 initializers are replaced by typed inputs (so models over 2 GB infer too) and whose inputs have static
-shapes; a symbolic batch dimension is set to 1 and the FLOPs are then per sample.
+shapes; a symbolic batch dimension is set to 1 and the FLOPs are then per sample. Every graph counts, the
+subgraphs of ``If`` / ``Loop`` / ``Scan`` nodes included (each node once), and parameters are the floating-point
+constants wherever they are defined: initializers and ``Constant`` nodes alike.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import first_line
+from .scopes import DEFAULT_DOMAINS, scopes
 
-__all__ = ["Shapes", "infer_shapes", "count_flops", "count_params", "node_flops", "FLOAT_TYPES"]
+__all__ = ["Shapes", "infer_shapes", "count_flops", "count_params", "node_flops", "attribute", "subgraph_note",
+           "FLOAT_TYPES"]
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 _SMALL = 1024  # initializers with at most this many elements stay in the shape-inference copy (shape inputs)
@@ -27,12 +31,14 @@ Shape = Tuple[int, ...]
 
 @dataclass
 class Shapes:
-    """Static shapes known after inference. ``per_sample``: a symbolic batch was set to 1."""
+    """Static shapes known after inference. ``per_sample``: a symbolic batch was set to 1; ``symbolic_inputs``:
+    inputs left with symbolic dims (static input shapes would make their convs' FLOPs known)."""
 
     shapes: Dict[str, Shape] = field(default_factory=dict)
     inputs: Dict[str, Shape] = field(default_factory=dict)
     per_sample: bool = False
     notes: List[str] = field(default_factory=list)
+    symbolic_inputs: List[str] = field(default_factory=list)
 
     def get(self, name: str) -> Optional[Shape]:
         return self.shapes.get(name)
@@ -95,6 +101,7 @@ def _fix_inputs(graph: onnx.GraphProto, initializers: set, given: Mapping[str, S
                     missing.append(d.dim_param or f"dim {i}")
             if missing:
                 ok = False
+                out.symbolic_inputs.append(vi.name)
                 out.notes.append(f"input {vi.name!r} has symbolic dims {missing}: FLOPs of the convs that depend "
                                  f"on it are not counted (give static input shapes)")
         out.inputs[vi.name] = tuple(int(d.dim_value) for d in shape.dim)
@@ -134,25 +141,36 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Seq
     except Exception as e:  # noqa: BLE001 - inference errors on odd custom graphs: report, do not fail the rewrite
         out.notes.append(f"shape inference failed ({first_line(e, 160)}): FLOPs are not counted")
         inferred = sk
-    graph = inferred.graph
-    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        s = _static(vi.type)
-        if s is not None:
-            out.shapes[vi.name] = s
-    for t in model.graph.initializer:
-        out.shapes[t.name] = tuple(int(d) for d in t.dims)
-    for node in model.graph.node:  # Constant nodes carry their shape in the attribute
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for a in node.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    out.shapes[node.output[0]] = tuple(int(d) for d in a.t.dims)
+    ambiguous: set = set()
+
+    def put(name: str, shape: Optional[Shape]) -> None:
+        """Record a shape; a name two sibling subgraphs give different shapes is dropped (unknown, not wrong)."""
+        if shape is None or name in ambiguous:
+            return
+        if out.shapes.setdefault(name, shape) != shape:
+            del out.shapes[name]
+            ambiguous.add(name)
+
+    for scope in scopes(inferred.graph):
+        g = scope.graph
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            put(vi.name, _static(vi.type))
+    for scope in scopes(model.graph):  # constants carry their shapes: initializers and Constant nodes' values
+        for t in scope.graph.initializer:
+            put(t.name, tuple(int(d) for d in t.dims))
+        for node in scope.graph.node:
+            value = _constant_tensor(node)
+            if value is not None:
+                put(node.output[0], tuple(int(d) for d in value.dims))
     return out
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def attribute(node: onnx.NodeProto, name: str, default):
+    """The value of a node attribute (strings decoded), or ``default`` when the node does not set it."""
     for a in node.attribute:
         if a.name == name:
-            return onnx.helper.get_attribute_value(a)
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
     return default
 
 
@@ -174,8 +192,8 @@ def node_flops(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
         a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
         if a is None or b is None or len(a) != 2 or len(b) != 2:
             return None
-        m, k = (a[1], a[0]) if _attr(node, "transA", 0) else a
-        n = b[0] if _attr(node, "transB", 0) else b[1]
+        m, k = (a[1], a[0]) if attribute(node, "transA", 0) else a
+        n = b[0] if attribute(node, "transB", 0) else b[1]
         return 2 * m * n * k
     if op == "MatMul":
         a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
@@ -189,17 +207,59 @@ def node_flops(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
 
 
 def count_flops(model: onnx.ModelProto, shapes: Shapes) -> Tuple[int, List[str]]:
-    """Whole-graph FLOPs of the top-level graph and the names of counted nodes whose shapes are unknown."""
+    """Whole-model FLOPs and the names of counted nodes whose shapes are unknown.
+
+    Nodes inside subgraphs count once each, as if every ``If`` branch ran and every ``Loop`` / ``Scan`` body
+    ran once (:func:`subgraph_note` says so in the report); their names say where they live.
+    """
     total, unknown = 0, []
-    for i, node in enumerate(model.graph.node):
-        f = node_flops(node, shapes)
-        if f is None:
-            unknown.append(node.name or f"{node.op_type}_{i}")
-        else:
-            total += f
+    for scope in scopes(model.graph):
+        for i, node in enumerate(scope.graph.node):
+            f = node_flops(node, shapes)
+            if f is None:
+                unknown.append(scope.qualified(node.name or f"{node.op_type}_{i}"))
+            else:
+                total += f
     return total, unknown
 
 
+def subgraph_note(model: onnx.ModelProto, shapes: Shapes) -> Optional[str]:
+    """The report note for a model whose subgraphs hold counted nodes (convs, matrix products), else ``None``."""
+    inner = [node for scope in scopes(model.graph)[1:] for node in scope.graph.node if node_flops(node, shapes) != 0]
+    if not inner:
+        return None
+    return (f"{len(inner)} convolution/matmul nodes sit inside If/Loop/Scan subgraphs: their FLOPs count once each "
+            "(every If branch, one loop iteration)")
+
+
+def _constant_tensor(node: onnx.NodeProto) -> Optional[onnx.TensorProto]:
+    """The dense ``value`` tensor of a ``Constant`` node, else ``None``."""
+    if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
+        return None
+    return next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+
+
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of the floating-point initializers (the weights), as the torch report counts parameters."""
-    return sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
+    """Elements of the floating-point constants (the weights), as the torch report counts parameters.
+
+    Every graph is visited (subgraphs too) and every tensor counted once where it is defined: initializers,
+    sparse initializers (their stored values) and ``Constant`` nodes' tensors (Paddle keeps its weights there),
+    however many nodes or subgraphs read it. Scalars (0-d tensors, ``value_float``) are not counted: exporters
+    write the literals of the code there (``Clip`` bounds, ``Pow`` exponents), which torch does not count.
+    """
+    total = 0
+    for scope in scopes(model.graph):
+        g = scope.graph
+        tensors = list(g.initializer) + [t.values for t in g.sparse_initializer]
+        for node in g.node:
+            value = _constant_tensor(node)
+            if value is not None:
+                tensors.append(value)
+            elif node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
+                for a in node.attribute:
+                    if a.name == "sparse_value":
+                        tensors.append(a.sparse_tensor.values)
+                    elif a.name == "value_floats":
+                        total += len(a.floats)
+        total += sum(math.prod(t.dims) for t in tensors if t.data_type in FLOAT_TYPES and len(t.dims))
+    return total

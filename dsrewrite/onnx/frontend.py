@@ -1,9 +1,11 @@
-"""ONNX frontend: every convolution node of an onnx-graphsurgeon graph becomes a framework-neutral ConvSite.
+"""ONNX frontend: every convolution node of a model, subgraphs included, becomes a framework-neutral ConvSite.
 
-``Conv`` nodes whose weight is a constant (an initializer, a ``Constant`` node, or either behind
-``Identity`` nodes) carry the weight as a numpy array; everything else the pass cannot rewrite
-(``ConvTranspose``, quantised ``QLinearConv``/``ConvInteger``, weights computed at run time, odd
-dtypes) still becomes a site with the reason in ``spec.extra["unsupported"]``, so the report lists it.
+``Conv`` nodes whose weight is a constant (an initializer or a ``Constant`` node of the conv's graph or of a
+graph around it, or either behind ``Identity`` nodes) carry the weight as a numpy array; everything else the
+pass cannot rewrite (``ConvTranspose``, quantised ``QLinearConv``/``ConvInteger``, weights computed at run
+time, odd dtypes) still becomes a site with the reason in ``spec.extra["unsupported"]``, so the report lists
+it. A conv inside an ``If`` / ``Loop`` / ``Scan`` body is named with where it lives
+(``If_0/then_branch/conv``).
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx
 
 from ..ir import ConvSite, ConvSpec
-from .flops import Shapes
+from .flops import Shapes, attribute
+from .scopes import DEFAULT_DOMAINS, Definition, Scope, constant_value, scopes
 
-__all__ = ["OnnxHandle", "collect_sites", "constant_value", "subgraph_convs", "CONV_OPS"]
+__all__ = ["OnnxHandle", "collect_sites", "CONV_OPS"]
 
 # op type -> (index of the weight input, index of the bias input or None, why it is not rewritten or None)
 CONV_OPS = {
@@ -28,36 +31,16 @@ CONV_OPS = {
 _WEIGHT_DTYPES = (np.float32, np.float16, np.float64)
 
 
-@dataclass
+@dataclass(eq=False)
 class OnnxHandle:
-    """Where a conv lives: the node, the tensor feeding its weight and the one feeding its bias (if any)."""
+    """Where a conv lives: its graph, the node, its weight and bias inputs, and where the weight is defined."""
 
-    node: gs.Node
-    weight: gs.Tensor
-    bias: Optional[gs.Tensor]
-    weight_key: str  # name of the constant holding the weight (shared weights rewrite once per rank)
-
-
-def constant_value(tensor: gs.Tensor) -> Tuple[Optional[np.ndarray], Optional[str], str]:
-    """``(values, None, constant name)`` for a constant tensor, else ``(None, why not, tensor name)``.
-
-    Follows ``Identity`` chains (the TorchScript exporter shares equal initializers through them) and reads
-    ``Constant`` nodes' ``value`` attribute.
-    """
-    seen = 0
-    while True:
-        if isinstance(tensor, gs.Constant):
-            return np.asarray(tensor.values), None, tensor.name
-        producers = tensor.inputs
-        if not producers:
-            return None, f"{tensor.name!r} is a graph input, not a constant", tensor.name
-        node = producers[0]
-        if node.op == "Identity" and node.inputs and seen < 64:
-            tensor, seen = node.inputs[0], seen + 1
-            continue
-        if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-            return np.asarray(node.attrs["value"].values), None, node.attrs["value"].name or tensor.name
-        return None, f"computed at run time (output of {node.op} node {node.name!r})", tensor.name
+    scope: Scope
+    node: onnx.NodeProto
+    node_name: str  # the node's own name (``Conv_3`` for an unnamed node): new node names derive from it
+    weight: str  # name of the weight input
+    bias: Optional[str]  # name of the bias input, if any
+    source: Optional[Definition]  # the initializer or Constant node holding the weight (shared: one pair per rank)
 
 
 def _ints(v, n: int, default: int) -> Tuple[int, ...]:
@@ -66,67 +49,58 @@ def _ints(v, n: int, default: int) -> Tuple[int, ...]:
     return tuple(int(x) for x in v)
 
 
-def _site(node: gs.Node, index: int, shapes: Shapes) -> Optional[ConvSite]:
-    w_idx, b_idx, unsupported = CONV_OPS[node.op]
-    name = node.name or f"{node.op}_{index}"
-    if len(node.inputs) <= w_idx:
+def _site(scope: Scope, node: onnx.NodeProto, index: int, shapes: Shapes) -> Optional[ConvSite]:
+    w_idx, b_idx, unsupported = CONV_OPS[node.op_type]
+    if len(node.input) <= w_idx or not node.input[w_idx] or not node.input[0]:
         return None
-    w_tensor = node.inputs[w_idx]
-    b_tensor = node.inputs[b_idx] if b_idx is not None and len(node.inputs) > b_idx else None
-    if b_tensor is not None and b_tensor.is_empty():
-        b_tensor = None
-    weight, why, key = constant_value(w_tensor)
-    w_shape = tuple(weight.shape) if weight is not None else (shapes.get(w_tensor.name) or None)
+    node_name = node.name or f"{node.op_type}_{index}"
+    w_name = node.input[w_idx]
+    b_name = node.input[b_idx] if b_idx is not None and len(node.input) > b_idx and node.input[b_idx] else None
+    weight, why, source = constant_value(scope, w_name)
+    w_shape = tuple(weight.shape) if weight is not None else (shapes.get(w_name) or None)
     if weight is None and unsupported is None:
         unsupported = f"weight {why}"
     if w_shape is None:  # runtime weight of unknown shape: kernel from the attribute, channels unknown
-        ks = node.attrs.get("kernel_shape") or [1, 1]
-        w_shape = (0, 0) + tuple(int(k) for k in ks)
-    group = int(node.attrs.get("group", 1))
+        w_shape = (0, 0) + tuple(int(k) for k in attribute(node, "kernel_shape", [1, 1]))
+    group = int(attribute(node, "group", 1))
     kernel = tuple(int(k) for k in w_shape[2:])
     dims = len(kernel)
-    transposed = node.op == "ConvTranspose"
+    transposed = node.op_type == "ConvTranspose"
     if transposed:  # weight is [Cin, Cout/group, *k]
         cin, cout = int(w_shape[0]), int(w_shape[1]) * group
     else:
         cin, cout = int(w_shape[1]) * group, int(w_shape[0])
     bias, b_why = (None, None)
-    if b_tensor is not None and unsupported is None:
-        bias, b_why, _ = constant_value(b_tensor)  # a run-time bias is fine: it moves to the pointwise conv
+    if b_name is not None and unsupported is None:
+        bias, b_why, _ = constant_value(scope, b_name)  # a run-time bias is fine: it moves to the pointwise conv
     if weight is not None and unsupported is None and weight.dtype.type not in _WEIGHT_DTYPES:
         unsupported = f"weight dtype {weight.dtype} is not rewritten (float16/32/64 only)"
-    if unsupported is None and node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
-        unsupported = f"unknown auto_pad {node.attrs['auto_pad']!r}"
-    y = shapes.get(node.outputs[0].name) if node.outputs else None
+    auto_pad = attribute(node, "auto_pad", "NOTSET")
+    if unsupported is None and auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
+        unsupported = f"unknown auto_pad {auto_pad!r}"
+    y = shapes.get(node.output[0]) if node.output else None
     out_spatial = tuple(y[2:]) if y is not None and len(y) == dims + 2 else None
     spec = ConvSpec(
-        name=name, in_channels=cin, out_channels=cout, kernel=kernel, groups=group,
-        stride=_ints(node.attrs.get("strides"), dims, 1), dilation=_ints(node.attrs.get("dilations"), dims, 1),
-        bias=b_tensor is not None, out_spatial=out_spatial, batch=int(y[0]) if out_spatial is not None else 1,
+        name=scope.qualified(node_name), in_channels=cin, out_channels=cout, kernel=kernel, groups=group,
+        stride=_ints(attribute(node, "strides", None), dims, 1),
+        dilation=_ints(attribute(node, "dilations", None), dims, 1),
+        bias=b_name is not None, out_spatial=out_spatial, batch=int(y[0]) if out_spatial is not None else 1,
         kind="onnx", transposed=transposed, extra={"unsupported": unsupported} if unsupported else {},
     )
     if b_why is not None:
         spec.extra["bias"] = f"bias {b_why}"
-    handle = OnnxHandle(node, w_tensor, b_tensor, key)
+    handle = OnnxHandle(scope, node, node_name, w_name, b_name, source)
     return ConvSite(spec, weight if unsupported is None else None, bias, handle)
 
 
-def collect_sites(graph: gs.Graph, shapes: Shapes) -> List[ConvSite]:
-    """Every convolution node of the top-level graph, in graph order, with output shapes from ``shapes``."""
+def collect_sites(model: onnx.ModelProto, shapes: Shapes) -> List[ConvSite]:
+    """Every convolution node of the model (main graph first, then each subgraph), with output shapes from
+    ``shapes``. The sites' handles point into ``model``: the backend edits that ModelProto."""
     sites = []
-    for i, node in enumerate(graph.nodes):
-        if node.op in CONV_OPS and node.domain in (None, "", "ai.onnx"):
-            site = _site(node, i, shapes)
-            if site is not None:
-                sites.append(site)
+    for scope in scopes(model.graph):
+        for i, node in enumerate(scope.graph.node):
+            if node.op_type in CONV_OPS and node.domain in DEFAULT_DOMAINS:
+                site = _site(scope, node, i, shapes)
+                if site is not None:
+                    sites.append(site)
     return sites
-
-
-def subgraph_convs(graph: gs.Graph) -> List[str]:
-    """Names of convolution nodes inside subgraphs (If/Loop/Scan bodies): reported, not rewritten."""
-    names = []
-    for sub in graph.subgraphs(recursive=True):
-        for node in sub.nodes:
-            if node.op in CONV_OPS:
-                names.append(node.name or node.op)
-    return names

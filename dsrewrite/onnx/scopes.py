@@ -1,0 +1,153 @@
+"""The graphs of an ONNX model and the lexical scopes of their values, read straight from the protobuf.
+
+A model is its main graph plus every subgraph held in a node attribute (``If`` branches, ``Loop`` / ``Scan``
+bodies, nested to any depth). A subgraph may use any value of the graphs around it, so a name is looked up in
+its own graph first, then outwards (:meth:`Scope.lookup`). The frontend reads conv weights through these
+scopes, the backend edits only the graphs it rewrites, and the parameter count visits every graph once.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, numpy_helper
+
+__all__ = ["Scope", "Definition", "scopes", "subgraphs", "value_uses", "taken_names", "constant_value",
+           "DEFAULT_DOMAINS"]
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[Tuple[str, onnx.GraphProto]]:
+    """``(attribute name, graph)`` for every graph a node holds; ``name[i]`` for a list of graphs."""
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == AttributeProto.GRAPHS:
+            for i, g in enumerate(a.graphs):
+                yield f"{a.name}[{i}]", g
+
+
+@dataclass
+class Definition:
+    """Where a value is defined: ``kind`` is ``initializer``, ``input`` or ``node`` (then ``node`` produced it)."""
+
+    scope: "Scope"
+    kind: str
+    name: str
+    tensor: Optional[onnx.TensorProto] = None
+    node: Optional[onnx.NodeProto] = None
+
+
+@dataclass(eq=False)
+class Scope:
+    """One graph of the model: ``parent`` is the graph around it (``None`` for the main graph) and ``where`` the
+    path of the node attribute that holds it (``"If_0/then_branch"``; ``""`` for the main graph)."""
+
+    graph: onnx.GraphProto
+    parent: Optional["Scope"] = None
+    where: str = ""
+    _defs: Dict[str, Definition] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for t in self.graph.initializer:
+            self._defs[t.name] = Definition(self, "initializer", t.name, tensor=t)
+        for vi in self.graph.input:
+            self._defs.setdefault(vi.name, Definition(self, "input", vi.name))
+        for node in self.graph.node:
+            for out in node.output:
+                if out:
+                    self._defs[out] = Definition(self, "node", out, node=node)
+
+    @property
+    def is_main(self) -> bool:
+        return self.parent is None
+
+    def lookup(self, name: str) -> Optional[Definition]:
+        """The definition ``name`` refers to from this graph (own graph first, then the enclosing ones)."""
+        scope: Optional[Scope] = self
+        while scope is not None:
+            d = scope._defs.get(name)
+            if d is not None:
+                return d
+            scope = scope.parent
+        return None
+
+    def qualified(self, name: str) -> str:
+        """A node name as the report shows it: prefixed with where its graph lives (subgraphs only)."""
+        return f"{self.where}/{name.lstrip('/')}" if self.where else name
+
+
+def scopes(graph: onnx.GraphProto) -> List[Scope]:
+    """The main graph and every subgraph below it, parents before children, in node order."""
+    out: List[Scope] = []
+
+    def visit(scope: Scope) -> None:
+        out.append(scope)
+        for i, node in enumerate(scope.graph.node):
+            owner = node.name or f"{node.op_type}_{i}"
+            for attr, sub in subgraphs(node):
+                visit(Scope(sub, scope, scope.qualified(f"{owner}/{attr}")))
+
+    visit(Scope(graph))
+    return out
+
+
+def value_uses(all_scopes: List[Scope]) -> Counter:
+    """How often each value name is read: node inputs and graph outputs of every graph (by name, so a value
+    of one branch and a same-named value of a sibling branch count together: never too few)."""
+    uses: Counter = Counter()
+    for s in all_scopes:
+        for node in s.graph.node:
+            uses.update(i for i in node.input if i)
+        uses.update(o.name for o in s.graph.output)
+    return uses
+
+
+def taken_names(all_scopes: List[Scope]) -> set:
+    """Every value and node name used anywhere in the model (new names must avoid all of them)."""
+    names = set()
+    for s in all_scopes:
+        g = s.graph
+        names.update(t.name for t in g.initializer)
+        names.update(t.values.name for t in g.sparse_initializer)
+        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        for node in g.node:
+            names.update(node.input)
+            names.update(node.output)
+            if node.name:
+                names.add(node.name)
+    names.discard("")
+    return names
+
+
+def constant_value(scope: Scope, name: str) -> Tuple[Optional[np.ndarray], Optional[str], Optional[Definition]]:
+    """``(values, None, definition)`` when ``name`` (seen from ``scope``) is a constant, else ``(None, why, None)``.
+
+    Follows ``Identity`` chains (the TorchScript exporter shares equal initializers through them) across
+    scopes, and reads initializers and ``Constant`` nodes' ``value`` tensors (Paddle keeps its weights there).
+    The definition is the initializer or the ``Constant`` node that holds the values.
+    """
+    for _ in range(64):
+        d = scope.lookup(name)
+        if d is None:
+            return None, f"{name!r} is not defined in the model", None
+        if d.kind == "initializer":
+            return np.require(numpy_helper.to_array(d.tensor), requirements="W"), None, d
+        if d.kind == "input":
+            where = "graph input" if d.scope.is_main else f"input of the subgraph {d.scope.where}"
+            return None, f"{name!r} is a {where}, not a constant", None
+        node = d.node
+        if node.op_type == "Identity" and node.domain in DEFAULT_DOMAINS and node.input and node.input[0]:
+            scope, name = d.scope, node.input[0]
+            continue
+        if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
+            value = next((a for a in node.attribute if a.name == "value" and a.type == AttributeProto.TENSOR), None)
+            if value is not None:
+                return np.require(numpy_helper.to_array(value.t), requirements="W"), None, d
+            return None, f"Constant node {node.name!r} holds no dense tensor value", None
+        return None, f"computed at run time (output of {node.op_type} node {node.name!r})", None
+    return None, f"{name!r} is behind more than 64 Identity nodes", None
