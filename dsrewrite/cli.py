@@ -1,14 +1,19 @@
 """Command line: ``dsrewrite rewrite``, ``dsrewrite report``, ``dsrewrite demo``.
 
-Bad input prints one line ``dsrewrite: error: ...`` and exits 2, never a traceback (``--debug`` shows one).
+Bad input prints one line ``dsrewrite: error: ...`` and exits 2, never a traceback (``--debug``, before or
+after the command, shows one). ``rewrite -q`` prints nothing but errors: third-party warnings and logs
+(Python ``warnings`` and ``logging``, onnx-graphsurgeon's logger, onnxruntime's) are silenced too.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import os
 import sys
-from typing import Optional, Sequence, Tuple
+import warnings
+from typing import Iterator, Optional, Sequence, Tuple
 
 from .errors import DsrewriteError, first_line
 
@@ -235,8 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    # --debug is also accepted after the command; SUPPRESS keeps a command's default from overriding the top level's
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
 
-    r = sub.add_parser("rewrite", help="rewrite a model", description=(
+    r = sub.add_parser("rewrite", parents=[debug], help="rewrite a model", description=(
         "Rewrite the standard convolutions of a model. SRC is torchvision:NAME, package.module:factory "
         "or a .onnx file. Without --weights the model has random weights (weights=None)."))
     r.add_argument("src", help="torchvision:NAME | package.module:factory | model.onnx")
@@ -266,20 +274,63 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="device to time layers on for --target-latency (default: cpu)")
     r.add_argument("--latency-cache", help="JSON file caching layer timings across runs")
     r.add_argument("--overwrite", action="store_true", help="allow writing over the source file (ONNX)")
-    r.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    r.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (third-party warnings "
+                   "and logs silenced too)")
     r.set_defaults(func=_cmd_rewrite)
 
-    s = sub.add_parser("report", help="print a saved report", description="Print a saved JSON report.")
+    s = sub.add_parser("report", parents=[debug], help="print a saved report", description="Print a saved JSON report.")
     s.add_argument("path", help="report JSON written by `dsrewrite rewrite --report`")
     s.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     s.set_defaults(func=_cmd_report)
 
-    d = sub.add_parser("demo", help="run the built-in end-to-end demo", description=(
+    d = sub.add_parser("demo", parents=[debug], help="run the built-in end-to-end demo", description=(
         "Train a small CNN on scikit-learn's bundled digits, rewrite it to about half its FLOPs, "
         "fine-tune it back by distillation and print the report."))
     d.add_argument("--quick", action="store_true", help="a short run (used by tests)")
     d.set_defaults(func=_cmd_demo)
     return p
+
+
+@contextlib.contextmanager
+def quiet_third_party(onnx: bool = False) -> Iterator[None]:
+    """Silence what other libraries print while the block runs; restored afterwards.
+
+    Python ``warnings`` and every ``logging`` record below ERROR (onnxscript, onnx_ir, torch.onnx, ...);
+    with ``onnx=True`` also onnx-graphsurgeon's own logger (it prints to stdout, whole weight tensors in some
+    warnings) and onnxruntime's default logger (severity 3: errors only). Errors still reach the caller as
+    exceptions.
+    """
+    gs_logger = ort = None
+    if onnx:
+        try:
+            from onnx_graphsurgeon.logger import G_LOGGER as gs_logger
+        except ImportError:
+            pass
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            pass
+    old_disable = logging.root.manager.disable
+    old_gs = gs_logger.severity if gs_logger is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        if gs_logger is not None:
+            gs_logger.severity = gs_logger.CRITICAL + 1  # its critical() raises: the message reaches us anyway
+        if ort is not None:
+            ort.set_default_logger_severity(3)
+        try:
+            yield
+        finally:
+            logging.disable(old_disable)
+            if gs_logger is not None:
+                gs_logger.severity = old_gs
+            if ort is not None:
+                ort.set_default_logger_severity(2)  # onnxruntime's default (no getter to read it back)
+
+
+def _uses_onnx(a: argparse.Namespace) -> bool:
+    return any(str(p or "").lower().endswith(".onnx") for p in (getattr(a, "src", None), getattr(a, "out", None)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -288,8 +339,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(a, "func", None):
         parser.print_help()
         return 2
+    quiet = quiet_third_party(onnx=_uses_onnx(a)) if getattr(a, "quiet", False) else contextlib.nullcontext()
     try:
-        return int(a.func(a) or 0)
+        with quiet:
+            return int(a.func(a) or 0)
     except DsrewriteError as e:
         if a.debug:
             raise

@@ -1,13 +1,16 @@
-"""CLI: --help everywhere, rewrite -> .pt2 / report, bad input gives one line and a non-zero exit."""
+"""CLI: --help everywhere, rewrite -> .pt2 / report, bad input gives one line and a non-zero exit, --debug
+before or after the command, -q prints nothing (third-party warnings included)."""
+import logging
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
-from dsrewrite import Report
-from dsrewrite.cli import main
+from dsrewrite import DsrewriteError, Report
+from dsrewrite.cli import main, quiet_third_party
 
 
 def run(*args):
@@ -114,3 +117,71 @@ def test_first_line():
     assert first_line(ValueError("")) == "ValueError" == first_line(ValueError(" \n "), typed=True)
     assert first_line(KeyError("k"), typed=True) == "KeyError: 'k'"
     assert first_line(ValueError("abcdef"), 3) == "abc"
+
+
+@pytest.mark.parametrize("argv", [["--debug", "rewrite", "torchvision:resnet19"],
+                                  ["rewrite", "torchvision:resnet19", "--debug"],
+                                  ["report", "/nonexistent.json", "--debug"]])
+def test_debug_before_or_after_the_command_raises(argv, capsys):
+    with pytest.raises(DsrewriteError):
+        main(argv)
+    assert main([a for a in argv if a != "--debug"]) == 2  # without it: the one-line error
+    assert capsys.readouterr().err.startswith("dsrewrite: error:")
+
+
+def _noisy_onnx(path):
+    """A conv whose weight is also listed as a graph input, and an initializer nothing reads: onnxruntime
+    warns about both when it loads the model (the measured-time step does)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng()
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    unused = rng.standard_normal((16,)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [8, 4, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(unused, "unused")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_quiet_onnx_rewrite_prints_nothing(tmp_path):
+    """Real processes (onnxruntime logs from C++ to the stderr file descriptor): the same command prints
+    onnxruntime's warnings without -q, and nothing at all with it."""
+    src = tmp_path / "noisy.onnx"
+    _noisy_onnx(src)
+    code, out, err = run("rewrite", str(src), "-o", str(tmp_path / "loud.onnx"), "--rank", "2")
+    assert code == 0 and "rewritten" in out
+    assert "onnxruntime" in err, err  # the model does make noise
+    code, out, err = run("rewrite", str(src), "-o", str(tmp_path / "quiet.onnx"), "--rank", "2", "-q")
+    assert (code, out, err) == (0, "", "")
+    assert (tmp_path / "quiet.onnx").exists()
+    code, out, err = run("rewrite", str(src), "-o", str(tmp_path / "x.txt"), "-q")  # errors still print
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("dsrewrite: error:")
+
+
+def test_quiet_third_party_silences_and_restores(capsys, caplog):
+    """onnx-graphsurgeon's logger (prints to stdout), Python logging below ERROR and warnings are silenced
+    inside the block and back afterwards."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    def noise(tag):
+        G_LOGGER.warning(f"gs {tag}")
+        logging.getLogger("onnxscript").warning(f"log {tag}")
+        warnings.warn(f"warn {tag}", UserWarning)
+
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_third_party(onnx=True):
+            noise("inside")
+        assert not caught
+        captured = capsys.readouterr()
+        assert (captured.out, captured.err) == ("", "")
+        noise("after")
+        assert [str(w.message) for w in caught] == ["warn after"]
+    assert "gs after" in capsys.readouterr().out
+    assert [r.getMessage() for r in caplog.records] == ["log after"]
