@@ -1,7 +1,9 @@
 """The savings report: per-layer and whole-model parameters, FLOPs, measured time and approximation error.
 
 FLOPs are 2 x multiply-adds (``torch.utils.flop_counter.FlopCounterMode``'s convention); MACs are half.
-Renders as a terminal table, Markdown and JSON (``Report.from_json(r.to_json())`` round-trips).
+Renders as a terminal table, Markdown and JSON (``Report.from_json(r.to_json())`` round-trips). FLOPs of a
+conv whose output shape is unknown are 0 in memory (the cost model's convention), ``?`` in the table and
+Markdown and ``null`` in JSON: never a claimed 0.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-__all__ = ["LayerReport", "Report"]
+__all__ = ["LayerReport", "Report", "flops_known"]
 
 SCHEMA_VERSION = 1
 
@@ -121,9 +123,20 @@ class Report:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> Dict[str, Any]:
+        """The JSON data: unknown FLOPs (see :func:`flops_known`) are ``None``, not 0."""
         d = dataclasses.asdict(self)
         d["schema"] = SCHEMA_VERSION
+        for L, item in zip(self.layers, d["layers"]):
+            if not flops_known(L):
+                item["flops_before"] = item["flops_after"] = None
+        if not self._total_flops_known():
+            d["flops_before"] = d["flops_after"] = None
         return d
+
+    def _total_flops_known(self) -> bool:
+        """False when the totals are 0 only because convs have unknown shapes (otherwise a note says what
+        the totals leave out)."""
+        return bool(self.flops_before) or all(flops_known(L) for L in self.layers)
 
     def to_json(self, path: Optional[Union[str, os.PathLike]] = None, indent: int = 2) -> str:
         """Serialise to JSON; also write it to ``path`` when given."""
@@ -135,16 +148,16 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Report":
-        known = {f.name for f in dataclasses.fields(LayerReport)}
+        known = {f.name: f for f in dataclasses.fields(LayerReport)}
         layers = []
         for item in d.get("layers", []):
-            item = {k: v for k, v in item.items() if k in known}
+            item = _unknown_flops_to_default({k: v for k, v in item.items() if k in known}, known)
             for key in ("kernel", "stride"):
                 if key in item and item[key] is not None:
                     item[key] = tuple(item[key])
             layers.append(LayerReport(**item))
-        top = {f.name for f in dataclasses.fields(cls)} - {"layers"}
-        return cls(layers=layers, **{k: v for k, v in d.items() if k in top})
+        top = {f.name: f for f in dataclasses.fields(cls) if f.name != "layers"}
+        return cls(layers=layers, **_unknown_flops_to_default({k: v for k, v in d.items() if k in top}, top))
 
     @classmethod
     def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "Report":
@@ -177,16 +190,18 @@ class Report:
             kernel = "x".join(str(k) for k in L.kernel)
             if L.rewritten:
                 status = "rewritten" + (f" ({L.note})" if L.note else "")
+                known = flops_known(L)
                 rows.append([
                     L.name, kernel, f"{L.in_channels}->{L.out_channels}", L.rank_text,
                     f"{_num(L.params_before)}->{_num(L.params_after)}",
-                    f"{_num(L.flops_before)}->{_num(L.flops_after)}",
-                    _pct(L.flops_ratio), f"{L.error:.3f}" if L.error is not None else "-", status,
+                    f"{_num(L.flops_before)}->{_num(L.flops_after)}" if known else "?",
+                    _pct(L.flops_ratio) if known else "?", f"{L.error:.3f}" if L.error is not None else "-", status,
                 ])
             else:
                 rows.append([
                     L.name, kernel, f"{L.in_channels}->{L.out_channels}", "-",
-                    _num(L.params_before), _num(L.flops_before), "-", "-", f"skipped: {L.reason}",
+                    _num(L.params_before), _num(L.flops_before) if flops_known(L) else "?", "-", "-",
+                    f"skipped: {L.reason}",
                 ])
         # planning columns (issue 6), only when some layer has them: layer time and calibration error
         extra = []
@@ -204,12 +219,16 @@ class Report:
 
     def _summary_lines(self) -> List[str]:
         per = " per sample" if self.flops_per_sample else ""
+        if self._total_flops_known():
+            flops = (f"{_num(self.flops_before)} -> {_num(self.flops_after)} ({_pct(self.flops_ratio)})"
+                     f"   MACs: {_num(self.flops_before // 2)} -> {_num(self.flops_after // 2)}")
+        else:
+            flops = "? (unknown shapes)"
         lines = [
             f"model: {self.model or '?'}   route: {self.route or '?'}   "
             f"convs: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped",
             f"params: {_num(self.params_before)} -> {_num(self.params_after)} ({_pct(self.params_ratio)})",
-            f"FLOPs{per} (2 x MACs): {_num(self.flops_before)} -> {_num(self.flops_after)} ({_pct(self.flops_ratio)})"
-            f"   MACs: {_num(self.flops_before // 2)} -> {_num(self.flops_after // 2)}",
+            f"FLOPs{per} (2 x MACs): {flops}",
         ]
         if self.time_before_ms is not None and self.time_after_ms is not None:
             where = ", ".join(x for x in (self.time_device, self.time_backend) if x)
@@ -218,7 +237,7 @@ class Report:
                 f"{self.time_after_ms:.2f} ms ({self.time_ratio:.2f}x the original's time)"
             )
         else:
-            lines.append("measured time: not measured")
+            lines.append("time: not measured")
         lines += [f"note: {n}" for n in self.notes]
         return lines
 
@@ -244,6 +263,20 @@ class Report:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def flops_known(layer: LayerReport) -> bool:
+    """Whether the layer's FLOPs are known: the cost model gives 0 (and ``None`` may come from JSON) when the
+    conv's output shape is unknown; a conv that runs has FLOPs > 0."""
+    return bool(layer.flops_before)
+
+
+def _unknown_flops_to_default(item: Dict[str, Any], fields: Dict[str, "dataclasses.Field"]) -> Dict[str, Any]:
+    """JSON ``null`` FLOPs (unknown) back to the dataclass default, the in-memory convention."""
+    for key in ("flops_before", "flops_after"):
+        if key in item and item[key] is None and key in fields:
+            item[key] = fields[key].default
+    return item
 
 
 def _ratio(after, before) -> Optional[float]:
