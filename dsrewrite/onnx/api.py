@@ -18,7 +18,7 @@ from ..policy import RankArg, check_rank
 from ..report import Report
 from .backend import apply_decisions
 from .flops import Shapes, count_flops, count_params, infer_shapes, subgraph_note
-from .frontend import collect_sites
+from .frontend import CONV_OPS, collect_sites
 from .model_io import PROTOBUF_LIMIT, load_model, model_nbytes, same_file, save_model
 
 __all__ = ["rewrite", "OnnxRewriteResult"]
@@ -107,6 +107,10 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     inner = subgraph_note(model, shapes)
     if inner:
         notes.append(inner)
+    in_functions = [f"{f.name}/{n.name or n.op_type}" for f in model.functions for n in f.node if n.op_type in CONV_OPS]
+    if in_functions:
+        notes.append(f"{len(in_functions)} convolutions inside model-local functions are not rewritten "
+                     f"(first: {in_functions[0]})")
     report.add_outcome_notes()
 
     if dst is not None:

@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import first_line
-from .scopes import DEFAULT_DOMAINS, scopes
+from .scopes import DEFAULT_DOMAINS, scopes, stored_tensors
 
 __all__ = ["Shapes", "infer_shapes", "count_flops", "count_params", "node_flops", "attribute", "subgraph_note",
            "FLOAT_TYPES"]
@@ -244,22 +244,7 @@ def count_params(model: onnx.ModelProto) -> int:
 
     Every graph is visited (subgraphs too) and every tensor counted once where it is defined: initializers,
     sparse initializers (their stored values) and ``Constant`` nodes' tensors (Paddle keeps its weights there),
-    however many nodes or subgraphs read it. Scalars (0-d tensors, ``value_float``) are not counted: exporters
-    write the literals of the code there (``Clip`` bounds, ``Pow`` exponents), which torch does not count.
+    however many nodes or subgraphs read it. Scalars (0-d tensors) are not counted: exporters write the
+    literals of the code there (``Clip`` bounds, ``Pow`` exponents), which torch does not count.
     """
-    total = 0
-    for scope in scopes(model.graph):
-        g = scope.graph
-        tensors = list(g.initializer) + [t.values for t in g.sparse_initializer]
-        for node in g.node:
-            value = _constant_tensor(node)
-            if value is not None:
-                tensors.append(value)
-            elif node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
-                for a in node.attribute:
-                    if a.name == "sparse_value":
-                        tensors.append(a.sparse_tensor.values)
-                    elif a.name == "value_floats":
-                        total += len(a.floats)
-        total += sum(math.prod(t.dims) for t in tensors if t.data_type in FLOAT_TYPES and len(t.dims))
-    return total
+    return sum(math.prod(t.dims) for t in stored_tensors(model.graph) if t.data_type in FLOAT_TYPES and len(t.dims))

@@ -15,7 +15,7 @@ from ..pipeline import Selector, matcher
 from ..policy import RankArg, check_rank
 from ..report import Report
 from .api import rewrite
-from .model_io import _uses_external_data
+from .model_io import uses_external_data
 
 __all__ = ["SeparableConvPass"]
 
@@ -44,7 +44,7 @@ class SeparableConvPass(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         proto = ir.serde.serialize_model(model)
-        if _uses_external_data(proto):  # the rewrite reads weights: bring them in memory, on a copy
+        if uses_external_data(proto):  # the rewrite reads weights: bring them in memory, on a copy
             inside = model.clone()
             ir.external_data.load_to_model(inside)
             proto = ir.serde.serialize_model(inside)

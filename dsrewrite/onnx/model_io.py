@@ -17,9 +17,10 @@ from typing import Optional, Union
 import onnx
 
 from ..errors import DsrewriteError
+from .scopes import stored_tensors
 
 __all__ = ["SourceInfo", "load_model", "check_model", "save_model", "same_file", "model_nbytes",
-           "PROTOBUF_LIMIT"]
+           "uses_external_data", "PROTOBUF_LIMIT"]
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialised ModelProto must stay below 2 GB
 PathLike = Union[str, "os.PathLike[str]"]
@@ -44,13 +45,14 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether some tensor of the model (subgraphs and Constant nodes included) keeps its data in a side file."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in stored_tensors(model.graph))
 
 
 def _smallest_external(model: onnx.ModelProto) -> int:
     sizes = []
-    for t in model.graph.initializer:
+    for t in stored_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
             sizes.append(math.prod(t.dims) * item)
@@ -58,9 +60,9 @@ def _smallest_external(model: onnx.ModelProto) -> int:
 
 
 def model_nbytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers (raw and typed data): a cheap estimate of the serialised size."""
+    """Bytes of the stored tensors (raw and typed data): a cheap estimate of the serialised size."""
     total = 0
-    for t in model.graph.initializer:
+    for t in stored_tensors(model.graph):
         total += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (
             len(t.int64_data) + len(t.double_data) + len(t.uint64_data))
     return total
@@ -69,7 +71,7 @@ def model_nbytes(model: onnx.ModelProto) -> int:
 def load_model(src: Union[PathLike, onnx.ModelProto]) -> "tuple[onnx.ModelProto, SourceInfo]":
     """Read ``src`` (a path or a ModelProto) with its external data and validate it (see :func:`check_model`)."""
     if isinstance(src, onnx.ModelProto):
-        if _uses_external_data(src):
+        if uses_external_data(src):
             raise DsrewriteError("the ModelProto refers to external data that is not loaded: pass the .onnx path "
                                  "instead, or load it with onnx.load(path) (load_external_data=True)")
         info = SourceInfo(None, False)
@@ -84,7 +86,7 @@ def load_model(src: Union[PathLike, onnx.ModelProto]) -> "tuple[onnx.ModelProto,
             header = onnx.load(path, load_external_data=False)
         except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError
             raise DsrewriteError(f"not an ONNX model (truncated or not a protobuf file?): {path}: {_one_line(e)}") from None
-        external = _uses_external_data(header)
+        external = uses_external_data(header)
         threshold = _smallest_external(header) if external else 1024
         model = header
         if external:

@@ -15,8 +15,10 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, numpy_helper
 
+from ..errors import first_line
+
 __all__ = ["Scope", "Definition", "scopes", "subgraphs", "value_uses", "taken_names", "constant_value",
-           "DEFAULT_DOMAINS"]
+           "stored_tensors", "DEFAULT_DOMAINS"]
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -96,6 +98,23 @@ def scopes(graph: onnx.GraphProto) -> List[Scope]:
     return out
 
 
+def stored_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor the model stores, once each: initializers, sparse initializers' values and ``Constant`` nodes'
+    ``value`` / ``sparse_value`` tensors, of the main graph and of every subgraph."""
+    for scope in scopes(graph):
+        g = scope.graph
+        yield from g.initializer
+        for t in g.sparse_initializer:
+            yield t.values
+        for node in g.node:
+            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
+                for a in node.attribute:
+                    if a.name == "value" and a.type == AttributeProto.TENSOR:
+                        yield a.t
+                    elif a.name == "sparse_value" and a.type == AttributeProto.SPARSE_TENSOR:
+                        yield a.sparse_tensor.values
+
+
 def value_uses(all_scopes: List[Scope]) -> Counter:
     """How often each value name is read: node inputs and graph outputs of every graph (by name, so a value
     of one branch and a same-named value of a sibling branch count together: never too few)."""
@@ -124,6 +143,13 @@ def taken_names(all_scopes: List[Scope]) -> set:
     return names
 
 
+def _array(t: onnx.TensorProto, d: Definition) -> Tuple[Optional[np.ndarray], Optional[str], Optional[Definition]]:
+    try:
+        return np.require(numpy_helper.to_array(t), requirements="W"), None, d  # writable: torch takes it as is
+    except Exception as e:  # noqa: BLE001 - a data type numpy cannot hold, or malformed data
+        return None, f"{t.name!r} cannot be read as an array ({first_line(e, 120)})", None
+
+
 def constant_value(scope: Scope, name: str) -> Tuple[Optional[np.ndarray], Optional[str], Optional[Definition]]:
     """``(values, None, definition)`` when ``name`` (seen from ``scope``) is a constant, else ``(None, why, None)``.
 
@@ -136,7 +162,7 @@ def constant_value(scope: Scope, name: str) -> Tuple[Optional[np.ndarray], Optio
         if d is None:
             return None, f"{name!r} is not defined in the model", None
         if d.kind == "initializer":
-            return np.require(numpy_helper.to_array(d.tensor), requirements="W"), None, d
+            return _array(d.tensor, d)
         if d.kind == "input":
             where = "graph input" if d.scope.is_main else f"input of the subgraph {d.scope.where}"
             return None, f"{name!r} is a {where}, not a constant", None
@@ -147,7 +173,7 @@ def constant_value(scope: Scope, name: str) -> Tuple[Optional[np.ndarray], Optio
         if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
             value = next((a for a in node.attribute if a.name == "value" and a.type == AttributeProto.TENSOR), None)
             if value is not None:
-                return np.require(numpy_helper.to_array(value.t), requirements="W"), None, d
+                return _array(value.t, d)
             return None, f"Constant node {node.name!r} holds no dense tensor value", None
         return None, f"computed at run time (output of {node.op_type} node {node.name!r})", None
     return None, f"{name!r} is behind more than 64 Identity nodes", None
