@@ -164,8 +164,8 @@ def constant_value(scope: Scope, name: str) -> Tuple[Optional[np.ndarray], Optio
         if d.kind == "initializer":
             return _array(d.tensor, d)
         if d.kind == "input":
-            where = "graph input" if d.scope.is_main else f"input of the subgraph {d.scope.where}"
-            return None, f"{name!r} is a {where}, not a constant", None
+            where = "a graph input" if d.scope.is_main else f"an input of the subgraph {d.scope.where}"
+            return None, f"{name!r} is {where}, not a constant", None
         node = d.node
         if node.op_type == "Identity" and node.domain in DEFAULT_DOMAINS and node.input and node.input[0]:
             scope, name = d.scope, node.input[0]
