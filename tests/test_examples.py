@@ -29,7 +29,13 @@ def test_digits_quick(tmp_path):
     assert "after rewrite" in out and "after fine-tuning" in out
     (row,) = json.loads((tmp_path / "d.json").read_text())
     assert 0.4 < row["conv_flops_ratio"] < 0.6  # about half the conv FLOPs
-    assert all(0 <= row[k] <= 100 for k in ("before", "rewritten", "finetuned"))
+    # seed 0, --quick (3 + 1 epochs; chance is 10%): the original reaches ~99.4%, the rank-4 rewrite drops to
+    # ~26%, one fine-tuning epoch brings it back to ~95.8%. A pipeline that does not train, rewrite or
+    # fine-tune (or fine-tunes a copy it then drops) fails one of these.
+    assert row["before"] >= 95.0
+    assert row["rewritten"] < row["before"] - 5.0  # half the conv FLOPs at rank 4 is not free before fine-tuning
+    assert row["finetuned"] >= row["before"] - 10.0
+    assert row["finetuned"] >= row["rewritten"] + 20.0
 
 
 def test_rewrite_torchvision_then_inspect_report(tmp_path):
