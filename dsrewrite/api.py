@@ -1,7 +1,6 @@
 """``dsrewrite.rewrite``: the one-call entry point (copy, trace or fall back, plan, rewrite, report)."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -9,6 +8,7 @@ import torch
 from torch import nn
 
 from .errors import DsrewriteError, first_line
+from .frontends.conv_modules import deepcopy_module
 from .frontends.fx import trace
 from .frontends.swap import rewrite_untraceable
 from .fx_pass import SeparableRewritePass
@@ -16,6 +16,7 @@ from .measure import count_params, eval_mode, input_device, time_models
 from .modules import BACKENDS
 from .pipeline import Decision, Selector
 from .policy import RankArg, check_rank
+from .selfcheck import check_runs
 from .report import Report
 
 __all__ = ["rewrite", "RewriteResult", "as_args"]
@@ -92,7 +93,7 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
                      target_params=target_params, target_latency=target_latency, energy=energy,
                      calibration=calibration, device=device, memory_format=memory_format,
                      latency_cache=latency_cache, inplace=inplace, progress=progress, ragged=ragged)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else deepcopy_module(model)
 
     notes: List[str] = list(plan.notes)
     try:
@@ -105,9 +106,9 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
         p = SeparableRewritePass(args, rank, include, exclude, backend, mirror=model if inplace else None,
                                  progress=progress, plan_kwargs=plan.kwargs)
         try:
-            with eval_mode(gm):
-                p(gm)
+            p(gm)
             new_model, decisions, flops_before, route = gm, p.decisions, p.flops_before, "fx"
+            notes.append(p.self_check_note)
         except DsrewriteError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -127,6 +128,10 @@ def rewrite(model: nn.Module, example_inputs: Any, *, rank: RankArg = "auto", in
         route = "fx-submodules+module-swap"
         notes.insert(0, trace_error)
 
+    rewritten = [(d.site.spec.name, d.module) for d in decisions if d.module is not None]
+    if rewritten:
+        with eval_mode(new_model):
+            check_runs(new_model, args, rewritten)
     if plan.batches is not None:
         try:
             notes.append(plan.calibrate(new_model, decisions))
@@ -195,7 +200,7 @@ class _Planning:
 
             self.batches = as_batches(calibration, example_args=args)
             # the original model gives the true outputs; keep a copy when the user's model will be changed
-            self.teacher = copy.deepcopy(model) if inplace else model
+            self.teacher = deepcopy_module(model) if inplace else model
         kw: dict = {"ragged": True} if ragged else {}
         if budget is not None:
             kw[budget[0]] = budget[1]
@@ -206,7 +211,7 @@ class _Planning:
             ref = model if self.teacher is None else self.teacher
             p0 = next(ref.parameters(), None)
             if p0 is not None and p0.device != dev:
-                ref = copy.deepcopy(ref).to(dev)
+                ref = deepcopy_module(ref).to(dev)
                 args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
             fmt = memory_format
             if fmt == "auto":
@@ -241,7 +246,7 @@ class _Planning:
         """Refit the rewritten layers sequentially; fill ``calib_error_*`` in the reports; return a note."""
         from .calibrate import calibrate_sequential
 
-        layers = _calib_layers(self.teacher, decisions)
+        layers, plain = _calib_layers(self.teacher, decisions)
         with eval_mode(new_model), eval_mode(self.teacher):
             results = calibrate_sequential(new_model, self.teacher, layers, self.batches,
                                            n_inputs=self.n_inputs, progress=self.progress)
@@ -251,31 +256,37 @@ class _Planning:
             rep = by_name[name]
             rep.calib_error_before, rep.calib_error_after = res.error_before, res.error_after
             methods[res.method] = methods.get(res.method, 0) + 1
+        kept = (f"; {len(plain)} layer(s) with dynamic 'same' padding keep their plain SVD factors "
+                f"({', '.join(plain[:4])}{', ...' if len(plain) > 4 else ''})") if plain else ""
         if not results:
-            return "calibration: no rewritten layer ran on the calibration data"
+            return "calibration: no rewritten layer ran on the calibration data" + kept
         before = sum(r.error_before for r in results.values()) / len(results)
         after = sum(r.error_after for r in results.values()) / len(results)
         how = ", ".join(f"{k} {v}" for k, v in sorted(methods.items()))
         return (f"calibrated {len(results)} layer(s) on {len(self.batches)} batch(es): mean relative output "
-                f"error {before:.4f} (plain SVD) -> {after:.4f} ({how})")
+                f"error {before:.4f} (plain SVD) -> {after:.4f} ({how})" + kept)
 
 
-def _calib_layers(teacher: nn.Module, decisions: List[Decision]) -> list:
-    """The separable modules the backends installed, each with its original conv (and the teacher's conv)."""
+def _calib_layers(teacher: nn.Module, decisions: List[Decision]) -> tuple:
+    """The separable modules the backends installed, each with its original conv (and the teacher's conv),
+    and the names of the layers the refit cannot take (dynamic padding)."""
     from .calibrate import CalibLayer
 
-    layers = []
+    layers, plain = [], []
     for d in decisions:
         if d.module is None:
             continue
         spec, h = d.site.spec, d.site.handle
-        if getattr(h, "kind", None) == "function":  # a dense conv module rebuilt from the functional call
+        if h.conv_args.get("dynamic_same"):  # the refit unfolds patches with static padding
+            plain.append(spec.name)
+            continue
+        if h.kind == "function" or spec.extra.get("folded"):  # a dense conv rebuilt from the effective weight
             a = h.conv_args
             cls = nn.Conv1d if spec.spatial_dims == 1 else nn.Conv2d
             w = d.site.weight.detach()
             conv = cls(spec.in_channels, spec.out_channels, spec.kernel, stride=a.get("stride", 1),
                        padding=a.get("padding", 0), dilation=a.get("dilation", 1), bias=d.site.bias is not None,
-                       device=w.device, dtype=w.dtype)
+                       padding_mode=a.get("padding_mode", "zeros"), device=w.device, dtype=w.dtype)
             with torch.no_grad():
                 conv.weight.copy_(w)
                 if d.site.bias is not None:
@@ -290,4 +301,4 @@ def _calib_layers(teacher: nn.Module, decisions: List[Decision]) -> list:
             except AttributeError:
                 t = None
         layers.append(CalibLayer(spec.name, d.module, conv, t, max(spec.calls, 1)))
-    return layers
+    return layers, plain

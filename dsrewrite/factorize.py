@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["Factors", "factorize", "full_rank", "rank_errors", "uniform_error_curve", "ragged_error_curve"]
+__all__ = ["Factors", "factorize", "exact_factors", "full_rank", "rank_errors", "uniform_error_curve", "ragged_error_curve"]
 
 
 @dataclass
@@ -57,6 +57,19 @@ class Factors:
 def full_rank(weight_shape) -> int:
     """Rank at which the separable form is exact: ``min(Cout, prod(kernel))``."""
     return min(int(weight_shape[0]), int(math.prod(weight_shape[2:])))
+
+
+def exact_factors(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> Factors:
+    """The trivial exact factorisation, no SVD: ``K`` one-hot depthwise filters per channel (one per tap)
+    and the weight itself as the pointwise conv. Same function as the conv, for checking a pair's settings."""
+    w = _as_tensor(weight).detach()
+    cout, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+    taps = math.prod(kernel)
+    eye = torch.eye(taps, dtype=w.dtype, device=w.device).reshape(1, taps, 1, *kernel)
+    depthwise = eye.expand(cin, taps, 1, *kernel).reshape(cin * taps, 1, *kernel).clone()
+    pointwise = w.reshape(cout, cin * taps, *([1] * len(kernel))).clone()
+    b = None if bias is None else _as_tensor(bias).detach().clone()
+    return Factors(depthwise, pointwise, b, taps, 0.0)
 
 
 def _as_tensor(x) -> torch.Tensor:

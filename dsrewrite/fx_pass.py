@@ -13,15 +13,15 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backends.fx import apply_decisions
-from .frontends.fx import collect_sites
-from .measure import count_params
+from .backends.fx import apply_decisions, separable_for
+from .frontends.fx import ProbeProp, collect_sites
+from .measure import count_params, eval_mode
 from .modules import BACKENDS
 from .pipeline import Decision, Selector, plan_sites
 from .policy import RankArg, check_rank
+from .selfcheck import self_check
 
 __all__ = ["SeparableRewritePass"]
 
@@ -57,6 +57,7 @@ class SeparableRewritePass(PassBase):
         self.plan_kwargs = dict(plan_kwargs or {})
         self.decisions: List[Decision] = []
         self.flops_before: int = 0
+        self.self_check_note: Optional[str] = None  # what the per-layer self-check found
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         if not isinstance(graph_module, fx.GraphModule):
@@ -66,9 +67,11 @@ class SeparableRewritePass(PassBase):
         # one forward gives both the output shapes and the original's whole-graph FLOPs
         # ShapeProp prints a traceback before re-raising: keep stderr for the real error or replay it on success
         captured = io.StringIO()
+        prop = ProbeProp(graph_module)
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter, contextlib.redirect_stderr(captured):
-                ShapeProp(graph_module).propagate(*self.example_inputs)
+            with eval_mode(graph_module), torch.no_grad(), FlopCounterMode(display=False) as counter, \
+                    contextlib.redirect_stderr(captured):
+                prop.propagate(*self.example_inputs)
         except RuntimeError as e:
             if e.__cause__ is not None:
                 raise e.__cause__ from None
@@ -76,11 +79,12 @@ class SeparableRewritePass(PassBase):
         if captured.getvalue():
             sys.stderr.write(captured.getvalue())
         self.flops_before = int(counter.get_total_flops())
-        sites = collect_sites(graph_module)
+        sites = collect_sites(graph_module, prop.probes)
         kw = dict(self.plan_kwargs)  # budgets are fractions of the whole model (plan_sites ignores these without one)
         kw.setdefault("total_flops", self.flops_before)
         kw.setdefault("total_params", count_params(graph_module))
         self.decisions = plan_sites(sites, self.rank, self.include, self.exclude, progress=self.progress, **kw)
+        self.self_check_note = self_check(self.decisions, lambda d, f: separable_for(d, backend="torch", factors=f))
         modified = apply_decisions(graph_module, self.decisions, backend=self.backend, also=self.mirror)
         return PassResult(graph_module, modified)
 

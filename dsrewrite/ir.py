@@ -73,11 +73,14 @@ class ConvSpec:
 class ConvSite:
     """A conv found by a frontend: its description, its weights, and a frontend-specific handle.
 
-    ``weight`` is ``[Cout, Cin/groups, *kernel]`` (torch tensor or numpy array); ``bias`` ``[Cout]`` or
-    ``None``. ``handle`` is whatever the frontend's backend needs to write the result back.
+    ``weight`` is ``[Cout, Cin/groups, *kernel]`` (torch tensor or numpy array): the weight the conv really
+    uses (a run-time weight folded, see ``spec.extra["folded"]``); ``bias`` ``[Cout]`` or ``None``.
+    ``handle`` is whatever the frontend's backend needs to write the result back. ``probe``: an input the
+    conv saw in the example forward and its output there, for the per-layer self-check (``None``: unknown).
     """
 
     spec: ConvSpec
     weight: Any = None
     bias: Any = None
     handle: Any = None
+    probe: Any = None

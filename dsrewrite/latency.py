@@ -12,7 +12,6 @@ JSON file.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .cost import separable_flops, dense_flops
+from .frontends.conv_modules import deepcopy_module
 from .ir import ConvSpec
 from .measure import time_call, time_side_by_side
 
@@ -213,7 +213,7 @@ def to_format(model: nn.Module, args: Sequence[Any], memory_format: str) -> Tupl
     """A copy of ``model`` and ``args`` in ``memory_format`` (unchanged objects for ``"contiguous"``)."""
     if memory_format != "channels_last":
         return model, tuple(args)
-    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    model = deepcopy_module(model).to(memory_format=torch.channels_last)
     args = tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
                  else a for a in args)
     return model, args

@@ -16,7 +16,8 @@ planner times both forms and sets the flag per layer. Triton ignores it (its ker
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,20 @@ from torch import nn
 
 from .factorize import Factors, factorize
 
-__all__ = ["SeparableConv1d", "SeparableConv2d", "BACKENDS"]
+__all__ = ["SeparableConv1d", "SeparableConv2d", "BACKENDS", "tf_same_pad"]
 
 BACKENDS = ("auto", "triton", "torch")
+
+
+def tf_same_pad(size: Tuple[int, ...], kernel: Tuple[int, ...], stride: Tuple[int, ...],
+                dilation: Tuple[int, ...]) -> Tuple[int, ...]:
+    """``F.pad`` amounts (last dim first) of TensorFlow's 'SAME' padding for an input of spatial ``size``:
+    output ``ceil(size / stride)``, the odd pixel on the bottom/right."""
+    pads = []
+    for n, k, s, d in zip(size, kernel, stride, dilation):
+        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(p for pair in reversed(pads) for p in pair)
 
 
 class _SeparableConvNd(nn.Module):
@@ -49,6 +61,7 @@ class _SeparableConvNd(nn.Module):
         dtype=None,
         channel_index: Optional[torch.Tensor] = None,
         gather_input: bool = False,
+        dynamic_same: bool = False,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -59,6 +72,8 @@ class _SeparableConvNd(nn.Module):
         self.backend = backend
         self.in_channels = int(in_channels)
         self.gather_input = bool(gather_input)  # torch ops only: run the depthwise conv on a gathered copy
+        # pad TF-style 'same' for each input's own size first (timm's Conv2dSame); padding is then 0
+        self.dynamic_same = bool(dynamic_same)
         filters = in_channels * rank
         if channel_index is not None:
             channel_index = torch.as_tensor(channel_index, dtype=torch.int64, device=device).reshape(-1)
@@ -100,7 +115,8 @@ class _SeparableConvNd(nn.Module):
 
     @classmethod
     def from_factors(cls, factors: Factors, *, stride=1, padding=0, dilation=1, padding_mode: str = "zeros",
-                     backend: str = "auto", gather_input: bool = False) -> "_SeparableConvNd":
+                     backend: str = "auto", gather_input: bool = False,
+                     dynamic_same: bool = False) -> "_SeparableConvNd":
         """Build the pair from precomputed :class:`~dsrewrite.factorize.Factors`."""
         dw, pw = factors.depthwise, factors.pointwise
         cin = dw.shape[0] // factors.rank
@@ -108,7 +124,7 @@ class _SeparableConvNd(nn.Module):
             cin, pw.shape[0], tuple(dw.shape[2:]), factors.rank, stride=stride, padding=padding,
             dilation=dilation, bias=factors.bias is not None, padding_mode=padding_mode,
             backend=backend, device=dw.device, dtype=dw.dtype, channel_index=factors.channel_index,
-            gather_input=gather_input,
+            gather_input=gather_input, dynamic_same=dynamic_same,
         )
         return mod.load_factors(factors)
 
@@ -165,6 +181,9 @@ class _SeparableConvNd(nn.Module):
         return ok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_same:
+            dw = self.depthwise
+            x = F.pad(x, tf_same_pad(tuple(x.shape[-self._dims:]), dw.kernel_size, dw.stride, dw.dilation))
         if self.backend != "torch" and self._use_triton(x):
             from .backends import triton_forward
 
@@ -188,7 +207,8 @@ class _SeparableConvNd(nn.Module):
 
     def extra_repr(self) -> str:
         form = ", ragged" if self.ragged else ", gather_input=True" if self.gather_input else ""
-        return f"rank={self.rank}{form}, backend={self.backend!r}"
+        same = ", dynamic_same=True" if self.dynamic_same else ""
+        return f"rank={self.rank}{form}{same}, backend={self.backend!r}"
 
 
 class SeparableConv2d(_SeparableConvNd):

@@ -84,8 +84,10 @@ def layer_report(spec: ConvSpec, *, rank: Optional[int] = None, factors: Optiona
         counts = factors.channel_ranks
         if counts is not None:
             rep.channel_ranks = [int(c) for c in counts]
+        notes = [spec.extra["folded"]] if spec.extra.get("folded") else []
         if rep.flops_after > rep.flops_before or rep.params_after > rep.params_before:
-            rep.note = "costs more than the original"
+            notes.append("costs more than the original")
+        rep.note = "; ".join(notes) or None
     return rep
 
 

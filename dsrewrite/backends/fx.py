@@ -6,6 +6,7 @@ from typing import List, Optional
 import torch
 from torch import fx, nn
 
+from ..factorize import Factors
 from ..modules import SeparableConv1d, SeparableConv2d
 from ..pipeline import Decision
 
@@ -19,11 +20,16 @@ def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
-def separable_for(decision: Decision, *, stride, padding, dilation, padding_mode: str = "zeros",
-                  backend: str = "auto") -> nn.Module:
+def separable_for(decision: Decision, *, backend: str = "auto", factors: Optional[Factors] = None) -> nn.Module:
+    """The ``SeparableConv*d`` for a decision, with the conv's settings (``site.handle.conv_args``: stride,
+    padding, dilation, padding mode, dynamic 'same' padding); ``factors`` overrides the decided ones (the
+    self-check builds an exact pair this way)."""
+    a = decision.site.handle.conv_args
     cls = SeparableConv1d if decision.site.spec.spatial_dims == 1 else SeparableConv2d
-    mod = cls.from_factors(decision.factors, stride=stride, padding=padding, dilation=dilation,
-                           padding_mode=padding_mode, backend=backend, gather_input=decision.report.gather_input)
+    mod = cls.from_factors(factors if factors is not None else decision.factors, stride=a.get("stride", 1),
+                           padding=a.get("padding", 0), dilation=a.get("dilation", 1),
+                           padding_mode=a.get("padding_mode", "zeros"), dynamic_same=bool(a.get("dynamic_same")),
+                           backend=backend, gather_input=decision.report.gather_input and factors is None)
     frozen = isinstance(decision.site.weight, torch.Tensor) and not decision.site.weight.requires_grad
     return mod.requires_grad_(False) if frozen else mod  # a frozen conv stays frozen
 
@@ -73,10 +79,8 @@ def apply_decisions(gm: fx.GraphModule, decisions: List[Decision], *, backend: s
         if not d.rewritten:
             continue
         h = d.site.handle
+        new = separable_for(d, backend=backend)
         if h.kind == "module":
-            conv = h.module
-            new = separable_for(d, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                                padding_mode=conv.padding_mode, backend=backend)
             set_submodule(gm, h.target, new)
             if also is not None:
                 try:
@@ -84,9 +88,6 @@ def apply_decisions(gm: fx.GraphModule, decisions: List[Decision], *, backend: s
                 except AttributeError:
                     pass
         else:
-            a = h.conv_args
-            new = separable_for(d, stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
-                                backend=backend)
             name = _function_module_name(gm, h.weight_target)
             gm.add_submodule(name, new)
             d.report.note = (d.report.note + "; " if d.report.note else "") + f"functional conv, now module {name}"

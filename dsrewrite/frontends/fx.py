@@ -9,10 +9,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from ..ir import ConvSite, ConvSpec
+from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, is_known_conv_class
 
-__all__ = ["collect_sites", "trace", "FxHandle", "CONV_FUNCTIONS"]
+__all__ = ["collect_sites", "trace", "FxHandle", "CONV_FUNCTIONS", "module_site", "ProbeProp", "first_item"]
 
 # functional convs and their spatial dims
 CONV_FUNCTIONS = {
@@ -24,12 +26,15 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 
 class _Tracer(fx.Tracer):
     """``symbolic_trace`` that keeps dsrewrite's own separable modules as leaves, so a rewritten model
-    traces again without its pairs dissolving into anonymous convs."""
+    traces again without its pairs dissolving into anonymous convs, and the registered conv subclasses
+    (timm's ``Conv2dSame``, ``StdConv2d``...), whose dynamic padding does not trace but whose semantics
+    :mod:`~dsrewrite.frontends.conv_modules` knows."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from ..modules import SeparableConv1d, SeparableConv2d
 
-        return isinstance(m, (SeparableConv1d, SeparableConv2d)) or super().is_leaf_module(m, module_qualified_name)
+        return (isinstance(m, (SeparableConv1d, SeparableConv2d)) or is_known_conv_class(type(m))
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def trace(root: nn.Module, n_args: Optional[int] = None) -> fx.GraphModule:
@@ -85,31 +90,45 @@ def _pixels(nodes: List[fx.Node], dims: int) -> Tuple[Optional[Tuple[int, ...]],
     shapes = [_out_shape(n) for n in nodes]
     if not shapes or any(s is None for s in shapes):
         return None, 1, None
-    total = 0
-    for s in shapes:
-        batch = math.prod(s[: len(s) - 1 - dims]) if len(s) > dims + 1 else 1
-        total += batch * math.prod(s[-dims:])
-    first = shapes[0]
-    batch = math.prod(first[: len(first) - 1 - dims]) if len(first) > dims + 1 else 1
-    return tuple(first[-dims:]), batch, total
+    return _pixels_of(shapes, dims)
 
 
-def _module_site(target: str, mod: nn.Module, nodes: List[fx.Node]) -> ConvSite:
+def _pixels_of(shapes: List[Tuple[int, ...]], dims: int) -> Tuple[Optional[Tuple[int, ...]], int, Optional[int]]:
+    if not shapes:
+        return None, 1, None
+    batches = [math.prod(s[: len(s) - 1 - dims]) if len(s) > dims + 1 else 1 for s in shapes]
+    total = sum(b * math.prod(s[-dims:]) for b, s in zip(batches, shapes))
+    return tuple(shapes[0][-dims:]), batches[0], total
+
+
+def module_site(target: str, mod: nn.Module, nodes: List[fx.Node], *, out_shapes=None) -> ConvSite:
+    """The site of one conv module: its effective weight and settings from
+    :func:`~dsrewrite.frontends.conv_modules.describe`, or the reason it cannot be rewritten.
+
+    Output shapes come from the nodes' ``tensor_meta`` or, on the module-swap route, from ``out_shapes``.
+    """
     dims = len(mod.kernel_size)
-    out_spatial, batch, total = _pixels(nodes, dims)
-    transposed = isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
-    if transposed:
-        cin, cout = mod.in_channels, mod.out_channels
+    if out_shapes is None:
+        out_spatial, batch, total = _pixels(nodes, dims)
     else:
-        cin, cout = mod.in_channels, mod.out_channels
+        out_spatial, batch, total = _pixels_of(out_shapes, dims)
+    info = describe(mod)
+    extra = {}
+    if info.unsupported:
+        extra["unsupported"] = info.unsupported
+    elif out_shapes is not None and not out_shapes:
+        extra["unsupported"] = "not called by the example inputs"
+    if info.folded:
+        extra["folded"] = info.folded
     spec = ConvSpec(
-        name=target, in_channels=cin, out_channels=cout, kernel=tuple(mod.kernel_size), groups=mod.groups,
-        stride=tuple(mod.stride), dilation=tuple(mod.dilation), bias=mod.bias is not None,
-        out_spatial=out_spatial, batch=batch, calls=len(nodes), pixels=total, kind="module",
-        transposed=transposed,
+        name=target, in_channels=mod.in_channels, out_channels=mod.out_channels, kernel=tuple(mod.kernel_size),
+        groups=mod.groups, stride=tuple(mod.stride), dilation=tuple(mod.dilation), bias=mod.bias is not None,
+        out_spatial=out_spatial, batch=batch, calls=len(nodes) if out_shapes is None else len(out_shapes),
+        pixels=total, kind="module", transposed=isinstance(mod, TRANSPOSED_TYPES), extra=extra,
     )
-    weight = None if transposed else mod.weight
-    return ConvSite(spec, weight, mod.bias, FxHandle("module", target, nodes, module=mod))
+    return ConvSite(spec, info.weight, info.bias,
+                    FxHandle("module" if out_shapes is None else "swap", target, nodes, module=mod,
+                             conv_args=info.conv_args))
 
 
 def _get_param(gm: fx.GraphModule, node) -> Tuple[Optional[str], Optional[torch.Tensor]]:
@@ -174,28 +193,63 @@ def _function_sites(gm: fx.GraphModule) -> List[ConvSite]:
     return sites
 
 
-_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+class ProbeProp(ShapeProp):
+    """``ShapeProp`` that also keeps, for the first call of each conv, one sample of its input and output
+    (the first item of the batch): the per-layer self-check runs the rewritten pair on it."""
+
+    def __init__(self, gm: fx.GraphModule, *args: Any, **kwargs: Any) -> None:
+        super().__init__(gm, *args, **kwargs)
+        self.probes: Dict[fx.Node, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._seen: set = set()
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        key = None
+        if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), CONV_MODULE_TYPES):
+            key, dims = n.target, len(self.module.get_submodule(n.target).kernel_size)
+        elif n.op == "call_function" and n.target in CONV_FUNCTIONS:
+            w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+            key, dims = (w.target if isinstance(w, fx.Node) and w.op == "get_attr" else n), CONV_FUNCTIONS[n.target]
+        if key is not None and key not in self._seen:
+            self._seen.add(key)
+            src = n.args[0] if n.args else n.kwargs.get("input")
+            x = self.env.get(src) if isinstance(src, fx.Node) else None
+            if isinstance(x, torch.Tensor) and isinstance(result, torch.Tensor):
+                self.probes[n] = (first_item(x, dims), first_item(result, dims))
+        return result
 
 
-def collect_sites(gm: fx.GraphModule) -> List[ConvSite]:
-    """Every convolution in ``gm`` (shape-propagated with ShapeProp), in graph order, each module once."""
+def first_item(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """A detached copy of the first batch item of a conv input/output (the whole tensor if unbatched)."""
+    t = t.detach()
+    return (t[:1] if t.dim() == dims + 2 else t).clone()
+
+
+def collect_sites(gm: fx.GraphModule, probes: Optional[Dict[fx.Node, Tuple[torch.Tensor, torch.Tensor]]] = None
+                  ) -> List[ConvSite]:
+    """Every convolution in ``gm`` (shape-propagated with ShapeProp), in graph order, each module once.
+
+    ``probes`` (from :class:`ProbeProp`) are attached to the sites for the self-check."""
     from ..modules import SeparableConv1d, SeparableConv2d
 
     by_target: "OrderedDict[str, List[fx.Node]]" = OrderedDict()
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
-                                                   _CONV_MODULES + (SeparableConv1d, SeparableConv2d)):
+                                                   CONV_MODULE_TYPES + (SeparableConv1d, SeparableConv2d)):
             by_target.setdefault(node.target, []).append(node)
     sites = []
     for t, nodes in by_target.items():
         mod = gm.get_submodule(t)
-        if isinstance(mod, _CONV_MODULES):
-            sites.append(_module_site(t, mod, nodes))
+        if isinstance(mod, CONV_MODULE_TYPES):
+            sites.append(module_site(t, mod, nodes))
             continue
         # a pair from an earlier rewrite: both halves are reported (same output positions), never rewritten
         for half in ("depthwise", "pointwise"):
-            site = _module_site(f"{t}.{half}", getattr(mod, half), nodes)
+            site = module_site(f"{t}.{half}", getattr(mod, half), nodes)
             site.spec.extra["unsupported"] = "part of a separable pair from an earlier rewrite"
             sites.append(site)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    return sorted(sites + _function_sites(gm), key=lambda s: order[s.handle.nodes[0]])
+    sites = sorted(sites + _function_sites(gm), key=lambda s: order[s.handle.nodes[0]])
+    for s in sites:
+        s.probe = (probes or {}).get(s.handle.nodes[0])
+    return sites

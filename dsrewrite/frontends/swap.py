@@ -7,19 +7,19 @@ place. Ranks are planned over all sites at once, the same as on the fx route.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from ..backends.fx import apply_decisions, separable_for, set_submodule
-from ..ir import ConvSite, ConvSpec
+from ..ir import ConvSite
 from ..measure import count_params, eval_mode
 from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
-from .fx import _CONV_MODULES, FxHandle, collect_sites, trace
+from ..selfcheck import self_check
+from .conv_modules import CONV_MODULE_TYPES
+from .fx import ProbeProp, collect_sites, first_item, module_site, trace
 
 __all__ = ["rewrite_untraceable"]
 
@@ -30,6 +30,7 @@ class _Record:
         self.args: Tuple[Any, ...] = ()
         self.has_kwargs = False
         self.out_shapes: List[Tuple[int, ...]] = []
+        self.probe: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # first call: input and output sample
 
 
 def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Record], int]:
@@ -47,13 +48,17 @@ def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Rec
 
     def post(mod, a, out):
         if isinstance(out, torch.Tensor):
-            recs.setdefault(mod, _Record()).out_shapes.append(tuple(out.shape))
+            r = recs.setdefault(mod, _Record())
+            r.out_shapes.append(tuple(out.shape))
+            if r.probe is None and a and isinstance(a[0], torch.Tensor):
+                dims = len(mod.kernel_size)
+                r.probe = (first_item(a[0], dims), first_item(out, dims))
 
     for m in model.modules():
         if m is model:
             continue
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-        if isinstance(m, _CONV_MODULES):
+        if isinstance(m, CONV_MODULE_TYPES):
             handles.append(m.register_forward_hook(post))
     try:
         with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -65,22 +70,9 @@ def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Rec
 
 
 def _swap_site(qualname: str, conv: nn.Module, rec: _Record) -> ConvSite:
-    dims = len(conv.kernel_size)
-    transposed = isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
-    shapes = rec.out_shapes
-    total = sum(math.prod(s[: len(s) - 1 - dims] or (1,)) * math.prod(s[-dims:]) for s in shapes)
-    first = shapes[0] if shapes else None
-    spec = ConvSpec(
-        name=qualname, in_channels=conv.in_channels, out_channels=conv.out_channels,
-        kernel=tuple(conv.kernel_size), groups=conv.groups, stride=tuple(conv.stride),
-        dilation=tuple(conv.dilation), bias=conv.bias is not None,
-        out_spatial=tuple(first[-dims:]) if first else None,
-        batch=math.prod(first[: len(first) - 1 - dims] or (1,)) if first else 1,
-        calls=len(shapes), pixels=total, kind="module", transposed=transposed,
-        extra={} if shapes else {"unsupported": "not called by the example inputs"},
-    )
-    return ConvSite(spec, None if transposed else conv.weight, conv.bias,
-                    FxHandle("swap", qualname, [], module=conv))
+    site = module_site(qualname, conv, [], out_shapes=rec.out_shapes)
+    site.probe = rec.probe
+    return site
 
 
 def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg, include: Selector,
@@ -102,20 +94,21 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
             if next(child.parameters(), None) is None:
                 continue
             rec = recs.get(child, _Record())
-            if isinstance(child, _CONV_MODULES):
+            if isinstance(child, CONV_MODULE_TYPES):
                 swaps.append(_swap_site(q, child, rec))
                 ordered.append(swaps[-1])
                 continue
             if rec.calls == 1 and not rec.has_kwargs:
                 try:
                     gm = trace(child)
+                    prop = ProbeProp(gm)
                     with eval_mode(gm), torch.no_grad():
-                        ShapeProp(gm).propagate(*rec.args)
+                        prop.propagate(*rec.args)
                 except Exception:
                     gm = None
                 if gm is not None:
                     gm.training = child.training
-                    sites = collect_sites(gm)
+                    sites = collect_sites(gm, prop.probes)
                     for s in sites:
                         s.spec.name = f"{q}.{s.spec.name}"
                     traced.append((q, gm, sites))
@@ -127,6 +120,7 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
     plan_kwargs.setdefault("total_flops", flops)  # budgets are fractions of the whole model
     plan_kwargs.setdefault("total_params", count_params(model))
     decisions = plan_sites(ordered, rank, include, exclude, progress=progress, **plan_kwargs)
+    check_note = self_check(decisions, lambda d, f: separable_for(d, backend="torch", factors=f))
     by_site = {id(d.site): d for d in decisions}
     used = []
     for q, gm, sites in traced:
@@ -137,14 +131,13 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
     for site in swaps:
         d = by_site[id(site)]
         if d.rewritten:
-            conv = site.handle.module
-            d.module = separable_for(d, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                                     padding_mode=conv.padding_mode, backend=backend)
+            d.module = separable_for(d, backend=backend)
             set_submodule(model, site.handle.target, d.module)
     notes = [
         f"rewrote {len(used)} traced sub-module(s) with torch.fx"
         + (f" ({', '.join(used[:6])}{', ...' if len(used) > 6 else ''})" if used else "")
         + f"; swapped {sum(1 for s in swaps if by_site[id(s)].rewritten)} conv module(s) in place;"
-        " FLOPs from hooks on the real forward"
+        " FLOPs from hooks on the real forward",
+        check_note,
     ]
     return model, decisions, flops, notes
