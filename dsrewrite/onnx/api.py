@@ -20,6 +20,7 @@ from .backend import apply_decisions
 from .flops import Shapes, count_flops, count_params, infer_shapes, subgraph_note
 from .frontend import CONV_OPS, collect_sites
 from .model_io import PROTOBUF_LIMIT, load_model, model_nbytes, same_file, save_model
+from .selfcheck import self_check
 
 __all__ = ["rewrite", "OnnxRewriteResult"]
 
@@ -85,6 +86,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     for d in decisions:
         if d.rewritten and d.site.spec.extra.get("bias"):
             d.report.note = d.site.spec.extra["bias"] + ", kept on the pointwise conv"
+    check_note = self_check(model, decisions, shapes.inputs)  # failing layers become skips before the edit
     done = apply_decisions(new, decisions)
 
     large = model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20)
@@ -104,6 +106,8 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     if unknown:
         notes.append(f"{len(unknown)} conv/matmul nodes have unknown shapes and are not counted "
                      f"(first: {unknown[0]})")
+    if check_note:
+        notes.append(check_note)
     inner = subgraph_note(model, shapes)
     if inner:
         notes.append(inner)

@@ -18,16 +18,17 @@ depthwise conv with ``group`` = filters (node ``<name>_gather``, indices ``<weig
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..ir import ConvSpec
 from ..pipeline import Decision
 from .scopes import Scope, scopes, taken_names, value_uses
 
-__all__ = ["apply_decisions"]
+__all__ = ["apply_decisions", "pair_nodes", "depthwise_attributes"]
 
 
 def _numpy(t) -> np.ndarray:
@@ -108,6 +109,42 @@ def _remove_dead(scope: Scope, name: str, uses: Counter) -> None:
         scope, name = d.scope, nxt
 
 
+def depthwise_attributes(node: onnx.NodeProto, group: int) -> List[onnx.AttributeProto]:
+    """The depthwise conv's attributes: the original conv's own (``kernel_shape``, ``strides``, ``dilations``,
+    ``pads`` or ``auto_pad``) with ``group`` replaced. The one translation of the original's settings: the
+    backend and the self-check (:mod:`.selfcheck`) both go through it."""
+    attrs = [a for a in node.attribute if a.name != "group"]
+    attrs.append(helper.make_attribute("group", int(group)))
+    return attrs
+
+
+def pair_nodes(node: onnx.NodeProto, spec: ConvSpec, depthwise: str, pointwise: str, bias: Optional[str],
+               names: Callable[[str], str], base: str, *, channel_index: Optional[str] = None,
+               filters: int = 0) -> List[onnx.NodeProto]:
+    """The nodes that replace the conv ``node``: [``Gather``,] depthwise ``Conv``, 1x1 ``Conv``.
+
+    Args:
+        node: the original ``Conv``; the pair reads its input and writes its output tensor.
+        spec: the conv's spec (its input channels are the depthwise ``group`` without ``channel_index``).
+        depthwise / pointwise / bias: names of the factor weights and of the bias (``None``: no bias).
+        names: makes a derived tensor or node name unique (``name -> name`` or ``name_2`` ...).
+        base: the original node's name, the stem of the new names.
+        channel_index: ragged ranks: name of the ``Gather`` indices (one per depthwise filter), ``filters`` of them.
+    """
+    x, y = node.input[0], node.output[0]
+    new: List[onnx.NodeProto] = []
+    if channel_index is not None:
+        gathered = names(f"{base}_gather_output_0")
+        new.append(helper.make_node("Gather", [x, channel_index], [gathered], name=names(f"{base}_gather"), axis=1))
+        x = gathered
+    mid = names(f"{base}_depthwise_output_0")
+    dw = helper.make_node("Conv", [x, depthwise], [mid], name=names(f"{base}_depthwise"), domain=node.domain)
+    dw.attribute.extend(depthwise_attributes(node, spec.in_channels if channel_index is None else filters))
+    pw = helper.make_node("Conv", [mid, pointwise] + ([bias] if bias is not None else []), [y],
+                          name=names(f"{base}_pointwise"), domain=node.domain, kernel_shape=[1] * len(spec.kernel))
+    return new + [dw, pw]
+
+
 def apply_decisions(model: onnx.ModelProto, decisions: List[Decision]) -> int:
     """Replace every rewritten decision's node in ``model`` (in place); returns how many convs were replaced.
 
@@ -136,23 +173,9 @@ def apply_decisions(model: onnx.ModelProto, decisions: List[Decision]) -> int:
         dw_name, pw_name, index, filters = pairs[key]
 
         node, graph = h.node, h.scope.graph
-        x, y = node.input[0], node.output[0]
-        base = h.node_name
-        dims = len(d.site.spec.kernel)
-        new: List[onnx.NodeProto] = []
-        if index is not None:
-            gathered = names(f"{base}_gather_output_0")
-            new.append(helper.make_node("Gather", [x, index], [gathered], name=names(f"{base}_gather"), axis=1))
-            x = gathered
-        mid = names(f"{base}_depthwise_output_0")
-        dw = helper.make_node("Conv", [x, dw_name], [mid], name=names(f"{base}_depthwise"), domain=node.domain)
-        dw.attribute.extend(a for a in node.attribute if a.name != "group")
-        dw.attribute.append(helper.make_attribute("group", d.site.spec.in_channels if index is None else filters))
-        bias = [h.bias] if h.bias is not None else []
-        pw = helper.make_node("Conv", [mid, pw_name] + bias, [y], name=names(f"{base}_pointwise"),
-                              domain=node.domain, kernel_shape=[1] * dims)
-        new += [dw, pw]
-        position = _index_of(graph, y)
+        new = pair_nodes(node, d.site.spec, dw_name, pw_name, h.bias, names, h.node_name,
+                         channel_index=index, filters=filters)
+        position = _index_of(graph, node.output[0])
         _replace(graph, position, new)
         uses[h.weight] -= 1
         _remove_dead(h.scope, h.weight, uses)
