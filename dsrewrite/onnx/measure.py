@@ -33,15 +33,23 @@ def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
     return feeds
 
 
-def session(model: Union[str, onnx.ModelProto], threads: Optional[int] = None):
-    """A CPU onnxruntime session (``threads`` intra-op threads; onnxruntime's default when ``None``)."""
+def session(model: Union[str, bytes, onnx.ModelProto], threads: Optional[int] = None, *, once: bool = False):
+    """A CPU onnxruntime session of a model, a path or serialised bytes (``threads`` intra-op threads;
+    onnxruntime's default when ``None``).
+    ``once=True``: for a session run once (the self-check), basic graph optimisations only (several times
+    cheaper to create than all of them) and idle pool threads that sleep instead of spinning (numpy and torch
+    work follows in the process)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if once:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    src = model if isinstance(model, str) else model.SerializeToString()
+    src = model if isinstance(model, (str, bytes)) else model.SerializeToString()
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 

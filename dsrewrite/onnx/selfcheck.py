@@ -95,13 +95,16 @@ def _why_not_runnable(model: onnx.ModelProto, inputs: Mapping[str, Tuple[int, ..
 
 def _run_original(model: onnx.ModelProto, decisions: List[Decision],
                   inputs: Mapping[str, Tuple[int, ...]]) -> Tuple[Dict[int, _Probe], Optional[str]]:
-    """Run a copy of ``model`` exposing each conv's X, Y (and run-time bias) as extra outputs, first batch item."""
+    """Run a copy of ``model`` exposing each conv's X, Y (and run-time bias) as extra outputs, first batch item.
+
+    The copy is the serialised model followed by a serialised ``ModelProto`` holding only the extra nodes and
+    outputs: parsing concatenated messages merges them (repeated fields append), so the weights are not copied
+    once more in memory."""
     from .measure import random_feeds, session
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    g = probe.graph
-    names = _Names(taken_names(scopes(g)))
+    extra = onnx.ModelProto()
+    g = extra.graph
+    names = _Names(taken_names(scopes(model.graph)))
     first = names("selfcheck_first_item")
     g.node.append(helper.make_node("Constant", [], [first], name=names("selfcheck_first_item_node"),
                                    value=numpy_helper.from_array(np.zeros(1, np.int64))))
@@ -126,7 +129,7 @@ def _run_original(model: onnx.ModelProto, decisions: List[Decision],
                        None if bias is None else expose(bias, dtype, False)))
     outputs = list(exposed.values())
     try:
-        sess = session(probe)
+        sess = session(model.SerializeToString() + extra.SerializeToString(), once=True)
     except Exception as e:  # noqa: BLE001 - an op onnxruntime lacks, a model it refuses: say why, go on
         return {}, f"onnxruntime cannot load the model ({first_line(e, 120)})"
     feeds = random_feeds(model, inputs, np.random.default_rng(_SEED))
@@ -164,7 +167,7 @@ def _compare(model: onnx.ModelProto, d: Decision, probe: _Probe) -> Tuple[Option
     tiny = helper.make_model(graph, opset_imports=list(model.opset_import))
     tiny.ir_version = max(model.ir_version, 4)  # initializers need not be graph inputs
     try:
-        out = session(tiny, threads=1).run([y_name], feeds)[0]
+        out = session(tiny, threads=1, once=True).run([y_name], feeds)[0]
     except Exception as e:  # noqa: BLE001 - a pair that does not run on the layer's input is a failure too
         return None, f"the pair does not run on the layer's input ({first_line(e, 120)})"
     if out.shape != y.shape:
