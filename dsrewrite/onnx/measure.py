@@ -37,13 +37,14 @@ def session(model: Union[str, bytes, onnx.ModelProto], threads: Optional[int] = 
     """A CPU onnxruntime session of a model, a path or serialised bytes (``threads`` intra-op threads;
     onnxruntime's default when ``None``).
     ``once=True``: for a session run once (the self-check), basic graph optimisations only (several times
-    cheaper to create than all of them) and idle pool threads that sleep instead of spinning (numpy and torch
-    work follows in the process)."""
+    cheaper to create than all of them), idle pool threads that sleep instead of spinning (numpy and torch
+    work follows in the process), and no error log on stderr (the caller reports the exception)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if once:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.log_severity_level = 4  # fatal only
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:

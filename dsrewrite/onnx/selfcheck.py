@@ -136,7 +136,7 @@ def _run_original(model: onnx.ModelProto, decisions: List[Decision],
     try:
         values = dict(zip(outputs, sess.run(outputs, feeds)))
     except Exception as e:  # noqa: BLE001
-        return {}, f"onnxruntime failed to run the model on random inputs ({first_line(e, 120)})"
+        return {}, f"onnxruntime failed to run the model on random inputs ({first_line(e, 200)})"
     return {id(d): (values[x], values[y], None if b is None else values[b]) for d, x, y, b in wanted}, None
 
 
