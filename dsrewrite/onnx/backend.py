@@ -28,14 +28,14 @@ from ..ir import ConvSpec
 from ..pipeline import Decision
 from .scopes import Scope, scopes, taken_names, value_uses
 
-__all__ = ["apply_decisions", "pair_nodes", "depthwise_attributes"]
+__all__ = ["apply_decisions", "pair_nodes", "depthwise_attributes", "UniqueNames"]
 
 
 def _numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
 
-class _Names:
+class UniqueNames:
     """Unique tensor and node names: the derived name, or with ``_2``, ``_3`` ... if it is taken."""
 
     def __init__(self, taken: set) -> None:
@@ -154,7 +154,7 @@ def apply_decisions(model: onnx.ModelProto, decisions: List[Decision]) -> int:
     if not todo:
         return 0
     all_scopes = scopes(model.graph)
-    names = _Names(taken_names(all_scopes))
+    names = UniqueNames(taken_names(all_scopes))
     uses = value_uses(all_scopes)
     pairs: Dict[Tuple[int, int], Tuple[str, str, Optional[str], int]] = {}  # one pair per shared weight and rank
     for d in todo:

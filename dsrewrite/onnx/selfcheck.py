@@ -25,7 +25,7 @@ from ..errors import first_line
 from ..factorize import exact_factors
 from ..pipeline import Decision, layer_report
 from ..selfcheck import tolerance
-from .backend import _Names, pair_nodes
+from .backend import UniqueNames, pair_nodes
 from .model_io import PROTOBUF_LIMIT, model_nbytes
 from .scopes import scopes, taken_names
 
@@ -104,7 +104,7 @@ def _run_original(model: onnx.ModelProto, decisions: List[Decision],
 
     extra = onnx.ModelProto()
     g = extra.graph
-    names = _Names(taken_names(scopes(model.graph)))
+    names = UniqueNames(taken_names(scopes(model.graph)))
     first = names("selfcheck_first_item")
     g.node.append(helper.make_node("Constant", [], [first], name=names("selfcheck_first_item_node"),
                                    value=numpy_helper.from_array(np.zeros(1, np.int64))))
@@ -150,7 +150,7 @@ def _compare(model: onnx.ModelProto, d: Decision, probe: _Probe) -> Tuple[Option
                           None if d.site.bias is None else np.asarray(d.site.bias, np.float32))
     node = h.node
     x_name, y_name = node.input[0], node.output[0]
-    names = _Names({x_name, y_name})
+    names = UniqueNames({x_name, y_name})
     dw, pw = names("depthwise"), names("pointwise")
     bias = names("bias") if h.bias is not None else None
     init = [numpy_helper.from_array(exact.depthwise.numpy(), dw), numpy_helper.from_array(exact.pointwise.numpy(), pw)]
