@@ -97,12 +97,34 @@ def run_one(name: str, force_swap: bool) -> dict:
     return row
 
 
+def markdown(rows: list) -> str:
+    """The RESULTS.md table: one line per model and route."""
+    out = ["| model | route | input | convs rewritten / found | run-time weights folded | self-check failures | "
+           "skipped (reasons) | full-rank rel. error |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        route = r.get("route", "-") + (" (forced)" if r.get("forced") else "")
+        if "convs" not in r:
+            out.append(f"| {r['model']} | {route} | - | - | - | - | - | error: {r.get('error', '')} |")
+            continue
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["skip_reasons"].items(), key=lambda kv: -kv[1]))
+        err = r.get("rel_error")
+        out.append(f"| {r['model']} | {route} | {'x'.join(map(str, r['input'][1:]))} | {r['rewritten']} / {r['convs']} "
+                   f"| {r['folded']} | {r['self_check_failed']} | {reasons} | "
+                   f"{'error: ' + r['error'] if 'error' in r else f'{err:.1e}'} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--no-forced-swap", action="store_true", help="only the route each model takes")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "real_models.json"))
+    ap.add_argument("--table", metavar="JSON", help="only print the Markdown table of an earlier run")
     a = ap.parse_args()
+    if a.table:
+        with open(a.table) as f:
+            print(markdown(json.load(f)["rows"]))
+        return
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     import timm
@@ -124,7 +146,8 @@ def main() -> None:
     exact = [r for r in rows if r.get("rel_error") is not None and r["rel_error"] <= 1e-4]
     bad = [r for r in rows if r.get("rel_error") is not None and r["rel_error"] > 1e-4]
     errs = [r for r in rows if "error" in r]
-    print(f"\n{len(rows)} runs: {len(exact)} exact (<= 1e-4), {len(bad)} not exact, {len(errs)} errors")
+    print(f"\n{len(rows)} runs: {len(exact)} exact (<= 1e-4), {len(bad)} not exact, {len(errs)} errors\n")
+    print(markdown(rows))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ decides and factorises, backends (:mod:`dsrewrite.backends`) write the result ba
 :mod:`dsrewrite.report` describes it.
 """
 from .api import RewriteResult, rewrite
+from .config import RewriteConfig
 from .dynamo_backend import compile  # noqa: A004 - dsrewrite.compile(model, **options)
 from .errors import DsrewriteError
 from .factorize import Factors, factorize
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "rewrite", "RewriteResult", "SeparableRewritePass", "SeparableConv1d", "SeparableConv2d",
     "factorize", "Factors", "Report", "LayerReport", "ConvSpec", "ConvSite", "DsrewriteError",
-    "compile",
+    "compile", "RewriteConfig",
 ]

@@ -20,6 +20,7 @@ enabled and weights requiring grad the backend refuses, as the original weights 
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 import weakref
@@ -33,30 +34,19 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
 from .backends.fx import apply_decisions, set_submodule
+from .config import COMPILERS, ROUTE_UNSUPPORTED, RewriteConfig
 from .eligibility import why_not
 from .errors import DsrewriteError, first_line
 from .factorize import Factors, factorize
 from .frontends.fx import _CONV_ARGS, CONV_FUNCTIONS, collect_sites
 from .ir import ConvSite
-from .modules import BACKENDS
-from .pipeline import Decision, budget_args, layer_report, matcher, plan_sites, selected
-from .policy import check_rank
+from .pipeline import Decision, layer_report, plan_sites, selected
+from .planning import Planning
 from .report import Report
 
 __all__ = ["DsrewriteBackend", "dsrewrite_backend", "compile", "last_report", "clear_cache", "OPTIONS", "COMPILERS"]
 
-OPTIONS = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "calibration",
-           "ragged", "progress", "name", "compiler", "mode")
-COMPILERS = ("inductor", "eager")  # "eager": run the rewritten graph without Inductor (debugging, fast checks)
-_UNSUPPORTED = {
-    "target_latency": "it times layers in eager mode, which does not predict Inductor's compiled latency: "
-                      "give rank, target_flops or target_params",
-    "device": "it only serves target_latency, which the backend does not support",
-    "memory_format": "it only serves target_latency, which the backend does not support",
-    "latency_cache": "it only serves target_latency, which the backend does not support",
-    "inplace": "the backend never changes the model: the rewrite lives in the compiled graph",
-    "measure_time": "time the compiled model itself (benchmarks/compile.py does)",
-}
+OPTIONS = tuple(f.name for f in dataclasses.fields(RewriteConfig) if f.name not in ROUTE_UNSUPPORTED["torch.compile"])
 _NS = "dsrewrite_convs"  # where lifted and rewritten conv modules live inside the captured GraphModule
 _STATE_ATTRS = {"_modules", "_parameters", "_buffers"}
 _PLANS: "OrderedDict[int, _Plan]" = OrderedDict()  # recent plans, for recompiles of the same graph
@@ -65,31 +55,16 @@ _LAST: List[Report] = []
 
 
 # ---------------------------------------------------------------------------------------------- options
-def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
-    """Defaults filled in and every option checked; one-line :class:`DsrewriteError` otherwise."""
-    for key in options:
-        if key in _UNSUPPORTED:
-            raise DsrewriteError(f"option {key!r} is not supported by the torch.compile backend: {_UNSUPPORTED[key]}")
-        if key not in OPTIONS:
-            raise DsrewriteError(f"unknown option {key!r} for the dsrewrite backend (options: {', '.join(OPTIONS)})")
-    opts: Dict[str, Any] = dict(rank="auto", include=None, exclude=None, backend="auto", target_flops=None,
-                                target_params=None, energy=None, calibration=None, ragged=False, progress=False,
-                                name=None, compiler="inductor", mode=None)
-    opts.update(options)
-    opts["rank"] = check_rank(opts["rank"])
-    if opts["backend"] not in BACKENDS:
-        raise DsrewriteError(f"backend must be one of {', '.join(BACKENDS)}, got {opts['backend']!r}")
-    if opts["compiler"] not in COMPILERS:
-        raise DsrewriteError(f"compiler must be one of {', '.join(COMPILERS)}, got {opts['compiler']!r}")
-    _check_mode(opts["mode"])
-    budget_args(opts["rank"], opts["target_flops"], opts["target_params"], None, opts["energy"], None)
-    matcher(opts["include"], "include")
-    matcher(opts["exclude"], "exclude")
-    if opts["calibration"] is not None:
+def _check_options(options: Dict[str, Any], base: Optional[RewriteConfig] = None) -> RewriteConfig:
+    """The backend's :class:`~dsrewrite.config.RewriteConfig` (``options`` over ``base``), checked for this
+    route; calibration data turned into batches. One-line :class:`DsrewriteError` otherwise."""
+    cfg = RewriteConfig.build(base, options, route="torch.compile", words=" for the dsrewrite backend")
+    _check_mode(cfg.mode)
+    if cfg.calibration is not None and "calibration" in options:
         from .calibrate import as_batches
 
-        opts["calibration"] = as_batches(opts["calibration"])
-    return opts
+        cfg = dataclasses.replace(cfg, calibration=as_batches(cfg.calibration))
+    return cfg
 
 
 def _check_mode(mode: Optional[str]) -> None:
@@ -103,23 +78,6 @@ def _check_mode(mode: Optional[str]) -> None:
     except (RuntimeError, KeyError):
         raise DsrewriteError(f"mode must be one of Inductor's modes (default, reduce-overhead, max-autotune, "
                              f"max-autotune-no-cudagraphs), got {mode!r}") from None
-
-
-def _options_key(opts: Dict[str, Any]) -> Tuple[tuple, list]:
-    """What decides ranks and factors, hashable; objects compared by identity (and kept alive with the plan)."""
-    keep: list = []
-
-    def freeze(v: Any) -> Any:
-        if v is None or isinstance(v, (str, int, float, bool)):
-            return v
-        if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
-            return tuple(v)
-        keep.append(v)
-        return ("id", id(v))
-
-    names = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "calibration",
-             "ragged")
-    return tuple((k, freeze(opts[k])) for k in names), keep
 
 
 # ---------------------------------------------------------------------------------------------- graph inputs
@@ -458,11 +416,11 @@ def _getter(site: ConvSite, lifted: Dict[str, _Lifted]) -> Callable[[tuple], tup
     return lambda args: (w, b)
 
 
-def _check_inference(sites: List[ConvSite], opts: Dict[str, Any]) -> None:
+def _check_inference(sites: List[ConvSite], opts: RewriteConfig) -> None:
     if not torch.is_grad_enabled():
         return
     for s in sites:
-        if s.weight is None or why_not(s.spec) or selected(s.spec.name, opts["include"], opts["exclude"]):
+        if s.weight is None or why_not(s.spec) or selected(s.spec.name, opts.include, opts.exclude):
             continue
         if s.weight.requires_grad or (s.bias is not None and s.bias.requires_grad):
             raise DsrewriteError(
@@ -504,24 +462,19 @@ def _teacher(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, g)
 
 
-def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: _Inputs, opts: Dict[str, Any], flops: int,
+def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: _Inputs, opts: RewriteConfig, flops: int,
                 params: int, notes: List[str]) -> Tuple[List[Decision], bool]:
     """Plan with the shared middle (as rewrite() does, calibration included), write the pairs into ``gm``."""
-    from .api import _Planning
-
     teacher = student = None
     batches = None
-    if opts["calibration"] is not None:
+    if opts.calibration is not None:
         teacher = _BoundGraph(_teacher(gm), inputs)
-        batches = _calibration_batches(opts["calibration"], inputs, teacher)
-    planning = _Planning(teacher if teacher is not None else gm, (inputs.values[inputs.data[0]],) if batches else (),
-                         rank=opts["rank"], backend=opts["backend"], target_flops=opts["target_flops"],
-                         target_params=opts["target_params"], target_latency=None, energy=opts["energy"],
-                         calibration=batches, device=None, memory_format="contiguous", latency_cache=None,
-                         inplace=False, progress=opts["progress"], ragged=bool(opts["ragged"]))
+        batches = _calibration_batches(opts.calibration, inputs, teacher)
+    planning = Planning(teacher if teacher is not None else gm, (inputs.values[inputs.data[0]],) if batches else (),
+                        dataclasses.replace(opts, calibration=batches))
     kw = dict(planning.kwargs, total_flops=flops, total_params=params)
-    decisions = plan_sites(sites, opts["rank"], opts["include"], opts["exclude"], progress=opts["progress"], **kw)
-    apply_decisions(gm, decisions, backend=opts["backend"])
+    decisions = plan_sites(sites, opts.rank, opts.include, opts.exclude, progress=opts.progress, **kw)
+    apply_decisions(gm, decisions, backend=opts.backend)
     for d in decisions:
         if d.rewritten and d.site.handle.kind == "module":
             d.module.requires_grad_(False)
@@ -558,7 +511,7 @@ def _new_plan(decisions: List[Decision], sites: List[ConvSite], gm: fx.GraphModu
     return plan
 
 
-def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Dict[str, Any], mode: Optional[str],
+def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: RewriteConfig, mode: Optional[str],
                    reports: List[Report]) -> Callable:
     """Lift, plan (or reuse a plan), rewrite, restore the dense convs, report, compile, guard."""
     inputs = _Inputs.of(gm, example_inputs)
@@ -572,7 +525,7 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Dict
             s.spec.name = lifted[s.handle.target].name
     _check_inference(sites, opts)
     notes: List[str] = []
-    options_key, keep = _options_key(opts)
+    options_key, keep = opts.plan_key()
     plan = _find_plan(options_key, sites)
     if plan is not None:
         decisions = _replay(plan, sites)
@@ -590,18 +543,18 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Dict
     _LAST[:] = [report]
     watches = [_Watch(i, d.site.spec.name, _getter(d.site, lifted)) for i, d in enumerate(decisions)
                if d.rewritten and plan.modules[i] is not None]
-    inner = _inner_compiler(gm, example_inputs, opts["compiler"], mode)
-    frozen = opts["compiler"] == "inductor" and bool(torch._inductor.config.freezing)
+    inner = _inner_compiler(gm, example_inputs, opts.compiler, mode)
+    frozen = opts.compiler == "inductor" and bool(torch._inductor.config.freezing)
     return _Guarded(inner, plan, watches, frozen)
 
 
-def _report(decisions: List[Decision], inputs: _Inputs, opts: Dict[str, Any], gm: fx.GraphModule, flops: int,
+def _report(decisions: List[Decision], inputs: _Inputs, opts: RewriteConfig, gm: fx.GraphModule, flops: int,
             params: int, notes: List[str]) -> Report:
     layers = [d.report for d in decisions]
     saved_f = sum(L.flops_before - L.flops_after for L in layers if L.rewritten)
     saved_p = sum(L.params_before - L.params_after for L in layers if L.rewritten)
     cid = gm.meta.get("dynamo_compile_id")
-    name = opts["name"] or f"torch.compile graph {cid if cid is not None else ''}".strip()
+    name = opts.name or f"torch.compile graph {cid if cid is not None else ''}".strip()
     report = Report(layers=layers, model=name,
                     route="torch.compile", input_shapes=inputs.data_shapes(), params_before=params,
                     params_after=params - saved_p, flops_before=flops, flops_after=flops - saved_f, notes=notes)
@@ -630,10 +583,10 @@ class DsrewriteBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optional[str] = None,
                  options: Optional[Dict[str, Any]] = None) -> Callable:
-        opts = self.options if not options else _check_options({**self.options, **options})
-        if mode not in (None, "default") and opts["mode"] not in (None, mode):
-            raise DsrewriteError(f"two compile modes given: mode={mode!r} and the option mode={opts['mode']!r}")
-        mode = opts["mode"] if mode in (None, "default") else mode
+        opts = self.options if not options else _check_options(options, self.options)
+        if mode not in (None, "default") and opts.mode not in (None, mode):
+            raise DsrewriteError(f"two compile modes given: mode={mode!r} and the option mode={opts.mode!r}")
+        mode = opts.mode if mode in (None, "default") else mode
         return _compile_graph(gm, example_inputs, opts, mode, self.reports)
 
 

@@ -1,0 +1,179 @@
+"""``RewriteConfig``: every option of a rewrite in one frozen, validated object, shared by every route.
+
+``dsrewrite.rewrite``, ``dsrewrite.onnx.rewrite``, the ``torch.compile`` backend's ``options=`` and the CLI all
+build one (keyword arguments are a convenience that builds it), so an option means the same thing and is
+checked the same way everywhere. Validation lives here and raises one-line :class:`DsrewriteError`; each
+route says which options it cannot honour (:data:`ROUTE_UNSUPPORTED`) and refuses them by name.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+from .errors import DsrewriteError
+from .latency import MEMORY_FORMATS
+from .modules import BACKENDS
+from .policy import RankArg, check_rank
+
+__all__ = ["RewriteConfig", "ROUTE_UNSUPPORTED", "COMPILERS"]
+
+COMPILERS = ("inductor", "eager")  # torch.compile backend: "eager" runs the rewritten graph without Inductor
+
+_LATENCY_ONLY = "it only serves target_latency, which the backend does not support"
+# options a route cannot honour, with the reason given when one is set (a value other than the default)
+ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
+    "torch": {
+        "input_shapes": "example inputs give the shapes on the PyTorch route",
+        "overwrite": "the PyTorch route writes no file",
+        "compiler": "it is an option of the torch.compile backend",
+        "mode": "it is an option of the torch.compile backend",
+    },
+    "onnx": {
+        "calibration": "it runs the model in PyTorch; use rank, target_flops, target_params or energy",
+        "target_latency": "it times layers in PyTorch; use rank, target_flops, target_params or energy",
+        "device": _LATENCY_ONLY.replace("the backend", "the ONNX route"),
+        "memory_format": _LATENCY_ONLY.replace("the backend", "the ONNX route"),
+        "latency_cache": _LATENCY_ONLY.replace("the backend", "the ONNX route"),
+        "inplace": "the source model is never changed: the result is a new model",
+        "backend": "the ONNX model runs in the user's runtime",
+        "compiler": "it is an option of the torch.compile backend",
+        "mode": "it is an option of the torch.compile backend",
+    },
+    "torch.compile": {
+        "target_latency": "it times layers in eager mode, which does not predict Inductor's compiled latency: "
+                          "give rank, target_flops or target_params",
+        "device": _LATENCY_ONLY,
+        "memory_format": _LATENCY_ONLY,
+        "latency_cache": _LATENCY_ONLY,
+        "inplace": "the backend never changes the model: the rewrite lives in the compiled graph",
+        "measure_time": "time the compiled model itself (benchmarks/compile.py does)",
+        "input_shapes": "Dynamo passes the example inputs",
+        "overwrite": "the backend writes no file",
+    },
+}
+_ROUTE_WORDS = {"torch": "the PyTorch route", "onnx": "the ONNX route", "torch.compile": "the torch.compile backend"}
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    """What to rewrite and how. Every field has the default a route uses when it is not given.
+
+    Selection: ``rank`` (int, ``"auto"``, ``"full"``), ``include`` / ``exclude`` (globs or a callable).
+    Budgets (at most one, instead of ``rank``): ``target_flops``, ``target_params``, ``target_latency`` (fractions
+    of the whole model), ``energy`` (per layer). ``ragged``: per-channel ranks. ``calibration``: data for
+    data-aware initialisation (torch routes). Latency planning: ``device``, ``memory_format``, ``latency_cache``.
+    Output: ``backend`` (how pairs run), ``inplace``, ``measure_time`` (``None``: the route's default),
+    ``progress``, ``name``. ONNX: ``input_shapes``, ``overwrite``. torch.compile: ``compiler``, ``mode``.
+    """
+
+    rank: RankArg = "auto"
+    include: Any = None
+    exclude: Any = None
+    target_flops: Optional[float] = None
+    target_params: Optional[float] = None
+    target_latency: Optional[float] = None
+    energy: Optional[float] = None
+    ragged: bool = False
+    calibration: Any = field(default=None, compare=False)
+    device: Any = None
+    memory_format: str = "auto"
+    latency_cache: Optional[str] = None
+    backend: str = "auto"
+    inplace: bool = False
+    measure_time: Optional[bool] = None
+    progress: bool = False
+    name: Optional[str] = None
+    input_shapes: Optional[Mapping[str, Sequence[int]]] = None
+    overwrite: bool = False
+    compiler: str = "inductor"
+    mode: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        from .pipeline import budget_args, matcher
+
+        object.__setattr__(self, "rank", check_rank(self.rank))
+        if self.backend not in BACKENDS:
+            raise DsrewriteError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise DsrewriteError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {self.memory_format!r}")
+        if self.compiler not in COMPILERS:
+            raise DsrewriteError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
+        budget = budget_args(self.rank, self.target_flops, self.target_params, self.target_latency, self.energy,
+                             timer=True)
+        if budget is not None:  # fractions normalised to float
+            object.__setattr__(self, budget[0], budget[1])
+        matcher(self.include, "include")
+        matcher(self.exclude, "exclude")
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, config: Optional["RewriteConfig"] = None, options: Optional[Mapping[str, Any]] = None,
+              *, route: Optional[str] = None, words: str = "") -> "RewriteConfig":
+        """``config`` (or the defaults) with ``options`` (keyword arguments) applied on top, checked for ``route``.
+
+        Unknown option names are refused by name, with the list of valid ones (``words`` names the caller).
+        """
+        if config is not None and not isinstance(config, RewriteConfig):
+            raise DsrewriteError(f"config must be a dsrewrite.RewriteConfig, got {type(config).__name__}")
+        options = dict(options or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unsupported = ROUTE_UNSUPPORTED.get(route or "", {})
+        for key in options:
+            if key not in names:
+                valid = ", ".join(n for n in sorted(names) if n not in unsupported)
+                raise DsrewriteError(f"unknown option {key!r}{words} (options: {valid})")
+        cfg = dataclasses.replace(config, **options) if config is not None else cls(**options)
+        if route is not None:
+            cfg.check_route(route)
+        return cfg
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> "RewriteConfig":
+        """The config of ``dsrewrite rewrite`` arguments (flags that do not apply to a route are checked there)."""
+        get = lambda k, d=None: getattr(args, k, d)  # noqa: E731
+        return cls(rank=get("rank", "auto"), include=get("include") or None, exclude=get("exclude") or None,
+                   target_flops=get("target_flops"), target_params=get("target_params"),
+                   target_latency=get("target_latency"), energy=get("energy"), ragged=bool(get("ragged", False)),
+                   calibration=get("calibration"), device=get("device"), latency_cache=get("latency_cache"),
+                   backend=get("backend", "auto") or "auto", measure_time=not get("no_time", False),
+                   progress=not get("quiet", False), overwrite=bool(get("overwrite", False)))
+
+    # ------------------------------------------------------------------ reading
+    def given(self) -> Dict[str, Any]:
+        """The options set to something other than their default."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None and getattr(self, f.name) != f.default}
+
+    def check_route(self, route: str) -> None:
+        """Refuse, by name and with the reason, an option that ``route`` cannot honour."""
+        unsupported = ROUTE_UNSUPPORTED[route]
+        for key in self.given():
+            if key in unsupported:
+                raise DsrewriteError(f"option {key!r} is not supported by {_ROUTE_WORDS[route]}: {unsupported[key]}")
+
+    @property
+    def budget(self) -> Optional[Tuple[str, float]]:
+        """``(name, fraction)`` of the one budget given, or ``None``."""
+        for key in ("target_flops", "target_params", "target_latency", "energy"):
+            if getattr(self, key) is not None:
+                return key, getattr(self, key)
+        return None
+
+    def plan_key(self) -> Tuple[tuple, list]:
+        """What decides ranks and factors, hashable (plans are cached on it); objects compared by identity and
+        returned in the list, to be kept alive with the plan."""
+        keep: list = []
+
+        def freeze(v: Any) -> Any:
+            if v is None or isinstance(v, (str, int, float, bool)):
+                return v
+            if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+                return tuple(v)
+            keep.append(v)
+            return ("id", id(v))
+
+        names = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "calibration",
+                 "ragged")
+        return tuple((k, freeze(getattr(self, k))) for k in names), keep

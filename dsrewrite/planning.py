@@ -1,0 +1,139 @@
+"""What a rewrite needs beyond a rank, shared by ``rewrite()`` and the torch.compile backend: the budget
+arguments for the planner, the layer timer and its memory format (latency budgets), the calibration batches
+and patch statistics, the teacher (the original model, for calibration targets and timing), and the
+sequential calibration of the rewritten layers once a backend has installed them."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .config import RewriteConfig
+from .errors import DsrewriteError, first_line
+from .frontends.conv_modules import deepcopy_module
+from .measure import eval_mode, input_device
+from .pipeline import Decision
+
+__all__ = ["Planning", "calib_layers"]
+
+
+class Planning:
+    """What ``rewrite`` needs beyond a rank: budget arguments, layer timer, calibration data and statistics."""
+
+    def __init__(self, model: nn.Module, args: tuple, cfg: RewriteConfig) -> None:
+        self.notes: List[str] = []
+        self.timer = None
+        self.batches = None
+        self.progress = cfg.progress
+        self.n_inputs = len(args)
+        budget = cfg.budget
+        inplace, ragged, device = cfg.inplace, cfg.ragged, cfg.device
+        self.teacher: Optional[nn.Module] = None
+        if cfg.calibration is not None:
+            from .calibrate import as_batches
+
+            self.batches = as_batches(cfg.calibration, example_args=args)
+            # the original model gives the true outputs; keep a copy when the user's model will be changed
+            self.teacher = deepcopy_module(model) if inplace else model
+        kw: dict = {"ragged": True} if ragged else {}
+        if budget is not None:
+            kw[budget[0]] = budget[1]
+        if budget is not None and budget[0] == "target_latency":
+            from .latency import LayerTimer, best_memory_format
+
+            dev = torch.device(device) if device is not None else input_device(args)
+            ref = model if self.teacher is None else self.teacher
+            p0 = next(ref.parameters(), None)
+            if p0 is not None and p0.device != dev:
+                ref = deepcopy_module(ref).to(dev)
+                args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
+            fmt = cfg.memory_format
+            if fmt == "auto":
+                with eval_mode(ref):  # timing must not update the user's BatchNorm statistics
+                    fmt, times = best_memory_format(ref, args, dev)
+                if times:
+                    self.notes.append("latency planned in " + fmt + " (original model: " + ", ".join(
+                        f"{k} {v:.2f} ms" for k, v in times.items()) + ")" + (
+                        "; run the model and inputs with .to(memory_format=torch.channels_last)"
+                        if fmt == "channels_last" else ""))
+            self.timer = LayerTimer(dev, p0.dtype if p0 is not None else torch.float32, cfg.backend, fmt,
+                                    cache_file=cfg.latency_cache, ragged=ragged)
+            with eval_mode(ref):
+                kw["total_time_ms"] = self.timer.model_ms(ref, args)
+            kw["timer"] = self.timer
+            if self.teacher is None:
+                self.teacher = model
+        if self.batches is not None and budget is not None and budget[0] != "energy":
+            from .calibrate import collect_patch_stats
+
+            names = [n for n, m in self.teacher.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+            with eval_mode(self.teacher):
+                try:
+                    kw["stats"] = collect_patch_stats(self.teacher, self.batches, names, self.n_inputs)
+                except DsrewriteError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    raise DsrewriteError(f"calibration batches do not run through the model: {first_line(e, typed=True)}") from None
+        self.kwargs = kw
+
+    def calibrate(self, new_model: nn.Module, decisions: List[Decision]) -> str:
+        """Refit the rewritten layers sequentially; fill ``calib_error_*`` in the reports; return a note."""
+        from .calibrate import calibrate_sequential
+
+        layers, plain = calib_layers(self.teacher, decisions)
+        with eval_mode(new_model), eval_mode(self.teacher):
+            results = calibrate_sequential(new_model, self.teacher, layers, self.batches,
+                                           n_inputs=self.n_inputs, progress=self.progress)
+        by_name = {d.report.name: d.report for d in decisions}
+        methods: dict = {}
+        for name, res in results.items():
+            rep = by_name[name]
+            rep.calib_error_before, rep.calib_error_after = res.error_before, res.error_after
+            methods[res.method] = methods.get(res.method, 0) + 1
+        kept = (f"; {len(plain)} layer(s) with dynamic 'same' padding keep their plain SVD factors "
+                f"({', '.join(plain[:4])}{', ...' if len(plain) > 4 else ''})") if plain else ""
+        if not results:
+            return "calibration: no rewritten layer ran on the calibration data" + kept
+        before = sum(r.error_before for r in results.values()) / len(results)
+        after = sum(r.error_after for r in results.values()) / len(results)
+        how = ", ".join(f"{k} {v}" for k, v in sorted(methods.items()))
+        return (f"calibrated {len(results)} layer(s) on {len(self.batches)} batch(es): mean relative output "
+                f"error {before:.4f} (plain SVD) -> {after:.4f} ({how})" + kept)
+
+
+def calib_layers(teacher: nn.Module, decisions: List[Decision]) -> tuple:
+    """The separable modules the backends installed, each with its original conv (and the teacher's conv),
+    and the names of the layers the refit cannot take (dynamic padding)."""
+    from .calibrate import CalibLayer
+
+    layers, plain = [], []
+    for d in decisions:
+        if d.module is None:
+            continue
+        spec, h = d.site.spec, d.site.handle
+        if h.conv_args.get("dynamic_same"):  # the refit unfolds patches with static padding
+            plain.append(spec.name)
+            continue
+        if h.kind == "function" or spec.extra.get("folded"):  # a dense conv rebuilt from the effective weight
+            a = h.conv_args
+            cls = nn.Conv1d if spec.spatial_dims == 1 else nn.Conv2d
+            w = d.site.weight.detach()
+            conv = cls(spec.in_channels, spec.out_channels, spec.kernel, stride=a.get("stride", 1),
+                       padding=a.get("padding", 0), dilation=a.get("dilation", 1), bias=d.site.bias is not None,
+                       padding_mode=a.get("padding_mode", "zeros"), device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                conv.weight.copy_(w)
+                if d.site.bias is not None:
+                    conv.bias.copy_(d.site.bias.detach())
+            t = None
+        else:
+            conv = h.module
+            try:
+                t = teacher.get_submodule(spec.name)
+                if not isinstance(t, (nn.Conv1d, nn.Conv2d)) or t.weight.shape != conv.weight.shape:
+                    t = None
+            except AttributeError:
+                t = None
+        layers.append(CalibLayer(spec.name, d.module, conv, t, max(spec.calls, 1)))
+    return layers, plain
