@@ -5,7 +5,8 @@ Each eligible conv offers options: stay dense (cost ``dense``, error 0) or a ran
 calibration data, the whitened spectrum). Minimising ``sum e^2`` subject to ``sum cost <= budget`` is a
 multiple-choice knapsack; :func:`allocate` solves it greedily on the lower convex hull of each layer's
 (cost, error) points, always taking the step with the least error added per unit of cost saved, then gives
-back rank where the budget still holds. Cost is FLOPs, parameters or measured milliseconds alike.
+back rank where the budget still holds. Cost is FLOPs, parameters or measured milliseconds alike: any
+:class:`~dsrewrite.costs.CostProvider` prices the layers for :func:`allocate_budget`, the one allocator.
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from . import cost
+from .costs import CostProvider
 from .errors import DsrewriteError
+from .ir import ConvSpec
 
 __all__ = ["Option", "LayerOptions", "allocate", "smallest_cost", "energy_rank", "check_fraction",
-           "budget_ranks"]
-
-_WHAT = {"target_flops": "FLOPs", "target_params": "parameters", "target_latency": "measured time"}
+           "budget_ranks", "BudgetEntry", "Allocation", "allocate_budget", "energy_allocation"]
 
 
 @dataclass
@@ -155,12 +157,13 @@ class BudgetEntry:
     ranks: Sequence[int]
 
 
-def budget_ranks(entries: Sequence[BudgetEntry], *, kind: str, target: float, total: float
-                 ) -> Dict[int, Optional[int]]:
+def budget_ranks(entries: Sequence[BudgetEntry], *, kind: str, target: float, total: float,
+                 quantity: str = "cost") -> Dict[int, Optional[int]]:
     """Ranks (``None`` = leave dense) per entry index so the whole model costs ``<= target * total``.
 
-    ``total`` is the whole model's cost (convs that are not entries count as fixed). Returns the ranks;
-    raises :class:`DsrewriteError` stating the smallest achievable fraction.
+    ``total`` is the whole model's cost (convs that are not entries count as fixed); ``quantity`` names it in
+    messages ("FLOPs"). Returns the ranks; raises :class:`DsrewriteError` stating the smallest achievable
+    fraction.
     """
     layers = []
     for i, e in enumerate(entries):
@@ -174,7 +177,7 @@ def budget_ranks(entries: Sequence[BudgetEntry], *, kind: str, target: float, to
     fixed = max(float(total) - dense_sum, 0.0)
     total = fixed + dense_sum
     if total <= 0:
-        raise DsrewriteError(f"{kind}: the model's {_WHAT.get(kind, 'cost')} are unknown (0): no budget to meet")
+        raise DsrewriteError(f"{kind}: the model's {quantity} are unknown (0): no budget to meet")
     need = dense_sum + fixed - target * total
     try:
         choice = allocate(layers, need)
@@ -182,5 +185,74 @@ def budget_ranks(entries: Sequence[BudgetEntry], *, kind: str, target: float, to
         least = (fixed + smallest_cost(layers)) / total
         raise DsrewriteError(
             f"{kind}={target:g} is not achievable: the smallest reachable is {least:.4f} of the model's "
-            f"{_WHAT.get(kind, 'cost')} (every eligible conv at its cheapest rank)") from None
+            f"{quantity} (every eligible conv at its cheapest rank)") from None
     return {k: (None if o is None else o.rank) for k, o in choice.items()}
+
+
+@dataclass
+class Allocation:
+    """One layer's outcome under a budget: ``rank`` (``None``: left dense, ``reason`` says why).
+
+    ``dense`` / ``costs`` are what the provider priced (``dense`` ``None``: not costed); ``allocated`` marks
+    a layer the allocation itself left dense (the report then names the budget as its policy).
+    """
+
+    rank: Optional[int] = None
+    reason: Optional[str] = None
+    dense: Optional[float] = None
+    costs: Dict[int, Optional[float]] = field(default_factory=dict)
+    allocated: bool = False
+
+
+def allocate_budget(layers: Sequence[Tuple[ConvSpec, Sequence[float]]], provider: CostProvider, *, kind: str,
+                    target: float, specs: Sequence[ConvSpec], given_total: Optional[float] = None
+                    ) -> List[Allocation]:
+    """Ranks for ``layers`` (each a spec and its relative error per rank) under ``kind=target``.
+
+    ``provider`` prices every layer (those it cannot price, or where no rank is cheaper, are left dense with
+    its reason); the whole model's total is ``provider.total(specs, ..., given_total)``, ``specs`` being all
+    the model's convs. Raises :class:`DsrewriteError` when the budget is out of reach.
+    """
+    out: List[Allocation] = []
+    entries, idx, dense_costs = [], [], []
+    for spec, errors in layers:
+        dense = provider.dense(spec)
+        if dense is None:
+            out.append(Allocation(reason=provider.why_not(spec)))
+            continue
+        dense_costs.append(dense)
+        costs = {r: provider.separable(spec, r) for r in provider.candidates(spec)}
+        a = Allocation(dense=dense, costs=costs)
+        out.append(a)
+        cheaper = [r for r, c in costs.items() if c is not None and c < dense]
+        if not cheaper:
+            a.reason = provider.no_saving(spec, dense, costs)
+            continue
+        entries.append(BudgetEntry(dense, costs.__getitem__, errors, cheaper))
+        idx.append(len(out) - 1)
+    total = provider.total(specs, dense_costs, given_total)
+    chosen = budget_ranks(entries, kind=kind, target=target, total=total, quantity=provider.quantity)
+    for j, i in enumerate(idx):
+        if chosen[j] is None:
+            out[i].reason = f"left dense by the {kind} allocation (others lose less per {provider.name} saved)"
+            out[i].allocated = True
+        else:
+            out[i].rank = chosen[j]
+    return out
+
+
+def energy_allocation(spec: ConvSpec, errors: Sequence[float], energy: float) -> Allocation:
+    """The ``energy`` policy for one layer: the smallest rank keeping that spectral energy, if it saves.
+
+    Not a budget: each layer's rank follows from its own spectrum, so no provider or allocation is
+    involved; the cost only decides whether the rank saves anything (FLOPs, or parameters when the output
+    shape is unknown).
+    """
+    r = energy_rank(errors, energy)
+    dense, sep = cost.dense_flops(spec), cost.separable_flops(spec, r)
+    if not dense:  # output shape unknown: judge by parameters
+        dense, sep = cost.dense_params(spec), cost.separable_params(spec, r)
+    if sep >= dense:
+        return Allocation(reason=f"energy {energy:g} needs rank {r}, which saves nothing "
+                                 f"(break-even rank {cost.breakeven_rank(spec):.2f})")
+    return Allocation(rank=r)

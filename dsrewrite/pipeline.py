@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import cost
+from .budget import Allocation, allocate_budget, check_fraction, energy_allocation
+from .costs import budget_kind
 from .eligibility import why_not
 from .errors import DsrewriteError
 from .factorize import Factors, factorize
@@ -96,26 +98,32 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
                target_params: Optional[float] = None, target_latency: Optional[float] = None,
                energy: Optional[float] = None, total_flops: Optional[float] = None,
                total_params: Optional[float] = None, total_time_ms: Optional[float] = None,
-               timer=None, stats: Optional[dict] = None, ragged: bool = False) -> List[Decision]:
+               timer=None, stats: Optional[dict] = None, ragged: bool = False,
+               budget: Optional[Tuple[str, float]] = None) -> List[Decision]:
     """Decide and factorise every site. Skipped sites carry their reason; none is dropped silently.
 
     Budgets (allocated over all sites at once, see :mod:`dsrewrite.budget`; give at most one, instead of
     ``rank``): ``target_flops`` / ``target_params`` are fractions of ``total_flops`` / ``total_params`` (the
     whole model's; default: the sum over the sites); ``target_latency`` a fraction of ``total_time_ms``,
     with ``timer`` (a :class:`dsrewrite.latency.LayerTimer` or anything with ``dense_ms(spec)`` and
-    ``separable_ms(spec, rank)``) timing the layers. ``energy`` keeps that fraction of each layer's spectral
-    energy. ``stats`` maps a site name to its per-channel patch autocorrelation ``[Cin, K, K]``
-    (:func:`dsrewrite.calibrate.collect_patch_stats`): errors then come from the whitened spectrum.
-    ``ragged``: spread each layer's ``Cin*rank`` depthwise filters over its channels by their spectra (same
-    cost, lower error; see :mod:`dsrewrite.factorize`).
+    ``separable_ms(spec, rank)``) timing the layers. ``budget=(name, fraction)`` names any budget registered
+    in :data:`dsrewrite.costs.BUDGETS` (the keywords above are the built-in ones). ``energy`` keeps that
+    fraction of each layer's spectral energy. ``stats`` maps a site name to its per-channel patch
+    autocorrelation ``[Cin, K, K]`` (:func:`dsrewrite.calibrate.collect_patch_stats`): errors then come from
+    the whitened spectrum. ``ragged``: spread each layer's ``Cin*rank`` depthwise filters over its channels
+    by their spectra (same cost, lower error; see :mod:`dsrewrite.factorize`).
     """
     rank = check_rank(rank)
     sites = list(sites)
     _mark_tied_weights(sites)
-    budget = budget_args(rank, target_flops, target_params, target_latency, energy, timer)
+    given = _given_budgets(target_flops, target_params, target_latency, energy)
     if budget is not None:
-        return _plan_budget(sites, include, exclude, budget, total_flops=total_flops, total_params=total_params,
-                            total_time_ms=total_time_ms, timer=timer, stats=stats or {}, ragged=ragged)
+        given.append(tuple(budget))
+    chosen = _one_budget(rank, given, timer)
+    if chosen is not None:
+        totals = {"total_flops": total_flops, "total_params": total_params, "total_time_ms": total_time_ms}
+        return _plan_budget(sites, include, exclude, *chosen, totals=totals, timer=timer, stats=stats or {},
+                            ragged=ragged)
     decisions = []
     it = sites
     if progress and len(sites) > 1:
@@ -161,14 +169,21 @@ def _mark_tied_weights(sites: List[ConvSite]) -> None:
 
 # ---------------------------------------------------------------------------------------------- budgets
 BUDGET_ARGS = ("target_flops", "target_params", "target_latency", "energy")
+ENERGY = "energy"  # a per-layer policy, not a cost budget: it has no provider (see budget.energy_allocation)
 
 
 def budget_args(rank, target_flops, target_params, target_latency, energy, timer):
     """``(kind, value)`` of the one budget given, or ``None``; one-line errors for bad combinations."""
-    from .budget import check_fraction
+    return _one_budget(rank, _given_budgets(target_flops, target_params, target_latency, energy), timer)
 
-    given = [(k, v) for k, v in zip(BUDGET_ARGS, (target_flops, target_params, target_latency, energy))
-             if v is not None]
+
+def _given_budgets(target_flops, target_params, target_latency, energy) -> List[Tuple[str, float]]:
+    return [(k, v) for k, v in zip(BUDGET_ARGS, (target_flops, target_params, target_latency, energy))
+            if v is not None]
+
+
+def _one_budget(rank, given: List[Tuple[str, float]], timer) -> Optional[Tuple[str, float]]:
+    """The one budget among ``given`` (name, value) pairs, checked, or ``None`` when there is none."""
     if not given:
         return None
     if len(given) > 1:
@@ -177,8 +192,8 @@ def budget_args(rank, target_flops, target_params, target_latency, energy, timer
         raise DsrewriteError(f"give either rank or {given[0][0]}, not both (rank={rank!r})")
     kind, value = given[0]
     value = check_fraction(kind, value)
-    if kind == "target_latency" and timer is None:
-        raise DsrewriteError("target_latency needs a layer timer (rewrite(..., target_latency=..., device=...))")
+    if kind != ENERGY and budget_kind(kind).needs_timer and timer is None:
+        raise DsrewriteError(f"{kind} needs a layer timer (rewrite(..., {kind}=..., device=...))")
     return kind, value
 
 
@@ -197,104 +212,33 @@ def _site_errors(site: ConvSite, stats: dict, ragged: bool = False) -> List[floa
     return rank_errors(site.weight, ragged=ragged)
 
 
-def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, budget, *, total_flops,
-                 total_params, total_time_ms, timer, stats: dict, ragged: bool = False) -> List[Decision]:
-    from .budget import BudgetEntry, budget_ranks, energy_rank
-
-    kind, value = budget
-    reasons: dict = {}
-    for i, site in enumerate(sites):
-        reason = _skip_reason(site, include, exclude)
-        if reason is not None:
-            reasons[i] = reason
-    eligible = [i for i in range(len(sites)) if i not in reasons]
-    errors = {i: _site_errors(sites[i], stats, ragged) for i in eligible}
-    ranks: dict = {}
-    times: dict = {}
-    if kind == "energy":
-        for i in eligible:
-            spec = sites[i].spec
-            r = energy_rank(errors[i], value)
-            dense, sep = cost.dense_flops(spec), cost.separable_flops(spec, r)
-            if not dense:  # output shape unknown: judge by parameters
-                dense, sep = cost.dense_params(spec), cost.separable_params(spec, r)
-            if sep >= dense:
-                reasons[i] = (f"energy {value:g} needs rank {r}, which saves nothing "
-                              f"(break-even rank {cost.breakeven_rank(spec):.2f})")
-            else:
-                ranks[i] = r
+def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, kind: str, value: float, *,
+                 totals: dict, timer, stats: dict, ragged: bool = False) -> List[Decision]:
+    """Plan under one budget: ``energy`` per layer, any registered cost budget by the one allocator."""
+    skips = {i: r for i, r in ((i, _skip_reason(s, include, exclude)) for i, s in enumerate(sites))
+             if r is not None}
+    eligible = [i for i in range(len(sites)) if i not in skips]
+    errors = [_site_errors(sites[i], stats, ragged) for i in eligible]
+    provider = None
+    if kind == ENERGY:  # not a cost budget: see budget.energy_allocation
+        outcome = [energy_allocation(sites[i].spec, e, value) for i, e in zip(eligible, errors)]
     else:
-        entries, idx = [], []
-        for i in eligible:
-            spec = sites[i].spec
-            if kind == "target_flops":
-                dense = cost.dense_flops(spec)
-                fn = lambda r, spec=spec: cost.separable_flops(spec, r)  # noqa: E731
-                cand = list(range(1, spec.full_rank + 1))
-                if not dense:
-                    reasons[i] = "output shape unknown: no FLOPs to count"
-                    continue
-            elif kind == "target_params":
-                dense = cost.dense_params(spec)
-                fn = lambda r, spec=spec: cost.separable_params(spec, r)  # noqa: E731
-                cand = list(range(1, spec.full_rank + 1))
-            else:
-                from .latency import candidate_ranks
-
-                dense = timer.dense_ms(spec)
-                cand = candidate_ranks(spec)
-                if dense is None:
-                    reasons[i] = "output shape unknown: cannot time the layer"
-                    continue
-                measured = {r: timer.separable_ms(spec, r) for r in cand}
-                times[i] = (dense, measured)
-                fn = lambda r, m=measured: m[r]  # noqa: E731
-                faster = [r for r in cand if measured[r] is not None and measured[r] < dense]
-                if not cand:
-                    reasons[i] = (f"separable form saves nothing (break-even rank "
-                                  f"{cost.breakeven_rank(spec):.2f} <= 1)")
-                    continue
-                if not faster:
-                    best = min(cand, key=lambda r: measured[r])
-                    reasons[i] = (f"separable form measured slower than the original "
-                                  f"({measured[best]:.3f} ms at rank {best} vs {dense:.3f} ms)")
-                    continue
-                cand = faster
-            if not any(fn(r) < dense for r in cand):
-                reasons[i] = f"separable form saves nothing (break-even rank {cost.breakeven_rank(spec):.2f} <= 1)"
-                continue
-            entries.append(BudgetEntry(dense, fn, errors[i], cand))
-            idx.append(i)
-        if kind == "target_flops":
-            total = total_flops if total_flops else sum(cost.dense_flops(s.spec) for s in sites)
-        elif kind == "target_params":
-            total = total_params if total_params else sum(cost.dense_params(s.spec) for s in sites)
-        else:
-            measured_total = sum(times[i][0] for i in times)
-            total = max(total_time_ms or 0.0, measured_total)
-        # layers that could not take part still cost their dense amount: count them as fixed via total
-        chosen = budget_ranks(entries, kind=kind, target=value, total=total)
-        what = {"target_flops": "FLOP", "target_params": "parameter", "target_latency": "millisecond"}[kind]
-        for j, i in enumerate(idx):
-            if chosen[j] is None:
-                reasons[i] = f"left dense by the {kind} allocation (others lose less per {what} saved)"
-            else:
-                ranks[i] = chosen[j]
+        registered = budget_kind(kind)
+        provider = registered.factory(timer)
+        outcome = allocate_budget([(sites[i].spec, e) for i, e in zip(eligible, errors)], provider, kind=kind,
+                                  target=value, specs=[s.spec for s in sites],
+                                  given_total=totals.get(registered.total_arg))
+    plans = dict(zip(eligible, outcome))
     decisions = []
     for i, site in enumerate(sites):
         spec = site.spec
-        if i in ranks:
-            factors = factorize(site.weight, ranks[i], site.bias, ragged=ragged)
-            rep = layer_report(spec, rank=ranks[i], factors=factors, policy=kind)
-            d = Decision(site, rep, factors)
-            if i in times and hasattr(timer, "gathered"):  # the form the time was measured in
-                rep.gather_input = bool(timer.gathered(spec, ranks[i]))
+        a = plans.get(i) or Allocation(reason=skips[i])
+        if a.rank is not None:
+            factors = factorize(site.weight, a.rank, site.bias, ragged=ragged)
+            d = Decision(site, layer_report(spec, rank=a.rank, factors=factors, policy=kind), factors)
         else:
-            d = Decision(site, layer_report(spec, reason=reasons[i],
-                                            policy=kind if i in errors and "allocation" in reasons[i] else None))
-        if i in times:
-            dense, measured = times[i]
-            d.report.time_before_ms = dense
-            d.report.time_after_ms = measured[ranks[i]] if i in ranks else dense
+            d = Decision(site, layer_report(spec, reason=a.reason, policy=kind if a.allocated else None))
+        if provider is not None and a.dense is not None:
+            provider.annotate(spec, d.report, a.rank, a.dense, a.costs)
         decisions.append(d)
     return decisions
