@@ -15,6 +15,7 @@ import sys
 import warnings
 from typing import Iterator, Optional, Sequence, Tuple
 
+from .config import RewriteConfig
 from .errors import DsrewriteError, first_line
 
 __all__ = ["main", "load_model", "build_parser"]
@@ -127,7 +128,11 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
     if a.src.lower().endswith(".onnx"):
         from . import onnx as ds_onnx  # the ONNX frontend
 
-        return ds_onnx.cli_rewrite(a)
+        report = ds_onnx.cli_rewrite(a)
+        _emit_report(report, a)
+        if not a.quiet:
+            print(f"wrote {a.out}")
+        return 0
     if a.out and os.path.splitext(a.out)[1].lower() not in (".pt2", ".onnx", ".pt", ".pth"):
         raise DsrewriteError(f"output must end in .pt2 (torch.export), .onnx or .pt, got {a.out!r}")
     from .api import rewrite
@@ -135,11 +140,9 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
     model = load_model(a.src, a.weights)
     args = _example_inputs(model, a.input_shape)
     calibration = load_calibration(a.calibration, args) if getattr(a, "calibration", None) else None
-    result = rewrite(model, args, rank=a.rank, include=a.include or None, exclude=a.exclude or None,
-                     backend=a.backend, measure_time=not a.no_time, progress=not a.quiet, name=a.src,
-                     target_flops=a.target_flops, target_params=a.target_params,
-                     target_latency=a.target_latency, energy=a.energy, calibration=calibration,
-                     device=a.device, latency_cache=a.latency_cache, ragged=a.ragged)
+    cfg = RewriteConfig.from_cli(a)
+    cfg.check_route("torch", cli=True)
+    result = rewrite(model, args, cfg, name=a.src, calibration=calibration)
     if a.out:
         _save(result.model, args, a.out, quiet=a.quiet)
     _emit_report(result.report, a)

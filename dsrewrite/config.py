@@ -53,6 +53,7 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "overwrite": "the backend writes no file",
     },
 }
+_CLI_WORDS = {"torch": "PyTorch", "onnx": "ONNX", "torch.compile": "torch.compile"}
 _ROUTE_WORDS = {"torch": "the PyTorch route", "onnx": "the ONNX route", "torch.compile": "the torch.compile backend"}
 
 
@@ -146,11 +147,14 @@ class RewriteConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if getattr(self, f.name) is not None and getattr(self, f.name) != f.default}
 
-    def check_route(self, route: str) -> None:
-        """Refuse, by name and with the reason, an option that ``route`` cannot honour."""
+    def check_route(self, route: str, *, cli: bool = False) -> None:
+        """Refuse, by name and with the reason, an option that ``route`` cannot honour (``cli``: name the flag)."""
         unsupported = ROUTE_UNSUPPORTED[route]
         for key in self.given():
             if key in unsupported:
+                if cli:
+                    raise DsrewriteError(f"--{key.replace('_', '-')} is not supported for {_CLI_WORDS[route]} models: "
+                                         f"{unsupported[key]}")
                 raise DsrewriteError(f"option {key!r} is not supported by {_ROUTE_WORDS[route]}: {unsupported[key]}")
 
     @property

@@ -7,14 +7,14 @@ change, so a model with nothing to rewrite comes back as it was, and everything 
 from __future__ import annotations
 
 import os
-from typing import List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, List, NamedTuple, Optional, Union
 
 import onnx
 
+from ..config import RewriteConfig
 from ..errors import DsrewriteError, first_line
 from ..ir import ConvSite
-from ..pipeline import Selector, budget_args, plan_sites
-from ..policy import RankArg, check_rank
+from ..pipeline import plan_sites
 from ..report import Report
 from .backend import apply_decisions
 from .flops import Shapes, count_flops, count_params, infer_shapes, subgraph_note
@@ -33,12 +33,12 @@ class OnnxRewriteResult(NamedTuple):
 
 
 def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[None, str, "os.PathLike[str]"] = None,
-            *, rank: RankArg = "auto", include: Selector = None, exclude: Selector = None,
-            overwrite: bool = False, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-            measure_time: bool = False, progress: bool = False, name: Optional[str] = None,
-            target_flops: Optional[float] = None, target_params: Optional[float] = None,
-            energy: Optional[float] = None, ragged: bool = False) -> OnnxRewriteResult:
+            config: Optional[RewriteConfig] = None, **options: Any) -> OnnxRewriteResult:
     """Replace the eligible ``Conv`` nodes of an ONNX model by low-rank depthwise + pointwise ``Conv`` pairs.
+
+    The options are a :class:`~dsrewrite.config.RewriteConfig` (``config``) and/or its fields as keyword
+    arguments (applied on top); options the ONNX route cannot honour (calibration, target_latency, ...) are
+    refused by name.
 
     Args:
         src: path to an ``.onnx`` file (external data is read too) or an ``onnx.ModelProto`` (not changed).
@@ -60,8 +60,10 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     Returns:
         ``(model, report)`` (an :class:`OnnxRewriteResult`).
     """
-    rank = check_rank(rank)
-    budget = budget_args(rank, target_flops, target_params, None, energy, None)
+    cfg = RewriteConfig.build(config, options, route="onnx", words=" for dsrewrite.onnx.rewrite")
+    rank, include, exclude, progress, ragged = cfg.rank, cfg.include, cfg.exclude, cfg.progress, cfg.ragged
+    overwrite, input_shapes, name, budget = cfg.overwrite, cfg.input_shapes, cfg.name, cfg.budget
+    measure_time = bool(cfg.measure_time)  # off unless asked: it runs both models in onnxruntime
     src_path = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
     if dst is not None:
         dst = os.fspath(dst)

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import RewriteConfig
 from ..errors import DsrewriteError
+from ..report import Report
 
 __all__ = ["cli_rewrite"]
 
 
-def cli_rewrite(a: argparse.Namespace) -> int:
-    """Run :func:`dsrewrite.onnx.rewrite` for the parsed ``dsrewrite rewrite`` arguments; returns the exit code."""
-    from ..cli import _emit_report
+def cli_rewrite(a: argparse.Namespace) -> Report:
+    """Run :func:`dsrewrite.onnx.rewrite` for the parsed ``dsrewrite rewrite`` arguments; returns the report
+    (the command line prints and saves it, as for torch models)."""
     from .api import rewrite
 
     if not a.out:
@@ -19,10 +21,8 @@ def cli_rewrite(a: argparse.Namespace) -> int:
         raise DsrewriteError(f"the output of an ONNX model is an .onnx file, got {a.out!r}")
     if getattr(a, "weights", None):
         raise DsrewriteError("--weights applies to torch models only: the ONNX file holds its weights")
-    for flag in ("calibration", "target_latency"):
-        if getattr(a, flag, None) is not None:
-            raise DsrewriteError(f"--{flag.replace('_', '-')} is not supported for ONNX models (it runs the model "
-                                 "in PyTorch); use --rank, --target-flops, --target-params or --energy")
+    cfg = RewriteConfig.from_cli(a)
+    cfg.check_route("onnx", cli=True)
     input_shapes = None
     if getattr(a, "input_shape", None):
         import onnx
@@ -37,12 +37,5 @@ def cli_rewrite(a: argparse.Namespace) -> int:
             if len(real) != 1:
                 raise DsrewriteError(f"--input-shape needs a model with one input, this one has {len(real)}")
             input_shapes = {real[0]: a.input_shape}
-    _, report = rewrite(a.src, a.out, rank=a.rank, include=a.include or None, exclude=a.exclude or None,
-                        overwrite=bool(getattr(a, "overwrite", False)), input_shapes=input_shapes,
-                        measure_time=not getattr(a, "no_time", False), progress=not a.quiet,
-                        target_flops=getattr(a, "target_flops", None), target_params=getattr(a, "target_params", None),
-                        energy=getattr(a, "energy", None), ragged=bool(getattr(a, "ragged", False)))
-    _emit_report(report, a)
-    if not a.quiet:
-        print(f"wrote {a.out}")
-    return 0
+    _, report = rewrite(a.src, a.out, cfg, input_shapes=input_shapes)
+    return report
