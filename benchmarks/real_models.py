@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Optional
 
 import torch
 
@@ -98,19 +99,28 @@ def run_one(name: str, force_swap: bool) -> dict:
 
 
 def markdown(rows: list) -> str:
-    """The RESULTS.md table: one line per model and route."""
-    out = ["| model | route | input | convs rewritten / found | run-time weights folded | self-check failures | "
-           "skipped (reasons) | full-rank rel. error |", "|---|---|---|---|---|---|---|---|"]
+    """The RESULTS.md table: one line per model, the route it takes and the forced module-swap route side by side."""
+    def err(r: Optional[dict]) -> str:
+        if r is None:
+            return "-"
+        if "error" in r:
+            return "error: " + r["error"]
+        return f"{r['rel_error']:.1e}" + (f" ({r['self_check_failed']} self-check skips)" if r["self_check_failed"] else "")
+
+    out = ["| model | route taken | convs rewritten / found | run-time weights folded | skipped (reasons) | "
+           "full-rank rel. error | forced module-swap: rewritten, error |", "|---|---|---|---|---|---|---|"]
+    by_model: dict = {}
     for r in rows:
-        route = r.get("route", "-") + (" (forced)" if r.get("forced") else "")
-        if "convs" not in r:
-            out.append(f"| {r['model']} | {route} | - | - | - | - | - | error: {r.get('error', '')} |")
+        by_model.setdefault(r["model"], {})["swap" if r.get("forced") else "own"] = r
+    for name, pair in by_model.items():
+        r, f = pair.get("own"), pair.get("swap")
+        if r is None or "convs" not in r:
+            out.append(f"| {name} | - | - | - | - | {err(r)} | - |")
             continue
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["skip_reasons"].items(), key=lambda kv: -kv[1]))
-        err = r.get("rel_error")
-        out.append(f"| {r['model']} | {route} | {'x'.join(map(str, r['input'][1:]))} | {r['rewritten']} / {r['convs']} "
-                   f"| {r['folded']} | {r['self_check_failed']} | {reasons} | "
-                   f"{'error: ' + r['error'] if 'error' in r else f'{err:.1e}'} |")
+        forced = "-" if f is None else (f"{f.get('rewritten', '-')}, {err(f)}")
+        out.append(f"| {name} | {r['route']} | {r['rewritten']} / {r['convs']} | {r['folded']} | {reasons} | "
+                   f"{err(r)} | {forced} |")
     return "\n".join(out)
 
 
@@ -139,8 +149,15 @@ def main() -> None:
                   f"{row.get('rewritten', '-')!s:>3}/{row.get('convs', '-')!s:<4} folded {row.get('folded', '-')!s:>2} "
                   f"selfcheck-fail {row.get('self_check_failed', '-')!s:>2} "
                   f"err {'-' if err is None else f'{err:.1e}'} {row.get('error', '')}", flush=True)
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        commit = None
     meta = {"torch": torch.__version__, "timm": timm.__version__, "python": sys.version.split()[0],
-            "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/real_models.py"}
+            "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/real_models.py", "commit": commit}
     with open(a.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     exact = [r for r in rows if r.get("rel_error") is not None and r["rel_error"] <= 1e-4]
