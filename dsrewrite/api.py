@@ -16,7 +16,7 @@ from .fx_pass import SeparableRewritePass
 from .measure import count_params, eval_mode, time_models
 from .pipeline import Decision
 from .planning import Planning
-from .report import Report
+from .report import Report, build_report
 from .selfcheck import check_runs
 
 __all__ = ["rewrite", "RewriteResult", "as_args"]
@@ -136,14 +136,11 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
             raise DsrewriteError(f"calibration batches do not run through the model: {first_line(e, typed=True)}") from None
 
     layers = [d.report for d in decisions]
-    saved = sum(L.flops_before - L.flops_after for L in layers if L.rewritten)
-    report = Report(
-        layers=layers, model=cfg.name or type(model).__name__, route=route,
+    report = build_report(
+        layers, model=cfg.name or type(model).__name__, route=route,
         input_shapes=[list(a.shape) if isinstance(a, torch.Tensor) else [type(a).__name__] for a in args],
-        params_before=count_params(model), params_after=count_params(new_model),
-        flops_before=flops_before, flops_after=flops_before - saved, notes=notes,
-    )
-    report.add_outcome_notes()
+        params_before=count_params(model), params_after=count_params(new_model), flops_before=flops_before,
+        notes=notes)
     timed = [L for L in layers if L.time_before_ms is not None]
     planned = None
     if timed:

@@ -63,7 +63,8 @@ class RewriteConfig:
 
     Selection: ``rank`` (int, ``"auto"``, ``"full"``), ``include`` / ``exclude`` (globs or a callable).
     Budgets (at most one, instead of ``rank``): ``target_flops``, ``target_params``, ``target_latency`` (fractions
-    of the whole model), ``energy`` (per layer). ``ragged``: per-channel ranks. ``calibration``: data for
+    of the whole model), ``energy`` (per layer), or ``budget=(name, fraction)`` for any kind registered with
+    :func:`dsrewrite.costs.register_budget`. ``ragged``: per-channel ranks. ``calibration``: data for
     data-aware initialisation (torch routes). Latency planning: ``device``, ``memory_format``, ``latency_cache``.
     Output: ``backend`` (how pairs run), ``inplace``, ``measure_time`` (``None``: the route's default),
     ``progress``, ``name``. ONNX: ``input_shapes``, ``overwrite``. torch.compile: ``compiler``, ``mode``.
@@ -76,6 +77,7 @@ class RewriteConfig:
     target_params: Optional[float] = None
     target_latency: Optional[float] = None
     energy: Optional[float] = None
+    budget: Optional[Tuple[str, float]] = None
     ragged: bool = False
     calibration: Any = field(default=None, compare=False)
     device: Any = None
@@ -92,7 +94,7 @@ class RewriteConfig:
     mode: Optional[str] = None
 
     def __post_init__(self) -> None:
-        from .pipeline import budget_args, matcher
+        from .pipeline import BUDGET_ARGS, matcher, one_budget
 
         object.__setattr__(self, "rank", check_rank(self.rank))
         if self.backend not in BACKENDS:
@@ -101,10 +103,15 @@ class RewriteConfig:
             raise DsrewriteError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {self.memory_format!r}")
         if self.compiler not in COMPILERS:
             raise DsrewriteError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
-        budget = budget_args(self.rank, self.target_flops, self.target_params, self.target_latency, self.energy,
-                             timer=True)
-        if budget is not None:  # fractions normalised to float
-            object.__setattr__(self, budget[0], budget[1])
+        given = [(k, getattr(self, k)) for k in BUDGET_ARGS if getattr(self, k) is not None]
+        if self.budget is not None:
+            if not (isinstance(self.budget, (tuple, list)) and len(self.budget) == 2 and isinstance(self.budget[0], str)):
+                raise DsrewriteError(f"budget must be a (name, fraction) pair, got {self.budget!r}")
+            given.append(tuple(self.budget))
+        chosen = one_budget(self.rank, given, timer=True)
+        if chosen is not None:  # fractions normalised to float
+            object.__setattr__(self, "budget" if self.budget is not None else chosen[0],
+                               chosen if self.budget is not None else chosen[1])
         matcher(self.include, "include")
         matcher(self.exclude, "exclude")
 
@@ -157,9 +164,10 @@ class RewriteConfig:
                                          f"{unsupported[key]}")
                 raise DsrewriteError(f"option {key!r} is not supported by {_ROUTE_WORDS[route]}: {unsupported[key]}")
 
-    @property
-    def budget(self) -> Optional[Tuple[str, float]]:
-        """``(name, fraction)`` of the one budget given, or ``None``."""
+    def chosen_budget(self) -> Optional[Tuple[str, float]]:
+        """``(name, fraction)`` of the one budget given (a keyword or ``budget``), or ``None``."""
+        if self.budget is not None:
+            return tuple(self.budget)
         for key in ("target_flops", "target_params", "target_latency", "energy"):
             if getattr(self, key) is not None:
                 return key, getattr(self, key)
@@ -178,6 +186,6 @@ class RewriteConfig:
             keep.append(v)
             return ("id", id(v))
 
-        names = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "calibration",
-                 "ragged")
+        names = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "budget",
+                 "calibration", "ragged")
         return tuple((k, freeze(getattr(self, k))) for k in names), keep

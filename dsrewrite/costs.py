@@ -62,6 +62,11 @@ class CostProvider(ABC):
                  costs: Mapping[int, Optional[float]]) -> None:
         """Per-layer extras for the report of a layer this provider costed (``rank`` ``None``: kept dense)."""
 
+    def gathers(self, spec: ConvSpec, rank: int) -> bool:
+        """The depthwise form the layer was costed in: ``True`` for a gathered input (see
+        :class:`~dsrewrite.modules.SeparableConv2d`); the plan builds the layer in that form."""
+        return False
+
 
 def _all_ranks(spec: ConvSpec) -> List[int]:
     return list(range(1, spec.full_rank + 1))
@@ -146,8 +151,9 @@ class LatencyCost(CostProvider):
                  costs: Mapping[int, Optional[float]]) -> None:
         report.time_before_ms = dense
         report.time_after_ms = dense if rank is None else costs[rank]
-        if rank is not None and self._gathered is not None:
-            report.gather_input = self.gathered(spec, rank)
+
+    def gathers(self, spec: ConvSpec, rank: int) -> bool:
+        return self.gathered(spec, rank)
 
 
 # ---------------------------------------------------------------------------------------------- registry

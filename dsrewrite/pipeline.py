@@ -22,19 +22,21 @@ from .ir import ConvSite, ConvSpec
 from .policy import RankArg, check_rank, choose_rank
 from .report import LayerReport
 
-__all__ = ["Decision", "Selector", "plan_sites", "selected", "matcher", "layer_report", "budget_args", "BUDGET_ARGS"]
+__all__ = ["Decision", "Selector", "plan_sites", "selected", "matcher", "layer_report", "budget_args", "BUDGET_ARGS", "one_budget"]
 
 Selector = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 
 @dataclass
 class Decision:
-    """What the pass does with one conv: ``factors`` set when rewritten, ``reason`` when skipped."""
+    """The plan for one conv: ``factors`` (rank, channel ranks) and the depthwise form when rewritten, the
+    reason in ``report`` when skipped. Backends build from the decision, never from its report."""
 
     site: ConvSite
     report: LayerReport
     factors: Optional[Factors] = None
     module: Optional[torch.nn.Module] = None  # the separable module a torch backend installed for it
+    gather_input: bool = False  # depthwise form: run it on a gathered copy of the input (chosen by measurement)
 
     @property
     def rewritten(self) -> bool:
@@ -119,7 +121,7 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
     given = _given_budgets(target_flops, target_params, target_latency, energy)
     if budget is not None:
         given.append(tuple(budget))
-    chosen = _one_budget(rank, given, timer)
+    chosen = one_budget(rank, given, timer)
     if chosen is not None:
         totals = {"total_flops": total_flops, "total_params": total_params, "total_time_ms": total_time_ms}
         return _plan_budget(sites, include, exclude, *chosen, totals=totals, timer=timer, stats=stats or {},
@@ -174,7 +176,7 @@ ENERGY = "energy"  # a per-layer policy, not a cost budget: it has no provider (
 
 def budget_args(rank, target_flops, target_params, target_latency, energy, timer):
     """``(kind, value)`` of the one budget given, or ``None``; one-line errors for bad combinations."""
-    return _one_budget(rank, _given_budgets(target_flops, target_params, target_latency, energy), timer)
+    return one_budget(rank, _given_budgets(target_flops, target_params, target_latency, energy), timer)
 
 
 def _given_budgets(target_flops, target_params, target_latency, energy) -> List[Tuple[str, float]]:
@@ -182,8 +184,9 @@ def _given_budgets(target_flops, target_params, target_latency, energy) -> List[
             if v is not None]
 
 
-def _one_budget(rank, given: List[Tuple[str, float]], timer) -> Optional[Tuple[str, float]]:
-    """The one budget among ``given`` (name, value) pairs, checked, or ``None`` when there is none."""
+def one_budget(rank, given: List[Tuple[str, float]], timer) -> Optional[Tuple[str, float]]:
+    """The one budget among ``given`` (name, value) pairs, checked, or ``None`` when there is none (any kind
+    registered in :mod:`dsrewrite.costs`, or ``energy``); ``timer`` truthy when a layer timer will exist."""
     if not given:
         return None
     if len(given) > 1:
@@ -240,5 +243,7 @@ def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, ki
             d = Decision(site, layer_report(spec, reason=a.reason, policy=kind if a.allocated else None))
         if provider is not None and a.dense is not None:
             provider.annotate(spec, d.report, a.rank, a.dense, a.costs)
+            if a.rank is not None:  # the form the layer was costed in is the form it is built in
+                d.gather_input = d.report.gather_input = provider.gathers(spec, a.rank)
         decisions.append(d)
     return decisions

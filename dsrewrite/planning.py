@@ -27,7 +27,7 @@ class Planning:
         self.batches = None
         self.progress = cfg.progress
         self.n_inputs = len(args)
-        budget = cfg.budget
+        budget = cfg.chosen_budget()
         inplace, ragged, device = cfg.inplace, cfg.ragged, cfg.device
         self.teacher: Optional[nn.Module] = None
         if cfg.calibration is not None:
@@ -38,7 +38,7 @@ class Planning:
             self.teacher = deepcopy_module(model) if inplace else model
         kw: dict = {"ragged": True} if ragged else {}
         if budget is not None:
-            kw[budget[0]] = budget[1]
+            kw["budget"] = budget
         if budget is not None and budget[0] == "target_latency":
             from .latency import LayerTimer, best_memory_format
 

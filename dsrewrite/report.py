@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-__all__ = ["LayerReport", "Report", "flops_known"]
+__all__ = ["LayerReport", "Report", "flops_known", "build_report"]
 
 SCHEMA_VERSION = 1
 
@@ -295,3 +295,26 @@ def _num(n: Optional[float]) -> str:
 
 def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def build_report(layers: List[LayerReport], *, model: str, route: str, input_shapes: List[List[Any]],
+                 params_before: int, flops_before: int, params_after: Optional[int] = None,
+                 flops_after: Optional[int] = None, flops_per_sample: bool = False,
+                 notes: Optional[List[str]] = None) -> Report:
+    """The one way every route makes its report from the plan's layer entries.
+
+    Whole-model totals after the rewrite are those counted on the rewritten model where the route counts them
+    (``params_after`` / ``flops_after``), otherwise the original's minus the rewritten layers' savings (the
+    per-layer numbers come from the one cost model). The outcome notes are added last.
+    """
+    done = [L for L in layers if L.rewritten]
+    if params_after is None:
+        params_after = params_before - sum(L.params_before - L.params_after for L in done)
+    if flops_after is None:
+        flops_after = flops_before - sum(L.flops_before - L.flops_after for L in done)
+    report = Report(layers=list(layers), model=model, route=route, input_shapes=input_shapes,
+                    params_before=params_before, params_after=params_after, flops_before=flops_before,
+                    flops_after=flops_after, flops_per_sample=flops_per_sample, notes=list(notes or []))
+    report.add_outcome_notes()
+    return report
+

@@ -29,7 +29,7 @@ def separable_for(decision: Decision, *, backend: str = "auto", factors: Optiona
     mod = cls.from_factors(factors if factors is not None else decision.factors, stride=a.get("stride", 1),
                            padding=a.get("padding", 0), dilation=a.get("dilation", 1),
                            padding_mode=a.get("padding_mode", "zeros"), dynamic_same=bool(a.get("dynamic_same")),
-                           backend=backend, gather_input=decision.report.gather_input and factors is None)
+                           backend=backend, gather_input=decision.gather_input and factors is None)
     frozen = isinstance(decision.site.weight, torch.Tensor) and not decision.site.weight.requires_grad
     return mod.requires_grad_(False) if frozen else mod  # a frozen conv stays frozen
 

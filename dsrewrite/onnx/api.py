@@ -15,7 +15,7 @@ from ..config import RewriteConfig
 from ..errors import DsrewriteError, first_line
 from ..ir import ConvSite
 from ..pipeline import plan_sites
-from ..report import Report
+from ..report import Report, build_report
 from .backend import apply_decisions
 from .flops import Shapes, count_flops, count_params, infer_shapes, subgraph_note
 from .frontend import CONV_OPS, collect_sites
@@ -60,9 +60,11 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     Returns:
         ``(model, report)`` (an :class:`OnnxRewriteResult`).
     """
+    if isinstance(dst, RewriteConfig) and config is None:  # rewrite(src, config): no output file
+        dst, config = None, dst
     cfg = RewriteConfig.build(config, options, route="onnx", words=" for dsrewrite.onnx.rewrite")
     rank, include, exclude, progress, ragged = cfg.rank, cfg.include, cfg.exclude, cfg.progress, cfg.ragged
-    overwrite, input_shapes, name, budget = cfg.overwrite, cfg.input_shapes, cfg.name, cfg.budget
+    overwrite, input_shapes, name, budget = cfg.overwrite, cfg.input_shapes, cfg.name, cfg.chosen_budget()
     measure_time = bool(cfg.measure_time)  # off unless asked: it runs both models in onnxruntime
     src_path = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
     if dst is not None:
@@ -81,7 +83,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     notes: List[str] = []
     budget_kw = {}
     if budget is not None:
-        budget_kw = {budget[0]: budget[1], "total_params": params_before}
+        budget_kw = {"budget": budget, "total_params": params_before}
         if budget[0] == "target_flops":
             budget_kw["total_flops"] = _flops_total(sites, flops_before, unknown, shapes, notes)
     decisions = plan_sites(sites, rank, include, exclude, progress=progress, ragged=ragged, **budget_kw)
@@ -96,12 +98,6 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         _check_rewritten(new)
     shapes_after = infer_shapes(new, input_shapes) if done else shapes  # the same user shapes
     flops_after, _ = count_flops(new, shapes_after)
-    report = Report(
-        layers=[d.report for d in decisions], model=name or info.name or model.graph.name, route="onnx",
-        input_shapes=[list(s) for s in shapes.inputs.values()],
-        params_before=params_before, params_after=count_params(new) if done else params_before,
-        flops_before=flops_before, flops_after=flops_after, flops_per_sample=shapes.per_sample, notes=notes,
-    )
     if shapes.per_sample:
         notes.append("the model has a symbolic batch size: FLOPs are per sample (batch 1)")
     notes.extend(shapes.notes)
@@ -117,7 +113,11 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     if in_functions:
         notes.append(f"{len(in_functions)} convolutions inside model-local functions are not rewritten "
                      f"(first: {in_functions[0]})")
-    report.add_outcome_notes()
+    report = build_report(
+        [d.report for d in decisions], model=name or info.name or model.graph.name, route="onnx",
+        input_shapes=[list(s) for s in shapes.inputs.values()], params_before=params_before,
+        params_after=count_params(new) if done else params_before, flops_before=flops_before,
+        flops_after=flops_after, flops_per_sample=shapes.per_sample, notes=notes)
 
     if dst is not None:
         save_model(new, dst, external_data=info.external_data, threshold=info.threshold)

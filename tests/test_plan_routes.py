@@ -1,0 +1,135 @@
+"""One planner for every route: the fx route, the module-swap fallback, the torch.compile backend and the ONNX
+route give the same plan (rank per layer, skip or not, factors) for the same model and options (issue 12)."""
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dsrewrite
+import dsrewrite.api as api
+
+onnx = pytest.importorskip("onnx")
+from dsrewrite.onnx import rewrite as onnx_rewrite  # noqa: E402
+from dsrewrite.dynamo_backend import last_report  # noqa: E402
+
+
+class Net(nn.Module):
+    """Five convs the planner treats differently: rewritten at various ranks, 1x1, depthwise, 1-D-free."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=False)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.c3 = nn.Conv2d(24, 32, 5, padding=2)
+        self.pw = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        x = F.relu(self.dw(x))
+        return self.pw(F.relu(self.c3(x)))
+
+
+SHAPE = (2, 3, 16, 16)
+OPTIONS = [dict(rank=2), dict(rank="auto"), dict(energy=0.8), dict(target_params=0.6), dict(rank=3, ragged=True)]
+
+
+def plan_of(report):
+    """(rewritten?, rank, channel ranks) per conv in execution order."""
+    return [(L.rewritten, L.rank, tuple(L.channel_ranks or ())) for L in report.layers]
+
+
+@pytest.fixture(scope="module")
+def model_and_onnx(tmp_path_factory):
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {seed}")
+    torch.manual_seed(seed)
+    model = Net().eval()
+    path = str(tmp_path_factory.mktemp("routes") / "net.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(*SHAPE),), path, dynamo=False, opset_version=17)
+    return model, path
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_same_plan_on_every_route(model_and_onnx, opts, monkeypatch):
+    model, path = model_and_onnx
+    x = torch.randn(*SHAPE)
+    fx = dsrewrite.rewrite(model, x, measure_time=False, **opts)
+    assert fx.report.route == "fx"
+    plan = plan_of(fx.report)
+    assert any(r for r, _, _ in plan) and not all(r for r, _, _ in plan)  # the options are not trivial here
+
+    onnx_res = onnx_rewrite(path, **opts)
+    assert plan_of(onnx_res.report) == plan
+    # same factors: the ONNX pair's weights are the fx pair's (one factorisation)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx_res.model.graph.initializer}
+    for L, node in zip([L for L in fx.report.layers if L.rewritten],
+                       [n for n in onnx_res.model.graph.node if n.op_type == "Conv" and "depthwise" in n.name]):
+        dw = fx.model.get_submodule(L.name).depthwise.weight.detach().numpy()
+        np.testing.assert_allclose(inits[node.input[1]], dw, rtol=1e-5, atol=1e-6)
+
+    with torch.no_grad():
+        torch.compile(model, backend="dsrewrite", options=dict(opts, compiler="eager"))(x)
+    assert plan_of(last_report()) == plan
+
+    def untraceable(*a, **k):
+        raise RuntimeError("tracing disabled by the test")
+    monkeypatch.setattr(api, "trace", untraceable)
+    swap = dsrewrite.rewrite(model, x, measure_time=False, **opts)
+    assert swap.report.route == "fx-submodules+module-swap"
+    assert plan_of(swap.report) == plan
+
+
+def test_config_object_and_keywords_give_the_same_plan(model_and_onnx):
+    model, path = model_and_onnx
+    x = torch.randn(*SHAPE)
+    cfg = dsrewrite.RewriteConfig(energy=0.8, measure_time=False)
+    a = dsrewrite.rewrite(model, x, cfg)
+    b = dsrewrite.rewrite(model, x, energy=0.8, measure_time=False)
+    c = dsrewrite.rewrite(model, x, dsrewrite.RewriteConfig(rank=2), rank="auto", energy=0.8, measure_time=False)
+    assert plan_of(a.report) == plan_of(b.report) == plan_of(c.report)
+    assert plan_of(onnx_rewrite(path, cfg).report) == plan_of(a.report)
+    with pytest.raises(dsrewrite.DsrewriteError, match="option 'calibration' is not supported by the ONNX route"):
+        onnx_rewrite(path, cfg, calibration=torch.randn(4, *SHAPE[1:]))
+    with pytest.raises(dsrewrite.DsrewriteError, match=r"unknown option 'ranks' for dsrewrite.rewrite \(options: "):
+        dsrewrite.rewrite(model, x, ranks=2)
+
+
+def test_a_registered_budget_kind_reaches_every_route(model_and_onnx):
+    """A budget kind is one provider + one register_budget call; rewrite() and the ONNX route take it by name."""
+    from dsrewrite.costs import BUDGETS, CostProvider, register_budget
+
+    class Filters(CostProvider):
+        name, quantity = "filter", "depthwise filters"
+
+        def dense(self, spec):
+            return spec.in_channels * spec.out_channels
+
+        def candidates(self, spec):
+            return list(range(1, spec.full_rank + 1))
+
+        def separable(self, spec, rank):
+            return spec.in_channels * rank
+
+    register_budget("target_filters", lambda timer: Filters())
+    try:
+        model, path = model_and_onnx
+        x = torch.randn(*SHAPE)
+        res = dsrewrite.rewrite(model, x, budget=("target_filters", 0.6), measure_time=False)
+        plan = plan_of(res.report)
+        layers = res.report.layers  # the budget is a fraction of every conv's cost, as the provider counts it
+        after = sum(L.in_channels * (L.rank if L.rewritten else L.out_channels) for L in layers)
+        assert after <= 0.6 * sum(L.in_channels * L.out_channels for L in layers)
+        assert all(L.policy == "target_filters" for L in res.report.rewritten) and res.report.rewritten
+        assert plan_of(onnx_rewrite(path, budget=("target_filters", 0.6)).report) == plan
+        with pytest.raises(dsrewrite.DsrewriteError, match="unknown budget 'target_nothing'"):
+            dsrewrite.rewrite(model, x, budget=("target_nothing", 0.3))
+    finally:
+        del BUDGETS["target_filters"]
