@@ -7,6 +7,8 @@ place. Ranks are planned over all sites at once, the same as on the fx route.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -102,7 +104,9 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
                 try:
                     gm = trace(child)
                     prop = ProbeProp(gm)
-                    with eval_mode(gm), torch.no_grad():
+                    # ShapeProp prints a traceback before re-raising: a sub-module that does not run traced is
+                    # visited further down instead, which is no error
+                    with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                         prop.propagate(*rec.args)
                 except Exception:
                     gm = None
