@@ -14,14 +14,38 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..ir import ConvSite, ConvSpec
 from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, is_known_conv_class
 
-__all__ = ["collect_sites", "trace", "FxHandle", "CONV_FUNCTIONS", "module_site", "ProbeProp", "first_item"]
+__all__ = ["collect_sites", "trace", "FxHandle", "CONV_FUNCTIONS", "CONV_ARGS", "bind_conv_args", "conv_settings",
+           "computed_at_run_time", "owner_name", "module_site", "ProbeProp", "first_item"]
 
 # functional convs and their spatial dims
 CONV_FUNCTIONS = {
     F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
     torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
 }
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")  # their positional order
+_SETTING_DEFAULTS = (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))
+
+
+def bind_conv_args(node: fx.Node) -> Dict[str, Any]:
+    """The arguments of a functional conv call by name (positional ones named after ``CONV_ARGS``)."""
+    bound = dict(zip(CONV_ARGS, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def conv_settings(bound: Dict[str, Any]) -> Dict[str, Any]:
+    """Stride, padding, dilation and groups of a bound functional conv call, ``F.conv*d``'s defaults filled in."""
+    return {k: bound.get(k, d) for k, d in _SETTING_DEFAULTS}
+
+
+def computed_at_run_time(v: Any) -> bool:
+    """Whether a conv argument is a graph value (an fx Node, or a list or tuple holding one), not a constant."""
+    return isinstance(v, fx.Node) or (isinstance(v, (list, tuple)) and any(isinstance(x, fx.Node) for x in v))
+
+
+def owner_name(path: str) -> str:
+    """The module that owns a parameter path (``layer1.conv.weight`` -> ``layer1.conv``): the conv's report name."""
+    return path.rsplit(".", 1)[0] if "." in path else path
 
 
 class _Tracer(fx.Tracer):
@@ -146,8 +170,7 @@ def _function_sites(gm: fx.GraphModule) -> List[ConvSite]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in CONV_FUNCTIONS:
             continue
-        bound = dict(zip(_CONV_ARGS, node.args))
-        bound.update(node.kwargs)
+        bound = bind_conv_args(node)
         key = bound["weight"].target if isinstance(bound.get("weight"), fx.Node) and bound["weight"].op == "get_attr" else node
         groups.setdefault(key, []).append((node, bound))
 
@@ -164,14 +187,13 @@ def _function_sites(gm: fx.GraphModule) -> List[ConvSite]:
             unsupported = "weight is computed at run time (not a parameter)"
         elif b_node is not None and bias is None:
             unsupported = "bias is computed at run time (not a parameter)"
-        hyper = {k: bound.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))}
-        if any(isinstance(v, fx.Node) or (isinstance(v, (list, tuple)) and any(isinstance(x, fx.Node) for x in v))
-               for v in hyper.values()):
+        hyper = conv_settings(bound)
+        if any(computed_at_run_time(v) for v in hyper.values()):
             unsupported = unsupported or "stride/padding/dilation/groups computed at run time"
         if any({k: b.get(k, hyper[k]) for k in hyper} != hyper for _, b in calls[1:]):
             unsupported = unsupported or "the same weight is used with different conv settings"
         out_spatial, batch, total = _pixels(nodes, dims)
-        name = w_target.rsplit(".", 1)[0] if w_target and "." in w_target else (w_target or node.name)
+        name = owner_name(w_target) if w_target else node.name
         if weight is not None:
             cout, cin_g = weight.shape[:2]
             kernel = tuple(weight.shape[2:])

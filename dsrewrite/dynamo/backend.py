@@ -1,0 +1,305 @@
+"""The dsrewrite Dynamo backend: lift, plan (or replay a cached plan), rewrite, restore the dense convs, report,
+compile with Inductor, guard the weights.
+
+Planning is the shared middle (:func:`~dsrewrite.frontends.fx.collect_sites`,
+:func:`~dsrewrite.pipeline.plan_sites`, :func:`~dsrewrite.backends.fx.apply_decisions`), so ranks and factors
+equal ``rewrite()``'s. Each :class:`DsrewriteBackend` owns its plan cache; the registered entry point
+:func:`dsrewrite_backend`, built afresh by every ``torch.compile(backend="dsrewrite")`` graph, shares one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..backends.fx import apply_decisions, set_submodule
+from ..config import COMPILERS, ROUTE_UNSUPPORTED, RewriteConfig
+from ..eligibility import why_not
+from ..errors import DsrewriteError, first_line
+from ..frontends.fx import collect_sites
+from ..ir import ConvSite
+from ..pipeline import Decision, plan_sites, selected
+from ..planning import Planning
+from ..report import Report
+from .guards import Guarded, Watch, weight_getter
+from .inputs import NAMESPACE, GraphInputs, declare_params, lift_convs, source_text, source_text_of, unlift
+from .plans import Plan, PlanCache, clear_all, replay
+
+__all__ = ["DsrewriteBackend", "dsrewrite_backend", "compile", "last_report", "clear_cache", "OPTIONS", "COMPILERS"]
+
+OPTIONS = tuple(f.name for f in dataclasses.fields(RewriteConfig) if f.name not in ROUTE_UNSUPPORTED["torch.compile"])
+_ENTRY_PLANS = PlanCache()  # the registered entry point's plans: torch.compile builds no backend object to own them
+_LAST: List[Report] = []
+
+
+# ---------------------------------------------------------------------------------------------- options
+def _check_options(options: Dict[str, Any], base: Optional[RewriteConfig] = None) -> RewriteConfig:
+    """The backend's :class:`~dsrewrite.config.RewriteConfig` (``options`` over ``base``), checked for this
+    route; calibration data turned into batches. One-line :class:`DsrewriteError` otherwise."""
+    cfg = RewriteConfig.build(base, options, route="torch.compile", words=" for the dsrewrite backend")
+    _check_mode(cfg.mode)
+    if cfg.calibration is not None and "calibration" in options:
+        from ..calibrate import as_batches
+
+        cfg = dataclasses.replace(cfg, calibration=as_batches(cfg.calibration))
+    return cfg
+
+
+def _check_mode(mode: Optional[str]) -> None:
+    """Inductor's compile modes (``torch.compile`` refuses ``mode=`` next to ``options=``: give it as an option)."""
+    if mode is None:
+        return
+    from torch._inductor import list_mode_options
+
+    try:
+        list_mode_options(mode)
+    except (RuntimeError, KeyError):
+        raise DsrewriteError(f"mode must be one of Inductor's modes (default, reduce-overhead, max-autotune, "
+                             f"max-autotune-no-cudagraphs), got {mode!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+class _BoundGraph(nn.Module):
+    """The captured graph as a function of its one data input, the other inputs fixed at their compile-time
+    values, so calibration can run it on batches. It shares the graph's conv modules (same names, same hooks)."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: GraphInputs) -> None:
+        super().__init__()
+        if hasattr(gm, NAMESPACE):
+            for k, m in getattr(gm, NAMESPACE)._modules.items():
+                self.add_module(k, m)
+        object.__setattr__(self, "_graph", gm)  # not a child: names stay those of the conv modules
+        self._values, self._index = list(inputs.values), inputs.data[0]
+        self._sizes = []  # (graph input, dim of the data input) for sizes Dynamo made symbolic
+        data_src = source_text(inputs.placeholders[self._index])
+        for j, node in enumerate(inputs.placeholders):
+            src = getattr(node.meta.get("grapharg"), "source", None)
+            if type(src).__name__ == "TensorPropertySource" and source_text_of(src.base) == data_src \
+                    and getattr(src.prop, "name", "") == "SIZE":
+                self._sizes.append((j, int(src.idx)))
+
+    def forward(self, x: torch.Tensor) -> Any:
+        args = list(self._values)
+        args[self._index] = x
+        for j, d in self._sizes:
+            args[j] = x.shape[d]
+        return self._graph(*args)
+
+
+def _calibration_batches(batches: List[tuple], inputs: GraphInputs, bound: _BoundGraph) -> List[tuple]:
+    """The batches as inputs of this graph: one tensor each, re-batched to the graph's batch size when it is static."""
+    if len(inputs.data) != 1:
+        raise DsrewriteError(f"calibration in the torch.compile backend needs a captured graph with one tensor input, "
+                             f"this one has {len(inputs.data)}: use dsrewrite.rewrite(model, x, calibration=...)")
+    example = inputs.values[inputs.data[0]]
+    xs = [b[0] for b in batches]
+    if any(not isinstance(x, torch.Tensor) or x.shape[1:] != example.shape[1:] for x in xs):
+        bad = next(x for x in xs if not isinstance(x, torch.Tensor) or x.shape[1:] != example.shape[1:])
+        raise DsrewriteError(f"calibration batches must be tensors shaped like the graph input [N, "
+                             f"{', '.join(map(str, example.shape[1:]))}], got {list(getattr(bad, 'shape', []))}")
+    if any(d == 0 for _, d in bound._sizes):
+        return [(x,) for x in xs]
+    n = example.shape[0]  # static batch: the graph only runs at this size
+    chunks = [c for c in torch.cat(xs).split(n) if c.shape[0] == n]
+    if not chunks:
+        raise DsrewriteError(f"calibration has {sum(x.shape[0] for x in xs)} samples, fewer than the compiled "
+                             f"batch size {n}")
+    return [(c,) for c in chunks]
+
+
+def _teacher(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the graph sharing its conv modules (apply_decisions will swap modules in ``gm`` only)."""
+    g = fx.Graph()
+    g.output(g.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, g)
+
+
+# ---------------------------------------------------------------------------------------------- one graph
+def _check_inference(sites: List[ConvSite], opts: RewriteConfig) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for s in sites:
+        if s.weight is None or why_not(s.spec) or selected(s.spec.name, opts.include, opts.exclude):
+            continue
+        if s.weight.requires_grad or (s.bias is not None and s.bias.requires_grad):
+            raise DsrewriteError(
+                f"the dsrewrite backend is inference-only, but conv {s.spec.name!r} needs a gradient (grad enabled, "
+                "weight requires grad): run under torch.no_grad() or torch.inference_mode(), or to train call "
+                "dsrewrite.rewrite(model, x) and torch.compile the rewritten model")
+
+
+def _propagate(gm: fx.GraphModule, values: List[Any]) -> int:
+    """Output shapes on every node (fake tensors: no side effect on buffers) and the graph's FLOPs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            ShapeProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*values)
+    except Exception as e:  # noqa: BLE001 - any failure: one line, the cause kept
+        raise DsrewriteError(f"cannot propagate shapes through the captured graph: {first_line(e, 200)}") from e
+    return int(counter.get_total_flops())
+
+
+def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: GraphInputs, opts: RewriteConfig, flops: int,
+                params: int, notes: List[str]) -> Tuple[List[Decision], bool]:
+    """Plan with the shared middle (as rewrite() does, calibration included), write the pairs into ``gm``."""
+    teacher = student = None
+    batches = None
+    if opts.calibration is not None:
+        teacher = _BoundGraph(_teacher(gm), inputs)
+        batches = _calibration_batches(opts.calibration, inputs, teacher)
+    planning = Planning(teacher if teacher is not None else gm, (inputs.values[inputs.data[0]],) if batches else (),
+                        dataclasses.replace(opts, calibration=batches))
+    kw = dict(planning.kwargs, total_flops=flops, total_params=params)
+    decisions = plan_sites(sites, opts.rank, opts.include, opts.exclude, progress=opts.progress, **kw)
+    apply_decisions(gm, decisions, backend=opts.backend)
+    for d in decisions:
+        if d.rewritten and d.site.handle.kind == "module":
+            d.module.requires_grad_(False)
+    notes.extend(planning.notes)
+    if batches is not None:
+        student = _BoundGraph(gm, inputs)
+        notes.append(planning.calibrate(student, decisions))
+    return decisions, batches is not None
+
+
+def _inner_compiler(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: str, mode: Optional[str]) -> Callable:
+    if compiler == "eager":
+        return gm.forward
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = list_mode_options(mode) if mode not in (None, "default") else {}
+    return compile_fx(gm, list(example_inputs), config_patches=patches)
+
+
+def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: RewriteConfig, mode: Optional[str],
+                   plans: PlanCache, reports: List[Report]) -> Callable:
+    """Lift, plan (or reuse a plan from ``plans``), rewrite, restore the dense convs, report, compile, guard."""
+    inputs = GraphInputs.of(gm, example_inputs)
+    flops = _propagate(gm, inputs.values)
+    params = inputs.param_count() + sum(p.numel() for p in gm.parameters())
+    lifted = lift_convs(gm, inputs)
+    sites = collect_sites(gm)
+    for s in sites:
+        if s.handle.target in lifted:
+            s.spec.name = lifted[s.handle.target].name
+    _check_inference(sites, opts)
+    notes: List[str] = []
+    options_key, keep = opts.plan_key()
+    plan = plans.find(options_key, sites)
+    if plan is not None:
+        decisions = replay(plan, sites)
+        for d, m in zip(decisions, plan.modules):
+            if m is not None:
+                set_submodule(gm, d.site.handle.target, m)
+        notes.append("recompile: ranks and factors reused from an earlier compile (same weights), not refactorised")
+    else:
+        decisions, calibrated = _plan_fresh(gm, sites, inputs, opts, flops, params, notes)
+        plan = Plan.of(decisions, sites, options_key, keep, calibrated)
+        if all(m is not None or not d.rewritten for d, m in zip(decisions, plan.modules)):
+            plans.store(plan)  # (a functional conv on a graph attribute would be rewritten afresh at each compile)
+    unlift(gm, lifted, {d.site.handle.target for d in decisions if d.rewritten})
+    declare_params(gm)
+    report = _report(decisions, inputs, opts, gm, flops, params, notes)
+    reports.append(report)
+    _LAST[:] = [report]
+    watches = [Watch(i, d.site.spec.name, weight_getter(d.site, lifted)) for i, d in enumerate(decisions)
+               if d.rewritten and plan.modules[i] is not None]
+    inner = _inner_compiler(gm, example_inputs, opts.compiler, mode)
+    frozen = opts.compiler == "inductor" and bool(torch._inductor.config.freezing)
+    return Guarded(inner, plan.weights, watches, frozen)
+
+
+def _report(decisions: List[Decision], inputs: GraphInputs, opts: RewriteConfig, gm: fx.GraphModule, flops: int,
+            params: int, notes: List[str]) -> Report:
+    """The graph's report: per-layer decisions, FLOPs and parameters before and after, the notes."""
+    layers = [d.report for d in decisions]
+    saved_f = sum(L.flops_before - L.flops_after for L in layers if L.rewritten)
+    saved_p = sum(L.params_before - L.params_after for L in layers if L.rewritten)
+    cid = gm.meta.get("dynamo_compile_id")
+    name = opts.name or f"torch.compile graph {cid if cid is not None else ''}".strip()
+    report = Report(layers=layers, model=name,
+                    route="torch.compile", input_shapes=inputs.data_shapes(), params_before=params,
+                    params_after=params - saved_p, flops_before=flops, flops_after=flops - saved_f, notes=notes)
+    if report.rewritten:
+        notes.insert(0, "factors computed at compile time from the weights Dynamo passed as graph inputs; every call "
+                        "checks them and refactorises (same rank) a weight changed since")
+    report.add_outcome_notes()
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- the backend
+class DsrewriteBackend:
+    """A Dynamo backend ``(gm, example_inputs) -> callable`` with fixed rewrite options (checked here, at once).
+
+    Args:
+        **options: those of :func:`dsrewrite.rewrite`: ``rank``, ``include``, ``exclude``, ``backend``,
+            ``target_flops``, ``target_params``, ``energy``, ``calibration``, ``ragged``, ``progress``, ``name``; plus
+            ``compiler``: ``"inductor"`` (default) or ``"eager"`` (run the rewritten graph as is), and ``mode``:
+            Inductor's mode (``"max-autotune"``, ...; ``torch.compile`` takes no ``mode=`` next to ``options=``).
+
+    ``reports`` holds one :class:`~dsrewrite.report.Report` per compiled graph, recompiles included; ``plans`` the
+    backend's own :class:`~dsrewrite.dynamo.plans.PlanCache`, from which recompiles reuse ranks and factors.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.options = _check_options(options)
+        self.reports: List[Report] = []
+        self.plans = PlanCache()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optional[str] = None,
+                 options: Optional[Dict[str, Any]] = None) -> Callable:
+        opts = self.options if not options else _check_options(options, self.options)
+        if mode not in (None, "default") and opts.mode not in (None, mode):
+            raise DsrewriteError(f"two compile modes given: mode={mode!r} and the option mode={opts.mode!r}")
+        mode = opts.mode if mode in (None, "default") else mode
+        return _compile_graph(gm, example_inputs, opts, mode, self.plans, self.reports)
+
+
+def clear_cache() -> None:
+    """Forget cached plans (ranks and factors) of every backend: the next compile factorises again."""
+    clear_all()
+
+
+def dsrewrite_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optional[str] = None,
+                      options: Optional[Dict[str, Any]] = None) -> Callable:
+    """``torch.compile(model, backend="dsrewrite", options={...})``: the registered entry point.
+
+    ``options`` are :class:`DsrewriteBackend`'s; the report of the latest graph is :func:`last_report`. Each call
+    builds a backend for this graph; they share the entry point's plan cache (keyed by options and weights), so a
+    recompile reuses the factors.
+    """
+    backend = DsrewriteBackend(**(options or {}))
+    backend.plans = _ENTRY_PLANS
+    return backend(gm, example_inputs, mode=mode)
+
+
+dsrewrite_backend.reset = clear_cache  # type: ignore[attr-defined] - torch.compile's reset hook
+
+
+def last_report() -> Optional[Report]:
+    """The report of the graph the dsrewrite backend compiled last (any caller), or ``None``."""
+    return _LAST[0] if _LAST else None
+
+
+def compile(model: Callable, *, mode: Optional[str] = None, dynamic: Optional[bool] = None,  # noqa: A001
+            fullgraph: bool = False, **options: Any) -> Callable:
+    """``torch.compile(model, backend=DsrewriteBackend(**options), mode=..., ...)`` with the reports attached.
+
+    Options are checked now. The result is what ``torch.compile`` returns, with ``.dsrewrite_reports``: one
+    :class:`~dsrewrite.report.Report` per compiled graph (filled on the first call). ``mode`` (e.g.
+    ``"max-autotune"``) goes to Inductor. Inference only: see :mod:`dsrewrite.dynamo_backend`.
+    """
+    _check_mode(mode)
+    backend = DsrewriteBackend(**options)
+    compiled = torch.compile(model, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph)
+    if isinstance(compiled, nn.Module):  # OptimizedModule forwards setattr to the user's model: bypass it
+        object.__setattr__(compiled, "dsrewrite_reports", backend.reports)
+    else:
+        compiled.dsrewrite_reports = backend.reports
+    return compiled
