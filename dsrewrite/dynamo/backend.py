@@ -24,7 +24,7 @@ from ..frontends.fx import collect_sites
 from ..ir import ConvSite
 from ..pipeline import Decision, plan_sites, selected
 from ..planning import Planning
-from ..report import Report
+from ..report import Report, build_report
 from .guards import Guarded, Watch, weight_getter
 from .inputs import NAMESPACE, GraphInputs, declare_params, lift_convs, source_text, source_text_of, unlift
 from .plans import Plan, PlanCache, clear_all, replay
@@ -218,19 +218,13 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Rewr
 def _report(decisions: List[Decision], inputs: GraphInputs, opts: RewriteConfig, gm: fx.GraphModule, flops: int,
             params: int, notes: List[str]) -> Report:
     """The graph's report: per-layer decisions, FLOPs and parameters before and after, the notes."""
-    layers = [d.report for d in decisions]
-    saved_f = sum(L.flops_before - L.flops_after for L in layers if L.rewritten)
-    saved_p = sum(L.params_before - L.params_after for L in layers if L.rewritten)
     cid = gm.meta.get("dynamo_compile_id")
     name = opts.name or f"torch.compile graph {cid if cid is not None else ''}".strip()
-    report = Report(layers=layers, model=name,
-                    route="torch.compile", input_shapes=inputs.data_shapes(), params_before=params,
-                    params_after=params - saved_p, flops_before=flops, flops_after=flops - saved_f, notes=notes)
-    if report.rewritten:
+    if any(d.rewritten for d in decisions):
         notes.insert(0, "factors computed at compile time from the weights Dynamo passed as graph inputs; every call "
                         "checks them and refactorises (same rank) a weight changed since")
-    report.add_outcome_notes()
-    return report
+    return build_report([d.report for d in decisions], model=name, route="torch.compile",
+                        input_shapes=inputs.data_shapes(), params_before=params, flops_before=flops, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------- the backend

@@ -105,5 +105,5 @@ def replay(plan: Plan, sites: Sequence[ConvSite]) -> List[Decision]:
             rep = layer_report(s.spec, reason=old.reason, policy=old.policy)
         rep.note, rep.gather_input = old.note, old.gather_input
         rep.calib_error_before, rep.calib_error_after = old.calib_error_before, old.calib_error_after
-        decisions.append(Decision(s, rep, f))
+        decisions.append(Decision(s, rep, f, gather_input=old.gather_input))
     return decisions
