@@ -96,10 +96,12 @@ def build_cases(suites: List[str], ns: List[int], dtypes: List[str], ranks=RANKS
 
 
 def case_flops(c: Case) -> Dict[str, int]:
-    """FLOPs (2 per multiply-add): depthwise ``2*k^2*C*r*P``, pointwise ``2*C*r*M*P``, P output pixels."""
+    """FLOPs (2 per multiply-add, :func:`dsrewrite.cost.separable_pair_flops`): depthwise ``2*k^2*C*r*P``,
+    pointwise ``2*C*r*M*P``, P output pixels."""
+    from dsrewrite.cost import separable_pair_flops  # here, like every dsrewrite/torch import of this script
+
     oh, ow = c.out_hw
-    p = c.n * oh * ow
-    dw, pw = 2 * c.k * c.k * c.c * c.r * p, 2 * c.c * c.r * c.m * p
+    dw, pw = separable_pair_flops(c.c * c.r, c.m, c.k * c.k, c.n * oh * ow)
     return {"dw": dw, "pw": pw, "total": dw + pw}
 
 

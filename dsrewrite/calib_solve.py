@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .factorize import (Factors, _as_tensor, _ragged_keep, _separable_terms, _svd, _uniform_keep, factorize,
-                        ragged_error_curve, uniform_error_curve)
+from .factorize import (Factors, as_tensor, channel_svd, factorize, ragged_error_curve, ragged_keep, separable_terms,
+                        uniform_error_curve, uniform_keep)
 
 __all__ = [
     "PatchStats", "LinearFit", "LayerCalibrator", "CalibResult", "whiten_roots", "whitened_factors",
@@ -172,7 +172,7 @@ def whiten_roots(autocorr: ArrayLike, damp: float = DAMP) -> Tuple[torch.Tensor,
     Returns ``(L, L_inv, live)``: ``[Cin, K, K]`` symmetric ``A^{1/2}`` and its inverse (identity for dead
     channels) and a bool mask of channels that are whitened (the rest use plain SVD).
     """
-    a = _as_tensor(autocorr).to(torch.float64)
+    a = as_tensor(autocorr).to(torch.float64)
     cin, k, _ = a.shape
     a = 0.5 * (a + a.transpose(1, 2))
     energy = torch.diagonal(a, dim1=1, dim2=2).mean(1).clamp_min(0.0)  # per channel
@@ -196,7 +196,7 @@ def whiten_roots(autocorr: ArrayLike, damp: float = DAMP) -> Tuple[torch.Tensor,
 def _whitened_svd(weight: ArrayLike, autocorr: ArrayLike, damp: float) -> Tuple[torch.Tensor, ...]:
     """Per-channel SVD of ``W_c A_c^{1/2}``: ``(U, S, Vh, A^{-1/2}, live)``."""
     root, inv, live = whiten_roots(autocorr, damp)
-    u, s, vh = _svd(_as_tensor(weight).detach().to(torch.float64).cpu(), right=root)
+    u, s, vh = channel_svd(as_tensor(weight).detach().to(torch.float64).cpu(), right=root)
     return u, s, vh, inv, live
 
 
@@ -214,21 +214,21 @@ def whitened_factors(weight: ArrayLike, rank: int, autocorr: ArrayLike, bias: Op
     ``error`` is the whitened relative error (the data-weighted analogue of the weight error).
     ``ragged``: keep the ``Cin*rank`` terms of largest output energy over all channels (dead channels last).
     """
-    w = _as_tensor(weight)
+    w = as_tensor(weight)
     kernel = tuple(w.shape[2:])
     cin = w.shape[1]
     u, s, vh, inv, live = _whitened_svd(w, autocorr, damp)
     r = min(int(rank), s.shape[1])
     energy = _output_energy(s, live, ragged)
     ragged = ragged and r < s.shape[1]
-    keep = _ragged_keep(energy, cin * r) if ragged else _uniform_keep(s, r)
-    dw, pw, index = _separable_terms(u, s, vh @ inv, keep, kernel)  # filters back in input units
+    keep = ragged_keep(energy, cin * r) if ragged else uniform_keep(s, r)
+    dw, pw, index = separable_terms(u, s, vh @ inv, keep, kernel)  # filters back in input units
     dropped = float(energy[~keep].sum())
     if not (bool(torch.isfinite(dw).all()) and bool(torch.isfinite(pw).all())):
         return factorize(w, r, bias, ragged=ragged)
     total = float(energy.sum())
     err = math.sqrt(max(dropped, 0.0) / total) if total > 0 else 0.0
-    b = _as_tensor(bias) if bias is not None else None
+    b = as_tensor(bias) if bias is not None else None
     return Factors(dw.to(dtype=w.dtype, device=w.device).contiguous(),
                    pw.to(dtype=w.dtype, device=w.device).contiguous(),
                    None if b is None else b.detach().clone(), r, err, index.to(w.device) if ragged else None)
@@ -278,8 +278,8 @@ class LayerCalibrator:
     def __init__(self, conv: nn.Module, rank: int, *, weight: Optional[ArrayLike] = None,
                  bias: Optional[ArrayLike] = None, plain: Optional[Factors] = None, damp: float = DAMP,
                  ridge: float = RIDGE, ragged: bool = False) -> None:
-        self.weight = (conv.weight if weight is None else _as_tensor(weight)).detach()
-        self.bias = (conv.bias if weight is None else (None if bias is None else _as_tensor(bias)))
+        self.weight = (conv.weight if weight is None else as_tensor(weight)).detach()
+        self.bias = (conv.bias if weight is None else (None if bias is None else as_tensor(bias)))
         self.bias = None if self.bias is None else self.bias.detach()
         self.cout, self.cin = self.weight.shape[:2]
         self.kernel = tuple(self.weight.shape[2:])

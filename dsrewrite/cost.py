@@ -6,6 +6,8 @@ Separable cost per output pixel: ``Cin*r*K + Cin*r*Cout`` multiply-adds vs ``Cin
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 from .ir import ConvSpec
 
 __all__ = [
@@ -14,6 +16,7 @@ __all__ = [
     "dense_flops",
     "separable_flops",
     "breakeven_rank",
+    "separable_pair_flops",
 ]
 
 
@@ -29,6 +32,18 @@ def separable_params(spec: ConvSpec, rank: int) -> int:
     return cr * spec.kernel_area + spec.out_channels * cr + (spec.out_channels if spec.bias else 0)
 
 
+def separable_pair_flops(depthwise_channels: int, out_channels: int, taps: int, pixels: int) -> Tuple[int, int]:
+    """FLOPs (2 per multiply-add) of a depthwise + pointwise pair, as ``(depthwise, pointwise)``: the one
+    formula the reports, the kernels' ``FlopCounterMode`` formula and the benchmarks all count with.
+
+    Args:
+        depthwise_channels: depthwise filters, ``Cin*r`` (the sum of the kept ranks when ragged).
+        out_channels: pointwise outputs ``Cout``. taps: taps of one filter ``K`` (``kh*kw``).
+        pixels: output positions counted, ``N*OH*OW`` (times the calls of a shared conv).
+    """
+    return 2 * depthwise_channels * taps * pixels, 2 * depthwise_channels * out_channels * pixels
+
+
 def dense_flops(spec: ConvSpec) -> int:
     """FLOPs (2 x MACs) of the original conv over all its calls; 0 when the output shape is unknown."""
     macs = spec.out_channels * (spec.in_channels // spec.groups) * spec.kernel_area
@@ -37,8 +52,7 @@ def dense_flops(spec: ConvSpec) -> int:
 
 def separable_flops(spec: ConvSpec, rank: int) -> int:
     """FLOPs (2 x MACs) of the separable pair at ``rank`` over all calls of the conv."""
-    cr = spec.in_channels * rank
-    return 2 * (cr * spec.kernel_area + cr * spec.out_channels) * spec.out_pixels
+    return sum(separable_pair_flops(spec.in_channels * rank, spec.out_channels, spec.kernel_area, spec.out_pixels))
 
 
 def breakeven_rank(spec: ConvSpec) -> float:

@@ -20,7 +20,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["Factors", "factorize", "exact_factors", "full_rank", "rank_errors", "uniform_error_curve", "ragged_error_curve"]
+from .ir import full_rank  # one definition, shared with ConvSpec.full_rank (re-exported here)
+
+__all__ = ["Factors", "factorize", "exact_factors", "full_rank", "rank_errors", "uniform_error_curve", "ragged_error_curve",
+           "as_tensor", "channel_svd", "ragged_keep", "uniform_keep", "separable_terms"]
 
 
 @dataclass
@@ -54,25 +57,21 @@ class Factors:
         return torch.bincount(self.channel_index.cpu(), minlength=cin)
 
 
-def full_rank(weight_shape) -> int:
-    """Rank at which the separable form is exact: ``min(Cout, prod(kernel))``."""
-    return min(int(weight_shape[0]), int(math.prod(weight_shape[2:])))
-
-
 def exact_factors(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> Factors:
     """The trivial exact factorisation, no SVD: ``K`` one-hot depthwise filters per channel (one per tap)
     and the weight itself as the pointwise conv. Same function as the conv, for checking a pair's settings."""
-    w = _as_tensor(weight).detach()
+    w = as_tensor(weight).detach()
     cout, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
     taps = math.prod(kernel)
     eye = torch.eye(taps, dtype=w.dtype, device=w.device).reshape(1, taps, 1, *kernel)
     depthwise = eye.expand(cin, taps, 1, *kernel).reshape(cin * taps, 1, *kernel).clone()
     pointwise = w.reshape(cout, cin * taps, *([1] * len(kernel))).clone()
-    b = None if bias is None else _as_tensor(bias).detach().clone()
+    b = None if bias is None else as_tensor(bias).detach().clone()
     return Factors(depthwise, pointwise, b, taps, 0.0)
 
 
-def _as_tensor(x) -> torch.Tensor:
+def as_tensor(x) -> torch.Tensor:
+    """``x`` as a torch tensor (a numpy array is wrapped without a copy where it is contiguous)."""
     return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
 
 
@@ -92,7 +91,7 @@ def _single_thread(device: torch.device):
         torch.set_num_threads(n)
 
 
-def _svd(weight: torch.Tensor, right: Optional[torch.Tensor] = None):
+def channel_svd(weight: torch.Tensor, right: Optional[torch.Tensor] = None):
     """Batched per-input-channel SVD in float64: returns U [Cin,Cout,q], S [Cin,q], Vh [Cin,q,K].
 
     ``right`` (``[Cin, K, K]``, float64): decompose ``W_c @ right_c`` instead (the whitened SVD).
@@ -118,8 +117,8 @@ def factorize(weight, rank: int, bias=None, *, ragged: bool = False) -> Factors:
     Returns:
         :class:`Factors` with tensors of the weight's dtype and device.
     """
-    weight = _as_tensor(weight)
-    bias = _as_tensor(bias) if bias is not None else None
+    weight = as_tensor(weight)
+    bias = as_tensor(bias) if bias is not None else None
     if weight.dim() < 3:
         raise ValueError(f"conv weight must be [Cout, Cin, *kernel], got shape {tuple(weight.shape)}")
     if int(rank) < 1:
@@ -127,10 +126,10 @@ def factorize(weight, rank: int, bias=None, *, ragged: bool = False) -> Factors:
     cin = weight.shape[1]
     kernel = tuple(weight.shape[2:])
     r = min(int(rank), full_rank(weight.shape))
-    u, s, vh = _svd(weight)
+    u, s, vh = channel_svd(weight)
     ragged = ragged and r < s.shape[1]
-    keep = _ragged_keep(s ** 2, cin * r) if ragged else _uniform_keep(s, r)
-    dw, pw, index = _separable_terms(u, s, vh, keep, kernel)
+    keep = ragged_keep(s ** 2, cin * r) if ragged else uniform_keep(s, r)
+    dw, pw, index = separable_terms(u, s, vh, keep, kernel)
     err = _error_of(s, float((s[~keep] ** 2).sum()))
     return Factors(
         depthwise=dw.to(dtype=weight.dtype, device=weight.device).contiguous(),
@@ -142,7 +141,7 @@ def factorize(weight, rank: int, bias=None, *, ragged: bool = False) -> Factors:
     )
 
 
-def _ragged_keep(energy: torch.Tensor, terms: int) -> torch.Tensor:
+def ragged_keep(energy: torch.Tensor, terms: int) -> torch.Tensor:
     """Mask ``[Cin, q]`` of the ``terms`` largest energies over all channels (ties: lower channel, lower term).
 
     Each channel's values are sorted, so the kept set is a prefix of every channel's terms.
@@ -154,12 +153,12 @@ def _ragged_keep(energy: torch.Tensor, terms: int) -> torch.Tensor:
     return keep.reshape(energy.shape)
 
 
-def _uniform_keep(s: torch.Tensor, rank: int) -> torch.Tensor:
+def uniform_keep(s: torch.Tensor, rank: int) -> torch.Tensor:
     """Mask ``[Cin, q]`` of every channel's first ``rank`` terms (uniform ranks)."""
     return (torch.arange(s.shape[1], device=s.device) < rank).expand(s.shape)
 
 
-def _separable_terms(u: torch.Tensor, s: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, kernel: tuple):
+def separable_terms(u: torch.Tensor, s: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, kernel: tuple):
     """Depthwise ``[R, 1, *kernel]``, pointwise ``[Cout, R, 1...]`` and channel index ``[R]`` of the kept terms
     in channel order, then term order (uniform masks give filter ``c*r + j``), each singular value split
     evenly between the two convs; ``rows`` ``[Cin, q, K]``: the depthwise filters of every term."""
@@ -180,8 +179,8 @@ def rank_errors(weight, *, ragged: bool = False) -> list:
 
     ``ragged``: the error of the ragged factorisation with ``Cin*rank`` filters.
     """
-    weight = _as_tensor(weight)
-    _, s, _ = _svd(weight)
+    weight = as_tensor(weight)
+    _, s, _ = channel_svd(weight)
     return (ragged_error_curve if ragged else uniform_error_curve)(s ** 2)
 
 

@@ -5,7 +5,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
-__all__ = ["ConvSpec", "ConvSite"]
+__all__ = ["ConvSpec", "ConvSite", "full_rank"]
+
+
+def full_rank(weight_shape) -> int:
+    """Rank at which the separable form of a ``[Cout, Cin, *kernel]`` weight is exact: ``min(Cout, prod(kernel))``
+    (more depthwise filters per channel than taps or outputs add nothing)."""
+    return min(int(weight_shape[0]), int(math.prod(weight_shape[2:])))
 
 
 @dataclass
@@ -56,8 +62,8 @@ class ConvSpec:
 
     @property
     def full_rank(self) -> int:
-        """Rank at which the separable form is exact: ``min(Cout, K*K)``."""
-        return min(self.out_channels, self.kernel_area)
+        """Rank at which the separable form is exact: ``min(Cout, K*K)`` (:func:`full_rank` of the weight shape)."""
+        return full_rank((self.out_channels, self.in_channels // max(self.groups, 1), *self.kernel))
 
     @property
     def out_pixels(self) -> int:

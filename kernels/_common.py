@@ -12,9 +12,8 @@ import triton.language as tl
 
 from . import interpreting  # noqa: F401 - re-exported for the kernel files
 
-__all__ = ["ACTIVATIONS", "interpreting", "next_pow2", "prune_by_size", "shared_memory_limit", "_activation", "_pixel_origin",
-           "_depthwise_tile", "_epilogue_store", "_input_channel",
-           "_tile_ids", "gemm_config", "launch"]
+__all__ = ["ACTIVATIONS", "interpreting", "next_pow2", "prune_by_size", "shared_memory_limit", "pixel_origin",
+           "depthwise_tile", "epilogue_store", "input_channel", "tile_ids", "gemm_config", "launch"]
 
 # activation name -> the ACT constexpr of the kernels
 ACTIVATIONS: Dict[str, int] = {"none": 0, "relu": 1, "relu6": 2, "silu": 3}
@@ -78,14 +77,14 @@ def _activation(acc, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_ids(num_inner):
+def tile_ids(num_inner):
     """This program's (outer, inner) tile indices, inner varying fastest; int64 from here on (large offsets)."""
     pid = tl.program_id(0).to(tl.int64)
     return pid // num_inner, pid % num_inner
 
 
 @triton.jit
-def _pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w):
+def pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w):
     """Flattened output pixels ``n*OH*OW + oh*OW + ow`` -> ``(n, oh, ow)`` and the input row/column of tap (0, 0)."""
     n = offs_p // (OH * OW)
     rem = offs_p % (OH * OW)
@@ -95,7 +94,7 @@ def _pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w):
 
 
 @triton.jit
-def _input_channel(idx_ptr, offs_k, mask_k, R, C, HAS_INDEX: tl.constexpr):
+def input_channel(idx_ptr, offs_k, mask_k, R, C, HAS_INDEX: tl.constexpr):
     """The input channel each depthwise channel ``offs_k`` reads, ``idx_ptr[k]`` (ragged ranks) or ``k // R``,
     and the mask of the channels to compute: ``mask_k``, less any index outside ``[0, C)``. The host checks
     the index without a device sync only asynchronously (``torch._assert_async``), so a bad index must not
@@ -109,8 +108,8 @@ def _input_channel(idx_ptr, offs_k, mask_k, R, C, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
-def _depthwise_tile(x_ptr, w_ptr, x_pix, ih0, iw0, mask_p, offs_k, mask_k, x_chan, H, W, sxh, sxw, dil_h, dil_w,
-                    KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+def depthwise_tile(x_ptr, w_ptr, x_pix, ih0, iw0, mask_p, offs_k, mask_k, x_chan, H, W, sxh, sxw, dil_h, dil_w,
+                   KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """The fp32 ``[BLOCK_P, BLOCK_K]`` depthwise result of a pixel tile: ``KH*KW`` masked input loads (zero
     padding), one broadcast FMA each. ``x_pix``: offset of each pixel's image; ``x_chan``: offset of the input
     channel each depthwise channel ``offs_k`` reads; ``w_ptr``: weights ``[C*r, KH*KW]``, contiguous."""
@@ -129,8 +128,8 @@ def _depthwise_tile(x_ptr, w_ptr, x_pix, ih0, iw0, mask_p, offs_k, mask_k, x_cha
 
 
 @triton.jit
-def _epilogue_store(acc, b_ptr, y_ptr, y_pix, offs_m, mask_p, mask_m, sym,
-                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+def epilogue_store(acc, b_ptr, y_ptr, y_pix, offs_m, mask_p, mask_m, sym,
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
     """Bias and activation on the fp32 ``[BLOCK_P, BLOCK_M]`` accumulator, then one store in the output dtype
     (``y_pix``: offset of each output pixel, ``sym``: output channel stride)."""
     if HAS_BIAS:

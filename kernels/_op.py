@@ -12,32 +12,33 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..cost import separable_pair_flops  # plain integer maths; dsrewrite.cost imports no torch
 from ._shapes import out_size, output_memory_format
 
-__all__ = ["separable_flops"]
+__all__ = ["separable_conv2d_op", "separable_flops"]
 
 
 def separable_flops(x_shape, dw_shape, pw_shape, out_shape) -> int:
-    """FLOPs (2 per multiply-add) of the depthwise + pointwise pair; bias and activation not counted,
-    as ``FlopCounterMode`` counts ``aten.convolution``."""
+    """FLOPs (2 per multiply-add) of the op from its shapes (:func:`dsrewrite.cost.separable_pair_flops`);
+    bias and activation not counted, as ``FlopCounterMode`` counts ``aten.convolution``."""
     n, m, oh, ow = out_shape
     cr, _, kh, kw = dw_shape
-    pixels = n * oh * ow
-    return 2 * cr * kh * kw * pixels + 2 * cr * m * pixels
+    return sum(separable_pair_flops(cr, m, kh * kw, n * oh * ow))
 
 
 @torch.library.custom_op("dsrewrite::separable_conv2d", mutates_args=())
-def _separable_conv2d_op(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
-                         bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
-                         dilation: List[int], activation: str, path: str, precision: str,
-                         channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+def separable_conv2d_op(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
+                        bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                        dilation: List[int], activation: str, path: str, precision: str,
+                        channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.ops.dsrewrite.separable_conv2d``; the public entry point is :func:`dsrewrite.kernels.separable_conv2d`."""
     from . import ops  # Triton and the kernels load on the first call, not at registration
 
-    return ops._run(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision,
-                    channel_index)
+    return ops.run_kernels(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision,
+                           channel_index)
 
 
-@_separable_conv2d_op.register_fake
+@separable_conv2d_op.register_fake
 def _(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision, channel_index=None):
     n, _, h, w = x.shape
     _, _, kh, kw = dw_weight.shape
@@ -85,7 +86,7 @@ def _backward(ctx, grad):
     return gx, gdw, gpw, gb, None, None, None, None, None, None, None
 
 
-_separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 try:  # FlopCounterMode support (the decorator exists in torch >= 2.4; guard older or changed APIs)
     from torch.utils.flop_counter import register_flop_formula

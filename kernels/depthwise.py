@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _depthwise_tile, _input_channel, _pixel_origin, _tile_ids, interpreting, launch, prune_by_size
+from ._common import depthwise_tile, input_channel, interpreting, launch, pixel_origin, prune_by_size, tile_ids
 from ._shapes import conv_output, depthwise_operands
 
 __all__ = ["depthwise_conv2d_forward", "DEPTHWISE_CONFIGS"]
@@ -31,16 +31,16 @@ def _depthwise_conv2d_kernel(
     KH: tl.constexpr, KW: tl.constexpr, HAS_INDEX: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_p, pid_c = _tile_ids(tl.cdiv(CR, BLOCK_C))
+    pid_p, pid_c = tile_ids(tl.cdiv(CR, BLOCK_C))
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
-    n, oh, ow, ih0, iw0 = _pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w)
+    n, oh, ow, ih0, iw0 = pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w)
 
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < CR
-    chan, mask_in = _input_channel(idx_ptr, offs_c, mask_c, R, C, HAS_INDEX)  # mask_in: index in range too
-    acc = _depthwise_tile(x_ptr, w_ptr, n * sxn, ih0, iw0, mask_p, offs_c, mask_in, chan * sxc, H, W,
+    chan, mask_in = input_channel(idx_ptr, offs_c, mask_c, R, C, HAS_INDEX)  # mask_in: index in range too
+    acc = depthwise_tile(x_ptr, w_ptr, n * sxn, ih0, iw0, mask_p, offs_c, mask_in, chan * sxc, H, W,
                           sxh, sxw, dil_h, dil_w, KH, KW, BLOCK_P, BLOCK_C)
 
     z_off = (n * szn + oh * szh + ow * szw)[:, None] + (offs_c * szc)[None, :]

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import DsrewriteError
 from ._common import ACTIVATIONS, interpreting
-from ._op import _separable_conv2d_op, separable_flops
+from ._op import separable_conv2d_op, separable_flops
 from ._shapes import out_size, output_memory_format, resolve_padding
 from .depthwise import depthwise_conv2d_forward
 from .pointwise import pointwise_conv2d_forward
@@ -66,7 +66,9 @@ def _precision(x: torch.Tensor, precision: Optional[str]) -> str:
     return precision
 
 
-def _run(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision, channel_index):
+def run_kernels(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision, channel_index):
+    """The custom op's real implementation (called by :mod:`._op`): resolve ``path="auto"``, then launch the
+    fused kernel or the depthwise + pointwise kernels. Arguments are the op's, already checked and normalised."""
     cr, _, kh, kw = dw_weight.shape
     if path == "auto":
         path = choose_path(cr, pw_weight.shape[0], kh, kw, x.element_size())
@@ -164,8 +166,8 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     ow = out_size(x.shape[3], dw_weight.shape[3], st[1], pad[1], dil[1])
     if oh < 1 or ow < 1:
         raise DsrewriteError(f"input {tuple(x.shape[2:])} is smaller than the (dilated, padded) kernel")
-    return _separable_conv2d_op(x, dw_weight, pw_weight, bias, list(st), list(pad), list(dil), act, path,
-                                _precision(x, precision), channel_index)
+    return separable_conv2d_op(x, dw_weight, pw_weight, bias, list(st), list(pad), list(dil), act, path,
+                               _precision(x, precision), channel_index)
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0,

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACTIVATIONS, _epilogue_store, _pixel_origin, _tile_ids, gemm_config, interpreting, launch,
-                      prune_by_size)
+from ._common import (ACTIVATIONS, epilogue_store, gemm_config, interpreting, launch, pixel_origin, prune_by_size,
+                      tile_ids)
 from ._shapes import output_memory_format
 
 __all__ = ["pointwise_conv2d_forward", "POINTWISE_CONFIGS"]
@@ -30,10 +30,10 @@ def _pointwise_conv2d_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_p, pid_m = _tile_ids(tl.cdiv(M, BLOCK_M))
+    pid_p, pid_m = tile_ids(tl.cdiv(M, BLOCK_M))
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
-    n, h, w, _, _ = _pixel_origin(offs_p, HW // W, W, 1, 1, 0, 0)
+    n, h, w, _, _ = pixel_origin(offs_p, HW // W, W, 1, 1, 0, 0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
 
@@ -48,7 +48,7 @@ def _pointwise_conv2d_kernel(
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         acc = tl.dot(zv, wv, acc, input_precision=PRECISION)
 
-    _epilogue_store(acc, b_ptr, y_ptr, n * syn + h * syh + w * syw, offs_m, mask_p, mask_m, sym, HAS_BIAS, ACT)
+    epilogue_store(acc, b_ptr, y_ptr, n * syn + h * syh + w * syw, offs_m, mask_p, mask_m, sym, HAS_BIAS, ACT)
 
 
 _cfg = gemm_config

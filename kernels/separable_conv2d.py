@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACTIVATIONS, _depthwise_tile, _epilogue_store, _input_channel, _pixel_origin, _tile_ids,
-                      gemm_config, interpreting, launch, prune_by_size, shared_memory_limit)
+from ._common import (ACTIVATIONS, depthwise_tile, epilogue_store, gemm_config, input_channel, interpreting, launch,
+                      pixel_origin, prune_by_size, shared_memory_limit, tile_ids)
 from ._shapes import conv_output, depthwise_operands
 
 __all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_FALLBACK_CONFIGS", "FUSED_BLOCK_M_MAX",
@@ -40,11 +40,11 @@ def _separable_conv2d_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, HAS_INDEX: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_p, pid_m = _tile_ids(tl.cdiv(M, BLOCK_M))  # int64: offsets may pass 2**31
+    pid_p, pid_m = tile_ids(tl.cdiv(M, BLOCK_M))  # int64: offsets may pass 2**31
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
-    n, oh, ow, ih0, iw0 = _pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w)
+    n, oh, ow, ih0, iw0 = pixel_origin(offs_p, OH, OW, stride_h, stride_w, pad_h, pad_w)
     x_pix = n * sxn  # [BLOCK_P] offset of each pixel's image
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -55,14 +55,14 @@ def _separable_conv2d_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < CR
         # the depthwise result of this channel block stays in registers
-        chan, mask_c = _input_channel(idx_ptr, offs_k, mask_k, R, C, HAS_INDEX)  # mask_c: index in range too
-        dw = _depthwise_tile(x_ptr, dw_ptr, x_pix, ih0, iw0, mask_p, offs_k, mask_c, chan * sxc, H, W,
+        chan, mask_c = input_channel(idx_ptr, offs_k, mask_k, R, C, HAS_INDEX)  # mask_c: index in range too
+        dw = depthwise_tile(x_ptr, dw_ptr, x_pix, ih0, iw0, mask_p, offs_k, mask_c, chan * sxc, H, W,
                              sxh, sxw, dil_h, dil_w, KH, KW, BLOCK_P, BLOCK_K)
         pw = tl.load(pw_ptr + offs_m[None, :] * CR + offs_k[:, None],
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         acc = tl.dot(dw.to(pw.dtype), pw, acc, input_precision=PRECISION)
 
-    _epilogue_store(acc, b_ptr, y_ptr, n * syn + oh * syh + ow * syw, offs_m, mask_p, mask_m, sym, HAS_BIAS, ACT)
+    epilogue_store(acc, b_ptr, y_ptr, n * syn + oh * syh + ow * syw, offs_m, mask_p, mask_m, sym, HAS_BIAS, ACT)
 
 
 _cfg = gemm_config

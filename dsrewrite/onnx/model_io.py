@@ -7,6 +7,7 @@ leaves a half-written model, and the source is only ever replaced when the calle
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -16,11 +17,14 @@ from typing import Optional, Union
 
 import onnx
 
-from ..errors import DsrewriteError
+from ..errors import DsrewriteError, first_line
 from .scopes import stored_tensors
 
 __all__ = ["SourceInfo", "load_model", "check_model", "save_model", "same_file", "model_nbytes",
            "uses_external_data", "PROTOBUF_LIMIT"]
+
+# An error's message in a DsrewriteError: all its lines (onnx.checker's span several), at most 300 characters.
+_message = functools.partial(first_line, limit=300, joined=True, cut_mark="...")
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialised ModelProto must stay below 2 GB
 PathLike = Union[str, "os.PathLike[str]"]
@@ -37,12 +41,6 @@ class SourceInfo:
     @property
     def name(self) -> str:
         return os.path.basename(self.path) if self.path else ""
-
-
-def _one_line(e: BaseException) -> str:
-    """The error's message on one line (multi-line messages joined), at most 300 characters."""
-    text = " ".join(ln.strip() for ln in str(e).strip().splitlines() if ln.strip()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
@@ -85,7 +83,7 @@ def load_model(src: Union[PathLike, onnx.ModelProto]) -> "tuple[onnx.ModelProto,
         try:
             header = onnx.load(path, load_external_data=False)
         except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError
-            raise DsrewriteError(f"not an ONNX model (truncated or not a protobuf file?): {path}: {_one_line(e)}") from None
+            raise DsrewriteError(f"not an ONNX model (truncated or not a protobuf file?): {path}: {_message(e)}") from None
         external = uses_external_data(header)
         threshold = _smallest_external(header) if external else 1024
         model = header
@@ -93,7 +91,7 @@ def load_model(src: Union[PathLike, onnx.ModelProto]) -> "tuple[onnx.ModelProto,
             try:
                 onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
             except Exception as e:  # noqa: BLE001 - missing or unreadable side file
-                raise DsrewriteError(f"cannot read the external data of {path}: {_one_line(e)}") from None
+                raise DsrewriteError(f"cannot read the external data of {path}: {_message(e)}") from None
         info = SourceInfo(path, external, threshold)
     else:
         raise DsrewriteError(f"src must be a path to an .onnx file or an onnx.ModelProto, got {type(src).__name__}")
@@ -120,9 +118,9 @@ def check_model(model: onnx.ModelProto, info: Optional[SourceInfo] = None) -> No
         elif info is not None and info.path:
             onnx.checker.check_model(info.path)  # > 2 GB: the checker reads the file and its side data
     except onnx.checker.ValidationError as e:
-        raise DsrewriteError(f"model fails onnx.checker{where}: {_one_line(e)}") from None
+        raise DsrewriteError(f"model fails onnx.checker{where}: {_message(e)}") from None
     except Exception as e:  # noqa: BLE001 - e.g. protobuf errors on malformed fields
-        raise DsrewriteError(f"model fails onnx.checker{where}: {type(e).__name__}: {_one_line(e)}") from None
+        raise DsrewriteError(f"model fails onnx.checker{where}: {type(e).__name__}: {_message(e)}") from None
 
 
 def same_file(a: PathLike, b: PathLike) -> bool:
@@ -164,6 +162,6 @@ def save_model(model: onnx.ModelProto, dst: PathLike, *, external_data: bool = F
         os.replace(tmp_model, dst)
         return data_path
     except OSError as e:
-        raise DsrewriteError(f"cannot write {dst}: {e.strerror or _one_line(e)}") from None
+        raise DsrewriteError(f"cannot write {dst}: {e.strerror or _message(e)}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
