@@ -1,8 +1,8 @@
 """Never a silently wrong ONNX model (issue 11): weights in Constant nodes and in subgraphs are counted and
 rewritten, convs inside If/Loop bodies are rewritten (exact at full rank in onnxruntime, both If branches), the
 written file never grows where the report claims fewer parameters, a model with nothing to rewrite comes back
-unchanged, a valid model that onnx-graphsurgeon cannot round-trip is rewritten, and target_flops works when
-only MatMul shapes are unknown. Small models built with onnx.helper; fresh random weights and inputs each run."""
+unchanged, a valid model that onnx-graphsurgeon cannot round-trip is rewritten, target_flops works when
+only MatMul shapes are unknown, and a conv whose weight the user can override at run time is left alone. Small models built with onnx.helper; fresh random weights and inputs each run."""
 import os
 
 import numpy as np
@@ -242,6 +242,28 @@ def test_a_rewritten_model_onnx_rejects_is_a_one_line_dsrewrite_error(monkeypatc
     with pytest.raises(DsrewriteError, match="rewritten model fails onnx.checker") as e:
         rewrite(paddle_model(), rank=2)
     assert "\n" not in str(e.value)
+
+
+def test_weight_that_is_also_a_graph_input_is_not_baked_in():
+    """An initializer also listed as a graph input (ONNX IR < 4 style, or an overridable default) can be fed at
+    run time: that conv is skipped with the reason, the other one is rewritten, and an override still works."""
+    w1, w2 = f32(C, C, K, K), f32(C, C, K, K)
+    w1_info = helper.make_tensor_value_info("w1", TensorProto.FLOAT, [C, C, K, K])
+    graph = helper.make_graph(
+        [conv("conv1", "x", "w1", "h"), conv("conv2", "h", "w2", "y")], "g", [x_info(), w1_info],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 8, 8])],
+        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = model_of(graph)
+    onnx.checker.check_model(model, full_check=True)
+    new, report = rewrite(model, rank="full")
+    assert [L.name for L in report.rewritten] == ["conv2"]
+    skipped = {L.name: L.reason for L in report.layers if not L.rewritten}
+    assert skipped == {"conv1": "weight 'w1' is also a graph input (overridable at run time)"}
+    assert [n.op_type for n in new.graph.node if "w1" in n.input] == ["Conv"]
+    assert [i.name for i in new.graph.input] == ["x", "w1"]
+    x, other = f32(1, C, 8, 8), f32(C, C, K, K)
+    for feeds in ({"x": x}, {"x": x, "w1": other}):  # the default, then a run-time override
+        assert rel(run(new, feeds)[0], run(model, feeds)[0]) < TOL
 
 
 # ------------------------------------------------------------------------ target_flops with unknown MatMuls

@@ -3,9 +3,9 @@
 ``Conv`` nodes whose weight is a constant (an initializer or a ``Constant`` node of the conv's graph or of a
 graph around it, or either behind ``Identity`` nodes) carry the weight as a numpy array; everything else the
 pass cannot rewrite (``ConvTranspose``, quantised ``QLinearConv``/``ConvInteger``, weights computed at run
-time, odd dtypes) still becomes a site with the reason in ``spec.extra["unsupported"]``, so the report lists
-it. A conv inside an ``If`` / ``Loop`` / ``Scan`` body is named with where it lives
-(``If_0/then_branch/conv``).
+time, weights the user can override at run time, odd dtypes) still becomes a site with the reason in
+``spec.extra["unsupported"]``, so the report lists it. A conv inside an ``If`` / ``Loop`` / ``Scan`` body is
+named with where it lives (``If_0/then_branch/conv``).
 """
 from __future__ import annotations
 
@@ -49,6 +49,18 @@ def _ints(v, n: int, default: int) -> Tuple[int, ...]:
     return tuple(int(x) for x in v)
 
 
+def _overridable(source: Optional[Definition]) -> Optional[str]:
+    """Why an initializer that is also an input of its graph cannot be rewritten (``None`` otherwise): the user
+    may feed another value at run time (ONNX IR < 4 lists every initializer as an input; later IRs allow it as
+    an overridable default), and the factors would bake the default in."""
+    if source is None or source.kind != "initializer":
+        return None
+    if not any(vi.name == source.name for vi in source.scope.graph.input):
+        return None
+    where = "a graph input" if source.scope.is_main else f"an input of the subgraph {source.scope.where}"
+    return f"weight {source.name!r} is also {where} (overridable at run time)"
+
+
 def _site(scope: Scope, node: onnx.NodeProto, index: int, shapes: Shapes) -> Optional[ConvSite]:
     w_idx, b_idx, unsupported = CONV_OPS[node.op_type]
     if len(node.input) <= w_idx or not node.input[w_idx] or not node.input[0]:
@@ -60,6 +72,8 @@ def _site(scope: Scope, node: onnx.NodeProto, index: int, shapes: Shapes) -> Opt
     w_shape = tuple(weight.shape) if weight is not None else (shapes.get(w_name) or None)
     if weight is None and unsupported is None:
         unsupported = f"weight {why}"
+    if unsupported is None:
+        unsupported = _overridable(source)
     if w_shape is None:  # runtime weight of unknown shape: kernel from the attribute, channels unknown
         w_shape = (0, 0) + tuple(int(k) for k in attribute(node, "kernel_shape", [1, 1]))
     group = int(attribute(node, "group", 1))
