@@ -9,7 +9,7 @@ item of the batch.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from .errors import DsrewriteError, first_line
 from .factorize import Factors, exact_factors
 from .pipeline import Decision, layer_report
 
-__all__ = ["self_check", "check_runs", "tolerance"]
+__all__ = ["self_check", "check_runs", "tolerance", "Tally"]
 
 
 def tolerance(y: torch.Tensor) -> float:
@@ -46,10 +46,40 @@ def _compare(module: nn.Module, probe: Tuple[torch.Tensor, torch.Tensor]) -> Tup
     return (diff / scale if scale > 0 else diff), ""
 
 
+class Tally:
+    """The verdicts of one self-check over many layers, and its report note (shared by every route)."""
+
+    def __init__(self) -> None:
+        self.checked, self.worst, self.failed = 0, 0.0, []
+
+    def judge(self, d: Decision, err: Optional[float], why: str, tol: float) -> None:
+        """Pass the layer, or turn its decision into a skip with the reason."""
+        if err is not None and err <= tol:
+            self.checked += 1
+            self.worst = max(self.worst, err)
+            return
+        reason = f"self-check failed ({why})" if err is None else f"self-check failed (rel. error {err:.2g} > {tol:g})"
+        d.report = layer_report(d.site.spec, reason=reason)
+        d.factors = None
+        self.failed.append(d.site.spec.name)
+
+    def note(self, unchecked: Sequence[Tuple[int, str]] = ()) -> str:
+        """``self-check: N ... reproduce the original``; the failures; each ``(count, why)`` not checked."""
+        note = (f"self-check: {self.checked} rewritten layer(s) reproduce the original exactly at full rank "
+                f"(max rel. error {self.worst:.1e})")
+        if self.failed:
+            more = ", ..." if len(self.failed) > 6 else ""
+            note += f"; {len(self.failed)} failed and were left dense: {', '.join(self.failed[:6])}{more}"
+        for count, why in unchecked:
+            if count:
+                note += f"; {count} not checked ({why})"
+        return note
+
+
 def self_check(decisions: List[Decision], build: Callable[[Decision, Factors], nn.Module]) -> str:
     """Check every rewritten decision that has a probe; skip the failing ones (with the reason). Returns a
     report note. ``build(decision, factors)`` is the backend's pair factory (same settings as it installs)."""
-    checked, worst, failed, unknown = 0, 0.0, [], 0
+    tally, unknown = Tally(), 0
     for d in decisions:
         if not d.rewritten:
             continue
@@ -59,21 +89,8 @@ def self_check(decisions: List[Decision], build: Callable[[Decision, Factors], n
             continue
         exact = exact_factors(torch.as_tensor(d.site.weight), None if d.site.bias is None else torch.as_tensor(d.site.bias))
         err, why = _compare(build(d, exact).to(device=probe[0].device), probe)
-        tol = tolerance(probe[1])
-        if err is not None and err <= tol:
-            checked += 1
-            worst = max(worst, err)
-            continue
-        reason = f"self-check failed ({why})" if err is None else f"self-check failed (rel. error {err:.2g} > {tol:g})"
-        d.report = layer_report(d.site.spec, reason=reason)
-        d.factors = None
-        failed.append(d.site.spec.name)
-    note = f"self-check: {checked} rewritten layer(s) reproduce the original exactly at full rank (max rel. error {worst:.1e})"
-    if failed:
-        note += f"; {len(failed)} failed and were left dense: {', '.join(failed[:6])}{', ...' if len(failed) > 6 else ''}"
-    if unknown:
-        note += f"; {unknown} not checked (no example input reached them)"
-    return note
+        tally.judge(d, err, why, tolerance(probe[1]))
+    return tally.note([(unknown, "no example input reached them")])
 
 
 def check_runs(model: nn.Module, args: tuple, modules: List[Tuple[str, nn.Module]]) -> None:

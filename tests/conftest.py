@@ -19,3 +19,27 @@ def gen() -> torch.Generator:
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed: {seed}")  # shown by pytest for a failing test
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def taps():
+    """A toy budget kind registered for one test only: the fraction of depthwise filters kept (a dense conv counts
+    as ``Cin*Cout`` of them). Shows that a new kind is one provider and one ``register_budget`` call."""
+    from dsrewrite.costs import BUDGETS, CostProvider, register_budget
+
+    class TapCost(CostProvider):
+        name, quantity = "filter", "depthwise filters"
+
+        def dense(self, spec):
+            return spec.in_channels * spec.out_channels
+
+        def candidates(self, spec):
+            return list(range(1, spec.full_rank + 1))
+
+        def separable(self, spec, rank):
+            return spec.in_channels * rank
+
+    register_budget("target_taps", lambda timer: TapCost())
+    yield "target_taps"
+    del BUDGETS["target_taps"]
+

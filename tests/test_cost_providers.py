@@ -4,32 +4,10 @@ import pytest
 import torch
 
 from dsrewrite import cost
-from dsrewrite.costs import BUDGETS, CostProvider, FlopCost, LatencyCost, ParamCost, register_budget
+from dsrewrite.costs import FlopCost, LatencyCost, ParamCost
 from dsrewrite.errors import DsrewriteError
 from dsrewrite.ir import ConvSite, ConvSpec
 from dsrewrite.pipeline import plan_sites
-
-
-class TapCost(CostProvider):
-    """Toy budget: the number of depthwise filters (a dense conv counts as ``Cin*Cout`` of them)."""
-
-    name, quantity = "filter", "depthwise filters"
-
-    def dense(self, spec):
-        return spec.in_channels * spec.out_channels
-
-    def candidates(self, spec):
-        return list(range(1, spec.full_rank + 1))
-
-    def separable(self, spec, rank):
-        return spec.in_channels * rank
-
-
-@pytest.fixture
-def taps():
-    register_budget("target_taps", lambda timer: TapCost())
-    yield "target_taps"
-    del BUDGETS["target_taps"]
 
 
 def _sites(gen, shapes=((8, 16), (16, 32), (32, 32), (32, 4))):

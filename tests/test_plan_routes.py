@@ -102,34 +102,17 @@ def test_config_object_and_keywords_give_the_same_plan(model_and_onnx):
         dsrewrite.rewrite(model, x, ranks=2)
 
 
-def test_a_registered_budget_kind_reaches_every_route(model_and_onnx):
-    """A budget kind is one provider + one register_budget call; rewrite() and the ONNX route take it by name."""
-    from dsrewrite.costs import BUDGETS, CostProvider, register_budget
-
-    class Filters(CostProvider):
-        name, quantity = "filter", "depthwise filters"
-
-        def dense(self, spec):
-            return spec.in_channels * spec.out_channels
-
-        def candidates(self, spec):
-            return list(range(1, spec.full_rank + 1))
-
-        def separable(self, spec, rank):
-            return spec.in_channels * rank
-
-    register_budget("target_filters", lambda timer: Filters())
-    try:
-        model, path = model_and_onnx
-        x = torch.randn(*SHAPE)
-        res = dsrewrite.rewrite(model, x, budget=("target_filters", 0.6), measure_time=False)
-        plan = plan_of(res.report)
-        layers = res.report.layers  # the budget is a fraction of every conv's cost, as the provider counts it
-        after = sum(L.in_channels * (L.rank if L.rewritten else L.out_channels) for L in layers)
-        assert after <= 0.6 * sum(L.in_channels * L.out_channels for L in layers)
-        assert all(L.policy == "target_filters" for L in res.report.rewritten) and res.report.rewritten
-        assert plan_of(onnx_rewrite(path, budget=("target_filters", 0.6)).report) == plan
-        with pytest.raises(dsrewrite.DsrewriteError, match="unknown budget 'target_nothing'"):
-            dsrewrite.rewrite(model, x, budget=("target_nothing", 0.3))
-    finally:
-        del BUDGETS["target_filters"]
+def test_a_registered_budget_kind_reaches_every_route(model_and_onnx, taps):
+    """A budget kind is one provider + one register_budget call (the ``taps`` fixture); rewrite() and the ONNX
+    route take it by name."""
+    model, path = model_and_onnx
+    x = torch.randn(*SHAPE)
+    res = dsrewrite.rewrite(model, x, budget=(taps, 0.6), measure_time=False)
+    plan = plan_of(res.report)
+    layers = res.report.layers  # the budget is a fraction of every conv's cost, as the provider counts it
+    after = sum(L.in_channels * (L.rank if L.rewritten else L.out_channels) for L in layers)
+    assert after <= 0.6 * sum(L.in_channels * L.out_channels for L in layers)
+    assert all(L.policy == taps for L in res.report.rewritten) and res.report.rewritten
+    assert plan_of(onnx_rewrite(path, budget=(taps, 0.6)).report) == plan
+    with pytest.raises(dsrewrite.DsrewriteError, match="unknown budget 'target_nothing'"):
+        dsrewrite.rewrite(model, x, budget=("target_nothing", 0.3))

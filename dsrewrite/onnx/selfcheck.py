@@ -23,8 +23,8 @@ from onnx import helper, numpy_helper
 
 from ..errors import first_line
 from ..factorize import exact_factors
-from ..pipeline import Decision, layer_report
-from ..selfcheck import tolerance
+from ..pipeline import Decision
+from ..selfcheck import Tally, tolerance
 from .backend import UniqueNames, pair_nodes
 from .model_io import PROTOBUF_LIMIT, model_nbytes
 from .scopes import scopes, taken_names
@@ -48,7 +48,7 @@ def self_check(model: onnx.ModelProto, decisions: List[Decision], inputs: Mappin
     why_not = _why_not_runnable(model, inputs) if main else None
     if main and why_not is None:
         probes, why_not = _run_original(model, main, inputs)
-    checked, worst, failed, odd = 0, 0.0, [], 0
+    tally, odd = Tally(), 0
     for d in main if why_not is None else []:
         probe = probes[id(d)]
         if not all(np.isfinite(a).all() for a in probe if a is not None):
@@ -56,26 +56,12 @@ def self_check(model: onnx.ModelProto, decisions: List[Decision], inputs: Mappin
             continue
         err, why = _compare(model, d, probe)
         tol = max(tolerance(torch.from_numpy(np.ascontiguousarray(probe[1].ravel()[:1]))), 1e-4)  # float32 pair
-        if err is not None and err <= tol:
-            checked += 1
-            worst = max(worst, err)
-            continue
-        reason = f"self-check failed ({why})" if err is None else f"self-check failed (rel. error {err:.2g} > {tol:g})"
-        d.report = layer_report(d.site.spec, reason=reason)
-        d.factors = None
-        failed.append(d.site.spec.name)
+        tally.judge(d, err, why, tol)
+    unchecked = [(odd, "non-finite values on the random inputs"), (inner, "inside a subgraph")]
     if why_not is not None:
-        note = f"self-check: not run ({why_not}): {len(main)} rewritten layer(s) not checked"
-    else:
-        note = (f"self-check: {checked} rewritten layer(s) reproduce the original exactly at full rank "
-                f"(max rel. error {worst:.1e})")
-    if failed:
-        note += f"; {len(failed)} failed and were left dense: {', '.join(failed[:6])}{', ...' if len(failed) > 6 else ''}"
-    if odd:
-        note += f"; {odd} not checked (non-finite values on the random inputs)"
-    if inner:
-        note += f"; {inner} not checked (inside a subgraph)"
-    return note
+        return "; ".join([f"self-check: not run ({why_not}): {len(main)} rewritten layer(s) not checked"]
+                         + [f"{n} not checked ({w})" for n, w in unchecked if n])
+    return tally.note(unchecked)
 
 
 def _why_not_runnable(model: onnx.ModelProto, inputs: Mapping[str, Tuple[int, ...]]) -> Optional[str]:
