@@ -15,7 +15,7 @@ from ..ir import ConvSite, ConvSpec
 from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, is_known_conv_class
 
 __all__ = ["collect_sites", "trace", "FxHandle", "CONV_FUNCTIONS", "CONV_ARGS", "bind_conv_args", "conv_settings",
-           "computed_at_run_time", "owner_name", "module_site", "ProbeProp", "first_item"]
+           "computed_at_run_time", "owner_name", "module_site", "ProbeProp", "first_item", "may_rewrite"]
 
 # functional convs and their spatial dims
 CONV_FUNCTIONS = {
@@ -228,10 +228,16 @@ class ProbeProp(ShapeProp):
         result = super().run_node(n)
         key = None
         if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), CONV_MODULE_TYPES):
-            key, dims = n.target, len(self.module.get_submodule(n.target).kernel_size)
+            mod = self.module.get_submodule(n.target)
+            if may_rewrite(mod.groups, mod.kernel_size) and not isinstance(mod, TRANSPOSED_TYPES):
+                key, dims = n.target, len(mod.kernel_size)
         elif n.op == "call_function" and n.target in CONV_FUNCTIONS:
-            w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-            key, dims = (w.target if isinstance(w, fx.Node) and w.op == "get_attr" else n), CONV_FUNCTIONS[n.target]
+            bound = bind_conv_args(n)
+            w, groups = bound.get("weight"), bound.get("groups", 1)
+            wv = self.env.get(w) if isinstance(w, fx.Node) else None
+            if isinstance(wv, torch.Tensor) and may_rewrite(groups, tuple(wv.shape[2:])):
+                key = w.target if w.op == "get_attr" else n
+                dims = CONV_FUNCTIONS[n.target]
         if key is not None and key not in self._seen:
             self._seen.add(key)
             src = n.args[0] if n.args else n.kwargs.get("input")
@@ -239,6 +245,11 @@ class ProbeProp(ShapeProp):
             if isinstance(x, torch.Tensor) and isinstance(result, torch.Tensor):
                 self.probes[n] = (first_item(x, dims), first_item(result, dims))
         return result
+
+
+def may_rewrite(groups: Any, kernel: Tuple[int, ...]) -> bool:
+    """A conv the planner may rewrite (groups=1, more than one tap): only those keep a probe, to bound memory."""
+    return groups == 1 and math.prod(kernel) > 1
 
 
 def first_item(t: torch.Tensor, dims: int) -> torch.Tensor:

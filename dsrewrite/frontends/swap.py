@@ -21,7 +21,7 @@ from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
 from ..selfcheck import self_check
 from .conv_modules import CONV_MODULE_TYPES
-from .fx import ProbeProp, collect_sites, first_item, module_site, trace
+from .fx import ProbeProp, collect_sites, first_item, may_rewrite, module_site, trace
 
 __all__ = ["rewrite_untraceable"]
 
@@ -52,7 +52,7 @@ def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Rec
         if isinstance(out, torch.Tensor):
             r = recs.setdefault(mod, _Record())
             r.out_shapes.append(tuple(out.shape))
-            if r.probe is None and a and isinstance(a[0], torch.Tensor):
+            if r.probe is None and a and isinstance(a[0], torch.Tensor) and may_rewrite(mod.groups, mod.kernel_size):
                 dims = len(mod.kernel_size)
                 r.probe = (first_item(a[0], dims), first_item(out, dims))
 
