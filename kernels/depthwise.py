@@ -15,7 +15,7 @@ import triton.language as tl
 from ._common import depthwise_tile, input_channel, interpreting, launch, pixel_origin, prune_by_size, tile_ids
 from ._shapes import conv_output, depthwise_operands
 
-__all__ = ["depthwise_conv2d_forward", "DEPTHWISE_CONFIGS"]
+__all__ = ["depthwise_conv2d_forward", "DEPTHWISE_CONFIGS", "DEPTHWISE_TUNING_KEY"]
 
 
 @triton.jit
@@ -60,9 +60,13 @@ def _prune(configs, named_args, **kwargs):
     return prune_by_size(configs, {"BLOCK_C": named_args["CR"], "BLOCK_P": named_args["P"]})
 
 
+# cached per shape, memory format of input and output (channel and width strides) and ragged index; Triton adds
+# the tensors' dtypes itself
+DEPTHWISE_TUNING_KEY = ["CR", "P", "KH", "KW", "stride_h", "stride_w", "sxc", "sxw", "szc", "szw", "HAS_INDEX"]
+
 _depthwise_conv2d_tuned = triton.autotune(
     configs=[INTERPRET_CONFIG] if interpreting() else DEPTHWISE_CONFIGS,
-    key=["CR", "P", "KH", "KW", "stride_h", "stride_w"],
+    key=DEPTHWISE_TUNING_KEY,
     prune_configs_by=None if interpreting() else {"early_config_prune": _prune},
 )(_depthwise_conv2d_kernel)
 

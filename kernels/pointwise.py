@@ -15,7 +15,7 @@ from ._common import (ACTIVATIONS, epilogue_store, gemm_config, interpreting, la
                       tile_ids)
 from ._shapes import output_memory_format
 
-__all__ = ["pointwise_conv2d_forward", "POINTWISE_CONFIGS"]
+__all__ = ["pointwise_conv2d_forward", "POINTWISE_CONFIGS", "POINTWISE_TUNING_KEY"]
 
 
 @triton.jit
@@ -66,9 +66,13 @@ def _prune(configs, named_args, **kwargs):
                                    "BLOCK_P": named_args["P"]})
 
 
+# cached per shape, memory format of input and output (channel and width strides), bias, activation and dot
+# precision; Triton adds the tensors' dtypes itself
+POINTWISE_TUNING_KEY = ["K", "M", "P", "szc", "szw", "sym", "syw", "HAS_BIAS", "ACT", "PRECISION"]
+
 _pointwise_conv2d_tuned = triton.autotune(
     configs=[INTERPRET_CONFIG] if interpreting() else POINTWISE_CONFIGS,
-    key=["K", "M", "P"],
+    key=POINTWISE_TUNING_KEY,
     prune_configs_by=None if interpreting() else {"early_config_prune": _prune},
 )(_pointwise_conv2d_kernel)
 

@@ -21,7 +21,7 @@ from ._common import (ACTIVATIONS, depthwise_tile, epilogue_store, gemm_config, 
 from ._shapes import conv_output, depthwise_operands
 
 __all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_FALLBACK_CONFIGS", "FUSED_BLOCK_M_MAX",
-           "fused_shared_bytes", "fused_configs_for"]
+           "fused_shared_bytes", "fused_configs_for", "FUSED_TUNING_KEY"]
 
 
 @triton.jit
@@ -107,9 +107,16 @@ def _prune(configs, named_args, **kwargs):
                                    "BLOCK_P": named_args["P"]})
 
 
+# What a tuned config is cached under. Beyond the shape: the channel and width strides of the input and output
+# (NCHW vs channels_last: both compile differently, and a channels_last 5x5/7x7 kernel stages far more shared
+# memory, so an NCHW winner can fail to launch), the ragged index, bias, activation and dot precision. Triton
+# adds the dtype of every tensor argument to the key itself (3.0 on; tests/test_kernels_tuning.py checks it).
+FUSED_TUNING_KEY = ["CR", "M", "P", "KH", "KW", "stride_h", "stride_w", "sxc", "sxw", "sym", "syw",
+                    "HAS_INDEX", "HAS_BIAS", "ACT", "PRECISION"]
+
 _separable_conv2d_tuned = triton.autotune(
     configs=[INTERPRET_CONFIG] if interpreting() else FUSED_CONFIGS + FUSED_FALLBACK_CONFIGS,
-    key=["CR", "M", "P", "KH", "KW", "stride_h", "stride_w"],
+    key=FUSED_TUNING_KEY,
     prune_configs_by=None if interpreting() else {"early_config_prune": _prune},
 )(_separable_conv2d_kernel)
 
