@@ -33,6 +33,12 @@ def _parse_shape(text: str) -> Tuple[int, ...]:
     return shape
 
 
+def _parse_input_shape(text: str) -> Tuple[Optional[str], Tuple[int, ...]]:
+    """``1,3,224,224`` (the model's one input) or ``NAME=1x3x224x224`` (an ONNX input by name)."""
+    name, sep, shape = text.rpartition("=")
+    return (name.strip() or None) if sep else None, _parse_shape(shape)
+
+
 def _parse_rank(text: str):
     from .policy import check_rank
 
@@ -88,6 +94,15 @@ def load_model(src: str, weights: Optional[str] = None):
     return model.eval()
 
 
+def _single_shape(given) -> Optional[Tuple[int, ...]]:
+    """The one unnamed ``--input-shape`` a torch model takes."""
+    if not given:
+        return None
+    if len(given) > 1 or given[0][0] is not None:
+        raise DsrewriteError("a torch model takes one --input-shape, without a name (NAME=SHAPE is for ONNX inputs)")
+    return given[0][1]
+
+
 def _example_inputs(model, shape: Optional[Tuple[int, ...]]) -> tuple:
     import torch
 
@@ -138,7 +153,7 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
     from .api import rewrite
 
     model = load_model(a.src, a.weights)
-    args = _example_inputs(model, a.input_shape)
+    args = _example_inputs(model, _single_shape(a.input_shape))
     calibration = load_calibration(a.calibration, args) if getattr(a, "calibration", None) else None
     cfg = RewriteConfig.from_cli(a)
     cfg.check_route("torch", cli=True)
@@ -256,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int, 'auto' (default: about half of each layer's FLOPs) or 'full' (exact)")
     r.add_argument("--report", help="write the report as JSON to this path")
     r.add_argument("--markdown", help="write the report as Markdown to this path")
-    r.add_argument("--input-shape", type=_parse_shape, default=None,
-                   help="example input shape, e.g. 1,3,224,224 (default; detection models: 3,320,320)")
+    r.add_argument("--input-shape", type=_parse_input_shape, action="append", default=None,
+                   help="example input shape, e.g. 1,3,224,224 (default; detection models: 3,320,320); for an ONNX "
+                        "model with several inputs, NAME=SHAPE once per input")
     r.add_argument("--weights", help="state_dict file to load before rewriting")
     r.add_argument("--include", action="append", help="only rewrite convs matching this glob (repeatable)")
     r.add_argument("--exclude", action="append", help="never rewrite convs matching this glob (repeatable)")

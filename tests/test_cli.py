@@ -185,3 +185,34 @@ def test_quiet_third_party_silences_and_restores(capsys, caplog):
         assert [str(w.message) for w in caught] == ["warn after"]
     assert "gs after" in capsys.readouterr().out
     assert [r.getMessage() for r in caplog.records] == ["log after"]
+
+
+def test_input_shape_by_name_for_a_multi_input_onnx_model(tmp_path, capsys):
+    """--input-shape NAME=SHAPE once per input; an unnamed shape is refused with the input names."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((6, 4, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["a", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("ReduceMean", ["b"], ["m"], keepdims=0)],
+        "two_inputs",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4, "H", "W"]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, "H", "W"]),
+         helper.make_tensor_value_info("m", TensorProto.FLOAT, [])], [w])
+    path = str(tmp_path / "two.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    out = str(tmp_path / "two_ds.onnx")
+    assert main(["rewrite", path, "-o", out, "--rank", "2", "--input-shape", "a=1x4x9x9",
+                 "--input-shape", "b=1x3", "--report", str(tmp_path / "r.json")]) == 0
+    rep = Report.from_json(str(tmp_path / "r.json"))
+    assert rep.input_shapes == [[1, 4, 9, 9], [1, 3]]
+    assert rep.flops_before > 0 and rep.layer("conv").rewritten
+    capsys.readouterr()
+    assert main(["rewrite", path, "-o", out, "--overwrite", "--input-shape", "1x4x9x9"]) == 2
+    err = capsys.readouterr().err
+    assert "this model has 2 inputs (a, b): give --input-shape NAME=SHAPE once per input" in err
+    assert main(["rewrite", "torchvision:resnet18", "--input-shape", "x=1x3x32x32", "--no-time", "-q"]) == 2
+    assert "a torch model takes one --input-shape, without a name" in capsys.readouterr().err

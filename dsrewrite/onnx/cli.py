@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Dict, Optional, Tuple
 
 from ..config import RewriteConfig
 from ..errors import DsrewriteError
@@ -23,19 +24,29 @@ def cli_rewrite(a: argparse.Namespace) -> Report:
         raise DsrewriteError("--weights applies to torch models only: the ONNX file holds its weights")
     cfg = RewriteConfig.from_cli(a)
     cfg.check_route("onnx", cli=True)
-    input_shapes = None
-    if getattr(a, "input_shape", None):
-        import onnx
-
-        try:
-            header = onnx.load(a.src, load_external_data=False)
-        except Exception:  # noqa: BLE001 - rewrite() below gives the one-line error for a bad file
-            header = None
-        if header is not None:
-            inits = {t.name for t in header.graph.initializer}
-            real = [i.name for i in header.graph.input if i.name not in inits]
-            if len(real) != 1:
-                raise DsrewriteError(f"--input-shape needs a model with one input, this one has {len(real)}")
-            input_shapes = {real[0]: a.input_shape}
+    input_shapes = _input_shapes(a.src, getattr(a, "input_shape", None))
     _, report = rewrite(a.src, a.out, cfg, input_shapes=input_shapes)
     return report
+
+
+def _input_shapes(src: str, given) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """``--input-shape`` values by input name: ``NAME=SHAPE`` as given; an unnamed shape for a one-input model."""
+    if not given:
+        return None
+    named = {name: shape for name, shape in given if name is not None}
+    unnamed = [shape for name, shape in given if name is None]
+    if not unnamed:
+        return named
+    import onnx
+
+    try:
+        header = onnx.load(src, load_external_data=False)
+    except Exception:  # noqa: BLE001 - rewrite() gives the one-line error for a bad file
+        return named or None
+    inits = {t.name for t in header.graph.initializer}
+    real = [i.name for i in header.graph.input if i.name not in inits]
+    if len(unnamed) > 1 or len(real) != 1:
+        raise DsrewriteError(f"this model has {len(real)} inputs ({', '.join(real[:6])}): give --input-shape "
+                             "NAME=SHAPE once per input")
+    return {real[0]: unnamed[0], **named}
+
