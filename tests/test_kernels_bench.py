@@ -44,3 +44,26 @@ def test_flop_and_byte_formulas_match_the_two_convs():
     weights = dw.numel() + pw.numel() + 5
     assert by["fused"] == 2 * (x.numel() + y.numel() + weights)
     assert by["unfused"] - by["fused"] == 2 * 2 * z.numel()
+
+
+def test_gpu_check_script_dry_run():
+    """benchmarks/gpu_check.sh --dry-run (issue 13): stages the package as installed, prints the plan, and
+    validates the steps' scripts and flags without a GPU (about 6 s)."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        import pytest
+
+        pytest.skip("needs bash and coreutils timeout")
+    script = _PATH.parent / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("OUT", None)
+    res = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout
+    for step in ("correctness", "configs", "kernels", "max-autotune", "end-to-end"):
+        assert f"## {step}" in out
+    assert "- device:" in out and "Triton" in out and "cases (dry run: nothing launched)" in out
+    assert out.rstrip().endswith("all steps passed")
