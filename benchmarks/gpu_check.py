@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import zlib
 from typing import List, NamedTuple, Optional
 
 TOL = {"fp32-ieee": 1e-5, "fp32-tf32": 5e-3, "fp16": 5e-3, "bf16": 3e-2}
@@ -80,7 +81,7 @@ def run_case(c: Case, dev: str = "cuda") -> dict:
     from dsrewrite.kernels import separable_conv2d
 
     dt = getattr(torch, DTYPE[c.dtype])
-    g = torch.Generator(device="cpu").manual_seed(hash(c) % 2**31)
+    g = torch.Generator(device="cpu").manual_seed(zlib.crc32(describe(c).encode()))  # same data every run
     cr = c.c * c.r
     x = torch.randn(c.n, c.c, c.hw, c.hw, generator=g)
     dw = torch.randn(cr, 1, c.k, c.k, generator=g) / c.k

@@ -151,8 +151,11 @@ class RewriteConfig:
     # ------------------------------------------------------------------ reading
     def given(self) -> Dict[str, Any]:
         """The options set to something other than their default."""
+        def is_default(v: Any, default: Any) -> bool:  # data (arrays, tensors) is never a default value
+            return isinstance(v, (str, int, float, bool, tuple)) and v == default
+
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not None and getattr(self, f.name) != f.default}
+                if getattr(self, f.name) is not None and not is_default(getattr(self, f.name), f.default)}
 
     def check_route(self, route: str, *, cli: bool = False) -> None:
         """Refuse, by name and with the reason, an option that ``route`` cannot honour (``cli``: name the flag)."""

@@ -22,7 +22,7 @@ from .ir import ConvSite, ConvSpec
 from .policy import RankArg, check_rank, choose_rank
 from .report import LayerReport
 
-__all__ = ["Decision", "Selector", "plan_sites", "selected", "matcher", "layer_report", "budget_args", "BUDGET_ARGS", "one_budget"]
+__all__ = ["Decision", "Selector", "plan_sites", "selected", "matcher", "layer_report", "BUDGET_ARGS", "one_budget"]
 
 Selector = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -172,11 +172,6 @@ def _mark_tied_weights(sites: List[ConvSite]) -> None:
 # ---------------------------------------------------------------------------------------------- budgets
 BUDGET_ARGS = ("target_flops", "target_params", "target_latency", "energy")
 ENERGY = "energy"  # a per-layer policy, not a cost budget: it has no provider (see budget.energy_allocation)
-
-
-def budget_args(rank, target_flops, target_params, target_latency, energy, timer):
-    """``(kind, value)`` of the one budget given, or ``None``; one-line errors for bad combinations."""
-    return one_budget(rank, _given_budgets(target_flops, target_params, target_latency, energy), timer)
 
 
 def _given_budgets(target_flops, target_params, target_latency, energy) -> List[Tuple[str, float]]:

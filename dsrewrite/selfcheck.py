@@ -83,12 +83,11 @@ def self_check(decisions: List[Decision], build: Callable[[Decision, Factors], n
     for d in decisions:
         if not d.rewritten:
             continue
-        probe = d.site.probe
+        probe, d.site.probe = d.site.probe, None  # the samples are not kept with the result
         if probe is None:
             unknown += 1
             continue
-        exact = exact_factors(torch.as_tensor(d.site.weight), None if d.site.bias is None else torch.as_tensor(d.site.bias))
-        err, why = _compare(build(d, exact).to(device=probe[0].device), probe)
+        err, why = _compare(build(d, exact_factors(d.site.weight, d.site.bias)).to(device=probe[0].device), probe)
         tally.judge(d, err, why, tolerance(probe[1]))
     return tally.note([(unknown, "no example input reached them")])
 

@@ -41,7 +41,8 @@ def interpreting() -> bool:
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
                      bias: Optional[torch.Tensor] = None, *, stride=1, padding=0, dilation=1,
                      activation: Optional[str] = None, path: str = "auto",
-                     precision: Optional[str] = None, channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     precision: Optional[str] = None, channel_index: Optional[torch.Tensor] = None,
+                     check_index: bool = True) -> torch.Tensor:
     """Fused depthwise + pointwise conv2d: ``act(conv2d(conv2d(x, dw_weight, groups=C), pw_weight, bias))``.
 
     Args:
@@ -56,11 +57,14 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
             ``torch.backends.cudnn.allow_tf32`` on CUDA (as ``F.conv2d`` does) and is ``"ieee"`` elsewhere.
         channel_index: ragged ranks: int ``[dw_weight.shape[0]]``, the input channel each depthwise filter
             reads (the kernels read through it: no gathered copy of ``x``).
+        check_index: check the index values (on CUDA a device-side assert, no sync); callers that validated
+            the index once (``SeparableConv2d``) pass False. The kernels mask an out-of-range index either way.
     """
     from .ops import separable_conv2d as impl
 
     return impl(x, dw_weight, pw_weight, bias, stride=stride, padding=padding, dilation=dilation,
-                activation=activation, path=path, precision=precision, channel_index=channel_index)
+                activation=activation, path=path, precision=precision, channel_index=channel_index,
+                check_index=check_index)
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0, dilation=1,

@@ -105,7 +105,8 @@ def check_index_values(index: torch.Tensor, channels: int, *, sync: Optional[boo
 
 
 def _check_tensors(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
-                   bias: Optional[torch.Tensor], channel_index: Optional[torch.Tensor] = None) -> None:
+                   bias: Optional[torch.Tensor], channel_index: Optional[torch.Tensor] = None,
+                   check_index: bool = True) -> None:
     if x.dim() != 4:
         raise DsrewriteError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
     c = x.shape[1]
@@ -119,7 +120,8 @@ def _check_tensors(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Te
                                  f"{channel_index.dtype} {tuple(channel_index.shape)}")
         if channel_index.device != x.device:
             raise DsrewriteError(f"channel_index is on {channel_index.device}, x is on {x.device}: they must match")
-        check_index_values(channel_index, c)
+        if check_index:
+            check_index_values(channel_index, c)
     if pw_weight.dim() != 4 or pw_weight.shape[1] != cr or tuple(pw_weight.shape[2:]) != (1, 1):
         raise DsrewriteError(f"pw_weight must be [M, {cr}, 1, 1], got {tuple(pw_weight.shape)}")
     if bias is not None and tuple(bias.shape) != (pw_weight.shape[0],):
@@ -138,13 +140,15 @@ def _check_tensors(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Te
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
                      bias: Optional[torch.Tensor] = None, *, stride=1, padding=0, dilation=1,
                      activation: Optional[str] = None, path: str = "auto",
-                     precision: Optional[str] = None, channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     precision: Optional[str] = None, channel_index: Optional[torch.Tensor] = None,
+                     check_index: bool = True) -> torch.Tensor:
     """``act(pointwise(depthwise(x)))`` with Triton kernels; see :mod:`dsrewrite.kernels`.
 
     ``channel_index`` (ragged ranks): the input channel each of the ``dw_weight.shape[0]`` depthwise filters
-    reads, read by the kernel itself (no gathered copy of ``x``).
+    reads, read by the kernel itself (no gathered copy of ``x``). ``check_index=False`` skips the check of its
+    values (a device-side assert on CUDA): for callers that validated the index once, as ``SeparableConv2d`` does.
     """
-    _check_tensors(x, dw_weight, pw_weight, bias, channel_index)
+    _check_tensors(x, dw_weight, pw_weight, bias, channel_index, check_index)
     act = "none" if activation is None else activation
     if act not in ACTIVATIONS:
         raise DsrewriteError(f"activation must be None, 'relu', 'relu6' or 'silu', got {activation!r}")

@@ -116,3 +116,10 @@ def test_a_registered_budget_kind_reaches_every_route(model_and_onnx, taps):
     assert plan_of(onnx_rewrite(path, budget=(taps, 0.6)).report) == plan
     with pytest.raises(dsrewrite.DsrewriteError, match="unknown budget 'target_nothing'"):
         dsrewrite.rewrite(model, x, budget=("target_nothing", 0.3))
+
+
+def test_array_options_are_compared_as_data(model_and_onnx):
+    """An array given as an option (calibration data) is never compared element-wise with a default."""
+    _, path = model_and_onnx
+    with pytest.raises(dsrewrite.DsrewriteError, match="option 'calibration' is not supported by the ONNX route"):
+        onnx_rewrite(path, calibration=np.zeros((4, *SHAPE[1:]), dtype=np.float32))

@@ -59,4 +59,5 @@ def triton_forward(module, x: torch.Tensor) -> torch.Tensor:
 
     dw, pw = module.depthwise, module.pointwise
     return separable_conv2d(x, dw.weight, pw.weight, pw.bias, stride=dw.stride, padding=module_padding(module),
-                            dilation=dw.dilation, channel_index=module.channel_index)
+                            dilation=dw.dilation, channel_index=module.channel_index,
+                            check_index=False)  # validated when the module was built; the kernels mask it

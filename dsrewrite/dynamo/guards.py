@@ -68,12 +68,6 @@ class WeightGuard:
         """Whether every site's weight and bias are those the factors were computed from."""
         return all(w.same(s.weight) and b.same(s.bias) for (w, b), s in zip(self.snaps, sites))
 
-    def check(self, i: int, weight: torch.Tensor, bias: Optional[torch.Tensor], name: str, frozen: bool) -> None:
-        """Refactorise site ``i`` if its weight or bias changed since its factors were computed."""
-        w, b = self.snaps[i]
-        if not (w.same(weight) and b.same(bias)):
-            self.refresh(i, weight, bias, name, frozen)
-
     def refresh(self, i: int, weight: torch.Tensor, bias: Optional[torch.Tensor], name: str, frozen: bool) -> None:
         """Refactorise site ``i`` from its new weight at the same rank, in place (the compiled code reads it)."""
         if self.calibrated:
@@ -88,7 +82,7 @@ class WeightGuard:
         if not self.warned:
             self.warned = True
             warnings.warn(f"dsrewrite: conv weights changed since compile (first: {name!r}); their factors were "
-                          "recomputed at the compiled ranks", stacklevel=4)
+                          "recomputed at the compiled ranks", stacklevel=3)
 
 
 @dataclass
@@ -107,9 +101,12 @@ class Guarded:
         self.inner, self.weights, self.watches, self.frozen = inner, weights, watches, frozen
 
     def __call__(self, *args: Any) -> Any:
+        snaps = self.weights.snaps  # inline: this runs on every call of the compiled graph
         for w in self.watches:
             weight, bias = w.get(args)
-            self.weights.check(w.site, weight, bias, w.name, self.frozen)
+            ws, bs = snaps[w.site]
+            if not (ws.same(weight) and bs.same(bias)):
+                self.weights.refresh(w.site, weight, bias, w.name, self.frozen)
         return self.inner(*args)
 
 

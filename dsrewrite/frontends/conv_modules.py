@@ -100,10 +100,6 @@ def is_known_conv_class(cls: type) -> bool:
     return _key(cls) in _REGISTRY
 
 
-def _class_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _hooks(mod: nn.Module) -> Tuple[list, list]:
     """(weight hooks we can fold: old-style weight_norm / spectral_norm, every other forward hook)."""
     from torch.nn.utils.spectral_norm import SpectralNorm
@@ -161,7 +157,7 @@ def describe(mod: nn.Module) -> ConvModuleInfo:
         return ConvModuleInfo(None, None, args, unsupported=reason)
 
     if base not in _PLAIN and entry is None:
-        return refuse(f"conv subclass {_class_name(cls)} has its own forward: its semantics are unknown "
+        return refuse(f"conv subclass {_key(cls)} has its own forward: its semantics are unknown "
                       "(dsrewrite.frontends.conv_modules.register_conv_module declares one)")
     foldable, other = _hooks(mod)
     if other:

@@ -89,7 +89,7 @@ class FxHandle:
     def __init__(self, kind: str, target: str, nodes: List[fx.Node], module: Optional[nn.Module] = None,
                  weight_target: Optional[str] = None, bias_target: Optional[str] = None,
                  conv_args: Optional[Dict[str, Any]] = None) -> None:
-        self.kind = kind  # "module" | "function"
+        self.kind = kind  # "module" | "function" | "swap" (a module swapped in place, no graph node)
         self.target = target
         self.nodes = nodes
         self.module = module
@@ -229,7 +229,7 @@ class ProbeProp(ShapeProp):
         key = None
         if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), CONV_MODULE_TYPES):
             mod = self.module.get_submodule(n.target)
-            if may_rewrite(mod.groups, mod.kernel_size) and not isinstance(mod, TRANSPOSED_TYPES):
+            if may_rewrite(mod.groups, mod.kernel_size, isinstance(mod, TRANSPOSED_TYPES)):
                 key, dims = n.target, len(mod.kernel_size)
         elif n.op == "call_function" and n.target in CONV_FUNCTIONS:
             bound = bind_conv_args(n)
@@ -247,9 +247,10 @@ class ProbeProp(ShapeProp):
         return result
 
 
-def may_rewrite(groups: Any, kernel: Tuple[int, ...]) -> bool:
-    """A conv the planner may rewrite (groups=1, more than one tap): only those keep a probe, to bound memory."""
-    return groups == 1 and math.prod(kernel) > 1
+def may_rewrite(groups: Any, kernel: Tuple[int, ...], transposed: bool = False) -> bool:
+    """A conv the planner may rewrite (1-D/2-D, groups=1, more than one tap, not transposed): only those keep a
+    self-check sample, to bound memory."""
+    return groups == 1 and len(kernel) in (1, 2) and math.prod(kernel) > 1 and not transposed
 
 
 def first_item(t: torch.Tensor, dims: int) -> torch.Tensor:

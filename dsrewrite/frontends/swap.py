@@ -20,7 +20,7 @@ from ..measure import count_params, eval_mode
 from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
 from ..selfcheck import self_check
-from .conv_modules import CONV_MODULE_TYPES
+from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES
 from .fx import ProbeProp, collect_sites, first_item, may_rewrite, module_site, trace
 
 __all__ = ["rewrite_untraceable"]
@@ -52,7 +52,8 @@ def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Rec
         if isinstance(out, torch.Tensor):
             r = recs.setdefault(mod, _Record())
             r.out_shapes.append(tuple(out.shape))
-            if r.probe is None and a and isinstance(a[0], torch.Tensor) and may_rewrite(mod.groups, mod.kernel_size):
+            if r.probe is None and a and isinstance(a[0], torch.Tensor) and may_rewrite(
+                    mod.groups, mod.kernel_size, isinstance(mod, TRANSPOSED_TYPES)):
                 dims = len(mod.kernel_size)
                 r.probe = (first_item(a[0], dims), first_item(out, dims))
 
