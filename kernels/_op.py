@@ -7,7 +7,7 @@ call (torch's own ``torch.utils.flop_counter``, imported for the FLOP formula, i
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..cost import separable_pair_flops  # plain integer maths; dsrewrite.cost imports no torch
 from ._shapes import out_size, output_memory_format
 
-__all__ = ["separable_conv2d_op", "separable_flops"]
+__all__ = ["separable_conv2d_op", "separable_conv2d_backward_op", "separable_flops"]
 
 
 def separable_flops(x_shape, dw_shape, pw_shape, out_shape) -> int:
@@ -48,20 +48,68 @@ def _(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path
                        memory_format=output_memory_format(x))
 
 
+@torch.library.custom_op("dsrewrite::separable_conv2d_backward", mutates_args=())
+def separable_conv2d_backward_op(grad: torch.Tensor, x: torch.Tensor, dw_weight: torch.Tensor,
+                                 pw_weight: torch.Tensor, bias: Optional[torch.Tensor], y: Optional[torch.Tensor],
+                                 stride: List[int], padding: List[int], dilation: List[int], activation: str,
+                                 precision: str, channel_index: Optional[torch.Tensor], needs: List[bool]
+                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's backward with the Triton kernels: ``(gx, gdw, gpw, gb)``, an empty tensor for each one ``needs``
+    does not ask for. An op of its own so ``torch.compile`` traces the backward through its fake implementation."""
+    from .separable_backward import separable_conv2d_backward  # Triton loads on the first backward
+
+    outs = separable_conv2d_backward(grad, x, dw_weight, pw_weight, bias, y, stride, padding, dilation, activation,
+                                     channel_index, needs, precision=precision)
+    return tuple(o if o is not None else x.new_empty(0) for o in outs)
+
+
+@separable_conv2d_backward_op.register_fake
+def _(grad, x, dw_weight, pw_weight, bias, y, stride, padding, dilation, activation, precision, channel_index, needs):
+    shapes = (None, dw_weight.shape, pw_weight.shape, (pw_weight.shape[0],) if bias is not None else (0,))
+    outs = []
+    for i, (need, shape) in enumerate(zip(needs, shapes)):
+        if not need or (i == 3 and bias is None):
+            outs.append(x.new_empty(0))
+        elif i == 0:
+            outs.append(torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x)))
+        else:
+            outs.append(x.new_empty(shape))
+    return tuple(outs)
+
+
 def _setup_context(ctx, inputs, output):
-    x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, _path, _prec, *rest = inputs
+    x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, _path, precision, *rest = inputs
     index = rest[0] if rest else None
     ctx.conv = (list(stride), list(padding), list(dilation))
     ctx.activation = activation
+    ctx.precision = precision
     ctx.has_bias = bias is not None
     y = output if activation in ("relu", "relu6") else None  # their gradient masks read the output
     ctx.save_for_backward(x, dw_weight, pw_weight, bias, y, index)
+
+
+def _triton_backward(x: torch.Tensor) -> bool:
+    """Whether the backward runs the Triton kernels: on CUDA, or on the CPU under the interpreter. Not while
+    building a graph of the backward itself (``create_graph=True``, double backward): the torch-ops formula
+    below is differentiable, the kernels are not."""
+    from . import interpreting
+
+    if torch.is_grad_enabled():
+        return False
+    return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
 
 
 def _backward(ctx, grad):
     x, dw_weight, pw_weight, bias, y, index = ctx.saved_tensors
     stride, padding, dilation = ctx.conv
     need_x, need_dw, need_pw, need_b = ctx.needs_input_grad[:4]
+    if _triton_backward(x):
+        needs = [need_x, need_dw, need_pw, need_b and ctx.has_bias]
+        outs = separable_conv2d_backward_op(grad, x, dw_weight, pw_weight, bias, y, stride, padding, dilation,
+                                            ctx.activation, ctx.precision, index, needs)
+        gx, gdw, gpw, gb = (o if need else None for o, need in zip(outs, needs))
+        return gx, gdw, gpw, gb, None, None, None, None, None, None, None
+    # fallback (a device Triton cannot run on, or double backward): torch ops, z recomputed with F.conv2d
     conv_bw = torch.ops.aten.convolution_backward
     xin = x if index is None else x.index_select(1, index)  # ragged: the depthwise conv reads gathered channels
     groups = xin.shape[1]
