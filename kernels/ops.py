@@ -35,8 +35,8 @@ DW_FLOP_PER_BYTE = 20.0
 def choose_path(cr: int, m: int, kh: int, kw: int, itemsize: int) -> str:
     """``"fused"`` or ``"split"`` for ``cr`` depthwise channels, ``m`` outputs, a ``kh x kw`` kernel.
 
-    The fused kernel recomputes the depthwise tile once per block of ``FUSED_BLOCK_M_MAX`` output
-    channels: ``2*kh*kw*(ceil(m/FUSED_BLOCK_M_MAX) - 1)`` extra FLOPs per (pixel, depthwise channel). It
+    One fused program covers ``FUSED_BLOCK_M_MAX`` (256) output channels; above that the depthwise tile is
+    recomputed once per further block: ``2*kh*kw*(ceil(m/FUSED_BLOCK_M_MAX) - 1)`` extra FLOPs per (pixel, depthwise channel). It
     saves writing and reading the intermediate: ``2*itemsize`` bytes per (pixel, depthwise channel). Fuse
     while the extra FLOPs cost less time than the saved bytes (``DW_FLOP_PER_BYTE`` FLOPs per byte).
     ``cr`` does not enter: both costs scale with it.

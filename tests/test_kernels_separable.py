@@ -100,16 +100,42 @@ def _launch_all_configs(configs, run, ref, tol):
 
 
 def test_every_fused_autotune_config(gen):
-    """Each GPU autotune config (block sizes 16..128, masks on every edge) gives the same result."""
-    from dsrewrite.kernels.separable_conv2d import FUSED_CONFIGS, FUSED_FALLBACK_CONFIGS, separable_conv2d_forward
+    """Each GPU autotune tile (2-D tiles 4x8..16x8, channel blocks 16..64, masks on every edge) gives the same
+    result, at the layer's own BLOCK_M and at smaller ones (several output-channel blocks, depthwise recomputed)."""
+    from dsrewrite.kernels.separable_conv2d import FUSED_CONFIGS, separable_conv2d_forward
 
     x = torch.randn(1, 20, 7, 6, generator=gen).to(memory_format=torch.channels_last)
     dw = torch.randn(40, 1, 3, 3, generator=gen)
     pw = torch.randn(24, 40, 1, 1, generator=gen)
     b = torch.randn(24, generator=gen)
     ref = reference(x, dw, pw, b, 1, 1, 1, "silu")
-    _launch_all_configs(FUSED_CONFIGS + FUSED_FALLBACK_CONFIGS, lambda c: separable_conv2d_forward(
+    configs = [c for c in FUSED_CONFIGS if c.kwargs["BLOCK_M"] in (16, 32)]
+    assert len({(c.kwargs["TILE_H"], c.kwargs["TILE_W"], c.kwargs["BLOCK_C"]) for c in configs}) >= 7
+    _launch_all_configs(configs, lambda c: separable_conv2d_forward(
         x, dw, pw, b, (1, 1), (1, 1), (1, 1), "silu", "ieee", config=c), ref, 1e-5)
+
+
+@pytest.mark.parametrize("nchw_copy", [True, False])
+def test_nchw_input_read_directly_or_through_a_copy(nchw_copy, gen):
+    """An NCHW input gives the same NCHW output whether the kernel reads a channels_last copy or the input itself."""
+    from dsrewrite.kernels.separable_conv2d import separable_conv2d_forward
+
+    x = torch.randn(2, 9, 6, 5, generator=gen)
+    dw = torch.randn(18, 1, 3, 3, generator=gen)
+    pw = torch.randn(7, 18, 1, 1, generator=gen)
+    y = separable_conv2d_forward(x, dw, pw, None, (2, 1), (1, 1), (1, 2), "none", "ieee", nchw_copy=nchw_copy)
+    assert y.is_contiguous()
+    assert_matches(y, reference(x, dw, pw, None, (2, 1), (1, 1), (1, 2)), 1e-5)
+
+
+def test_more_outputs_than_one_program_covers(gen):
+    """M > 256: the output channels take two programs, each recomputing the depthwise tile."""
+    x = torch.randn(1, 4, 5, 5, generator=gen).to(memory_format=torch.channels_last)
+    dw = torch.randn(8, 1, 3, 3, generator=gen)
+    pw = torch.randn(300, 8, 1, 1, generator=gen)
+    b = torch.randn(300, generator=gen)
+    y = separable_conv2d(x, dw, pw, b, padding=1, activation="relu", path="fused")
+    assert_matches(y, reference(x, dw, pw, b, 1, 1, 1, "relu"), 1e-5)
 
 
 def test_every_split_autotune_config(gen):

@@ -41,9 +41,12 @@ def _counting_tuner(monkeypatch, module, attr, kernel, configs):
 
 
 def test_fused_tuning_cache_splits_layout_index_activation_dtype(monkeypatch):
+    import triton
+
     g = torch.Generator().manual_seed(0)
     tuner = _counting_tuner(monkeypatch, fused, "_separable_conv2d_tuned", fused._separable_conv2d_kernel,
-                            [fused.INTERPRET_CONFIG, fused.gemm_config(16, 16, 16, 1, 1)])
+                            [fused.INTERPRET_CONFIGS[0], triton.Config(dict(fused.INTERPRET_CONFIGS[0].kwargs, TILE_H=8),
+                                                                      num_warps=1, num_stages=1)])
     x = torch.randn(1, 4, 6, 6, generator=g)
     dw = torch.randn(8, 1, 5, 5, generator=g)
     pw = torch.randn(16, 8, 1, 1, generator=g) / 8 ** 0.5
