@@ -1,4 +1,5 @@
-"""The custom op ``torch.ops.dsrewrite.separable_conv2d``: schema, fake implementation, autograd, FLOP formula.
+"""The custom op ``torch.ops.dsrewrite.separable_conv2d``: schema, fake implementation, autograd, FLOP formula;
+and its backward, ``torch.ops.dsrewrite.separable_conv2d_backward`` (Triton kernels, with a fake implementation).
 
 Registered when ``dsrewrite.kernels`` is imported, so ``torch.ops.dsrewrite.separable_conv2d`` exists (for
 ``torch.library.opcheck``, ``torch.export``/``torch.load`` of a graph that calls it) before any call. This

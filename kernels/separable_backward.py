@@ -78,7 +78,7 @@ def _separable_bwd_fused_kernel(
         if NEED_PW:
             part = tl.dot(tl.trans(ga), z, input_precision=PRECISION)  # [BLOCK_M, BLOCK_K]
             tl.atomic_add(gpw_ptr + offs_m[:, None] * CR + offs_k[None, :], part,
-                          mask=mask_m[:, None] & mask_k[None, :])
+                          mask=mask_m[:, None] & mask_k[None, :], sem="relaxed")
 
     if NEED_DW:  # grad_dw[k, tap] = sum over the tile's pixels of gz * the tap's input
         for i in tl.static_range(KH):
@@ -90,7 +90,7 @@ def _separable_bwd_fused_kernel(
                 xv = tl.load(x_ptr + (x_pix + ih * sxh + iw * sxw)[:, None] + x_chan[None, :],
                              mask=ok[:, None] & mask_c[None, :], other=0.0)
                 tl.atomic_add(gdw_ptr + offs_k * (KH * KW) + (i * KW + j), tl.sum(gz * xv.to(tl.float32), axis=0),
-                              mask=mask_c)
+                              mask=mask_c, sem="relaxed")
     if NEED_GZ_OUT:
         tl.store(gz_ptr + offs_p[:, None] * CR + offs_k[None, :], gz.to(gz_ptr.dtype.element_ty),
                  mask=mask_p[:, None] & mask_k[None, :])
@@ -268,8 +268,11 @@ def separable_conv2d_backward(
         gpw = torch.zeros((M, CR), dtype=torch.float32, device=x.device)
     gz = torch.empty((P, CR), dtype=x.dtype, device=x.device) if need_x else None
     if (need_x or need_dw or need_pw) and P > 0 and M > 0 and CR > 0:
-        args = (x, dw, idx, pw, ga, gz if gz is not None else dw, gdw if gdw is not None else dw,
-                gpw if gpw is not None else dw, C, H, W, CR, M, OH, OW, P, R, *x.stride(), *ga.stride(),
+        # unneeded outputs get a scratch element, never written: not ``dw`` (a view of the weights), which the
+        # autotuner's reset_to_zero would wipe
+        scratch = torch.zeros(1, dtype=torch.float32, device=x.device)
+        args = (x, dw, idx, pw, ga, gz if gz is not None else scratch, gdw if gdw is not None else scratch,
+                gpw if gpw is not None else scratch, C, H, W, CR, M, OH, OW, P, R, *x.stride(), *ga.stride(),
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
         meta = dict(KH=KH, KW=KW, HAS_INDEX=channel_index is not None, PRECISION=precision,
                     NEED_GZ_OUT=need_x, NEED_DW=need_dw, NEED_PW=need_pw)

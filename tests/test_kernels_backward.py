@@ -2,7 +2,7 @@
 float64 autograd of two ``F.conv2d`` calls, under the interpreter; its registration; and an AOT compile check.
 
 Tolerances, as ``max|g - g_ref| <= tol * max|g_ref|`` per gradient: fp32 1e-5 (fp32 accumulation, ieee dots),
-fp16 1e-2 (fp16 operands and depthwise-output gradient, fp32 accumulation). Every test draws fresh data.
+fp16 5e-3 (fp16 operands and depthwise-output gradient, fp32 accumulation). Every test draws fresh data.
 """
 import json
 import os
@@ -150,7 +150,7 @@ def test_expanded_grad_and_strided_input(gen, triton_calls):
 
 def test_float16(gen, triton_calls):
     tensors = _tensors(gen, 2, 6, 2, 20, 7, 7, (3, 3), channels_last=True, dtype=torch.float16)
-    _check_grads(gen, tensors, (1, 1), 1, (1, 1), "silu", tol=1e-2)
+    _check_grads(gen, tensors, (1, 1), 1, (1, 1), "silu", tol=5e-3)
     assert len(triton_calls) == 1
 
 
@@ -168,6 +168,41 @@ def test_every_autotune_config(gen):
         grads = SB.separable_conv2d_backward(gy, x, dw, pw, b, y, (1, 1), (1, 1), (1, 1), "relu", None,
                                              (True, True, True, True), configs=configs)
         for got, want in zip(grads, leaves):
+            assert_matches(got, want.grad, 1e-5)
+
+
+@pytest.mark.parametrize("needs", [(True, True, True, True), (True, False, False, False)], ids=["all", "x"])
+def test_autotuning_reruns_leave_one_sum_and_the_weights_intact(needs, monkeypatch, gen):
+    """With several configs the autotuner runs the fused kernel many times into the atomically accumulated weight
+    gradients: its reset_to_zero must leave the sum of one run (and zero only the gradient buffers, never the
+    weights, which unneeded outputs must not alias). Real ``Autotuner.run`` with two configs; its benchmark
+    replaced by three real runs each (the interpreter has no GPU timer)."""
+    tuner = SB._separable_bwd_fused_tuned
+    monkeypatch.setattr(tuner, "configs", [SB.BWD_FUSED_INTERPRET_CONFIG, SB.gemm_config(16, 16, 16, 1, 1)])
+    monkeypatch.setattr(tuner, "cache", {})
+    runs = []
+
+    def bench(*args, config, **meta):
+        full = {**dict(zip(tuner.arg_names, args)), **meta, **config.all_kwargs()}
+        for _ in range(3):
+            tuner.pre_hook(full)
+            tuner.fn.run(*args, **meta, **config.all_kwargs())
+            runs.append(config)
+        return [float(len(runs)), 1.0, 1.0]
+
+    monkeypatch.setattr(tuner, "_bench", bench)
+    x, dw, pw, b = _tensors(gen, 1, 5, 2, 17, 6, 7, (3, 3))
+    dw0, pw0 = dw.clone(), pw.clone()
+    y = K.separable_conv2d(x, dw, pw, b, padding=1)
+    gy = torch.randn(y.shape, generator=gen)
+    grads = SB.separable_conv2d_backward(gy, x, dw, pw, b, y, (1, 1), (1, 1), (1, 1), "none", None, needs)
+    assert len(runs) == 6 and len(tuner.cache) == 1
+    assert torch.equal(dw, dw0) and torch.equal(pw, pw0)
+    leaves = [t.double().requires_grad_() for t in (x, dw, pw, b)]
+    reference(*leaves, 1, 1, 1).backward(gy.double())
+    for got, want, need in zip(grads, leaves, needs):
+        assert (got is None) != need
+        if need:
             assert_matches(got, want.grad, 1e-5)
 
 
