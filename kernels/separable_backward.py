@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import depthwise_tile, gemm_config, input_channel, interpreting, launch, pixel_origin, prune_by_size, tile_ids
-from ._shapes import conv_output, depthwise_operands, output_memory_format
+from ._common import (depthwise_tile, gemm_config, input_channel, interpreting, launch, pixel_origin, prune_by_size,
+                      tile_ids)
+from ._shapes import depthwise_operands, out_size, output_memory_format
 
 __all__ = ["separable_conv2d_backward", "BWD_FUSED_CONFIGS", "BWD_INPUT_CONFIGS", "BWD_FUSED_TUNING_KEY",
            "BWD_INPUT_TUNING_KEY", "activation_grad"]
@@ -258,8 +259,9 @@ def separable_conv2d_backward(
     if need_b:
         gb = (ga32 if ga32 is not None else ga).sum((0, 2, 3), dtype=torch.float32).to(bias.dtype)
     gx = gdw = gpw = None
-    z_shape, P = conv_output(x, (KH, KW), CR, stride, padding, dilation)
-    OH, OW = z_shape.shape[2], z_shape.shape[3]
+    OH = out_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = out_size(W, KW, stride[1], padding[1], dilation[1])
+    P = x.shape[0] * OH * OW
     dw, idx, R = depthwise_operands(dw_weight, C, channel_index)
     pw = pw_weight.reshape(M, CR).to(x.dtype).contiguous()
     if need_dw:

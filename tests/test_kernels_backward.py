@@ -94,7 +94,8 @@ CASES = [
 
 def _id(case):
     c, r, m, h, w, k, s, p, d, act, b, cl = case
-    return f"c{c}r{r}m{m}-{h}x{w}-k{k[0]}{k[1]}-s{s[0]}{s[1]}-p{p}-d{d[0]}{d[1]}-{act}{'-bias' if b else ''}{'-cl' if cl else ''}"
+    return (f"c{c}r{r}m{m}-{h}x{w}-k{k[0]}{k[1]}-s{s[0]}{s[1]}-p{p}-d{d[0]}{d[1]}-{act}"
+            f"{'-bias' if b else ''}{'-cl' if cl else ''}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
@@ -122,8 +123,9 @@ def test_ragged_nchw_relu_only_input_gradient(gen, triton_calls):
     assert triton_calls == [[True, False, False, False]]
 
 
-@pytest.mark.parametrize("grad_of", [(True, False, False, False), (False, True, True, True), (False, False, True, False),
-                                     (False, True, False, False), (False, False, False, True)],
+@pytest.mark.parametrize("grad_of", [(True, False, False, False), (False, True, True, True),
+                                     (False, False, True, False), (False, True, False, False),
+                                     (False, False, False, True)],
                          ids=["x", "weights", "pw", "dw", "bias"])
 def test_only_some_gradients(grad_of, gen, triton_calls):
     tensors = _tensors(gen, 1, 5, 2, 7, 7, 7, (3, 3))
@@ -277,7 +279,8 @@ def test_backward_kernels_compile_for_sm90_and_sm80():
         cases[f"input-{dtype}-{arch}"] = dict(
             kernel="_separable_bwd_input_kernel", constexprs=dict(KH=3, KW=3, HAS_INDEX=True, **icfg.kwargs),
             dtype=dtype, arch=arch, num_warps=icfg.num_warps, num_stages=icfg.num_stages,
-            ones=["sgxw", "dil_h", "dil_w"], pointer_dtypes={"order_ptr": "i64", "start_ptr": "i64", "count_ptr": "i64"})
+            ones=["sgxw", "dil_h", "dil_w"],
+            pointer_dtypes={"order_ptr": "i64", "start_ptr": "i64", "count_ptr": "i64"})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler, not the interpreter
     proc = subprocess.run([sys.executable, "-c", _AOT_CHILD], input=json.dumps(cases), env=env, capture_output=True,
                           text=True, timeout=300)
