@@ -116,6 +116,19 @@ def case_bytes(c: Case) -> Dict[str, int]:
     return {"fused": fused, "unfused": fused + b * 2 * c.c * c.r * p, "intermediate": b * c.c * c.r * p}
 
 
+def case_traffic(c: Case, cfg: Optional[dict] = None) -> Dict[str, float]:
+    """The fused kernel's analytic traffic (:func:`fused_traffic`: HBM bytes, L2 bytes, FLOPs with recompute) for
+    config ``cfg`` (what the autotuner chose; default: the first config the pruner keeps on an H100), channels_last."""
+    from dsrewrite.kernels.separable_conv2d import FUSED_CONFIGS, fused_configs_for, fused_traffic
+
+    if cfg is None:
+        first = fused_configs_for(ITEMSIZE[c.dtype], 232448, c.k, c.k, c.m, c.r, FUSED_CONFIGS)[0]
+        cfg = dict(first.kwargs, num_stages=first.num_stages)
+    t = fused_traffic(c.n, c.c, c.h, c.w, c.m, c.r, c.k, c.k, (c.stride, c.stride), (c.pad, c.pad), (1, 1),
+                      ITEMSIZE[c.dtype], cfg, num_stages=cfg.get("num_stages", 1))
+    return dict(t, config=cfg)
+
+
 def peak_memory_bytes(c: Case) -> int:
     """Rough upper bound of what one case allocates (input + intermediate + outputs of all variants)."""
     return case_bytes(c)["unfused"] * 4
@@ -147,7 +160,25 @@ def copy_bandwidth(gib: float = 1.0) -> float:
     return 2 * a.numel() * 4 / (ms * 1e-3)
 
 
-def run_case(c: Case, variants: List[str], cudagraph_max_n: int, copy_bw: float) -> dict:
+def l2_bandwidth(mib: int = 8, reps: int = 200) -> float:
+    """Measured copy bandwidth (bytes/s, read + write) of a buffer that stays in L2: back-to-back copies timed
+    with CUDA events (do_bench would flush L2 between reps)."""
+    import torch
+
+    a = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device="cuda").uniform_()
+    b = torch.empty_like(a)
+    for _ in range(10):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 4 * reps / (start.elapsed_time(end) * 1e-3)
+
+
+def run_case(c: Case, variants: List[str], cudagraph_max_n: int, copy_bw: float, l2_bw: float = 0.0) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -180,8 +211,11 @@ def run_case(c: Case, variants: List[str], cudagraph_max_n: int, copy_bw: float)
         fns["compile_max"] = lambda: f_max(x_cl, dw, pw, bias)
 
     cudagraph = c.n <= cudagraph_max_n
+    from dsrewrite.kernels import choose_path
+
     row: dict = {**asdict(c), "name": c.name, "flops": case_flops(c), "bytes": case_bytes(c),
-                 "cudagraph": cudagraph, "ms": {}, "errors": {}}
+                 "cudagraph": cudagraph, "ms": {}, "errors": {},
+                 "dispatcher": choose_path(c.c * c.r, c.m, c.k, c.k, ITEMSIZE[c.dtype])}
     with torch.no_grad():
         prev_tf32 = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = False
@@ -194,6 +228,12 @@ def run_case(c: Case, variants: List[str], cudagraph_max_n: int, copy_bw: float)
             try:
                 out = fns[name]()  # warm-up: compiles, autotunes
                 torch.cuda.synchronize()
+                if name in ("triton_cl", "triton_fused") and "traffic" not in row:
+                    from dsrewrite.kernels.separable_conv2d import tuned_config
+
+                    tuned = tuned_config()
+                    if tuned is not None and (name == "triton_fused" or row["dispatcher"] == "fused"):
+                        row["traffic"] = case_traffic(c, tuned)
                 row["errors"][name] = (out.float() - ref).abs().max().item() / scale
                 row["ms"][name] = _bench(fns[name], cudagraph)
             except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
@@ -211,9 +251,13 @@ def run_case(c: Case, variants: List[str], cudagraph_max_n: int, copy_bw: float)
         sec = best_tri * 1e-3
         row["tflops"] = case_flops(c)["total"] / sec / 1e12
         row["bw_fraction"] = case_bytes(c)["fused"] / sec / copy_bw
-    from dsrewrite.kernels import choose_path
-
-    row["dispatcher"] = choose_path(c.c * c.r, c.m, c.k, c.k, ITEMSIZE[c.dtype])
+    t = row.get("traffic")
+    fused_ms = ms.get("triton_fused") or (ms.get("triton_cl") if row["dispatcher"] == "fused" else None)
+    if t and fused_ms:  # how far from each roofline the fused kernel is, and which one binds
+        t["hbm_ms"] = t["hbm_bytes"] / copy_bw * 1e3
+        t["l2_ms"] = t["l2_bytes"] / l2_bw * 1e3 if l2_bw else None
+        t["measured_ms"] = fused_ms
+        t["of_hbm_roofline"] = t["hbm_ms"] / fused_ms
     return row
 
 
@@ -238,7 +282,7 @@ def check_configs() -> int:
             y64 = F.conv2d(z64, pw.double(), b.double())
             runs = [("fused", cfg, lambda cf: separable_conv2d_forward(
                 x, dw, pw, b, (1, 1), (k // 2, k // 2), (1, 1), "none", "ieee", config=cf), y64)
-                for cfg in fused_configs_for(x.element_size(), shared_memory_limit(x.device), k, k)]
+                for cfg in fused_configs_for(x.element_size(), shared_memory_limit(x.device), k, k, m, r)]
             runs += [("depthwise", cfg, lambda cf: depthwise_conv2d_forward(
                 x, dw, (1, 1), (k // 2, k // 2), (1, 1), config=cf), z64) for cfg in DEPTHWISE_CONFIGS]
             z = z64.to(dt).contiguous(memory_format=torch.channels_last)
@@ -302,14 +346,22 @@ def markdown(rows: List[dict]) -> str:
         return "-" if v is None else fmt.format(v)
 
     lines = ["| case | path | Triton ms | x eager NCHW | x eager CL | x compile | x max-autotune | "
-             "TFLOP/s | BW frac | max err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "TFLOP/s | BW frac | max err | fused config | model HBM MB / L2 MB | HBM / L2 roofline ms | "
+             "of HBM roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["speedup"]
         errs = [v for k, v in r["errors"].items() if k.startswith("triton") and isinstance(v, float)]
+        t = r.get("traffic") or {}
+        cfg = t.get("config") or {}
+        cfg_s = (f"{cfg['TILE_H']}x{cfg['TILE_W']}x{cfg['BLOCK_C']} M{cfg['BLOCK_M']} w{cfg.get('num_warps')}"
+                 f" s{cfg.get('num_stages')}") if cfg else "-"
+        model = f"{t['hbm_bytes'] / 1e6:.1f} / {t['l2_bytes'] / 1e6:.1f}" if t else "-"
+        roof = f"{f(t.get('hbm_ms'), '{:.4f}')} / {f(t.get('l2_ms'), '{:.4f}')}" if t else "-"
         lines.append(f"| {r['name']} | {r['dispatcher']} | {f(r['triton_ms'], '{:.4f}')} | {f(s['eager_nchw'])} | "
                      f"{f(s['eager_cl'])} | {f(s['compile'])} | {f(s['compile_max'])} | {f(r.get('tflops'))} | "
-                     f"{f(r.get('bw_fraction'))} | {f(max(errs) if errs else None, '{:.1e}')} |")
+                     f"{f(r.get('bw_fraction'))} | {f(max(errs) if errs else None, '{:.1e}')} | {cfg_s} | {model} | "
+                     f"{roof} | {f(t.get('of_hbm_roofline'))} |")
     return "\n".join(lines)
 
 
@@ -358,9 +410,11 @@ def main(argv=None) -> int:
         cases = cases[:args.limit]
     if args.dry_run:
         for c in cases:
-            fl, by = case_flops(c), case_bytes(c)
+            fl, by, t = case_flops(c), case_bytes(c), case_traffic(c)
             print(f"{c.name:70s} GFLOP={fl['total'] / 1e9:9.3f} fused MB={by['fused'] / 1e6:9.1f} "
-                  f"unfused MB={by['unfused'] / 1e6:9.1f} FLOP/B={fl['total'] / by['fused']:7.1f}")
+                  f"unfused MB={by['unfused'] / 1e6:9.1f} FLOP/B={fl['total'] / by['fused']:7.1f} "
+                  f"model: HBM MB={t['hbm_bytes'] / 1e6:.1f} L2 MB={t['l2_bytes'] / 1e6:.1f} "
+                  f"recompute={t['recompute']:.0f}x")
         print(f"{len(cases)} cases ({len(skipped)} skipped over --max-gb {args.max_gb})")
         return 0
     import torch
@@ -370,11 +424,12 @@ def main(argv=None) -> int:
         return 2
     if args.check_configs:
         return 1 if check_configs() else 0
-    bw = copy_bandwidth()
-    print(f"device: {torch.cuda.get_device_name()}  measured D2D copy bandwidth: {bw / 1e9:.0f} GB/s")
+    bw, l2 = copy_bandwidth(), l2_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}  measured D2D copy bandwidth: {bw / 1e9:.0f} GB/s, "
+          f"L2-resident copy: {l2 / 1e9:.0f} GB/s")
     rows = []
     for i, c in enumerate(cases):
-        rows.append(run_case(c, args.variants, args.cudagraph_max_n, bw))
+        rows.append(run_case(c, args.variants, args.cudagraph_max_n, bw, l2))
         print(f"[{i + 1}/{len(cases)}] {c.name}: triton {rows[-1]['triton_ms']} ms, "
               f"x best eager {rows[-1]['speedup']['best_eager']}", flush=True)
         torch.cuda.empty_cache()
@@ -388,7 +443,7 @@ def main(argv=None) -> int:
 
         meta = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "command": " ".join(sys.argv), "torch": torch.__version__, "triton": triton.__version__,
-                "copy_bandwidth_Bps": bw, "skipped": [c.name for c in skipped]}
+                "copy_bandwidth_Bps": bw, "l2_copy_bandwidth_Bps": l2, "skipped": [c.name for c in skipped]}
         with open(args.out, "w") as fh:
             json.dump({"meta": meta, "summary": summ, "cases": rows, "end_to_end": e2e}, fh, indent=1)
         print(f"wrote {args.out}")

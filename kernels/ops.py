@@ -1,8 +1,8 @@
 """The fused-vs-split dispatcher and the public entry points (argument checks, then the custom op).
 
 ``torch.ops.dsrewrite.separable_conv2d`` is a custom op (``torch.library.custom_op``, torch >= 2.4) with a
-fake implementation (shapes and memory format, for ``torch.compile``), an autograd formula (backward in
-torch ops: the depthwise output is recomputed with ``F.conv2d`` and fed to ``aten.convolution_backward``)
+fake implementation (shapes and memory format, for ``torch.compile``), an autograd formula (the backward is
+the Triton kernels of :mod:`.separable_backward`, behind their own custom op; torch ops elsewhere)
 and, where torch has the API, a FLOP formula so ``FlopCounterMode`` counts depthwise + pointwise FLOPs. It
 is registered in :mod:`._op` when ``dsrewrite.kernels`` is imported (no Triton import there).
 """

@@ -15,7 +15,6 @@ see ``nchw_input_copy``); ragged ranks read channels through an index (``HAS_IND
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Dict, Optional, Sequence
 
@@ -27,7 +26,7 @@ from ._common import ACTIVATIONS, epilogue_store, interpreting, launch, next_pow
 from ._shapes import conv_output, out_size
 
 __all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_BLOCK_M_MAX", "fused_block_m", "fused_shared_bytes",
-           "fused_configs_for", "fused_traffic", "nchw_input_copy", "FUSED_TUNING_KEY", "fused_operands"]
+           "fused_configs_for", "fused_traffic", "nchw_input_copy", "tuned_config", "FUSED_TUNING_KEY", "fused_operands"]
 
 
 @triton.jit
@@ -38,13 +37,13 @@ def _separable_conv2d_kernel(
     pw_ptr,  # pointwise weights [R, CK, M], contiguous
     b_ptr,  # bias [M] (not read unless HAS_BIAS)
     y_ptr,  # output [N, M, OH, OW], any strides
-    C, H, W, CK, M, OH, OW,  # CK: the channels walked (C, or C*r when ragged)
+    N, C, H, W, CK, M, OH, OW,  # CK: the channels walked (C, or C*r when ragged); N only keys the autotuner
     sxn, sxc, sxh, sxw,  # input strides (elements)
     syn, sym, syh, syw,  # output strides (elements)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, R: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, HAS_INDEX: tl.constexpr,
-    DW_BARRIER: tl.constexpr,  # sm_80/89: keep the depthwise out of the dot-operand layout (see below)
+    DW_BARRIER: tl.constexpr,  # keep the depthwise out of the dot-operand layout (see below); off in the interpreter
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_t, pid_m = tile_ids(tl.cdiv(M, BLOCK_M))  # int64: offsets may pass 2**31
@@ -87,9 +86,11 @@ def _separable_conv2d_kernel(
                     wv = tl.load(dw_ptr + ((a * KW + b) * R + j) * CK + offs_c, mask=mask_c, other=0.0)
                     dw += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
             if DW_BARRIER:
-                # mma.sync (sm_80/89) reads its A operand from registers in a layout every warp of a row holds
-                # whole; left alone the compiler computes the depthwise in that layout, once per warp (4x the
-                # FMAs). An opaque identity keeps it in the load layout: one shared-memory conversion instead.
+                # Left alone, the compiler computes the depthwise directly in the layout tl.dot reads its A operand
+                # in, where every warp that shares a row of the tile holds the whole row: once per such warp
+                # (4x the FMAs with mma.sync on 4 warps, 2x with wgmma on 8 warps at BLOCK_M 256). An opaque
+                # identity keeps it in the load layout, computed once, then converted through shared memory
+                # (benchmarks/kernels_aot.json: dw_fma_ratio, and fewer instructions and registers too).
                 dw = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [dw], dtype=tl.float32, is_pure=False,
                                                pack=1)
             pw = tl.load(pw_ptr + (j * CK + offs_c)[:, None] * M + offs_m[None, :],
@@ -133,11 +134,11 @@ def fused_shared_bytes(cfg: "triton.Config", itemsize: int, kh: int, kw: int, ra
     """Upper estimate of a config's shared memory (bytes) on sm_80/sm_90, for both memory formats (an NCHW call
     reads its input as channels_last; the output store needs none). Checked against Triton's compiler for every
     config in ``benchmarks/kernels_aot.py`` and ``tests/test_kernels_aot.py``. Per rank: the pointwise slice,
-    the tap weights and the depthwise tile as a dot operand; pipelined configs (``num_stages > 1``) also stage
-    the next channel block's ``kh*kw`` input taps with ``cp.async`` (16 and 32-bit inputs alike)."""
+    the tap weights and the depthwise tile (its layout conversion and the dot operand); pipelined configs
+    (``num_stages > 1``) also stage the next channel block's ``kh*kw`` input taps with ``cp.async``."""
     k = cfg.kwargs
     p, bm, bc, s = k["TILE_H"] * k["TILE_W"], k["BLOCK_M"], k["BLOCK_C"], cfg.num_stages
-    per_rank = (bc * bm + kh * kw * bc + p * bc) * itemsize
+    per_rank = (bc * bm + kh * kw * bc + 2 * p * bc) * itemsize  # the depthwise tile: converted, then an operand
     taps = kh * kw * p * bc * itemsize
     staged = (s - 1) * (taps + rank * (bc * bm + kh * kw * bc) * itemsize)
     scratch = 3072  # the compiler's own (layout conversions, barriers)
@@ -161,15 +162,15 @@ def _prune(configs, named_args, **kwargs):
     if interpreting():
         return kept[:1]
     oh, ow, ck = named_args["OH"], named_args["OW"], named_args["CK"]
-    small = [c for c in kept if c.kwargs["TILE_H"] <= max(4, next_pow2(oh)) and c.kwargs["TILE_W"] <= max(8, next_pow2(ow))
-             and c.kwargs["BLOCK_C"] <= max(16, next_pow2(ck))]  # no tile mostly masked
+    small = [c for c in kept if c.kwargs["TILE_H"] <= max(4, next_pow2(oh))
+             and c.kwargs["TILE_W"] <= max(8, next_pow2(ow)) and c.kwargs["BLOCK_C"] <= max(16, next_pow2(ck))]
     return small or kept[:1]
 
 
 # What a tuned config is cached under. Beyond the shape: the channel and width strides of the input and output
 # (memory format), the rank, the ragged index, bias, activation and dot precision. Triton adds the dtype of every
 # tensor argument to the key itself (3.0 on; tests/test_kernels_tuning.py checks it).
-FUSED_TUNING_KEY = ["CK", "M", "OH", "OW", "KH", "KW", "R", "stride_h", "stride_w", "sxc", "sxw", "sym",
+FUSED_TUNING_KEY = ["N", "CK", "M", "OH", "OW", "KH", "KW", "R", "stride_h", "stride_w", "sxc", "sxw", "sym",
                     "syw", "HAS_INDEX", "HAS_BIAS", "ACT", "PRECISION"]
 
 _separable_conv2d_tuned = triton.autotune(
@@ -177,6 +178,15 @@ _separable_conv2d_tuned = triton.autotune(
     key=FUSED_TUNING_KEY,
     prune_configs_by={"early_config_prune": _prune},
 )(_separable_conv2d_kernel)
+
+
+def tuned_config() -> Optional[dict]:
+    """The config the autotuner chose for the most recent tuned launch (``TILE_H``, ``TILE_W``, ``BLOCK_M``,
+    ``BLOCK_C``, ``num_warps``, ``num_stages``), or None before any: for the benchmark's traffic model."""
+    best = getattr(_separable_conv2d_tuned, "best_config", None)
+    if best is None:
+        return None
+    return dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
 
 
 def nchw_input_copy(channels: int, itemsize: int) -> bool:
@@ -189,19 +199,6 @@ def nchw_input_copy(channels: int, itemsize: int) -> bool:
     bytes. Below that (stems with 3 channels) the copy buys nothing. Not measured on a GPU yet: the benchmark
     times both (``triton_nchw`` vs ``triton_cl``)."""
     return channels * itemsize >= 16
-
-
-@functools.lru_cache(maxsize=None)
-def _dw_barrier(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] < 9
-
-
-def dw_barrier(x: torch.Tensor) -> bool:
-    """``DW_BARRIER`` for ``x``'s device: on before Hopper (``mma.sync`` takes its A operand from registers),
-    never under the interpreter (no inline assembly there)."""
-    if interpreting() or x.device.type != "cuda":
-        return False
-    return _dw_barrier(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 def fused_operands(dw_weight: torch.Tensor, pw_weight: torch.Tensor, in_channels: int,
@@ -282,8 +279,8 @@ def separable_conv2d_forward(
         return (y.shape[0] * tiles * triton.cdiv(M, meta["BLOCK_M"]),)
 
     meta = dict(KH=KH, KW=KW, R=R, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], PRECISION=precision,
-                HAS_INDEX=channel_index is not None, DW_BARRIER=dw_barrier(x))
-    args = (x, dw, idx, pw, b, y, C, H, W, CK, M, OH, OW, *x.stride(), *y.stride(),
+                HAS_INDEX=channel_index is not None, DW_BARRIER=not interpreting())
+    args = (x, dw, idx, pw, b, y, y.shape[0], C, H, W, CK, M, OH, OW, *x.stride(), *y.stride(),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     if config is not None:
         config = {"BLOCK_M": fused_block_m(M), **config}

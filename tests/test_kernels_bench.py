@@ -27,6 +27,32 @@ def test_dry_run_lists_every_requested_case(capsys):
     want = 2 * 2 * (len(bench.MOBILE_LAYERS) + len(bench.RESNET50_CONVS) * len(bench.RANKS))
     assert len(lines) == want
     assert any("effb0-b10 N=8 672x14^2 r=1 -> 112 k=5" in L for L in lines)
+    assert all("model: HBM MB=" in L and "L2 MB=" in L for L in lines)  # the fused kernel's traffic model
+
+
+def test_traffic_model_counts():
+    """The fused kernel's traffic model: compulsory HBM bytes are the fused roofline bytes, FLOPs are the two
+    convs' with one depthwise pass up to 256 outputs and ceil(M/256) above; unpipelined tiles read their halo
+    from L2 once, pipelined ones every tap; an NCHW copy adds a read and a write of the input."""
+    bench = _bench_module()
+    from dsrewrite.kernels.separable_conv2d import fused_traffic
+
+    case = bench.Case("t", "t", n=4, c=64, r=2, m=96, h=28, w=28, k=3, stride=1, dtype="fp16")
+    t = bench.case_traffic(case)
+    assert t["hbm_bytes"] == bench.case_bytes(case)["fused"] and t["recompute"] == 1
+    assert t["flops"] == bench.case_flops(case)["total"]
+    cfg = dict(TILE_H=8, TILE_W=8, BLOCK_M=128)
+    args = (4, 64, 28, 28, 96, 2, 3, 3, (1, 1), (1, 1), (1, 1), 2, cfg)
+    halo, taps = fused_traffic(*args, num_stages=1), fused_traffic(*args, num_stages=2)
+    tiles = 4 * 4 * 4  # ceil(28 / 8) = 4 tiles per dimension per image
+    weights_per_prog = (64 * 2 * 9 + 64 * 2 * 128) * 2
+    out = 4 * 96 * 28 * 28 * 2
+    assert halo["l2_bytes"] == tiles * (10 * 10 * 64 * 2 + weights_per_prog) + out
+    assert taps["l2_bytes"] == tiles * (9 * 64 * 64 * 2 + weights_per_prog) + out
+    wide = fused_traffic(4, 64, 28, 28, 600, 1, 3, 3, (1, 1), (1, 1), (1, 1), 2, dict(cfg, BLOCK_M=256))
+    assert wide["recompute"] == 3 and wide["flops"] == 2 * 4 * 28 * 28 * 64 * (9 * 3 + 600)
+    copied = fused_traffic(*args, nchw_copy=True)
+    assert copied["hbm_bytes"] - halo["hbm_bytes"] == 2 * 4 * 64 * 28 * 28 * 2
 
 
 def test_flop_and_byte_formulas_match_the_two_convs():
