@@ -84,12 +84,75 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
     if isinstance(model, torch.jit.ScriptModule):
         raise DsrewriteError("TorchScript modules cannot be rewritten: pass the eager nn.Module (before torch.jit.script/trace)")
     cfg = RewriteConfig.build(config, options, route="torch", words=" for dsrewrite.rewrite")
-    rank, include, exclude, inplace, backend, progress = (cfg.rank, cfg.include, cfg.exclude, cfg.inplace,
-                                                          cfg.backend, cfg.progress)
     args = as_args(example_inputs)
     plan = Planning(model, args, cfg)
-    work = model if inplace else deepcopy_module(model)
+    closed = plan.timer is not None and cfg.target_latency is not None and cfg.measure_time is not False
+    if not closed:
+        built = _build(model, args, cfg, plan, inplace=cfg.inplace)
+        if plan.batches is not None:
+            built.calibrate(plan)
+        report = built.report(model, cfg, plan)
+        if cfg.measure_time is not False:
+            _measure(model, built.model, args, plan, report)
+        elif plan.timer is not None:
+            report.notes.append("target_latency not checked on the whole model (measure_time=False)")
+    else:
+        built, report = _closed_loop(model, args, cfg, plan)
+    if plan.timer is not None:
+        plan.timer.save()
+    return RewriteResult(built.model, report, built.decisions)
 
+
+# ------------------------------------------------------------------------------------------ one plan, built
+@dataclass
+class _Built:
+    """One plan of the model, written back: the new model, its decisions, route, notes and FLOPs before."""
+
+    model: nn.Module
+    decisions: List[Decision]
+    route: str
+    notes: List[str]
+    flops_before: Any
+    args: tuple
+
+    def calibrate(self, plan: Planning) -> str:
+        """Refit the rewritten layers on the calibration batches; the note is added to ``notes`` and returned."""
+        try:
+            self.notes.append(plan.calibrate(self.model, self.decisions))
+            return self.notes[-1]
+        except DsrewriteError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise DsrewriteError(f"calibration batches do not run through the model: {first_line(e, typed=True)}") from None
+
+    def planned_ratio(self, plan: Planning) -> Optional[float]:
+        """The whole model's time ratio the layer timings predict (``None`` without timings)."""
+        timed = [d.report for d in self.decisions if d.report.time_before_ms is not None]
+        total = plan.kwargs.get("total_time_ms")
+        if not timed or not total:
+            return None
+        saved = sum(L.time_before_ms - L.time_after_ms for L in timed)
+        return (total - saved) / total
+
+    def report(self, model: nn.Module, cfg: RewriteConfig, plan: Planning) -> Report:
+        layers = [d.report for d in self.decisions]
+        report = build_report(
+            layers, model=cfg.name or type(model).__name__, route=self.route,
+            input_shapes=[list(a.shape) if isinstance(a, torch.Tensor) else [type(a).__name__] for a in self.args],
+            params_before=count_params(model), params_after=count_params(self.model),
+            flops_before=self.flops_before, notes=self.notes)
+        timed = [L for L in layers if L.time_before_ms is not None]
+        if timed:
+            b, a = sum(L.time_before_ms for L in timed), sum(L.time_after_ms for L in timed)
+            report.notes.append(f"layer timings ({plan.timer.memory_format}): {len(timed)} convs {b:.2f} ms -> "
+                                f"{a:.2f} ms (whole model before: {plan.kwargs['total_time_ms']:.2f} ms)")
+        return report
+
+
+def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *, inplace: bool) -> _Built:
+    """Trace (or fall back), plan with ``plan``'s arguments, write the plan back, check that it runs."""
+    rank, include, exclude, backend, progress = cfg.rank, cfg.include, cfg.exclude, cfg.backend, cfg.progress
+    work = model if inplace else deepcopy_module(model)
     notes: List[str] = list(plan.notes)
     try:
         gm = trace(work, len(args))
@@ -127,43 +190,82 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
     if rewritten:
         with eval_mode(new_model):
             check_runs(new_model, args, rewritten)
-    if plan.batches is not None:
+    return _Built(new_model, decisions, route, notes, flops_before, args)
+
+
+def _measure(model: nn.Module, new_model: nn.Module, args: tuple, plan: Planning, report: Report) -> None:
+    """Time the original (the teacher, when one was kept) and the rewritten model side by side, in the memory
+    format latency planning chose."""
+    original = model if plan.teacher is None else plan.teacher
+    if plan.timer is not None and plan.timer.memory_format == "channels_last":
+        from .latency import to_format
+
+        original, args_cl = to_format(original, args, "channels_last")
+        new_model, _ = to_format(new_model, args, "channels_last")
+        args = args_cl
+    time_models(original, new_model, args, report)
+
+
+# ------------------------------------------------------------------------------------------ closed loop
+LATENCY_ROUNDS = 3  # plans tried against the whole-model measurement before target_latency is refused
+
+
+def _closed_loop(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning):
+    """``target_latency``, checked on the whole model: plan from the layer timings, build, time the whole model
+    against the original side by side; while it misses the target by more than the measured noise, scale the
+    separable layers' timings by what the whole model showed (layers timed alone are optimistic or pessimistic
+    in the same direction) and plan again, up to :data:`LATENCY_ROUNDS` plans. The report lists every plan
+    (planned vs measured); a target no plan reaches is refused with the best measured ratio and the noise."""
+    from .latency import ScaledTimer
+
+    target, rounds, best = cfg.target_latency, [], None
+    timer, scale = plan.kwargs["timer"], 1.0
+    for i in range(LATENCY_ROUNDS):
+        plan.kwargs["timer"] = ScaledTimer(timer, scale) if scale != 1.0 else timer
         try:
-            notes.append(plan.calibrate(new_model, decisions))
-        except DsrewriteError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise DsrewriteError(f"calibration batches do not run through the model: {first_line(e, typed=True)}") from None
-
-    layers = [d.report for d in decisions]
-    report = build_report(
-        layers, model=cfg.name or type(model).__name__, route=route,
-        input_shapes=[list(a.shape) if isinstance(a, torch.Tensor) else [type(a).__name__] for a in args],
-        params_before=count_params(model), params_after=count_params(new_model), flops_before=flops_before,
-        notes=notes)
-    timed = [L for L in layers if L.time_before_ms is not None]
-    planned = None
-    if timed:
-        b, a = sum(L.time_before_ms for L in timed), sum(L.time_after_ms for L in timed)
+            built = _build(model, args, cfg, plan, inplace=False)
+        except DsrewriteError as e:
+            if not rounds:
+                raise
+            rounds.append(dict(rewritten=None, planned=None, measured=None, noise=None, scale=scale,
+                               refused=first_line(e, 200)))
+            break
+        report = built.report(model, cfg, plan)
+        _measure(model, built.model, args, plan, report)
+        planned, measured, noise = built.planned_ratio(plan), report.time_ratio, report.time_noise or 0.0
+        row = dict(rewritten=len(report.rewritten), planned=planned, measured=measured, noise=noise, scale=scale)
+        rounds.append(row)
+        if best is None or measured < best[2]["measured"]:
+            best = (built, report, row)
+        if measured <= target + noise or planned is None or not report.rewritten:
+            break
+        # the separable times that would have predicted the measured ratio: B - f*A = (1 - measured) * T
+        timed = [L for L in report.rewritten if L.time_after_ms]
+        before, after = sum(L.time_before_ms for L in timed), sum(L.time_after_ms for L in timed)
         total = plan.kwargs["total_time_ms"]
-        planned = (total - (b - a)) / total if total else None
-        report.notes.append(f"layer timings ({plan.timer.memory_format}): {len(timed)} convs {b:.2f} ms -> {a:.2f} ms "
-                            f"(whole model before: {total:.2f} ms)")
-    if cfg.measure_time is not False:
-        if plan.timer is not None and plan.timer.memory_format == "channels_last":
-            from .latency import to_format
-
-            m0, a0 = to_format(plan.teacher, args, "channels_last")
-            m1, _ = to_format(new_model, args, "channels_last")
-            time_models(m0, m1, a0, report)
-        else:
-            time_models(model if plan.teacher is None else plan.teacher, new_model, args, report)
-        ratio = report.time_ratio
-        target_latency = cfg.target_latency
-        if target_latency is not None and planned is not None and ratio is not None and ratio > target_latency:
-            report.notes.append(
-                f"target_latency={target_latency:g} not met on the whole model: measured {ratio:.2f}x against "
-                f"{planned:.2f}x planned from layer timings (layers are timed alone, on random inputs)")
-    if plan.timer is not None:
-        plan.timer.save()
-    return RewriteResult(new_model, report, decisions)
+        factor = (before - (1.0 - measured) * total) / after if after > 0 else 0.0
+        if factor <= 1.0:
+            break
+        scale *= min(factor, 4.0)
+    plan.kwargs["timer"] = timer
+    built, report, row = best
+    row["kept"] = True
+    report.latency_rounds = [dict(r) for r in rounds]
+    if row["measured"] > target + row["noise"]:
+        tried = "; ".join(f"planned {r['planned']:.2f}x, measured {r['measured']:.2f}x" if r["measured"] is not None
+                          else f"no plan: {r['refused']}" for r in rounds)
+        raise DsrewriteError(
+            f"target_latency={target:g} not reached on the whole model: best measured {row['measured']:.2f}x "
+            f"(noise +-{row['noise']:.2f}) after {len(rounds)} plan(s) ({tried}); the layers are timed alone, "
+            f"on random inputs, and the whole model did not follow")
+    if len(rounds) > 1:
+        report.notes.append(f"target_latency={target:g}: {len(rounds)} plans, the whole model measured "
+                            f"{row['measured']:.2f}x with the one kept (layer timings scaled by {row['scale']:.2f})")
+    if cfg.inplace:  # the rounds ran on copies: write the kept plan into the user's model
+        plan.kwargs["timer"] = ScaledTimer(timer, row["scale"]) if row["scale"] != 1.0 else timer
+        built = _build(model, args, cfg, plan, inplace=True)
+        plan.kwargs["timer"] = timer
+        report.layers = [d.report for d in built.decisions]
+    if plan.batches is not None:
+        report.notes.append(built.calibrate(plan))
+    return built, report

@@ -25,7 +25,7 @@ from .frontends.conv_modules import deepcopy_module
 from .ir import ConvSpec
 from .measure import time_call, time_side_by_side
 
-__all__ = ["LayerTimer", "candidate_ranks", "time_fn", "best_memory_format", "MEMORY_FORMATS", "GATHER_MARGIN"]
+__all__ = ["LayerTimer", "ScaledTimer", "candidate_ranks", "time_fn", "best_memory_format", "MEMORY_FORMATS", "GATHER_MARGIN"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 # the gathered depthwise form must take less than this fraction of the grouped form's time: it copies the
@@ -202,6 +202,22 @@ class LayerTimer:
         """Whole-model time on ``args`` in this timer's memory format (the fastest of a few runs)."""
         model, args = to_format(model, args, self.memory_format)
         return time_fn(model, args, device=self.device, reps=reps, warmup=2, max_seconds=4 * self.max_seconds + 1)
+
+
+class ScaledTimer:
+    """A layer timer whose separable-pair times are multiplied by ``scale``: the closed loop's correction when
+    the whole model measured a different ratio than the layers timed alone predicted (dense times, the
+    depthwise form and everything else are the wrapped timer's)."""
+
+    def __init__(self, timer: Any, scale: float) -> None:
+        self.timer, self.scale = timer, float(scale)
+
+    def separable_ms(self, spec: ConvSpec, rank: int) -> Optional[float]:
+        ms = self.timer.separable_ms(spec, rank)
+        return None if ms is None else ms * self.scale
+
+    def __getattr__(self, name: str) -> Any:  # dense_ms, gathered, memory_format, ... of the wrapped timer
+        return getattr(self.timer, name)
 
 
 def _gathers(times: Tuple[float, float]) -> bool:

@@ -4,14 +4,15 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_flops", "time_call", "time_side_by_side", "time_models", "eval_mode",
-           "input_device"]
+__all__ = ["count_params", "count_flops", "time_call", "time_side_by_side", "time_models", "compare",
+           "Comparison", "eval_mode", "input_device"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -89,14 +90,46 @@ def _rounds(fns: Sequence[Callable[..., Any]], args: Sequence[Any], warmup: int,
     return times
 
 
+@dataclass
+class Comparison:
+    """Two callables timed in turn, round by round: the fastest time of each (ms), the ratio of those, and the
+    noise: half the interquartile range of the per-round ratios (a ratio differing from 1 by less than that is
+    not a measured difference)."""
+
+    before_ms: float
+    after_ms: float
+    noise: float
+    rounds: int
+
+    @property
+    def ratio(self) -> float:
+        return self.after_ms / self.before_ms if self.before_ms else float("nan")
+
+
+def compare(before: Callable[..., Any], after: Callable[..., Any], args: Sequence[Any], *, warmup: int = 2,
+            reps: int = 15, max_seconds: float = 6.0, min_reps: int = 5,
+            device: Optional[torch.device] = None) -> Comparison:
+    """Time ``before`` and ``after`` on ``args`` in interleaved rounds (drift on a shared machine hits both
+    alike) and keep the minimum of each, the statistic least moved by other processes."""
+    t0, t1 = _rounds([before, after], args, warmup, reps, max_seconds, device, min_reps)
+    ratios = sorted(b / a for a, b in zip(t0, t1) if a > 0)
+    noise = 0.0
+    if len(ratios) >= 4:
+        q = statistics.quantiles(ratios, n=4)
+        noise = (q[2] - q[0]) / 2
+    return Comparison(min(t0), min(t1), noise, len(t0))
+
+
 def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report: Any) -> None:
-    """Time ``original`` and ``new`` side by side on ``args`` (eval mode) and fill the report's time fields."""
+    """Time ``original`` and ``new`` side by side on ``args`` (eval mode, interleaved rounds; :func:`compare`)
+    and fill the report's time fields, the noise of the ratio included."""
     device = input_device(args)
     with eval_mode(original), eval_mode(new):
-        before = time_call(original, args)
-        after = time_call(new, args)
-        before = min(before, time_call(original, args))  # second look at the original: less warm-up bias
-    report.time_before_ms, report.time_after_ms = before, after
+        c = compare(original, new, args, device=device)
+    report.time_before_ms, report.time_after_ms, report.time_noise = c.before_ms, c.after_ms, c.noise
+    images = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
+    cl = any(not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last) for a in images)
+    report.time_runtime = "PyTorch eager" + ((", channels_last" if cl else ", NCHW") if images else "")
     report.time_device = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     backends = {getattr(m, "backend", None) for m in new.modules() if hasattr(m, "rank") and hasattr(m, "pointwise")}
     backends.discard(None)

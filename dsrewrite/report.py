@@ -81,6 +81,9 @@ class Report:
     time_after_ms: Optional[float] = None
     time_device: Optional[str] = None
     time_backend: Optional[str] = None
+    time_runtime: Optional[str] = None  # what ran the models when timed, and in which memory format
+    time_noise: Optional[float] = None  # half the interquartile range of the per-round time ratios
+    latency_rounds: List[Dict[str, Any]] = field(default_factory=list)  # target_latency: planned vs measured
     notes: List[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ summaries
@@ -231,11 +234,15 @@ class Report:
             f"FLOPs{per} (2 x MACs): {flops}",
         ]
         if self.time_before_ms is not None and self.time_after_ms is not None:
-            where = ", ".join(x for x in (self.time_device, self.time_backend) if x)
+            where = ", ".join(x for x in (self.time_device, self.time_runtime, self.time_backend) if x)
+            noise = f", noise +-{self.time_noise:.2f}" if self.time_noise else ""
             lines.append(
                 f"measured time{f' ({where})' if where else ''}: {self.time_before_ms:.2f} ms -> "
-                f"{self.time_after_ms:.2f} ms ({self.time_ratio:.2f}x the original's time)"
+                f"{self.time_after_ms:.2f} ms ({self.time_ratio:.2f}x the original's time{noise})"
             )
+        for i, r in enumerate(self.latency_rounds, 1):
+            lines.append(f"latency plan {i}: {r['rewritten']} convs, planned {r['planned']:.2f}x, measured "
+                         f"{r['measured']:.2f}x (noise +-{r['noise']:.2f})" + (" <- kept" if r.get("kept") else ""))
         else:
             lines.append("time: not measured")
         lines += [f"note: {n}" for n in self.notes]
