@@ -252,7 +252,8 @@ def _closed_loop(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planni
     row["kept"] = True
     report.latency_rounds = [dict(r) for r in rounds]
     if row["measured"] > target + row["noise"]:
-        tried = "; ".join(f"planned {r['planned']:.2f}x, measured {r['measured']:.2f}x" if r["measured"] is not None
+        tried = "; ".join(f"planned {r['planned']:.2f}x, measured {r['measured']:.2f}x" if r["planned"] is not None
+                          else f"measured {r['measured']:.2f}x" if r["measured"] is not None
                           else f"no plan: {r['refused']}" for r in rounds)
         raise DsrewriteError(
             f"target_latency={target:g} not reached on the whole model: best measured {row['measured']:.2f}x "

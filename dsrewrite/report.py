@@ -240,11 +240,15 @@ class Report:
                 f"measured time{f' ({where})' if where else ''}: {self.time_before_ms:.2f} ms -> "
                 f"{self.time_after_ms:.2f} ms ({self.time_ratio:.2f}x the original's time{noise})"
             )
-        for i, r in enumerate(self.latency_rounds, 1):
-            lines.append(f"latency plan {i}: {r['rewritten']} convs, planned {r['planned']:.2f}x, measured "
-                         f"{r['measured']:.2f}x (noise +-{r['noise']:.2f})" + (" <- kept" if r.get("kept") else ""))
         else:
             lines.append("time: not measured")
+        for i, r in enumerate(self.latency_rounds, 1):
+            if r.get("measured") is None:
+                lines.append(f"latency plan {i}: none ({r.get('refused')})")
+                continue
+            planned = "?" if r.get("planned") is None else f"{r['planned']:.2f}x"
+            lines.append(f"latency plan {i}: {r['rewritten']} convs, planned {planned}, measured "
+                         f"{r['measured']:.2f}x (noise +-{r['noise']:.2f})" + (" <- kept" if r.get("kept") else ""))
         lines += [f"note: {n}" for n in self.notes]
         return lines
 
