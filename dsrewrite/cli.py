@@ -115,6 +115,27 @@ def _example_inputs(model, shape: Optional[Tuple[int, ...]]) -> tuple:
     return (torch.randn(*shape),)
 
 
+def _export_onnx(model, args: tuple, out: str, quiet: bool) -> None:
+    """ONNX with a dynamic batch axis when the model takes one tensor (exported from a batch of 2: torch.export
+    fixes size-1 dimensions), else, or when that export fails, with the example's fixed shapes (said on stderr)."""
+    import torch
+
+    if len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        x = args[0]
+        x2 = torch.cat([x, x]) if x.shape[0] == 1 else x
+        try:
+            torch.onnx.export(model, (x2,), out, dynamo=True, external_data=False, verbose=not quiet,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+            return
+        except Exception as e:  # noqa: BLE001 - fall back to the fixed shapes the rewrite ran with
+            reason = first_line(e, 160)
+    else:
+        reason = "the model does not take one tensor"
+    torch.onnx.export(model, args, out, dynamo=True, external_data=False, verbose=not quiet)
+    if not quiet:
+        print(f"note: {out} has the example's fixed input shape (no dynamic batch axis: {reason})", file=sys.stderr)
+
+
 def _save(model, args: tuple, out: str, quiet: bool = False) -> None:
     import torch
 
@@ -124,7 +145,7 @@ def _save(model, args: tuple, out: str, quiet: bool = False) -> None:
             ep = torch.export.export(model, args)
             torch.export.save(ep, out)
         elif ext == ".onnx":
-            torch.onnx.export(model, args, out, dynamo=True, external_data=False, verbose=not quiet)
+            _export_onnx(model, args, out, quiet)
         elif ext in (".pt", ".pth"):
             torch.save(model, out)
         else:
