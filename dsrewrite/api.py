@@ -207,65 +207,37 @@ def _measure(model: nn.Module, new_model: nn.Module, args: tuple, plan: Planning
 
 
 # ------------------------------------------------------------------------------------------ closed loop
-LATENCY_ROUNDS = 3  # plans tried against the whole-model measurement before target_latency is refused
-
-
 def _closed_loop(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning):
-    """``target_latency``, checked on the whole model: plan from the layer timings, build, time the whole model
-    against the original side by side; while it misses the target by more than the measured noise, scale the
-    separable layers' timings by what the whole model showed (layers timed alone are optimistic or pessimistic
-    in the same direction) and plan again, up to :data:`LATENCY_ROUNDS` plans. The report lists every plan
-    (planned vs measured); a target no plan reaches is refused with the best measured ratio and the noise."""
-    from .latency import ScaledTimer
+    """``target_latency`` checked on the whole model (:func:`dsrewrite.latency_loop.latency_loop`): each plan is
+    built on a copy and timed against the original; the report lists every plan, planned vs measured."""
+    from .latency_loop import Attempt, latency_loop
 
-    target, rounds, best = cfg.target_latency, [], None
-    timer, scale = plan.kwargs["timer"], 1.0
-    for i in range(LATENCY_ROUNDS):
-        plan.kwargs["timer"] = ScaledTimer(timer, scale) if scale != 1.0 else timer
-        try:
-            built = _build(model, args, cfg, plan, inplace=False)
-        except DsrewriteError as e:
-            if not rounds:
-                raise
-            rounds.append(dict(rewritten=None, planned=None, measured=None, noise=None, scale=scale,
-                               refused=first_line(e, 200)))
-            break
+    timer = plan.kwargs["timer"]
+
+    def attempt(t) -> Attempt:
+        plan.kwargs["timer"] = t
+        built = _build(model, args, cfg, plan, inplace=False)
         report = built.report(model, cfg, plan)
         _measure(model, built.model, args, plan, report)
-        planned, measured, noise = built.planned_ratio(plan), report.time_ratio, report.time_noise or 0.0
-        row = dict(rewritten=len(report.rewritten), planned=planned, measured=measured, noise=noise, scale=scale)
-        rounds.append(row)
-        if best is None or measured < best[2]["measured"]:
-            best = (built, report, row)
-        if measured <= target + noise or planned is None or not report.rewritten:
-            break
-        # the separable times that would have predicted the measured ratio: B - f*A = (1 - measured) * T
         timed = [L for L in report.rewritten if L.time_after_ms]
-        before, after = sum(L.time_before_ms for L in timed), sum(L.time_after_ms for L in timed)
-        total = plan.kwargs["total_time_ms"]
-        factor = (before - (1.0 - measured) * total) / after if after > 0 else 0.0
-        if factor <= 1.0:
-            break
-        scale *= min(factor, 4.0)
-    plan.kwargs["timer"] = timer
-    built, report, row = best
-    row["kept"] = True
-    report.latency_rounds = [dict(r) for r in rounds]
-    if row["measured"] > target + row["noise"]:
-        tried = "; ".join(f"planned {r['planned']:.2f}x, measured {r['measured']:.2f}x" if r["planned"] is not None
-                          else f"measured {r['measured']:.2f}x" if r["measured"] is not None
-                          else f"no plan: {r['refused']}" for r in rounds)
-        raise DsrewriteError(
-            f"target_latency={target:g} not reached on the whole model: best measured {row['measured']:.2f}x "
-            f"(noise +-{row['noise']:.2f}) after {len(rounds)} plan(s) ({tried}); the layers are timed alone, "
-            f"on random inputs, and the whole model did not follow")
-    if len(rounds) > 1:
-        report.notes.append(f"target_latency={target:g}: {len(rounds)} plans, the whole model measured "
-                            f"{row['measured']:.2f}x with the one kept (layer timings scaled by {row['scale']:.2f})")
-    if cfg.inplace:  # the rounds ran on copies: write the kept plan into the user's model
-        plan.kwargs["timer"] = ScaledTimer(timer, row["scale"]) if row["scale"] != 1.0 else timer
-        built = _build(model, args, cfg, plan, inplace=True)
+        return Attempt((built, report, t), built.planned_ratio(plan), report.time_ratio, report.time_noise or 0.0,
+                       len(report.rewritten), sum(L.time_before_ms for L in timed),
+                       sum(L.time_after_ms for L in timed))
+
+    try:
+        kept, rounds, note = latency_loop(attempt, timer, cfg.target_latency, plan.kwargs["total_time_ms"])
+    finally:
         plan.kwargs["timer"] = timer
+    built, report, used = kept.payload
+    report.latency_rounds = rounds
+    if note:
+        report.notes.append(note)
+    if cfg.inplace:  # the rounds ran on copies: write the kept plan into the user's model
+        plan.kwargs["timer"] = used
+        try:
+            built = _build(model, args, cfg, plan, inplace=True)
+        finally:
+            plan.kwargs["timer"] = timer
         report.layers = [d.report for d in built.decisions]
     if plan.batches is not None:
         report.notes.append(built.calibrate(plan))

@@ -25,7 +25,8 @@ from .frontends.conv_modules import deepcopy_module
 from .ir import ConvSpec
 from .measure import time_call, time_side_by_side
 
-__all__ = ["LayerTimer", "ScaledTimer", "candidate_ranks", "time_fn", "best_memory_format", "MEMORY_FORMATS", "GATHER_MARGIN"]
+__all__ = ["LayerTimer", "ScaledTimer", "layer_input", "calls_scale", "candidate_ranks", "time_fn",
+           "best_memory_format", "MEMORY_FORMATS", "GATHER_MARGIN"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 # the gathered depthwise form must take less than this fraction of the grouped form's time: it copies the
@@ -39,6 +40,23 @@ def time_fn(fn, args: Sequence[Any], *, device: torch.device, reps: int = 5, war
     """Fastest of up to ``reps`` calls in milliseconds (at least 2 timed calls; CUDA-synchronised)."""
     return time_call(fn, args, warmup=warmup, reps=reps, max_seconds=max_seconds, device=device, reduce=min,
                      min_reps=2)
+
+
+def layer_input(spec: ConvSpec) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The input shape ``[batch, Cin, *spatial]`` and symmetric padding of a layer timed alone: 'same'-style
+    padding and the input size that gives the conv's output size (its real padding does not change its cost)."""
+    pads, size = [], []
+    for o, k, s, d in zip(spec.out_spatial, spec.kernel, spec.stride, spec.dilation):
+        p = d * (k - 1) // 2
+        pads.append(p)
+        size.append(max((o - 1) * s + d * (k - 1) + 1 - 2 * p, 1))
+    return (spec.batch, spec.in_channels, *size), tuple(pads)
+
+
+def calls_scale(spec: ConvSpec) -> float:
+    """What one timed call is multiplied by to cover all of the conv's calls (shared modules, varying shapes)."""
+    one = spec.batch * math.prod(spec.out_spatial)
+    return spec.out_pixels / one if one else 1.0
 
 
 def candidate_ranks(spec: ConvSpec, count: int = 5) -> List[int]:
@@ -105,25 +123,12 @@ class LayerTimer:
             what, spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.dilation, spec.bias,
             spec.batch, spec.out_spatial, str(self.dtype), self._where(), self.backend, self.memory_format))
 
-    @staticmethod
-    def _input_shape(spec: ConvSpec) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-        pads, size = [], []
-        for o, k, s, d in zip(spec.out_spatial, spec.kernel, spec.stride, spec.dilation):
-            p = d * (k - 1) // 2
-            pads.append(p)
-            size.append(max((o - 1) * s + d * (k - 1) + 1 - 2 * p, 1))
-        return (spec.batch, spec.in_channels, *size), tuple(pads)
-
-    def _scale(self, spec: ConvSpec) -> float:
-        one = spec.batch * math.prod(spec.out_spatial)
-        return spec.out_pixels / one if one else 1.0
-
     # ------------------------------------------------------------------ measuring
     def _build(self, spec: ConvSpec, rank: Optional[int], gathered: bool = False) -> Tuple[nn.Module, torch.Tensor]:
         """A layer of ``spec``'s shape (dense, or separable at ``rank``) with random weights, and its input."""
         from .modules import SeparableConv1d, SeparableConv2d
 
-        shape, pads = self._input_shape(spec)
+        shape, pads = layer_input(spec)
         dims = spec.spatial_dims
         kw = dict(stride=spec.stride, padding=pads, dilation=spec.dilation, bias=spec.bias,
                   device=self.device, dtype=self.dtype)
@@ -161,7 +166,7 @@ class LayerTimer:
         if k not in _CACHE:
             _CACHE[k] = self._measure(spec, rank)
             self.measured += 1
-        return _CACHE[k] * self._scale(spec)
+        return _CACHE[k] * calls_scale(spec)
 
     def form_times(self, spec: ConvSpec, rank: int) -> Optional[Tuple[float, float]]:
         """(grouped, gathered) times of the uniform pair over all calls of the conv; ``None`` when the output
@@ -172,7 +177,7 @@ class LayerTimer:
         if not all(k in _CACHE for k in keys):
             _CACHE[keys[0]], _CACHE[keys[1]] = self._measure_forms(spec, rank)
             self.measured += 2
-        return _CACHE[keys[0]] * self._scale(spec), _CACHE[keys[1]] * self._scale(spec)
+        return _CACHE[keys[0]] * calls_scale(spec), _CACHE[keys[1]] * calls_scale(spec)
 
     def dense_ms(self, spec: ConvSpec) -> Optional[float]:
         """Time of the original conv over all its calls (``None`` when the output shape is unknown)."""
