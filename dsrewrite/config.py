@@ -32,10 +32,9 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
     },
     "onnx": {
         "calibration": "it runs the model in PyTorch; use rank, target_flops, target_params or energy",
-        "target_latency": "it times layers in PyTorch; use rank, target_flops, target_params or energy",
-        "device": _LATENCY_ONLY.replace("the backend", "the ONNX route"),
-        "memory_format": _LATENCY_ONLY.replace("the backend", "the ONNX route"),
-        "latency_cache": _LATENCY_ONLY.replace("the backend", "the ONNX route"),
+        "device": "the ONNX route times layers in onnxruntime on the CPU",
+        "memory_format": "onnxruntime chooses its own layouts for an NCHW ONNX graph",
+        "latency_cache": "the ONNX route caches its onnxruntime layer timings in the process only",
         "inplace": "the source model is never changed: the result is a new model",
         "backend": "the ONNX model runs in the user's runtime",
         "compiler": "it is an option of the torch.compile backend",

@@ -75,9 +75,6 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     model, info = load_model(src)
 
     shapes = infer_shapes(model, input_shapes)
-    new = onnx.ModelProto()
-    new.CopyFrom(model)  # edited in place by the backend; the source model stays as it was
-    sites = collect_sites(new, shapes)
     flops_before, unknown = count_flops(model, shapes)
     params_before = count_params(model)
     notes: List[str] = []
@@ -85,13 +82,29 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     if budget is not None:
         budget_kw = {"budget": budget, "total_params": params_before}
         if budget[0] == "target_flops":
-            budget_kw["total_flops"] = _flops_total(sites, flops_before, unknown, shapes, notes)
-    decisions = plan_sites(sites, rank, include, exclude, progress=progress, ragged=ragged, **budget_kw)
-    for d in decisions:
-        if d.rewritten and d.site.spec.extra.get("bias"):
-            d.report.note = d.site.spec.extra["bias"] + ", kept on the pointwise conv"
-    check_note = self_check(model, decisions, shapes.inputs)  # failing layers become skips before the edit
-    done = apply_decisions(new, decisions)
+            budget_kw["total_flops"] = _flops_total(collect_sites(model, shapes), flops_before, unknown, shapes, notes)
+
+    def plan_and_apply(extra: dict):
+        new = onnx.ModelProto()
+        new.CopyFrom(model)  # edited in place by the backend; the source model stays as it was
+        sites = collect_sites(new, shapes)
+        decisions = plan_sites(sites, rank, include, exclude, progress=progress, ragged=ragged, **budget_kw, **extra)
+        for d in decisions:
+            if d.rewritten and d.site.spec.extra.get("bias"):
+                d.report.note = d.site.spec.extra["bias"] + ", kept on the pointwise conv"
+        check_note = self_check(model, decisions, shapes.inputs)  # failing layers become skips before the edit
+        return new, decisions, apply_decisions(new, decisions), check_note
+
+    timing, rounds = None, []
+    if budget is not None and budget[0] == "target_latency":
+        (new, decisions, done, check_note), timing, rounds, loop_note = _latency_plan(
+            model, shapes, plan_and_apply, budget[1])
+        notes.extend(n for n in (loop_note,) if n)
+        if shapes.per_sample:
+            notes.append("target_latency planned and measured at batch 1 (the model's batch is symbolic): give "
+                         "input_shapes (--input-shape) for the batch you deploy with")
+    else:
+        new, decisions, done, check_note = plan_and_apply({})
 
     large = model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20)
     if done and not large:
@@ -123,9 +136,58 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         save_model(new, dst, external_data=info.external_data, threshold=info.threshold)
         if done and large:
             _check_rewritten(dst)
-    if measure_time:
+    if timing is not None:  # target_latency: the kept plan's side-by-side measurement
+        _fill_time(report, timing)
+        report.latency_rounds = rounds
+    elif measure_time:
         _measure(model, new, shapes.inputs, report, info.path, dst, large)
     return OnnxRewriteResult(new, report)
+
+
+def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target: float):
+    """``target_latency`` in onnxruntime: layers timed by :class:`~dsrewrite.onnx.latency.OrtLayerTimer`, the
+    whole model against the original in one loop (:func:`dsrewrite.latency_loop.latency_loop`). Returns the
+    kept plan's ``(new, decisions, done, check_note)``, its timing, the rounds and the loop's note."""
+    from ..latency_loop import Attempt, latency_loop
+    from ..measure import compare, time_call
+    from .latency import OrtLayerTimer
+    from .measure import random_feeds, session
+
+    if not shapes.inputs or any(0 in s or any(d is None or d < 1 for d in s) for s in shapes.inputs.values()):
+        raise DsrewriteError("target_latency times the model in onnxruntime and needs static input shapes: "
+                             "give input_shapes (--input-shape NAME=SHAPE)")
+    feeds = random_feeds(model, shapes.inputs)
+    try:
+        before = session(model)
+        before.run(None, feeds)
+    except Exception as e:  # noqa: BLE001 - an op onnxruntime lacks, a bad shape: one line
+        raise DsrewriteError(f"target_latency: onnxruntime cannot run the model ({first_line(e, 160)})") from None
+    timer = OrtLayerTimer()
+    total = time_call(before.run, (None, feeds), warmup=2, reps=10, max_seconds=3.0, reduce=min)
+
+    def attempt(t) -> Attempt:
+        out = plan_and_apply({"timer": t, "total_time_ms": total})
+        new, decisions = out[0], out[1]
+        after = session(new)
+        c = compare(before.run, after.run, (None, feeds))
+        timed = [d.report for d in decisions if d.rewritten and d.report.time_after_ms is not None]
+        dense_ms = sum(L.time_before_ms for L in timed)
+        sep_ms = sum(L.time_after_ms for L in timed)
+        planned = (total - (dense_ms - sep_ms)) / total if total else None
+        return Attempt((out, c), planned, c.ratio, c.noise, sum(d.rewritten for d in decisions), dense_ms, sep_ms)
+
+    kept, rounds, note = latency_loop(attempt, timer, target, total)
+    out, c = kept.payload
+    import onnxruntime as ort
+
+    timing = dict(before=c.before_ms, after=c.after_ms, noise=c.noise,
+                  runtime=f"onnxruntime {ort.__version__}, CPUExecutionProvider, default session options")
+    return out, timing, rounds, note
+
+
+def _fill_time(report: Report, timing: dict) -> None:
+    report.time_before_ms, report.time_after_ms, report.time_noise = timing["before"], timing["after"], timing["noise"]
+    report.time_device, report.time_runtime = "cpu", timing["runtime"]
 
 
 def _check_rewritten(model: Union[str, onnx.ModelProto]) -> None:

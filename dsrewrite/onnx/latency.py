@@ -1,0 +1,116 @@
+"""Per-layer latency in onnxruntime: the ONNX route's layer timer for ``target_latency``.
+
+The same contract as :class:`dsrewrite.latency.LayerTimer` (``dense_ms(spec)``, ``separable_ms(spec, rank)``),
+so the one allocator (:func:`dsrewrite.budget.allocate_budget` through :class:`dsrewrite.costs.LatencyCost`)
+plans ONNX models by onnxruntime milliseconds: each conv shape is built as a one-node model (the dense
+``Conv``) and a two-node model (the grouped depthwise ``Conv`` at a candidate rank, then the 1x1 ``Conv``),
+with random weights, and timed in sessions made with the options the whole model is timed and deployed with.
+Measurements are cached per shape and session options in the process.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..ir import ConvSpec
+from ..latency import calls_scale, layer_input
+from .measure import session
+
+__all__ = ["OrtLayerTimer", "conv_model", "pair_model"]
+
+_CACHE: Dict[Tuple, float] = {}
+
+
+def _attrs(spec: ConvSpec, pads) -> dict:
+    return dict(kernel_shape=list(spec.kernel), strides=list(spec.stride), dilations=list(spec.dilation),
+                pads=list(pads) * 2)
+
+
+def conv_model(spec: ConvSpec, rng: np.random.Generator) -> Tuple[onnx.ModelProto, Tuple[int, ...]]:
+    """A one-``Conv`` model of the conv's shape (random weights) and its input shape."""
+    shape, pads = layer_input(spec)
+    w = rng.standard_normal((spec.out_channels, spec.in_channels, *spec.kernel)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w")]
+    inputs = ["x", "w"]
+    if spec.bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(spec.out_channels).astype(np.float32), "b"))
+        inputs.append("b")
+    node = helper.make_node("Conv", inputs, ["y"], **_attrs(spec, pads))
+    return _model([node], inits, shape, spec), shape
+
+
+def pair_model(spec: ConvSpec, rank: int, rng: np.random.Generator) -> Tuple[onnx.ModelProto, Tuple[int, ...]]:
+    """The separable pair the ONNX backend writes for the conv at ``rank``: a grouped depthwise ``Conv``
+    (``rank`` filters per input channel) and a 1x1 ``Conv`` with the bias."""
+    shape, pads = layer_input(spec)
+    c, m = spec.in_channels, spec.out_channels
+    dw = rng.standard_normal((c * rank, 1, *spec.kernel)).astype(np.float32)
+    pw = rng.standard_normal((m, c * rank, *([1] * len(spec.kernel)))).astype(np.float32)
+    inits = [numpy_helper.from_array(dw, "dw"), numpy_helper.from_array(pw, "pw")]
+    pw_inputs = ["z", "pw"]
+    if spec.bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(m).astype(np.float32), "b"))
+        pw_inputs.append("b")
+    nodes = [helper.make_node("Conv", ["x", "dw"], ["z"], group=c, **_attrs(spec, pads)),
+             helper.make_node("Conv", pw_inputs, ["y"], kernel_shape=[1] * len(spec.kernel))]
+    return _model(nodes, inits, shape, spec), shape
+
+
+def _model(nodes, inits, shape, spec: ConvSpec) -> onnx.ModelProto:
+    out = [spec.batch, spec.out_channels, *spec.out_spatial]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+class OrtLayerTimer:
+    """Time convs and separable pairs of a :class:`~dsrewrite.ir.ConvSpec`'s shape in onnxruntime (CPU).
+
+    Args:
+        threads: intra-op threads of every session (onnxruntime's default when ``None``), as the whole model
+            is timed with.
+        reps / max_seconds: repetitions and time budget per measurement (the fastest is kept).
+    """
+
+    memory_format = "NCHW (onnxruntime)"
+
+    def __init__(self, threads: Optional[int] = None, reps: int = 7, max_seconds: float = 0.3) -> None:
+        self.threads, self.reps, self.max_seconds = threads, reps, max_seconds
+        self.measured = 0  # new measurements (cache misses)
+
+    def _key(self, spec: ConvSpec, rank: Optional[int]) -> Tuple:
+        return (rank, spec.in_channels, spec.out_channels, tuple(spec.kernel), tuple(spec.stride),
+                tuple(spec.dilation), spec.bias, spec.batch, tuple(spec.out_spatial), self.threads)
+
+    def _measure(self, spec: ConvSpec, rank: Optional[int]) -> float:
+        from ..measure import time_call
+
+        rng = np.random.default_rng(0)
+        model, shape = conv_model(spec, rng) if rank is None else pair_model(spec, rank, rng)
+        sess = session(model, self.threads)
+        feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+        return time_call(sess.run, (None, feeds), warmup=1, reps=self.reps, max_seconds=self.max_seconds,
+                         reduce=min, min_reps=2)
+
+    def _get(self, spec: ConvSpec, rank: Optional[int]) -> Optional[float]:
+        if not spec.out_spatial:
+            return None
+        k = self._key(spec, rank)
+        if k not in _CACHE:
+            _CACHE[k] = self._measure(spec, rank)
+            self.measured += 1
+        return _CACHE[k] * calls_scale(spec)
+
+    def dense_ms(self, spec: ConvSpec) -> Optional[float]:
+        """Time of the original ``Conv`` over all its calls (``None`` when the output shape is unknown)."""
+        return self._get(spec, None)
+
+    def separable_ms(self, spec: ConvSpec, rank: int) -> Optional[float]:
+        """Time of the depthwise + pointwise pair at ``rank`` over all calls of the conv."""
+        return self._get(spec, int(rank))
+
+    def save(self) -> None:
+        """Nothing to write: the cache lives in the process."""
