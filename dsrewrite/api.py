@@ -13,7 +13,7 @@ from .frontends.conv_modules import deepcopy_module
 from .frontends.fx import trace
 from .frontends.swap import rewrite_untraceable
 from .fx_pass import SeparableRewritePass
-from .measure import count_params, eval_mode, time_models
+from .measure import count_params, eval_mode, input_device, time_models
 from .pipeline import Decision
 from .planning import Planning
 from .report import Report, build_report
@@ -87,17 +87,27 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
     args = as_args(example_inputs)
     plan = Planning(model, args, cfg)
     closed = plan.timer is not None and cfg.target_latency is not None and cfg.measure_time is not False
+    dev = input_device(args)
+    elsewhere = closed and not (plan.timer.device.type == dev.type and None in (plan.timer.device.index, dev.index)
+                                or plan.timer.device == dev)
+    if elsewhere:  # the whole model runs where its inputs are: it cannot check layer timings made elsewhere
+        closed = False
+        plan.notes.append(f"target_latency planned from layer timings on {plan.timer.device}; the whole model "
+                          f"was not checked there (the inputs are on {input_device(args)})")
     if not closed:
         built = _build(model, args, cfg, plan, inplace=cfg.inplace)
         if plan.batches is not None:
             built.calibrate(plan)
         report = built.report(model, cfg, plan)
-        if cfg.measure_time is not False:
+        if cfg.measure_time is not False and not elsewhere:
             _measure(model, built.model, args, plan, report)
-        elif plan.timer is not None:
+        elif plan.timer is not None and not elsewhere:
             report.notes.append("target_latency not checked on the whole model (measure_time=False)")
     else:
-        built, report = _closed_loop(model, args, cfg, plan)
+        try:
+            built, report = _closed_loop(model, args, cfg, plan)
+        finally:  # layer timings are worth keeping even when the target is refused
+            plan.timer.save()
     if plan.timer is not None:
         plan.timer.save()
     return RewriteResult(built.model, report, built.decisions)
@@ -124,15 +134,6 @@ class _Built:
             raise
         except Exception as e:  # noqa: BLE001
             raise DsrewriteError(f"calibration batches do not run through the model: {first_line(e, typed=True)}") from None
-
-    def planned_ratio(self, plan: Planning) -> Optional[float]:
-        """The whole model's time ratio the layer timings predict (``None`` without timings)."""
-        timed = [d.report for d in self.decisions if d.report.time_before_ms is not None]
-        total = plan.kwargs.get("total_time_ms")
-        if not timed or not total:
-            return None
-        saved = sum(L.time_before_ms - L.time_after_ms for L in timed)
-        return (total - saved) / total
 
     def report(self, model: nn.Module, cfg: RewriteConfig, plan: Planning) -> Report:
         layers = [d.report for d in self.decisions]
@@ -210,7 +211,7 @@ def _measure(model: nn.Module, new_model: nn.Module, args: tuple, plan: Planning
 def _closed_loop(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning):
     """``target_latency`` checked on the whole model (:func:`dsrewrite.latency_loop.latency_loop`): each plan is
     built on a copy and timed against the original; the report lists every plan, planned vs measured."""
-    from .latency_loop import Attempt, latency_loop
+    from .latency_loop import Attempt, attempt_from_layers, latency_loop
 
     timer = plan.kwargs["timer"]
 
@@ -219,13 +220,11 @@ def _closed_loop(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planni
         built = _build(model, args, cfg, plan, inplace=False)
         report = built.report(model, cfg, plan)
         _measure(model, built.model, args, plan, report)
-        timed = [L for L in report.rewritten if L.time_after_ms]
-        return Attempt((built, report, t), built.planned_ratio(plan), report.time_ratio, report.time_noise or 0.0,
-                       len(report.rewritten), sum(L.time_before_ms for L in timed),
-                       sum(L.time_after_ms for L in timed))
+        return attempt_from_layers((built, report, t), report.layers, plan.kwargs["total_time_ms"],
+                                   report.time_ratio, report.time_noise or 0.0)
 
     try:
-        kept, rounds, note = latency_loop(attempt, timer, cfg.target_latency, plan.kwargs["total_time_ms"])
+        kept, rounds, note = latency_loop(attempt, timer, cfg.target_latency)
     finally:
         plan.kwargs["timer"] = timer
     built, report, used = kept.payload

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .errors import DsrewriteError, first_line
 from .latency import ScaledTimer
 
-__all__ = ["Attempt", "latency_loop", "LATENCY_ROUNDS"]
+__all__ = ["Attempt", "attempt_from_layers", "latency_loop", "LATENCY_ROUNDS"]
 
 LATENCY_ROUNDS = 3  # plans tried against the whole-model measurement before target_latency is refused
 MAX_STEP = 4.0  # the largest correction one round applies to the separable timings
@@ -24,8 +24,8 @@ MAX_STEP = 4.0  # the largest correction one round applies to the separable timi
 @dataclass
 class Attempt:
     """One plan, built and timed: ``payload`` (what the route keeps), the planned and measured whole-model
-    time ratios, the measurement's noise, how many convs were rewritten, and the rewritten layers' summed
-    dense and separable times as planned (ms)."""
+    time ratios, the measurement's noise, how many convs were rewritten, the rewritten layers' summed dense and
+    separable times as planned, and the whole-model time the plan is a fraction of (ms)."""
 
     payload: Any
     planned: Optional[float]
@@ -34,18 +34,32 @@ class Attempt:
     rewritten: int
     dense_ms: float
     separable_ms: float
+    total_ms: float
 
 
-def latency_loop(attempt: Callable[[Any], Attempt], timer: Any, target: float,
-                 total_ms: float) -> Tuple[Attempt, List[Dict[str, Any]], Optional[str]]:
+def attempt_from_layers(payload: Any, layers: List[Any], total_ms: float, measured: float, noise: float) -> Attempt:
+    """An :class:`Attempt` from a plan's layer reports (``time_before_ms`` / ``time_after_ms`` as costed): the
+    planned ratio over the same total the allocator used (the model's time, at least its layers' sum)."""
+    timed = [L for L in layers if L.time_before_ms is not None]
+    done = [L for L in timed if L.rewritten and L.time_after_ms is not None]
+    dense_ms, sep_ms = sum(L.time_before_ms for L in done), sum(L.time_after_ms for L in done)
+    total = max(total_ms or 0.0, sum(L.time_before_ms for L in timed))
+    planned = (total - (dense_ms - sep_ms)) / total if total and timed else None
+    return Attempt(payload, planned, measured, noise, len([L for L in layers if L.rewritten]), dense_ms, sep_ms,
+                   total)
+
+
+def latency_loop(attempt: Callable[[Any], Attempt], timer: Any,
+                 target: float) -> Tuple[Attempt, List[Dict[str, Any]], Optional[str]]:
     """Run ``attempt(timer)`` until the measured ratio is within the noise of ``target``.
 
-    Returns the kept attempt (the best measured), one row per plan (``rewritten``, ``planned``, ``measured``,
+    Returns the kept attempt (the first that met the target, or nothing to rewrite), one row per plan (``rewritten``, ``planned``, ``measured``,
     ``noise``, ``scale``; the kept one has ``kept``) and a note when more than one plan was made. Raises
     :class:`DsrewriteError` when no plan reaches the target, or when the first plan is refused by the planner.
     """
     rounds: List[Dict[str, Any]] = []
     best: Optional[Tuple[Attempt, Dict[str, Any]]] = None
+    accepted: Optional[Tuple[Attempt, Dict[str, Any]]] = None
     scale = 1.0
     for _ in range(LATENCY_ROUNDS):
         try:
@@ -60,16 +74,19 @@ def latency_loop(attempt: Callable[[Any], Attempt], timer: Any, target: float,
         rounds.append(row)
         if best is None or a.measured < best[0].measured:
             best = (a, row)
-        if a.measured <= target + a.noise or a.planned is None or not a.rewritten:
+        if a.measured <= target + a.noise or not a.rewritten:  # met, or nothing rewritten: nothing to correct
+            accepted = (a, row)
+            break
+        if a.planned is None:
             break
         # the separable times that would have predicted the measured ratio: D - f*S = (1 - measured) * total
-        factor = (a.dense_ms - (1.0 - a.measured) * total_ms) / a.separable_ms if a.separable_ms > 0 else 0.0
+        factor = (a.dense_ms - (1.0 - a.measured) * a.total_ms) / a.separable_ms if a.separable_ms > 0 else 0.0
         if factor <= 1.0:
             break
         scale *= min(factor, MAX_STEP)
-    kept, row = best
+    kept, row = accepted or best
     row["kept"] = True
-    if kept.measured > target + kept.noise:
+    if accepted is None:
         tried = "; ".join(f"planned {r['planned']:.2f}x, measured {r['measured']:.2f}x" if r["planned"] is not None
                           else f"measured {r['measured']:.2f}x" if r["measured"] is not None
                           else f"no plan: {r['refused']}" for r in rounds)
