@@ -56,13 +56,16 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
         include / exclude: glob patterns over conv names (``"layer4.*"``) or a callable ``name -> bool``.
         inplace: allow changing ``model`` itself (its conv modules are swapped); otherwise it is untouched.
         backend: how the new pairs run: ``"auto"``, ``"triton"`` or ``"torch"``.
-        measure_time: time the original and rewritten model on ``example_inputs`` (median wall time).
+        measure_time: time the original and rewritten model on ``example_inputs`` side by side (fastest of
+            interleaved rounds, with the noise); ``False`` also turns off ``target_latency``'s whole-model check.
         progress: show progress bars.
         name: model name for the report.
         target_flops / target_params: keep at most this fraction of the whole model's FLOPs / parameters;
             ranks are allocated per layer for the least total error (:mod:`dsrewrite.budget`).
         target_latency: keep at most this fraction of the model's measured time; layers are timed on
-            ``device`` (original vs separable at candidate ranks, cached) and slower ones left alone.
+            ``device`` (original vs separable at candidate ranks, cached) and slower ones left alone. The plan
+            is then checked on the whole model and re-planned while it misses (:mod:`dsrewrite.latency_loop`,
+            up to 3 plans, listed in ``report.latency_rounds``); a target no plan reaches is refused.
         energy: per layer, the smallest rank keeping this fraction of its spectral energy.
         calibration: a tensor (split into batches) or an iterable of input batches. Ranks under a budget are
             then allocated on whitened spectra, and every rewritten layer is refitted in execution order on
