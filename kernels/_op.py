@@ -73,8 +73,8 @@ def _(grad, x, dw_weight, pw_weight, bias, y, stride, padding, dilation, activat
             outs.append(x.new_empty(0))
         elif i == 0:
             outs.append(torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x)))
-        else:
-            outs.append(x.new_empty(shape))
+        else:  # the real backward gives each weight gradient its weight's dtype
+            outs.append((dw_weight, pw_weight, bias)[i - 1].new_empty(shape))
     return tuple(outs)
 
 

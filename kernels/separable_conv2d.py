@@ -212,7 +212,7 @@ def fused_operands(dw_weight: torch.Tensor, pw_weight: torch.Tensor, in_channels
         r, ck = 1, cr
         idx = channel_index.to(torch.int64).contiguous()
     else:
-        r, ck = max(cr // in_channels, 1), in_channels
+        r, ck = max(cr // max(in_channels, 1), 1), in_channels
         idx = None
     dw = dw_weight.reshape(ck, r, kh * kw).permute(2, 1, 0).contiguous()
     pw = pw_weight.reshape(m, ck, r).permute(2, 1, 0).contiguous()

@@ -58,6 +58,8 @@ def compiled():
                                dtype="fp16", arch=90, num_warps=pwc.num_warps, num_stages=pwc.num_stages,
                                ones=["szc", "sym"]), None)
     infos = compile_many([case for case, _ in cases.values()])
+    if any(info.get("registers", -1) == -1 for info in infos):
+        pytest.skip("this Triton has no cuobjdump: the SASS cannot be read back")
     return {name: (case, info) for (name, (case, _)), info in zip(cases.items(), infos)}
 
 
