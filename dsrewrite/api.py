@@ -201,13 +201,14 @@ def _measure(model: nn.Module, new_model: nn.Module, args: tuple, plan: Planning
     """Time the original (the teacher, when one was kept) and the rewritten model side by side, in the memory
     format latency planning chose."""
     original = model if plan.teacher is None else plan.teacher
+    fmt = None
     if plan.timer is not None and plan.timer.memory_format == "channels_last":
         from .latency import to_format
 
         original, args_cl = to_format(original, args, "channels_last")
         new_model, _ = to_format(new_model, args, "channels_last")
-        args = args_cl
-    time_models(original, new_model, args, report)
+        args, fmt = args_cl, "channels_last"
+    time_models(original, new_model, args, report, memory_format=fmt)
 
 
 # ------------------------------------------------------------------------------------------ closed loop

@@ -120,16 +120,22 @@ def compare(before: Callable[..., Any], after: Callable[..., Any], args: Sequenc
     return Comparison(min(t0), min(t1), noise, len(t0))
 
 
-def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report: Any) -> None:
+def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report: Any,
+                memory_format: Optional[str] = None) -> None:
     """Time ``original`` and ``new`` side by side on ``args`` (eval mode, interleaved rounds; :func:`compare`)
-    and fill the report's time fields, the noise of the ratio included."""
+    and fill the report's time fields, the noise of the ratio included. ``memory_format`` names the layout the
+    caller put the models in (``"channels_last"``); by default it is read from the inputs' strides."""
     device = input_device(args)
     with eval_mode(original), eval_mode(new):
         c = compare(original, new, args, device=device)
     report.time_before_ms, report.time_after_ms, report.time_noise = c.before_ms, c.after_ms, c.noise
     images = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
-    cl = any(not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last) for a in images)
-    report.time_runtime = "PyTorch eager" + ((", channels_last" if cl else ", NCHW") if images else "")
+    if memory_format is None:
+        cl = any(not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last) for a in images)
+        memory_format = ("channels_last" if cl else "NCHW") if images else None
+    elif memory_format == "contiguous":
+        memory_format = "NCHW"
+    report.time_runtime = "PyTorch eager" + (f", {memory_format}" if memory_format else "")
     report.time_device = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     backends = {getattr(m, "backend", None) for m in new.modules() if hasattr(m, "rank") and hasattr(m, "pointwise")}
     backends.discard(None)
