@@ -314,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="device to time layers on for --target-latency (default: cpu)")
     r.add_argument("--latency-cache", help="JSON file caching layer timings across runs")
     r.add_argument("--overwrite", action="store_true", help="allow writing over the source file (ONNX)")
+    r.add_argument("--ort-threads", type=int, help="ONNX: intra-op threads of the onnxruntime sessions models and "
+                   "layers are timed in (default: onnxruntime's)")
+    r.add_argument("--ort-optimization", choices=("disable", "basic", "extended", "all"),
+                   help="ONNX: onnxruntime graph optimisation level for timing (default: all)")
+    r.add_argument("--ort-provider", help="ONNX: onnxruntime execution provider for timing "
+                   "(default: CPUExecutionProvider)")
     r.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (third-party warnings "
                    "and logs silenced too)")
     r.set_defaults(func=_cmd_rewrite)

@@ -22,6 +22,8 @@ __all__ = ["RewriteConfig", "ROUTE_UNSUPPORTED", "COMPILERS"]
 COMPILERS = ("inductor", "eager")  # torch.compile backend: "eager" runs the rewritten graph without Inductor
 
 _LATENCY_ONLY = "it only serves target_latency, which the backend does not support"
+_ORT_ONLY = "it sets the onnxruntime sessions the ONNX route times models in"
+ORT_OPTIMIZATIONS = ("disable", "basic", "extended", "all")  # onnxruntime graph optimisation levels
 # options a route cannot honour, with the reason given when one is set (a value other than the default)
 ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
     "torch": {
@@ -29,6 +31,9 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "overwrite": "the PyTorch route writes no file",
         "compiler": "it is an option of the torch.compile backend",
         "mode": "it is an option of the torch.compile backend",
+        "ort_threads": _ORT_ONLY,
+        "ort_optimization": _ORT_ONLY,
+        "ort_provider": _ORT_ONLY,
     },
     "onnx": {
         "calibration": "it runs the model in PyTorch; use rank, target_flops, target_params or energy",
@@ -50,6 +55,9 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "measure_time": "time the compiled model itself (benchmarks/compile.py does)",
         "input_shapes": "Dynamo passes the example inputs",
         "overwrite": "the backend writes no file",
+        "ort_threads": _ORT_ONLY,
+        "ort_optimization": _ORT_ONLY,
+        "ort_provider": _ORT_ONLY,
     },
 }
 _CLI_WORDS = {"torch": "PyTorch", "onnx": "ONNX", "torch.compile": "torch.compile"}
@@ -66,7 +74,8 @@ class RewriteConfig:
     :func:`dsrewrite.costs.register_budget`. ``ragged``: per-channel ranks. ``calibration``: data for
     data-aware initialisation (torch routes). Latency planning: ``device``, ``memory_format``, ``latency_cache``.
     Output: ``backend`` (how pairs run), ``inplace``, ``measure_time`` (``None``: the route's default),
-    ``progress``, ``name``. ONNX: ``input_shapes``, ``overwrite``. torch.compile: ``compiler``, ``mode``.
+    ``progress``, ``name``. ONNX: ``input_shapes``, ``overwrite``, and the onnxruntime sessions it times in
+    (``ort_threads``, ``ort_optimization``, ``ort_provider``). torch.compile: ``compiler``, ``mode``.
     """
 
     rank: RankArg = "auto"
@@ -91,6 +100,9 @@ class RewriteConfig:
     overwrite: bool = False
     compiler: str = "inductor"
     mode: Optional[str] = None
+    ort_threads: Optional[int] = None
+    ort_optimization: str = "all"
+    ort_provider: str = "CPUExecutionProvider"
 
     def __post_init__(self) -> None:
         from .pipeline import BUDGET_ARGS, matcher, one_budget
@@ -100,6 +112,14 @@ class RewriteConfig:
             raise DsrewriteError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise DsrewriteError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {self.memory_format!r}")
+        if self.ort_threads is not None and (isinstance(self.ort_threads, bool) or not isinstance(self.ort_threads, int)
+                                             or self.ort_threads < 1):
+            raise DsrewriteError(f"ort_threads must be an int >= 1, got {self.ort_threads!r}")
+        if self.ort_optimization not in ORT_OPTIMIZATIONS:
+            raise DsrewriteError(f"ort_optimization must be one of {', '.join(ORT_OPTIMIZATIONS)}, got "
+                                 f"{self.ort_optimization!r}")
+        if not isinstance(self.ort_provider, str) or not self.ort_provider:
+            raise DsrewriteError(f"ort_provider must be an onnxruntime execution provider name, got {self.ort_provider!r}")
         if self.compiler not in COMPILERS:
             raise DsrewriteError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
         given = [(k, getattr(self, k)) for k in BUDGET_ARGS if getattr(self, k) is not None]
@@ -145,7 +165,9 @@ class RewriteConfig:
                    target_latency=get("target_latency"), energy=get("energy"), ragged=bool(get("ragged", False)),
                    calibration=get("calibration"), device=get("device"), latency_cache=get("latency_cache"),
                    backend=get("backend", "auto") or "auto", measure_time=not get("no_time", False),
-                   progress=not get("quiet", False), overwrite=bool(get("overwrite", False)))
+                   progress=not get("quiet", False), overwrite=bool(get("overwrite", False)),
+                   ort_threads=get("ort_threads"), ort_optimization=get("ort_optimization") or "all",
+                   ort_provider=get("ort_provider") or "CPUExecutionProvider")
 
     # ------------------------------------------------------------------ reading
     def given(self) -> Dict[str, Any]:

@@ -169,3 +169,29 @@ def test_cli_onnx_target_latency(monkeypatch, tmp_path, capsys):
     import json
 
     assert json.loads(report.read_text())["latency_rounds"][0]["kept"]
+
+
+def test_onnxruntime_session_options(tmp_path, capsys):
+    """The sessions the ONNX route times in follow ort_threads / ort_optimization / ort_provider and the report
+    says which; bad values, a provider onnxruntime lacks and the options on the PyTorch route are refused in
+    one line."""
+    import torch
+
+    import dsrewrite
+
+    rep = rewrite(_model(), rank=2, measure_time=True, ort_threads=1, ort_optimization="basic").report
+    assert rep.time_ratio is not None and rep.time_noise is not None
+    assert "graph optimisation basic" in rep.time_runtime and "1 intra-op threads" in rep.time_runtime
+    assert "onnxruntime" in rep.table()
+    with pytest.raises(DsrewriteError, match="onnxruntime has no NoSuchExecutionProvider here"):
+        rewrite(_model(), rank=2, measure_time=True, ort_provider="NoSuchExecutionProvider")
+    for bad, msg in ((dict(ort_threads=0), "ort_threads must be an int >= 1"),
+                     (dict(ort_optimization="max"), "ort_optimization must be one of disable, basic")):
+        with pytest.raises(DsrewriteError, match=msg):
+            rewrite(_model(), rank=2, **bad)
+    with pytest.raises(DsrewriteError, match="'ort_threads' is not supported by the PyTorch route"):
+        dsrewrite.rewrite(torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8), ort_threads=2)
+    assert main(["rewrite", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--ort-threads", "2",
+                 "--no-time", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--ort-threads is not supported for PyTorch models" in err and len(err.splitlines()) == 1

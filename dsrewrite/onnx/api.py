@@ -49,15 +49,17 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         overwrite: allow ``dst`` to be the source file.
         input_shapes: static shapes by input name for the FLOP count; by default the model's own, with a
             symbolic batch set to 1 (FLOPs then per sample).
-        measure_time: time both models with onnxruntime on CPU (random inputs, median wall time). With
+        measure_time: time both models with onnxruntime (random inputs, interleaved rounds). With
             ``target_latency`` the models are timed anyway (the closed loop); ``False`` turns that check off.
         progress: show a progress bar while factorising.
         name: model name for the report (default: the file name or the graph name).
         target_flops / target_params / energy: budgets instead of a rank, as for :func:`dsrewrite.rewrite`
             (fractions of the whole graph's FLOPs / parameters; per-layer spectral energy).
-        target_latency: keep at most this fraction of the model's onnxruntime time (CPU, default session
-            options, static input shapes): layers timed in onnxruntime, the whole model checked against the
+        target_latency: keep at most this fraction of the model's onnxruntime time (static input shapes): layers timed in onnxruntime, the whole model checked against the
             original in the closed loop of :mod:`dsrewrite.latency_loop` (refused with the best measured ratio).
+        ort_threads / ort_optimization / ort_provider: the onnxruntime sessions models and layers are timed in
+            (intra-op threads, default onnxruntime's; graph optimisation ``disable``/``basic``/``extended``/``all``;
+            execution provider, default ``CPUExecutionProvider``): time in what you deploy with.
         ragged: per-channel ranks, as for :func:`dsrewrite.rewrite`; the depthwise ``Conv`` then reads its
             input through a ``Gather`` of the channels.
 
@@ -100,10 +102,11 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         return new, decisions, apply_decisions(new, decisions), check_note
 
     timing, rounds = None, []
+    ort_options = dict(threads=cfg.ort_threads, optimization=cfg.ort_optimization, provider=cfg.ort_provider)
     if budget is not None and budget[0] == "target_latency":
         (new, decisions, done, check_note), timing, rounds, loop_note = _latency_plan(
             model, shapes, plan_and_apply, budget[1], check=cfg.measure_time is not False,
-            large=model_nbytes(model) >= PROTOBUF_LIMIT - (64 << 20))
+            large=model_nbytes(model) >= PROTOBUF_LIMIT - (64 << 20), ort_options=ort_options)
         notes.extend(n for n in (loop_note,) if n)
         if shapes.per_sample:
             notes.append("target_latency planned and measured at batch 1 (the model's batch is symbolic): give "
@@ -145,12 +148,12 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         _fill_time(report, timing)
         report.latency_rounds = rounds
     elif measure_time:
-        _measure(model, new, shapes.inputs, report, info.path, dst, large)
+        _measure(model, new, shapes.inputs, report, info.path, dst, large, ort_options)
     return OnnxRewriteResult(new, report)
 
 
 def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target: float, *, check: bool = True,
-                  large: bool = False):
+                  large: bool = False, ort_options: Optional[dict] = None):
     """``target_latency`` in onnxruntime: layers timed by :class:`~dsrewrite.onnx.latency.OrtLayerTimer`, the
     whole model against the original in one loop (:func:`dsrewrite.latency_loop.latency_loop`; one plan from the
     layer timings alone when ``check`` is False). Returns the kept plan's ``(new, decisions, done, check_note)``,
@@ -168,13 +171,16 @@ def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target
             or any(0 in s or any(d is None or d < 1 for d in s) for s in shapes.inputs.values())):
         raise DsrewriteError("target_latency times the model in onnxruntime and needs static input shapes: "
                              "give input_shapes (--input-shape NAME=SHAPE)")
+    ort_options = ort_options or {}
     feeds = random_feeds(model, shapes.inputs)
     try:
-        before = session(model)
+        before = session(model, **ort_options)
         before.run(None, feeds)
+    except DsrewriteError:
+        raise
     except Exception as e:  # noqa: BLE001 - an op onnxruntime lacks, a bad shape: one line
         raise DsrewriteError(f"target_latency: onnxruntime cannot run the model ({first_line(e, 160)})") from None
-    timer = OrtLayerTimer()
+    timer = OrtLayerTimer(**ort_options)
     total = time_call(before.run, (None, feeds), warmup=2, reps=10, max_seconds=3.0, reduce=min)
     if not check:
         out = plan_and_apply({"timer": timer, "total_time_ms": total})
@@ -183,7 +189,7 @@ def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target
     def attempt(t) -> Attempt:
         out = plan_and_apply({"timer": t, "total_time_ms": total})
         try:
-            after = session(out[0])
+            after = session(out[0], **ort_options)
             c = compare(before.run, after.run, (None, feeds))
         except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: one line, dsrewrite's type
             raise DsrewriteError(f"target_latency: onnxruntime cannot run the rewritten model ({first_line(e, 160)}): "
@@ -192,16 +198,23 @@ def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target
 
     kept, rounds, note = latency_loop(attempt, timer, target)
     out, c = kept.payload
-    import onnxruntime as ort
-
-    timing = dict(before=c.before_ms, after=c.after_ms, noise=c.noise,
-                  runtime=f"onnxruntime {ort.__version__}, CPUExecutionProvider, default session options")
+    timing = dict(before=c.before_ms, after=c.after_ms, noise=c.noise, runtime=_runtime(ort_options))
     return out, timing, rounds, note
 
 
 def _fill_time(report: Report, timing: dict) -> None:
     report.time_before_ms, report.time_after_ms, report.time_noise = timing["before"], timing["after"], timing["noise"]
-    report.time_device, report.time_runtime = "cpu", timing["runtime"]
+    report.time_runtime = timing["runtime"]
+
+
+def _runtime(ort_options: dict) -> str:
+    """What the report's time column means on the ONNX route: the onnxruntime version and session options."""
+    import onnxruntime as ort
+
+    threads = ort_options.get("threads")
+    return (f"onnxruntime {ort.__version__}, {ort_options.get('provider', 'CPUExecutionProvider')}, graph "
+            f"optimisation {ort_options.get('optimization', 'all')}, "
+            f"{f'{threads} intra-op threads' if threads else 'default threads'}")
 
 
 def _check_rewritten(model: Union[str, onnx.ModelProto]) -> None:
@@ -234,9 +247,11 @@ def _flops_total(sites: List[ConvSite], flops_before: int, unknown: List[str], s
 
 
 def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], dst: Optional[str],
-             big: bool) -> None:
-    """Time both models with onnxruntime; ``big``: over the protobuf limit, so loaded from their files."""
-    from .measure import random_feeds, session, time_session
+             big: bool, ort_options: dict) -> None:
+    """Time both models with onnxruntime, side by side in interleaved rounds (:func:`dsrewrite.measure.compare`),
+    in the sessions ``ort_options`` describe; ``big``: over the protobuf limit, so loaded from their files."""
+    from ..measure import compare
+    from .measure import random_feeds, session
 
     if big and not (src_path and dst):
         report.notes.append("latency not measured: a model over 2 GB needs both src and dst paths")
@@ -245,21 +260,17 @@ def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], 
         report.notes.append("latency not measured: input shapes are not static")
         return
     try:
-        before = session(src_path if big else model)
-        after = session(dst if big else new)
+        before = session(src_path if big else model, **ort_options)
+        after = session(dst if big else new, **ort_options)
+    except DsrewriteError:
+        raise
     except Exception as e:  # noqa: BLE001 - e.g. an op onnxruntime lacks: keep the rewrite, say why
         report.notes.append(f"latency not measured: onnxruntime cannot load the model ({first_line(e, 120)})")
         return
     feeds = random_feeds(model, input_shapes)
     try:
-        t_before = time_session(before, feeds)
-        t_after = time_session(after, feeds)
-        t_before = min(t_before, time_session(before, feeds))  # second look at the original: less warm-up bias
+        c = compare(before.run, after.run, (None, feeds))
     except Exception as e:  # noqa: BLE001
         report.notes.append(f"latency not measured: onnxruntime failed to run the model ({first_line(e, 120)})")
         return
-    report.time_before_ms, report.time_after_ms = t_before, t_after
-    import onnxruntime as ort
-
-    report.time_device = "cpu"
-    report.time_backend = f"onnxruntime {ort.__version__}"
+    _fill_time(report, dict(before=c.before_ms, after=c.after_ms, noise=c.noise, runtime=_runtime(ort_options)))

@@ -70,27 +70,30 @@ class OrtLayerTimer:
     """Time convs and separable pairs of a :class:`~dsrewrite.ir.ConvSpec`'s shape in onnxruntime (CPU).
 
     Args:
-        threads: intra-op threads of every session (onnxruntime's default when ``None``), as the whole model
-            is timed with.
+        threads / optimization / provider: the session options (intra-op threads, graph optimisation level,
+            execution provider; see :func:`dsrewrite.onnx.measure.session`), as the whole model is timed with.
         reps / max_seconds: repetitions and time budget per measurement (the fastest is kept).
     """
 
     memory_format = "NCHW (onnxruntime)"
 
-    def __init__(self, threads: Optional[int] = None, reps: int = 7, max_seconds: float = 0.3) -> None:
+    def __init__(self, threads: Optional[int] = None, reps: int = 7, max_seconds: float = 0.3,
+                 optimization: str = "all", provider: str = "CPUExecutionProvider") -> None:
         self.threads, self.reps, self.max_seconds = threads, reps, max_seconds
+        self.optimization, self.provider = optimization, provider
         self.measured = 0  # new measurements (cache misses)
 
     def _key(self, spec: ConvSpec, rank: Optional[int]) -> Tuple:
         return (rank, spec.in_channels, spec.out_channels, tuple(spec.kernel), tuple(spec.stride),
-                tuple(spec.dilation), spec.bias, spec.batch, tuple(spec.out_spatial), self.threads)
+                tuple(spec.dilation), spec.bias, spec.batch, tuple(spec.out_spatial), self.threads,
+                self.optimization, self.provider)
 
     def _measure(self, spec: ConvSpec, rank: Optional[int]) -> float:
         from ..measure import time_call
 
         rng = np.random.default_rng(0)
         model, shape = conv_model(spec, rng) if rank is None else pair_model(spec, rank, rng)
-        sess = session(model, self.threads)
+        sess = session(model, self.threads, optimization=self.optimization, provider=self.provider)
         feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
         return time_call(sess.run, (None, feeds), warmup=1, reps=self.reps, max_seconds=self.max_seconds,
                          reduce=min, min_reps=2)

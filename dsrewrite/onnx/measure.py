@@ -1,4 +1,4 @@
-"""onnxruntime CPU latency of an ONNX model on random inputs: what the report's measured time means for ONNX."""
+"""onnxruntime sessions and random inputs: what the ONNX route times models and layers in."""
 from __future__ import annotations
 
 from typing import Dict, Mapping, Optional, Sequence, Union
@@ -6,7 +6,7 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-__all__ = ["random_feeds", "session", "time_session"]
+__all__ = ["random_feeds", "session"]
 
 _NP = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
@@ -33,15 +33,26 @@ def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
     return feeds
 
 
-def session(model: Union[str, bytes, onnx.ModelProto], threads: Optional[int] = None, *, once: bool = False):
-    """A CPU onnxruntime session of a model, a path or serialised bytes (``threads`` intra-op threads;
-    onnxruntime's default when ``None``).
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+           "all": "ORT_ENABLE_ALL"}
+
+
+def session(model: Union[str, bytes, onnx.ModelProto], threads: Optional[int] = None, *, once: bool = False,
+            optimization: str = "all", provider: str = "CPUExecutionProvider"):
+    """An onnxruntime session of a model, a path or serialised bytes (``threads`` intra-op threads;
+    onnxruntime's default when ``None``; ``optimization``: graph optimisation level, ``disable``, ``basic``,
+    ``extended`` or ``all``; ``provider``: the execution provider, refused in one line when not available).
     ``once=True``: for a session run once (the self-check), basic graph optimisations only (several times
     cheaper to create than all of them), idle pool threads that sleep instead of spinning (numpy and torch
     work follows in the process), and no error log on stderr (the caller reports the exception)."""
     import onnxruntime as ort
 
+    from ..errors import DsrewriteError
+
+    if provider not in ort.get_available_providers():
+        raise DsrewriteError(f"onnxruntime has no {provider} here (available: {', '.join(ort.get_available_providers())})")
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[optimization])
     if once:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.log_severity_level = 4  # fatal only
@@ -51,15 +62,4 @@ def session(model: Union[str, bytes, onnx.ModelProto], threads: Optional[int] = 
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     src = model if isinstance(model, (str, bytes)) else model.SerializeToString()
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-
-
-def time_session(sess, feeds: Mapping[str, np.ndarray], *, warmup: int = 2, reps: int = 10,
-                 max_seconds: float = 5.0) -> float:
-    """Median wall time of ``sess.run`` in milliseconds (the shared timer, :func:`dsrewrite.measure.time_call`)."""
-    import torch
-
-    from ..measure import time_call
-
-    return time_call(sess.run, (None, dict(feeds)), warmup=warmup, reps=reps, max_seconds=max_seconds,
-                     device=torch.device("cpu"))
+    return ort.InferenceSession(src, opts, providers=[provider])
