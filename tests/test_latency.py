@@ -128,7 +128,7 @@ def _whole_model_device(monkeypatch, specs, measure, optimism=1.0, noise=0.0, sk
 
     calls = []
 
-    def fake_time_models(original, new, args, report):
+    def fake_time_models(original, new, args, report, memory_format=None):
         calls.append(1)
         report.time_before_ms, report.time_after_ms = model_time(original), skew * model_time(new)
         report.time_noise = noise
