@@ -91,8 +91,7 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
     plan = Planning(model, args, cfg)
     closed = plan.timer is not None and cfg.target_latency is not None and cfg.measure_time is not False
     dev = input_device(args)
-    elsewhere = closed and not (plan.timer.device.type == dev.type and None in (plan.timer.device.index, dev.index)
-                                or plan.timer.device == dev)
+    elsewhere = closed and not _same_device(plan.timer.device, dev)
     if elsewhere:  # the whole model runs where its inputs are: it cannot check layer timings made elsewhere
         closed = False
         plan.notes.append(f"target_latency planned from layer timings on {plan.timer.device}; the whole model "
@@ -114,6 +113,11 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
     if plan.timer is not None:
         plan.timer.save()
     return RewriteResult(built.model, report, built.decisions)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device when one of them names no index."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 # ------------------------------------------------------------------------------------------ one plan, built

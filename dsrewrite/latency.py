@@ -25,7 +25,7 @@ from .frontends.conv_modules import deepcopy_module
 from .ir import ConvSpec
 from .measure import time_call, time_side_by_side
 
-__all__ = ["LayerTimer", "ScaledTimer", "layer_input", "calls_scale", "candidate_ranks", "time_fn",
+__all__ = ["LayerTimer", "ScaledTimer", "layer_input", "calls_scale", "cached_ms", "candidate_ranks", "time_fn",
            "best_memory_format", "MEMORY_FORMATS", "GATHER_MARGIN"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -57,6 +57,17 @@ def calls_scale(spec: ConvSpec) -> float:
     """What one timed call is multiplied by to cover all of the conv's calls (shared modules, varying shapes)."""
     one = spec.batch * math.prod(spec.out_spatial)
     return spec.out_pixels / one if one else 1.0
+
+
+def cached_ms(timer: Any, cache: Dict, key: Any, spec: ConvSpec, measure) -> Optional[float]:
+    """A layer timer's time of ``spec`` over all its calls: ``cache[key]`` (one call), measured by ``measure()`` on
+    a miss (counted in ``timer.measured``); ``None`` when the output shape is unknown."""
+    if not spec.out_spatial:
+        return None
+    if key not in cache:
+        cache[key] = measure()
+        timer.measured += 1
+    return cache[key] * calls_scale(spec)
 
 
 def candidate_ranks(spec: ConvSpec, count: int = 5) -> List[int]:
@@ -160,13 +171,7 @@ class LayerTimer:
         return a, b
 
     def _get(self, spec: ConvSpec, rank: Optional[int]) -> Optional[float]:
-        if not spec.out_spatial:
-            return None
-        k = self.key(spec, rank)
-        if k not in _CACHE:
-            _CACHE[k] = self._measure(spec, rank)
-            self.measured += 1
-        return _CACHE[k] * calls_scale(spec)
+        return cached_ms(self, _CACHE, self.key(spec, rank), spec, lambda: self._measure(spec, rank))
 
     def form_times(self, spec: ConvSpec, rank: int) -> Optional[Tuple[float, float]]:
         """(grouped, gathered) times of the uniform pair over all calls of the conv; ``None`` when the output

@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..ir import ConvSpec
-from ..latency import calls_scale, layer_input
+from ..latency import cached_ms, layer_input
 from .measure import session
 
 __all__ = ["OrtLayerTimer", "conv_model", "pair_model"]
@@ -99,13 +99,7 @@ class OrtLayerTimer:
                          reduce=min, min_reps=2)
 
     def _get(self, spec: ConvSpec, rank: Optional[int]) -> Optional[float]:
-        if not spec.out_spatial:
-            return None
-        k = self._key(spec, rank)
-        if k not in _CACHE:
-            _CACHE[k] = self._measure(spec, rank)
-            self.measured += 1
-        return _CACHE[k] * calls_scale(spec)
+        return cached_ms(self, _CACHE, self._key(spec, rank), spec, lambda: self._measure(spec, rank))
 
     def dense_ms(self, spec: ConvSpec) -> Optional[float]:
         """Time of the original ``Conv`` over all its calls (``None`` when the output shape is unknown)."""
