@@ -58,6 +58,10 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
         backend: how the new pairs run: ``"auto"``, ``"triton"`` or ``"torch"``.
         measure_time: time the original and rewritten model on ``example_inputs`` side by side (fastest of
             interleaved rounds, with the noise); ``False`` also turns off ``target_latency``'s whole-model check.
+        runtime: what models are timed in, for ``target_latency`` and the report: ``"eager"`` (default),
+            ``"inductor"`` (``torch.compile``: layers and whole models compiled before timing) or
+            ``"onnxruntime"`` (exported to ONNX; sessions set by ``ort_threads``, ``ort_optimization``,
+            ``ort_provider``). Deploy the model the way it was timed: the report says how.
         progress: show progress bars.
         name: model name for the report.
         target_flops / target_params: keep at most this fraction of the whole model's FLOPs / parameters;
@@ -91,7 +95,8 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
     plan = Planning(model, args, cfg)
     closed = plan.timer is not None and cfg.target_latency is not None and cfg.measure_time is not False
     dev = input_device(args)
-    elsewhere = closed and not _same_device(plan.timer.device, dev)
+    # the whole model runs where its inputs are (onnxruntime: on the CPU, whatever their device)
+    elsewhere = closed and plan.runtime.name != "onnxruntime" and not _same_device(plan.timer.device, dev)
     if elsewhere:  # the whole model runs where its inputs are: it cannot check layer timings made elsewhere
         closed = False
         plan.notes.append(f"target_latency planned from layer timings on {plan.timer.device}; the whole model "
@@ -152,7 +157,7 @@ class _Built:
         timed = [L for L in layers if L.time_before_ms is not None]
         if timed:
             b, a = sum(L.time_before_ms for L in timed), sum(L.time_after_ms for L in timed)
-            report.notes.append(f"layer timings ({plan.timer.memory_format}): {len(timed)} convs {b:.2f} ms -> "
+            report.notes.append(f"layer timings ({plan.runtime.label(plan.memory_format)}): {len(timed)} convs {b:.2f} ms -> "
                                 f"{a:.2f} ms (whole model before: {plan.kwargs['total_time_ms']:.2f} ms)")
         return report
 
@@ -202,17 +207,22 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
 
 
 def _measure(model: nn.Module, new_model: nn.Module, args: tuple, plan: Planning, report: Report) -> None:
-    """Time the original (the teacher, when one was kept) and the rewritten model side by side, in the memory
-    format latency planning chose."""
+    """Time the original (the teacher, when one was kept) and the rewritten model side by side, in the runtime
+    and memory format latency planning chose."""
     original = model if plan.teacher is None else plan.teacher
     fmt = None
-    if plan.timer is not None and plan.timer.memory_format == "channels_last":
-        from .latency import to_format
+    prepared = None
+    if plan.memory_format is not None:  # latency planning made the original in its format (and compiled it)
+        original, args, prepared = plan.original_in(original, args, plan.memory_format)
+        if plan.memory_format == "channels_last":
+            from .latency import to_format
 
-        original, args_cl = to_format(original, args, "channels_last")
-        new_model, _ = to_format(new_model, args, "channels_last")
-        args, fmt = args_cl, "channels_last"
-    time_models(original, new_model, args, report, memory_format=fmt)
+            new_model, _ = to_format(new_model, args, "channels_last")
+            fmt = "channels_last"
+    time_models(original, new_model, args, report, memory_format=fmt, runtime=plan.runtime, before=prepared)
+    how = plan.runtime.how(fmt or ("NCHW" if plan.memory_format == "contiguous" else None))
+    if how and how not in report.notes:
+        report.notes.append(how)
 
 
 # ------------------------------------------------------------------------------------------ closed loop

@@ -116,23 +116,12 @@ def _example_inputs(model, shape: Optional[Tuple[int, ...]]) -> tuple:
 
 
 def _export_onnx(model, args: tuple, out: str, quiet: bool) -> None:
-    """ONNX with a dynamic batch axis when the model takes one tensor (exported from a batch of 2: torch.export
-    fixes size-1 dimensions), else, or when that export fails, with the example's fixed shapes (said on stderr)."""
-    import torch
+    """ONNX with a dynamic batch axis where the model allows it (:func:`dsrewrite.runtimes.export_onnx`); when it
+    has the example's fixed shapes instead, a note on stderr says why."""
+    from .runtimes import export_onnx
 
-    if len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
-        x = args[0]
-        x2 = torch.cat([x, x]) if x.shape[0] == 1 else x
-        try:
-            torch.onnx.export(model, (x2,), out, dynamo=True, external_data=False, verbose=not quiet,
-                              dynamic_shapes=({0: torch.export.Dim("batch")},))
-            return
-        except Exception as e:  # noqa: BLE001 - fall back to the fixed shapes the rewrite ran with
-            reason = first_line(e, 160)
-    else:
-        reason = "the model does not take one tensor"
-    torch.onnx.export(model, args, out, dynamo=True, external_data=False, verbose=not quiet)
-    if not quiet:
+    reason = export_onnx(model, args, out, verbose=not quiet)
+    if reason and not quiet:
         print(f"note: {out} has the example's fixed input shape (no dynamic batch axis: {reason})", file=sys.stderr)
 
 
@@ -311,14 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "cost as the uniform rank, lower error (the depthwise conv gathers its inputs)")
     r.add_argument("--calibration", help="a folder of images or a .pt tensor file: data-aware initialisation "
                    "(and data-aware allocation under a budget)")
+    r.add_argument("--runtime", choices=("eager", "inductor", "onnxruntime"),
+                   help="what the model is timed in, for --target-latency and the report: PyTorch eager, "
+                        "torch.compile (Inductor) or onnxruntime (default: onnxruntime for an .onnx model or "
+                        "output, eager otherwise)")
     r.add_argument("--device", help="device to time layers on for --target-latency (default: cpu)")
     r.add_argument("--latency-cache", help="JSON file caching layer timings across runs")
     r.add_argument("--overwrite", action="store_true", help="allow writing over the source file (ONNX)")
-    r.add_argument("--ort-threads", type=int, help="ONNX: intra-op threads of the onnxruntime sessions models and "
-                   "layers are timed in (default: onnxruntime's)")
+    r.add_argument("--ort-threads", type=int, help="onnxruntime runtime: intra-op threads of the sessions models "
+                   "and layers are timed in (default: onnxruntime's)")
     r.add_argument("--ort-optimization", choices=("disable", "basic", "extended", "all"),
-                   help="ONNX: onnxruntime graph optimisation level for timing (default: all)")
-    r.add_argument("--ort-provider", help="ONNX: onnxruntime execution provider for timing "
+                   help="onnxruntime runtime: graph optimisation level for timing (default: all)")
+    r.add_argument("--ort-provider", help="onnxruntime runtime: execution provider for timing "
                    "(default: CPUExecutionProvider)")
     r.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (third-party warnings "
                    "and logs silenced too)")
@@ -376,7 +369,8 @@ def quiet_third_party(onnx: bool = False) -> Iterator[None]:
 
 
 def _uses_onnx(a: argparse.Namespace) -> bool:
-    return any(str(p or "").lower().endswith(".onnx") for p in (getattr(a, "src", None), getattr(a, "out", None)))
+    return getattr(a, "runtime", None) == "onnxruntime" or any(
+        str(p or "").lower().endswith(".onnx") for p in (getattr(a, "src", None), getattr(a, "out", None)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

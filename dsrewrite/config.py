@@ -16,13 +16,14 @@ from .errors import DsrewriteError
 from .latency import MEMORY_FORMATS
 from .modules import BACKENDS
 from .policy import RankArg, check_rank
+from .runtimes import RUNTIMES
 
 __all__ = ["RewriteConfig", "ROUTE_UNSUPPORTED", "COMPILERS"]
 
 COMPILERS = ("inductor", "eager")  # torch.compile backend: "eager" runs the rewritten graph without Inductor
 
 _LATENCY_ONLY = "it only serves target_latency, which the backend does not support"
-_ORT_ONLY = "it sets the onnxruntime sessions the ONNX route times models in"
+_ORT_OPTIONS = ("ort_threads", "ort_optimization", "ort_provider")
 ORT_OPTIMIZATIONS = ("disable", "basic", "extended", "all")  # onnxruntime graph optimisation levels
 # options a route cannot honour, with the reason given when one is set (a value other than the default)
 ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
@@ -31,9 +32,6 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "overwrite": "the PyTorch route writes no file",
         "compiler": "it is an option of the torch.compile backend",
         "mode": "it is an option of the torch.compile backend",
-        "ort_threads": _ORT_ONLY,
-        "ort_optimization": _ORT_ONLY,
-        "ort_provider": _ORT_ONLY,
     },
     "onnx": {
         "calibration": "it runs the model in PyTorch; use rank, target_flops, target_params or energy",
@@ -46,8 +44,10 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "mode": "it is an option of the torch.compile backend",
     },
     "torch.compile": {
-        "target_latency": "it times layers in eager mode, which does not predict Inductor's compiled latency: "
-                          "give rank, target_flops or target_params",
+        "target_latency": "the backend sees one graph at a time and cannot time the whole model: give rank, "
+                          "target_flops or target_params, or plan with dsrewrite.rewrite(model, x, "
+                          "target_latency=..., runtime='inductor') and compile the model it returns",
+        "runtime": "the backend's graphs always run under torch.compile",
         "device": _LATENCY_ONLY,
         "memory_format": _LATENCY_ONLY,
         "latency_cache": _LATENCY_ONLY,
@@ -55,9 +55,9 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "measure_time": "time the compiled model itself (benchmarks/compile.py does)",
         "input_shapes": "Dynamo passes the example inputs",
         "overwrite": "the backend writes no file",
-        "ort_threads": _ORT_ONLY,
-        "ort_optimization": _ORT_ONLY,
-        "ort_provider": _ORT_ONLY,
+        "ort_threads": "it sets the onnxruntime sessions models are timed in (runtime='onnxruntime')",
+        "ort_optimization": "it sets the onnxruntime sessions models are timed in (runtime='onnxruntime')",
+        "ort_provider": "it sets the onnxruntime sessions models are timed in (runtime='onnxruntime')",
     },
 }
 _CLI_WORDS = {"torch": "PyTorch", "onnx": "ONNX", "torch.compile": "torch.compile"}
@@ -72,10 +72,13 @@ class RewriteConfig:
     Budgets (at most one, instead of ``rank``): ``target_flops``, ``target_params``, ``target_latency`` (fractions
     of the whole model), ``energy`` (per layer), or ``budget=(name, fraction)`` for any kind registered with
     :func:`dsrewrite.costs.register_budget`. ``ragged``: per-channel ranks. ``calibration``: data for
-    data-aware initialisation (torch routes). Latency planning: ``device``, ``memory_format``, ``latency_cache``.
+    data-aware initialisation (torch routes). ``runtime``: what the model is timed in, for latency planning and
+    the report (``"eager"``, ``"inductor"``, ``"onnxruntime"``; ``None``: the route's own, eager for PyTorch models
+    and onnxruntime for ONNX ones). Latency planning: ``device``, ``memory_format``, ``latency_cache``.
     Output: ``backend`` (how pairs run), ``inplace``, ``measure_time`` (``None``: the route's default),
     ``progress``, ``name``. ONNX: ``input_shapes``, ``overwrite``, and the onnxruntime sessions it times in
-    (``ort_threads``, ``ort_optimization``, ``ort_provider``). torch.compile: ``compiler``, ``mode``.
+    (``ort_threads``, ``ort_optimization``, ``ort_provider``; also for ``runtime="onnxruntime"`` on the
+    PyTorch route). torch.compile: ``compiler``, ``mode``.
     """
 
     rank: RankArg = "auto"
@@ -90,6 +93,7 @@ class RewriteConfig:
     calibration: Any = field(default=None, compare=False)
     device: Any = None
     memory_format: str = "auto"
+    runtime: Optional[str] = None
     latency_cache: Optional[str] = None
     backend: str = "auto"
     inplace: bool = False
@@ -112,6 +116,8 @@ class RewriteConfig:
             raise DsrewriteError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise DsrewriteError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {self.memory_format!r}")
+        if self.runtime is not None and self.runtime not in RUNTIMES:
+            raise DsrewriteError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.ort_threads is not None and (isinstance(self.ort_threads, bool) or not isinstance(self.ort_threads, int)
                                              or self.ort_threads < 1):
             raise DsrewriteError(f"ort_threads must be an int >= 1, got {self.ort_threads!r}")
@@ -164,6 +170,8 @@ class RewriteConfig:
                    target_flops=get("target_flops"), target_params=get("target_params"),
                    target_latency=get("target_latency"), energy=get("energy"), ragged=bool(get("ragged", False)),
                    calibration=get("calibration"), device=get("device"), latency_cache=get("latency_cache"),
+                   runtime=get("runtime") or ("onnxruntime" if str(get("out") or "").lower().endswith(".onnx")
+                                              and not str(get("src") or "").lower().endswith(".onnx") else None),
                    backend=get("backend", "auto") or "auto", measure_time=not get("no_time", False),
                    progress=not get("quiet", False), overwrite=bool(get("overwrite", False)),
                    ort_threads=get("ort_threads"), ort_optimization=get("ort_optimization") or "all",
@@ -180,7 +188,16 @@ class RewriteConfig:
 
     def check_route(self, route: str, *, cli: bool = False) -> None:
         """Refuse, by name and with the reason, an option that ``route`` cannot honour (``cli``: name the flag)."""
-        unsupported = ROUTE_UNSUPPORTED[route]
+        unsupported = dict(ROUTE_UNSUPPORTED[route])
+        runtime = self.runtime
+        if route == "onnx" and runtime not in (None, "onnxruntime"):
+            unsupported["runtime"] = "an ONNX model is timed and deployed in onnxruntime"
+        if route == "torch" and runtime != "onnxruntime":
+            unsupported.update({k: "it sets the onnxruntime sessions models are timed in: give runtime='onnxruntime' "
+                                   "(CLI: --runtime onnxruntime, the default for an .onnx output)" for k in _ORT_OPTIONS})
+        if route == "torch" and runtime == "onnxruntime":
+            unsupported.update(memory_format="onnxruntime chooses its own layouts for an NCHW ONNX graph",
+                               device="runtime='onnxruntime' times the exported model on the CPU")
         for key in self.given():
             if key in unsupported:
                 if cli:

@@ -98,14 +98,19 @@ class LayerTimer:
         reps / max_seconds: repetitions and time budget per measurement (the fastest is kept).
         cache_file: optional JSON file read at start and written after new measurements.
         ragged: time ragged pairs (torch ops gather the input channels first; Triton reads through the index).
+        runtime: a :class:`dsrewrite.runtimes.Runtime` the layers run in (eager by default; Inductor compiles
+            each layer before timing it).
 
     ``gathered(spec, rank)`` says whether the pair should run with ``gather_input=True`` (measured faster).
     """
 
     def __init__(self, device: Any = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto",
                  memory_format: str = "contiguous", reps: int = 5, max_seconds: float = 0.25,
-                 cache_file: Optional[str] = None, ragged: bool = False) -> None:
+                 cache_file: Optional[str] = None, ragged: bool = False, runtime: Any = None) -> None:
+        from .runtimes import get_runtime
+
         self.device = torch.device(device)
+        self.runtime = runtime if runtime is not None else get_runtime("eager")
         self.dtype = dtype
         self.backend = backend
         self.memory_format = "contiguous" if memory_format == "auto" else memory_format
@@ -132,7 +137,8 @@ class LayerTimer:
         what = "dense" if rank is None else f"{'ragged' if self.ragged else 'gathered' if gathered else 'sep'}{rank}"
         return "|".join(str(x) for x in (
             what, spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.dilation, spec.bias,
-            spec.batch, spec.out_spatial, str(self.dtype), self._where(), self.backend, self.memory_format))
+            spec.batch, spec.out_spatial, str(self.dtype), self._where(), self.backend, self.memory_format,
+            self.runtime.name))
 
     # ------------------------------------------------------------------ measuring
     def _build(self, spec: ConvSpec, rank: Optional[int], gathered: bool = False) -> Tuple[nn.Module, torch.Tensor]:
@@ -161,14 +167,20 @@ class LayerTimer:
 
     def _measure(self, spec: ConvSpec, rank: Optional[int]) -> float:
         mod, x = self._build(spec, rank)
-        return time_fn(mod, (x,), device=self.device, reps=self.reps, max_seconds=self.max_seconds)
+        return time_fn(self.runtime.prepare(mod, (x,)), (x,), device=self.device, reps=self.reps,
+                       max_seconds=self.max_seconds, warmup=self._warmup)
 
     def _measure_forms(self, spec: ConvSpec, rank: int) -> Tuple[float, float]:
         """(grouped, gathered) times of the uniform pair at ``rank``, measured side by side."""
         (grouped, x), (gathered, _) = self._build(spec, rank), self._build(spec, rank, gathered=True)
-        a, b = time_side_by_side([grouped, gathered], (x,), device=self.device, reps=self.reps,
-                                 max_seconds=2 * self.max_seconds)
+        fns = [self.runtime.prepare(m, (x,)) for m in (grouped, gathered)]
+        a, b = time_side_by_side(fns, (x,), device=self.device, reps=self.reps, max_seconds=2 * self.max_seconds,
+                                 warmup=self._warmup)
         return a, b
+
+    @property
+    def _warmup(self) -> int:  # a compiled layer's first call compiles it, and the next may still settle
+        return 1 if self.runtime.name == "eager" else 2
 
     def _get(self, spec: ConvSpec, rank: Optional[int]) -> Optional[float]:
         return cached_ms(self, _CACHE, self.key(spec, rank), spec, lambda: self._measure(spec, rank))
@@ -208,11 +220,6 @@ class LayerTimer:
                 json.dump(_CACHE, f, indent=0, sort_keys=True)
             os.replace(tmp, self.cache_file)
 
-    def model_ms(self, model: nn.Module, args: Sequence[Any], reps: int = 7) -> float:
-        """Whole-model time on ``args`` in this timer's memory format (the fastest of a few runs)."""
-        model, args = to_format(model, args, self.memory_format)
-        return time_fn(model, args, device=self.device, reps=reps, warmup=2, max_seconds=4 * self.max_seconds + 1)
-
 
 class ScaledTimer:
     """A layer timer whose separable-pair times are multiplied by ``scale``: the closed loop's correction when
@@ -245,12 +252,15 @@ def to_format(model: nn.Module, args: Sequence[Any], memory_format: str) -> Tupl
     return model, args
 
 
-def best_memory_format(model: nn.Module, args: Sequence[Any], device: torch.device) -> Tuple[str, Dict[str, float]]:
-    """The faster of NCHW and channels_last for the original model (CPU only; CUDA keeps the input's format)."""
-    if device.type != "cpu" or not any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args):
+def best_memory_format(original_in: Any, args: Sequence[Any], device: torch.device,
+                       choosable: bool = True) -> Tuple[str, Dict[str, float]]:
+    """The faster of NCHW and channels_last for the original model: ``original_in(fmt)`` gives ``(model, args,
+    fn)`` in that layout, ``fn`` running it in the deploy runtime. CPU image models only (CUDA keeps the
+    input's format); ``choosable=False`` (onnxruntime chooses its own layouts) keeps NCHW."""
+    if not choosable or device.type != "cpu" or not any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args):
         return "contiguous", {}
     times = {}
     for fmt in ("contiguous", "channels_last"):
-        m, a = to_format(model, args, fmt)
-        times[fmt] = time_fn(m, a, device=device, reps=5, warmup=2, max_seconds=1.0)
+        _, a, fn = original_in(fmt)
+        times[fmt] = time_fn(fn, a, device=device, reps=5, warmup=2, max_seconds=1.0)
     return min(times, key=times.get), times

@@ -121,13 +121,19 @@ def compare(before: Callable[..., Any], after: Callable[..., Any], args: Sequenc
 
 
 def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report: Any,
-                memory_format: Optional[str] = None) -> None:
+                memory_format: Optional[str] = None, runtime: Any = None,
+                before: Optional[Callable[..., Any]] = None) -> None:
     """Time ``original`` and ``new`` side by side on ``args`` (eval mode, interleaved rounds; :func:`compare`)
-    and fill the report's time fields, the noise of the ratio included. ``memory_format`` names the layout the
-    caller put the models in (``"channels_last"``); by default it is read from the inputs' strides."""
+    in ``runtime`` (a :class:`dsrewrite.runtimes.Runtime`; eager by default) and fill the report's time fields,
+    the noise of the ratio included. ``memory_format`` names the layout the caller put the models in
+    (``"channels_last"``); by default it is read from the inputs' strides. ``before``: ``original`` already
+    prepared for the runtime (compiled once, reused)."""
     device = input_device(args)
     with eval_mode(original), eval_mode(new):
-        c = compare(original, new, args, device=device)
+        after = new if runtime is None else runtime.prepare(new, args)
+        if before is None:
+            before = original if runtime is None else runtime.prepare(original, args)
+        c = compare(before, after, args, device=device)
     report.time_before_ms, report.time_after_ms, report.time_noise = c.before_ms, c.after_ms, c.noise
     images = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
     if memory_format is None:
@@ -135,8 +141,11 @@ def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report
         memory_format = ("channels_last" if cl else "NCHW") if images else None
     elif memory_format == "contiguous":
         memory_format = "NCHW"
-    report.time_runtime = "PyTorch eager" + (f", {memory_format}" if memory_format else "")
-    report.time_device = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    ort = runtime is not None and runtime.name == "onnxruntime"
+    report.time_runtime = (runtime.label(memory_format) if runtime is not None
+                           else "PyTorch eager" + (f", {memory_format}" if memory_format else ""))
+    report.time_device = (torch.cuda.get_device_name(device) if device.type == "cuda" and not ort
+                          else "cpu" if ort else f"cpu ({torch.get_num_threads()} threads)")
     backends = {getattr(m, "backend", None) for m in new.modules() if hasattr(m, "rank") and hasattr(m, "pointwise")}
     backends.discard(None)
     report.time_backend = "backend=" + ",".join(sorted(backends)) if backends else None

@@ -39,8 +39,14 @@ class Planning:
         kw: dict = {"ragged": True} if ragged else {}
         if budget is not None:
             kw["budget"] = budget
+        from .runtimes import get_runtime
+
+        self.runtime = get_runtime(cfg.runtime, ort_threads=cfg.ort_threads, ort_optimization=cfg.ort_optimization,
+                                   ort_provider=cfg.ort_provider)
+        self.memory_format: Optional[str] = None  # the layout models are timed in (None: as given)
+        self._originals: dict = {}  # memory format -> (original in it, args in it, what runs it in the runtime)
         if budget is not None and budget[0] == "target_latency":
-            from .latency import LayerTimer, best_memory_format
+            from .latency import best_memory_format, time_fn
 
             dev = torch.device(device) if device is not None else input_device(args)
             ref = model if self.teacher is None else self.teacher
@@ -49,18 +55,18 @@ class Planning:
                 ref = deepcopy_module(ref).to(dev)
                 args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
             fmt = cfg.memory_format
-            if fmt == "auto":
-                with eval_mode(ref):  # timing must not update the user's BatchNorm statistics
-                    fmt, times = best_memory_format(ref, args, dev)
-                if times:
-                    self.notes.append("latency planned in " + fmt + " (original model: " + ", ".join(
-                        f"{k} {v:.2f} ms" for k, v in times.items()) + ")" + (
-                        "; run the model and inputs with .to(memory_format=torch.channels_last)"
-                        if fmt == "channels_last" else ""))
-            self.timer = LayerTimer(dev, p0.dtype if p0 is not None else torch.float32, cfg.backend, fmt,
-                                    cache_file=cfg.latency_cache, ragged=ragged)
-            with eval_mode(ref):
-                kw["total_time_ms"] = self.timer.model_ms(ref, args)
+            with eval_mode(ref):  # timing must not update the user's BatchNorm statistics
+                if fmt == "auto":
+                    fmt, times = best_memory_format(lambda f: self.original_in(ref, args, f), args, dev,
+                                                    self.runtime.memory_formats)
+                    if times:
+                        self.notes.append(f"latency planned in {fmt} ({self.runtime.label(None)}; original model: "
+                                          + ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()) + ")")
+                self.memory_format = fmt
+                self.timer = self.runtime.layer_timer(dev, p0.dtype if p0 is not None else torch.float32,
+                                                      cfg.backend, fmt, cfg.latency_cache, ragged)
+                _, a, fn = self.original_in(ref, args, fmt)
+                kw["total_time_ms"] = time_fn(fn, a, device=dev, reps=7, warmup=2, max_seconds=2.0)
             kw["timer"] = self.timer
             if self.teacher is None:
                 self.teacher = model
@@ -76,6 +82,17 @@ class Planning:
                 except Exception as e:  # noqa: BLE001
                     raise DsrewriteError(f"calibration batches do not run through the model: {first_line(e, typed=True)}") from None
         self.kwargs = kw
+
+    def original_in(self, model: nn.Module, args: tuple, memory_format: str) -> tuple:
+        """``(model, args, fn)``: the original in ``memory_format`` (a copy for channels_last), its inputs in it,
+        and what runs it in the runtime, made once per format (a compiled or exported original is reused by
+        every whole-model timing)."""
+        from .latency import to_format
+
+        if memory_format not in self._originals:
+            m, a = to_format(model, args, memory_format)
+            self._originals[memory_format] = (m, a, self.runtime.prepare(m, a))
+        return self._originals[memory_format]
 
     def calibrate(self, new_model: nn.Module, decisions: List[Decision]) -> str:
         """Refit the rewritten layers sequentially; fill ``calib_error_*`` in the reports; return a note."""

@@ -98,14 +98,14 @@ def _synthetic_device(monkeypatch):
         t = (0.02 if rank is None else 0.2) + flops * 1e-7
         return t * (0.7 if spec.in_channels >= 64 else 1.3) if gathered else t
 
-    def model_ms(self, model, args, reps=7):
-        return 0.3 + sum(measure(self, s, None) for s in specs)
+    def model_ms(fn, args, **kw):  # the whole original model, timed once by the planner
+        return 0.3 + sum(measure(None, s, None) for s in specs)
 
     specs = []
     monkeypatch.setattr(latency.LayerTimer, "_measure", measure)
     monkeypatch.setattr(latency.LayerTimer, "_measure_forms",
                         lambda self, spec, rank: (measure(self, spec, rank), measure(self, spec, rank, True)))
-    monkeypatch.setattr(latency.LayerTimer, "model_ms", model_ms)
+    monkeypatch.setattr(latency, "time_fn", model_ms)
     return specs, measure
 
 
@@ -128,7 +128,7 @@ def _whole_model_device(monkeypatch, specs, measure, optimism=1.0, noise=0.0, sk
 
     calls = []
 
-    def fake_time_models(original, new, args, report, memory_format=None):
+    def fake_time_models(original, new, args, report, memory_format=None, **kw):
         calls.append(1)
         report.time_before_ms, report.time_after_ms = model_time(original), skew * model_time(new)
         report.time_noise = noise
@@ -295,3 +295,26 @@ def test_latency_target_with_measure_time_false_says_it_was_not_checked(monkeypa
     rep = dsrewrite.rewrite(m, x, target_latency=0.8, memory_format="contiguous", measure_time=False).report
     assert rep.time_ratio is None and not rep.latency_rounds
     assert "target_latency not checked on the whole model (measure_time=False)" in rep.notes
+
+
+def test_runtime_onnxruntime_plans_with_onnxruntime_layer_timings(monkeypatch):
+    """``runtime="onnxruntime"`` on the PyTorch route: layers are timed by the onnxruntime layer timer (here the
+    synthetic device stands in for its measurements), the same closed loop checks the whole model, and the
+    report says where the time was measured."""
+    pytest.importorskip("onnxruntime")
+    from dsrewrite.onnx import latency as olat
+
+    m, x, specs, measure = _two_conv_model(monkeypatch)
+    monkeypatch.setattr(olat, "_CACHE", {})
+    used = []
+
+    def ort_measure(self, spec, rank):
+        used.append((self.threads, rank))
+        return measure(None, spec, rank)
+
+    monkeypatch.setattr(olat.OrtLayerTimer, "_measure", ort_measure)
+    calls = _whole_model_device(monkeypatch, specs, measure, optimism=1.5)
+    rep = dsrewrite.rewrite(m, x, target_latency=0.6, runtime="onnxruntime", ort_threads=1).report
+    assert used and all(t == 1 for t, _ in used)  # planned with the onnxruntime timer, in its session options
+    assert calls and rep.latency_rounds[-1]["kept"] and rep.time_ratio <= 0.6 + rep.time_noise
+    assert any(n.startswith("layer timings (onnxruntime") for n in rep.notes), rep.notes
