@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import cost
 from .costs import CostProvider
-from .errors import DsrewriteError
+from .errors import BudgetUnreachable, DsrewriteError
 from .ir import ConvSpec
 
 __all__ = ["Option", "LayerOptions", "allocate", "smallest_cost", "energy_rank", "check_fraction",
@@ -183,9 +183,12 @@ def budget_ranks(entries: Sequence[BudgetEntry], *, kind: str, target: float, to
         choice = allocate(layers, need)
     except ValueError:
         least = (fixed + smallest_cost(layers)) / total
-        raise DsrewriteError(
+        cheapest = [(float(e.dense), min((float(e.cost(r)) for r in e.ranks), default=float(e.dense)))
+                    for e in entries]
+        raise BudgetUnreachable(
             f"{kind}={target:g} is not achievable: the smallest reachable is {least:.4f} of the model's "
-            f"{quantity} (every eligible conv at its cheapest rank)") from None
+            f"{quantity} (every eligible conv at its cheapest rank)", target=target, reachable=least,
+            layers=cheapest, fixed=fixed, total=total) from None
     return {k: (None if o is None else o.rank) for k, o in choice.items()}
 
 

@@ -3,11 +3,35 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["DsrewriteError", "first_line"]
+__all__ = ["DsrewriteError", "BudgetUnreachable", "first_line"]
 
 
 class DsrewriteError(ValueError):
     """Bad input to dsrewrite: the message is one line and names the problem."""
+
+
+class BudgetUnreachable(DsrewriteError):
+    """A budget no plan meets: ``reachable`` is the smallest fraction (every eligible conv at its cheapest
+    rank); ``layers`` holds each eligible conv's ``(dense, cheapest separable)`` costs and ``fixed`` the cost of
+    the rest, so a caller can tell how much cheaper the pairs would have to be."""
+
+    def __init__(self, message: str, *, target: float, reachable: float, layers: list, fixed: float,
+                 total: float) -> None:
+        super().__init__(message)
+        self.target, self.reachable, self.layers, self.fixed, self.total = target, reachable, layers, fixed, total
+
+    def scale_to_reach(self, fraction: float) -> Optional[float]:
+        """The factor on every separable cost that would make ``fraction`` just reachable (``None``: none does)."""
+        def reach(s: float) -> float:
+            return (self.fixed + sum(min(d, s * c) for d, c in self.layers)) / self.total
+
+        lo, hi = 0.0, 1.0
+        if reach(lo) > fraction:
+            return None
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if reach(mid) <= fraction else (lo, mid)
+        return lo
 
 
 def first_line(e: BaseException, limit: Optional[int] = None, *, typed: bool = False, joined: bool = False,

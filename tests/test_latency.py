@@ -318,3 +318,24 @@ def test_runtime_onnxruntime_plans_with_onnxruntime_layer_timings(monkeypatch):
     assert used and all(t == 1 for t, _ in used)  # planned with the onnxruntime timer, in its session options
     assert calls and rep.latency_rounds[-1]["kept"] and rep.time_ratio <= 0.6 + rep.time_noise
     assert any(n.startswith("layer timings (onnxruntime") for n in rep.notes), rep.notes
+
+
+def test_a_target_just_out_of_reach_on_layer_timings_is_decided_by_the_whole_model(monkeypatch):
+    """Layer timings put the target out of reach by less than PLAN_MARGIN; the whole model runs the pairs
+    faster than they were timed alone (optimism < 1), so the plan made as if they were fast enough meets it as
+    measured. Further than the margin, the planner's refusal stands."""
+    from dsrewrite.errors import BudgetUnreachable
+    from dsrewrite.latency_loop import PLAN_MARGIN
+
+    m, x, specs, measure = _two_conv_model(monkeypatch)
+    _whole_model_device(monkeypatch, specs, measure, optimism=0.5)
+    with pytest.raises(BudgetUnreachable) as info:
+        dsrewrite.rewrite(m, x, target_latency=0.01, memory_format="contiguous")
+    reachable = info.value.reachable
+    assert reachable - 0.01 > PLAN_MARGIN
+    target = reachable - PLAN_MARGIN / 2
+    rep = dsrewrite.rewrite(m, x, target_latency=target, memory_format="contiguous").report
+    first, kept = rep.latency_rounds[0], rep.latency_rounds[-1]
+    assert first.get("optimistic") and "not achievable" in first["refused"]
+    assert kept.get("kept") and kept["scale"] < 1.0 and kept["measured"] <= target, rep.latency_rounds
+    assert "latency plan 1: none" in rep.table()
