@@ -1,12 +1,14 @@
 """target_latency, checked on the whole model (issue 14): the same call, planned from scratch, several times.
 
-For each model (torchvision, random weights), route (PyTorch eager in the memory format the planner picks; ONNX
-in onnxruntime) and run, it clears every layer-timing cache, calls the rewrite with ``target_latency``, and
+For each model (torchvision, random weights), route (PyTorch eager in the memory format the planner picks;
+``inductor``: the PyTorch route with ``runtime="inductor"``, every model compiled; ONNX in onnxruntime) and run, it clears every layer-timing cache, calls the rewrite with ``target_latency``, and
 records the plans the closed loop made (planned vs measured whole-model ratio), the kept ratio and its noise,
 or the refusal. After each run the kept model is timed again against the original, side by side in a fresh
-measurement (the "re-check" column), in the format it was planned for.
+measurement (the "re-check" column), in the runtime and format it was planned for (freshly compiled for
+``inductor``).
 
     python benchmarks/latency_loop.py --models resnet18 --runs 5 --json benchmarks/latency_loop.json
+    python benchmarks/latency_loop.py --models resnet18 --routes inductor --runs 5 --json benchmarks/latency_loop_inductor.json
 """
 from __future__ import annotations
 
@@ -29,20 +31,21 @@ def _clear_caches() -> None:
     olat._CACHE.clear()
 
 
-def run_torch(model_name: str, batch: int, size: int, target: float) -> Dict:
+def run_torch(model_name: str, batch: int, size: int, target: float, runtime: str = "eager") -> Dict:
     import torch
     import torchvision
 
     import dsrewrite
     from dsrewrite.latency import to_format
     from dsrewrite.measure import compare
+    from dsrewrite.runtimes import get_runtime
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(model_name, weights=None).eval()
     x = torch.randn(batch, 3, size, size)
     t0 = time.perf_counter()
     try:
-        res = dsrewrite.rewrite(model, x, target_latency=target, memory_format="auto")
+        res = dsrewrite.rewrite(model, x, target_latency=target, memory_format="auto", runtime=runtime)
     except dsrewrite.DsrewriteError as e:
         return dict(refused=str(e), seconds=time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
@@ -50,8 +53,15 @@ def run_torch(model_name: str, batch: int, size: int, target: float) -> Dict:
     fmt = "channels_last" if rep.time_runtime and "channels_last" in rep.time_runtime else "contiguous"
     m0, args = to_format(model, (x,), fmt)
     m1, _ = to_format(res.model, (x,), fmt)
-    c = compare(m0, m1, args)
-    return dict(rounds=rep.latency_rounds, ratio=rep.time_ratio, noise=rep.time_noise, runtime=rep.time_runtime,
+    rt = get_runtime(runtime)
+    with torch.no_grad():
+        f0, f1 = rt.prepare(m0, args), rt.prepare(m1, args)
+        c = compare(f0, f1, args)
+        extra = {}
+        if runtime == "inductor":  # how the compiled original compares with the eager one
+            e = compare(m0, f0, args)
+            extra = dict(compiled_over_eager=e.ratio, compiled_over_eager_noise=e.noise)
+    return dict(extra,rounds=rep.latency_rounds, ratio=rep.time_ratio, noise=rep.time_noise, runtime=rep.time_runtime,
                 flops_ratio=rep.flops_ratio, recheck=c.ratio, recheck_noise=c.noise, seconds=seconds)
 
 
@@ -103,7 +113,7 @@ def markdown(rows: List[Dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet18"])
-    ap.add_argument("--routes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
+    ap.add_argument("--routes", nargs="+", default=["torch", "onnx"], choices=["torch", "inductor", "onnx"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--target", type=float, default=0.6)
@@ -118,8 +128,8 @@ def main(argv=None) -> int:
             for route in a.routes:
                 for run in range(1, a.runs + 1):
                     _clear_caches()
-                    r = (run_torch(model, a.batch, a.size, a.target) if route == "torch"
-                         else run_onnx(model, a.batch, a.size, a.target, folder))
+                    r = (run_onnx(model, a.batch, a.size, a.target, folder) if route == "onnx"
+                         else run_torch(model, a.batch, a.size, a.target, "eager" if route == "torch" else route))
                     rows.append(dict(r, model=model, route=route, run=run))
                     print(json.dumps({k: v for k, v in rows[-1].items() if k != "rounds"}), flush=True)
     table = markdown(rows)
