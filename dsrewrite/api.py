@@ -24,11 +24,14 @@ __all__ = ["rewrite", "RewriteResult", "as_args"]
 
 @dataclass
 class RewriteResult:
-    """``model``: the rewritten model (a ``GraphModule`` on the fx route); ``report``: what changed."""
+    """``model``: the rewritten model (a ``GraphModule`` on the fx route); ``report``: what changed;
+    ``memory_format``: the layout latency planning timed it in (``"channels_last"`` or ``"contiguous"``;
+    ``None`` without ``target_latency``), the one to deploy it in."""
 
     model: nn.Module
     report: Report
     decisions: Optional[List[Decision]] = None
+    memory_format: Optional[str] = None
 
     def __iter__(self):  # allows ``model, report = rewrite(...)``
         return iter((self.model, self.report))
@@ -117,7 +120,7 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
             plan.timer.save()
     if plan.timer is not None:
         plan.timer.save()
-    return RewriteResult(built.model, report, built.decisions)
+    return RewriteResult(built.model, report, built.decisions, plan.memory_format)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

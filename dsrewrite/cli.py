@@ -169,7 +169,15 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
     cfg.check_route("torch", cli=True)
     result = rewrite(model, args, cfg, name=a.src, calibration=calibration)
     if a.out:
-        _save(result.model, args, a.out, quiet=a.quiet)
+        out_model, out_args = result.model, args
+        if result.memory_format == "channels_last" and a.out.lower().endswith(".pt2"):
+            from .latency import to_format  # carry the layout it was planned and timed in
+
+            out_model, out_args = to_format(result.model, args, "channels_last")
+            if not a.quiet:
+                print(f"note: {a.out} is exported in channels_last, the layout it was timed in: feed it "
+                      f"channels_last inputs", file=sys.stderr)
+        _save(out_model, out_args, a.out, quiet=a.quiet)
     _emit_report(result.report, a)
     if a.out and not a.quiet:
         print(f"wrote {a.out}")

@@ -243,6 +243,7 @@ def test_closed_loop_meets_the_target_on_the_whole_model(monkeypatch):
     calls = _whole_model_device(monkeypatch, specs, measure, optimism=1.5)
     res = dsrewrite.rewrite(m, x, target_latency=0.6, memory_format="contiguous")
     rep = res.report
+    assert res.memory_format == "contiguous"  # the layout it was timed in, to deploy it in
     rounds = rep.latency_rounds
     assert len(rounds) >= 2 and len(calls) == len(rounds)
     assert rounds[0]["planned"] <= 0.6 + 1e-9 < rounds[0]["measured"]
