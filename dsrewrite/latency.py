@@ -3,9 +3,10 @@
 FLOPs are not time (a separable pair at half the FLOPs can be slower in PyTorch eager NCHW), so
 ``rewrite(..., target_latency=...)`` allocates ranks by measured milliseconds. :class:`LayerTimer` builds a
 layer of the conv's shape with random weights (the same ``SeparableConv*d`` and backend the rewritten model
-uses: Triton on CUDA, torch ops on CPU), runs it in the chosen memory format and keeps the fastest of a few
-repetitions under a small time budget. With torch ops a uniform pair is timed in both depthwise forms
-(grouped, and on a gathered copy of the input: see :mod:`dsrewrite.modules`), side by side, and the
+uses: Triton on CUDA, torch ops on CPU), runs it in the chosen runtime and memory format, and times the conv
+and its pairs at every candidate rank side by side, round by round (drift on a shared machine moves them
+alike), keeping the fastest round of each under a small time budget. With torch ops a uniform pair is timed in
+both depthwise forms (grouped, and on a gathered copy of the input: see :mod:`dsrewrite.modules`), and the
 gathered form is chosen when it is clearly faster (``GATHER_MARGIN``). Measurements are cached in memory
 (keyed by shape, dtype, device, backend, memory format, rank, form and thread count) and optionally in a
 JSON file.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -59,15 +60,28 @@ def calls_scale(spec: ConvSpec) -> float:
     return spec.out_pixels / one if one else 1.0
 
 
-def cached_ms(timer: Any, cache: Dict, key: Any, spec: ConvSpec, measure) -> Optional[float]:
-    """A layer timer's time of ``spec`` over all its calls: ``cache[key]`` (one call), measured by ``measure()`` on
-    a miss (counted in ``timer.measured``); ``None`` when the output shape is unknown."""
+Variant = Tuple[Optional[int], bool]  # (rank, gathered); rank None: the dense conv
+
+
+def cached_ms(timer: Any, cache: Dict, spec: ConvSpec, want: Variant, variants: Sequence[Variant],
+              key: Callable[[Variant], Any], measure: Callable[[List[Variant]], List[float]]) -> Optional[float]:
+    """A layer timer's time of variant ``want`` of ``spec`` over all the conv's calls (``None`` when the output
+    shape is unknown), from ``cache`` (one call's ms under ``key(variant)``).
+
+    On a miss every variant planning asks about (``variants``: the dense conv first) is measured by
+    ``measure(variants)`` side by side, round by round, so drift on a shared machine moves the dense conv and
+    its candidate pairs alike, and all are cached; a variant outside that list is timed next to the dense conv
+    and cached alone. New measurements are counted in ``timer.measured``."""
     if not spec.out_spatial:
         return None
-    if key not in cache:
-        cache[key] = measure()
-        timer.measured += 1
-    return cache[key] * calls_scale(spec)
+    if key(want) not in cache:
+        todo = list(variants) if want in variants else [variants[0], want]
+        times = measure(todo)
+        for v, t in zip(todo, times):
+            if want in variants or v == want:
+                cache[key(v)] = t
+        timer.measured += len(todo)
+    return cache[key(want)] * calls_scale(spec)
 
 
 def candidate_ranks(spec: ConvSpec, count: int = 5) -> List[int]:
@@ -165,36 +179,38 @@ class LayerTimer:
             x = x.contiguous(memory_format=torch.channels_last)
         return mod, x
 
-    def _measure(self, spec: ConvSpec, rank: Optional[int]) -> float:
-        mod, x = self._build(spec, rank)
-        return time_fn(self.runtime.prepare(mod, (x,)), (x,), device=self.device, reps=self.reps,
-                       max_seconds=self.max_seconds, warmup=self._warmup)
+    def _variants(self, spec: ConvSpec) -> List[Variant]:
+        """What planning asks about a conv: the dense conv and the pair at each candidate rank, in both
+        depthwise forms where there are two."""
+        ranks = candidate_ranks(spec)
+        both = [(r, True) for r in ranks if self.two_forms and r > 1]
+        return [(None, False)] + [(r, False) for r in ranks] + both
 
-    def _measure_forms(self, spec: ConvSpec, rank: int) -> Tuple[float, float]:
-        """(grouped, gathered) times of the uniform pair at ``rank``, measured side by side."""
-        (grouped, x), (gathered, _) = self._build(spec, rank), self._build(spec, rank, gathered=True)
-        fns = [self.runtime.prepare(m, (x,)) for m in (grouped, gathered)]
-        a, b = time_side_by_side(fns, (x,), device=self.device, reps=self.reps, max_seconds=2 * self.max_seconds,
-                                 warmup=self._warmup)
-        return a, b
+    def _measure_variants(self, spec: ConvSpec, variants: Sequence[Variant]) -> List[float]:
+        """One call's time (ms) of each ``(rank, gathered)`` variant, timed side by side round by round."""
+        built = [self._build(spec, r, g) for r, g in variants]
+        x = built[0][1]
+        fns = [self.runtime.prepare(m, (x,)) for m, _ in built]
+        return time_side_by_side(fns, (x,), device=self.device, reps=self.reps,
+                                 max_seconds=self.max_seconds * len(fns), warmup=self._warmup)
 
     @property
     def _warmup(self) -> int:  # a compiled layer's first call compiles it, and the next may still settle
         return 1 if self.runtime.name == "eager" else 2
 
-    def _get(self, spec: ConvSpec, rank: Optional[int]) -> Optional[float]:
-        return cached_ms(self, _CACHE, self.key(spec, rank), spec, lambda: self._measure(spec, rank))
+    def _get(self, spec: ConvSpec, rank: Optional[int], gathered: bool = False) -> Optional[float]:
+        variants = self._variants(spec)
+        if (rank, gathered) not in variants:  # a rank off the candidate list: its forms next to the dense conv
+            variants = [(None, False), (rank, False)] + ([(rank, True)] if self.two_forms and rank > 1 else [])
+        return cached_ms(self, _CACHE, spec, (rank, gathered), variants,
+                         lambda v: self.key(spec, *v), lambda vs: self._measure_variants(spec, vs))
 
     def form_times(self, spec: ConvSpec, rank: int) -> Optional[Tuple[float, float]]:
         """(grouped, gathered) times of the uniform pair over all calls of the conv; ``None`` when the output
         shape is unknown or the pair has one form only (Triton, ragged pairs, rank 1)."""
         if not (self.two_forms and rank > 1 and spec.out_spatial):
             return None
-        keys = self.key(spec, rank), self.key(spec, rank, gathered=True)
-        if not all(k in _CACHE for k in keys):
-            _CACHE[keys[0]], _CACHE[keys[1]] = self._measure_forms(spec, rank)
-            self.measured += 2
-        return _CACHE[keys[0]] * calls_scale(spec), _CACHE[keys[1]] * calls_scale(spec)
+        return self._get(spec, rank), self._get(spec, rank, gathered=True)
 
     def dense_ms(self, spec: ConvSpec) -> Optional[float]:
         """Time of the original conv over all its calls (``None`` when the output shape is unknown)."""

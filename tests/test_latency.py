@@ -68,9 +68,12 @@ def test_timer_caches_in_memory_and_json(tmp_path):
     t = LayerTimer("cpu", reps=2, max_seconds=0.05, cache_file=str(path))
     spec = _spec("c", 8, 12, hw=5)
     a = t.dense_ms(spec)
-    b = t.separable_ms(spec, 2)
-    assert a > 0 and b > 0
     n = t.measured
+    # the conv and its pairs at every candidate rank (both depthwise forms) were timed side by side, together
+    times = [(t.separable_ms(spec, r), t.form_times(spec, r)) for r in candidate_ranks(spec)]
+    b = t.separable_ms(spec, 2)
+    assert a > 0 and b > 0 and all(s > 0 for s, _ in times) and t.measured == n
+    assert any(f is not None for _, f in times)
     assert t.dense_ms(spec) == a and t.separable_ms(spec, 2) == b and t.measured == n
     two = ConvSpec(name="c2", in_channels=8, out_channels=12, kernel=(3, 3), out_spatial=(5, 5), calls=2)
     assert t.dense_ms(two) == pytest.approx(2 * a)  # a shared conv runs twice
@@ -102,9 +105,8 @@ def _synthetic_device(monkeypatch):
         return 0.3 + sum(measure(None, s, None) for s in specs)
 
     specs = []
-    monkeypatch.setattr(latency.LayerTimer, "_measure", measure)
-    monkeypatch.setattr(latency.LayerTimer, "_measure_forms",
-                        lambda self, spec, rank: (measure(self, spec, rank), measure(self, spec, rank, True)))
+    monkeypatch.setattr(latency.LayerTimer, "_measure_variants",
+                        lambda self, spec, variants: [measure(self, spec, r, g) for r, g in variants])
     monkeypatch.setattr(latency, "time_fn", model_ms)
     return specs, measure
 
@@ -309,11 +311,11 @@ def test_runtime_onnxruntime_plans_with_onnxruntime_layer_timings(monkeypatch):
     monkeypatch.setattr(olat, "_CACHE", {})
     used = []
 
-    def ort_measure(self, spec, rank):
-        used.append((self.threads, rank))
-        return measure(None, spec, rank)
+    def ort_measure(self, spec, variants):
+        used.extend((self.threads, r) for r, _ in variants)
+        return [measure(None, spec, r) for r, _ in variants]
 
-    monkeypatch.setattr(olat.OrtLayerTimer, "_measure", ort_measure)
+    monkeypatch.setattr(olat.OrtLayerTimer, "_measure_variants", ort_measure)
     calls = _whole_model_device(monkeypatch, specs, measure, optimism=1.5)
     rep = dsrewrite.rewrite(m, x, target_latency=0.6, runtime="onnxruntime", ort_threads=1).report
     assert used and all(t == 1 for t, _ in used)  # planned with the onnxruntime timer, in its session options

@@ -9,14 +9,14 @@ Measurements are cached per shape and session options in the process.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..ir import ConvSpec
-from ..latency import cached_ms, layer_input
+from ..latency import cached_ms, candidate_ranks, layer_input
 from .measure import session
 
 __all__ = ["OrtLayerTimer", "conv_model", "pair_model"]
@@ -88,18 +88,23 @@ class OrtLayerTimer:
                 tuple(spec.dilation), spec.bias, spec.batch, tuple(spec.out_spatial), self.threads,
                 self.optimization, self.provider)
 
-    def _measure(self, spec: ConvSpec, rank: Optional[int]) -> float:
-        from ..measure import time_call
+    def _measure_variants(self, spec: ConvSpec, variants) -> List[float]:
+        """One call's time (ms) of the dense ``Conv`` / the pair at each ``(rank, _)`` variant, side by side."""
+        from ..measure import time_side_by_side
 
         rng = np.random.default_rng(0)
-        model, shape = conv_model(spec, rng) if rank is None else pair_model(spec, rank, rng)
-        sess = session(model, self.threads, optimization=self.optimization, provider=self.provider)
+        runs, shape = [], None
+        for rank, _ in variants:
+            model, shape = conv_model(spec, rng) if rank is None else pair_model(spec, rank, rng)
+            runs.append(session(model, self.threads, optimization=self.optimization, provider=self.provider).run)
         feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
-        return time_call(sess.run, (None, feeds), warmup=1, reps=self.reps, max_seconds=self.max_seconds,
-                         reduce=min, min_reps=2)
+        return time_side_by_side(runs, (None, feeds), warmup=1, reps=self.reps,
+                                 max_seconds=self.max_seconds * len(runs), min_reps=2)
 
     def _get(self, spec: ConvSpec, rank: Optional[int]) -> Optional[float]:
-        return cached_ms(self, _CACHE, self._key(spec, rank), spec, lambda: self._measure(spec, rank))
+        variants = [(None, False)] + [(r, False) for r in candidate_ranks(spec)]
+        return cached_ms(self, _CACHE, spec, (rank, False), variants, lambda v: self._key(spec, v[0]),
+                         lambda vs: self._measure_variants(spec, vs))
 
     def dense_ms(self, spec: ConvSpec) -> Optional[float]:
         """Time of the original ``Conv`` over all its calls (``None`` when the output shape is unknown)."""
