@@ -148,4 +148,4 @@ def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report
                           else "cpu" if ort else f"cpu ({torch.get_num_threads()} threads)")
     backends = {getattr(m, "backend", None) for m in new.modules() if hasattr(m, "rank") and hasattr(m, "pointwise")}
     backends.discard(None)
-    report.time_backend = "backend=" + ",".join(sorted(backends)) if backends else None
+    report.time_backend = "backend=" + ",".join(sorted(backends)) if backends and not ort else None
