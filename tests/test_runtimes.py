@@ -12,6 +12,14 @@ from dsrewrite.errors import DsrewriteError
 from dsrewrite.runtimes import compiled, get_runtime
 
 
+@pytest.fixture(autouse=True)
+def scalar_inductor():
+    """Inductor's C++ kernels without SIMD, as tests/test_dynamo_backend.py compiles them (a cold compile is
+    about 3x faster; one process mixing both settings can reuse a cached header of the other and fail)."""
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        yield
+
+
 def _cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(32, 32, 3, padding=1)).eval()
