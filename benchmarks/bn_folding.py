@@ -12,11 +12,7 @@ rank, as ratios to the (unfolded) original in that runtime.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import sys
 from typing import Dict, List
 
 
@@ -80,11 +76,9 @@ def main(argv=None) -> int:
     table = "\n".join(out)
     print(table)
     if a.json:
-        meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                    torch=torch.__version__, threads=torch.get_num_threads(),
-                    command="python benchmarks/bn_folding.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-        with open(a.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows, table=table), f, indent=1)
+        from _meta import write_json  # benchmarks/ is the script's folder
+
+        write_json(a.json, "bn_folding.py", argv, rows=rows, table=table)
     return 0
 
 

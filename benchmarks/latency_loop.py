@@ -13,11 +13,8 @@ measurement (the "re-check" column), in the runtime and format it was planned fo
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from typing import Dict, List
@@ -120,8 +117,6 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--json", help="write the rows and the machine here")
     a = ap.parse_args(argv)
-    import torch
-
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for model in a.models:
@@ -135,11 +130,9 @@ def main(argv=None) -> int:
     table = markdown(rows)
     print(table)
     if a.json:
-        meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                    torch=torch.__version__, threads=torch.get_num_threads(),
-                    command="python benchmarks/latency_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-        with open(a.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows, table=table), f, indent=1)
+        from _meta import write_json  # benchmarks/ is the script's folder
+
+        write_json(a.json, "latency_loop.py", argv, rows=rows, table=table)
     return 0
 
 

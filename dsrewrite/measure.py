@@ -128,11 +128,14 @@ def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report
     the noise of the ratio included. ``memory_format`` names the layout the caller put the models in
     (``"channels_last"``); by default it is read from the inputs' strides. ``before``: ``original`` already
     prepared for the runtime (compiled once, reused)."""
+    from .runtimes import get_runtime
+
+    runtime = runtime or get_runtime("eager")
     device = input_device(args)
     with eval_mode(original), eval_mode(new):
-        after = new if runtime is None else runtime.prepare(new, args)
+        after = runtime.prepare(new, args)
         if before is None:
-            before = original if runtime is None else runtime.prepare(original, args)
+            before = runtime.prepare(original, args)
         c = compare(before, after, args, device=device)
     report.time_before_ms, report.time_after_ms, report.time_noise = c.before_ms, c.after_ms, c.noise
     images = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
@@ -141,9 +144,8 @@ def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report
         memory_format = ("channels_last" if cl else "NCHW") if images else None
     elif memory_format == "contiguous":
         memory_format = "NCHW"
-    ort = runtime is not None and runtime.name == "onnxruntime"
-    report.time_runtime = (runtime.label(memory_format) if runtime is not None
-                           else "PyTorch eager" + (f", {memory_format}" if memory_format else ""))
+    ort = runtime.name == "onnxruntime"
+    report.time_runtime = runtime.label(memory_format)
     report.time_device = (torch.cuda.get_device_name(device) if device.type == "cuda" and not ort
                           else "cpu" if ort else f"cpu ({torch.get_num_threads()} threads)")
     backends = {getattr(m, "backend", None) for m in new.modules() if hasattr(m, "rank") and hasattr(m, "pointwise")}
