@@ -28,7 +28,7 @@ from .factorize import (Factors, as_tensor, channel_svd, factorize, ragged_error
 
 __all__ = [
     "PatchStats", "LinearFit", "LayerCalibrator", "CalibResult", "whiten_roots", "whitened_factors",
-    "whitened_rank_errors", "calibrate_conv", "patch_conv", "patch_conv_like", "DAMP", "RIDGE",
+    "whitened_rank_errors", "calibrate_conv", "patch_conv", "patch_conv_like", "summary", "DAMP", "RIDGE",
 ]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]  # a weight, bias or autocorrelation (numpy from the ONNX route)
@@ -273,11 +273,13 @@ class LayerCalibrator:
         rank: depthwise filters per input channel.
         plain: the plain-SVD factors to compare with (computed if ``None``).
         ragged: per-channel ranks (the whitened split is chosen on output energy); implied by ragged ``plain``.
+        stats: pass 1 already made (the layer's input statistics gathered elsewhere, e.g. for rank allocation):
+            go straight to :meth:`finish_inputs`.
     """
 
     def __init__(self, conv: nn.Module, rank: int, *, weight: Optional[ArrayLike] = None,
                  bias: Optional[ArrayLike] = None, plain: Optional[Factors] = None, damp: float = DAMP,
-                 ridge: float = RIDGE, ragged: bool = False) -> None:
+                 ridge: float = RIDGE, ragged: bool = False, stats: Optional[PatchStats] = None) -> None:
         self.weight = (conv.weight if weight is None else as_tensor(weight)).detach()
         self.bias = (conv.bias if weight is None else (None if bias is None else as_tensor(bias)))
         self.bias = None if self.bias is None else self.bias.detach()
@@ -289,7 +291,7 @@ class LayerCalibrator:
         self.rank = self.plain.rank
         self.damp, self.ridge = damp, ridge
         self.patcher = patch_conv(conv)
-        self.stats = PatchStats(self.cin, self.taps)
+        self.stats = stats if stats is not None else PatchStats(self.cin, self.taps)
         self.whitened: Optional[Factors] = None
         d = self.cin * self.rank
         self.fits = {"svd": LinearFit(d, self.cout), "whitened": LinearFit(d, self.cout)}
@@ -363,3 +365,18 @@ def calibrate_conv(conv: nn.Module, rank: int, inputs: Iterable[torch.Tensor],
         for x, y in zip(xs, ys):
             cal.observe(x, y)
     return cal.result()
+
+
+def summary(results: Iterable[CalibResult]) -> str:
+    """The report's words for a set of calibrated layers: mean relative output error before and after, and how
+    many layers kept each candidate (both routes say it the same way)."""
+    results = list(results)
+    if not results:
+        return "no layer calibrated"
+    methods: Dict[str, int] = {}
+    for r in results:
+        methods[r.method] = methods.get(r.method, 0) + 1
+    before = sum(r.error_before for r in results) / len(results)
+    after = sum(r.error_after for r in results) / len(results)
+    how = ", ".join(f"{k} {v}" for k, v in sorted(methods.items()))
+    return f"mean relative output error {before:.4f} (plain SVD) -> {after:.4f} ({how})"

@@ -146,6 +146,13 @@ def _save(model, args: tuple, out: str, quiet: bool = False) -> None:
 
 
 def _cmd_rewrite(a: argparse.Namespace) -> int:
+    if not a.calibration:
+        given = [f for f, v, d in (("--calib-size", a.calib_size, None), ("--calib-mean", a.calib_mean, None),
+                                   ("--calib-std", a.calib_std, None), ("--calib-layout", a.calib_layout, "nchw"),
+                                   ("--calib-bgr", a.calib_bgr, False), ("--calib-max-images", a.calib_max_images, 64),
+                                   ("--sequential/--no-sequential", a.sequential, None)) if v != d]
+        if given:
+            raise DsrewriteError(f"{given[0]} applies to calibration: give --calibration too")
     for path in (a.out, a.report, getattr(a, "markdown", None)):  # fail before the work, not after it
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
@@ -164,7 +171,9 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
 
     model = load_model(a.src, a.weights)
     args = _example_inputs(model, _single_shape(a.input_shape))
-    calibration = load_calibration(a.calibration, args) if getattr(a, "calibration", None) else None
+    if a.calib_layout != "nchw":
+        raise DsrewriteError("--calib-layout nhwc is for ONNX models: a PyTorch image model takes NCHW")
+    calibration = load_calibration(a.calibration, args, **calib_options(a)) if a.calibration else None
     cfg = RewriteConfig.from_cli(a)
     cfg.check_route("torch", cli=True)
     result = rewrite(model, args, cfg, name=a.src, calibration=calibration)
@@ -184,15 +193,10 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
     return 0
 
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def load_calibration(path: str, args: tuple, max_images: int = 64):
-    """Calibration inputs: a ``.pt`` tensor file, or a folder of images resized to the input shape.
-
-    Images are read with PIL, converted to the input's channel count, resized to its H x W and scaled to
-    [0, 1] (no mean/std normalisation: save a ``.pt`` tensor for models that expect it).
-    """
+def load_calibration(path: str, args: tuple, max_images: int = 64, *, mean=None, std=None, bgr: bool = False,
+                     size: Optional[Tuple[int, int]] = None):
+    """Calibration inputs: a ``.pt`` tensor file, or a folder of images (:func:`dsrewrite.images.load_images`:
+    resized to the input's H x W or ``size``, scaled to [0, 1], then ``(x - mean) / std`` when given)."""
     import torch
 
     if not os.path.exists(path):
@@ -211,23 +215,31 @@ def load_calibration(path: str, args: tuple, max_images: int = 64):
         return data.to(x0.dtype) if x0 is not None else data
     if x0 is None or x0.dim() != 4:
         raise DsrewriteError("an image folder needs a 4-D image input (N, C, H, W); use a .pt tensor file")
-    from PIL import Image
+    from .images import load_images
 
-    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))[:max_images]
-    if not files:
-        raise DsrewriteError(f"no images ({', '.join(IMAGE_EXTS)}) in {path}")
     c, h, w = x0.shape[1:]
-    imgs = []
-    for f in files:
-        try:
-            im = Image.open(os.path.join(path, f)).convert("L" if c == 1 else "RGB").resize((w, h))
-        except Exception as e:  # noqa: BLE001
-            raise DsrewriteError(f"cannot read image {f}: {first_line(e)}") from None
-        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(h, w, -1).permute(2, 0, 1)
-        if t.shape[0] != c:
-            t = t[:1].expand(c, h, w) if t.shape[0] < c else t[:c]
-        imgs.append(t.to(x0.dtype) / 255.0)
-    return torch.stack(imgs)
+    arr = load_images(path, size or (h, w), c, mean=mean, std=std, bgr=bgr, max_images=max_images)
+    return torch.from_numpy(arr).to(x0.dtype)
+
+
+def calib_options(a: argparse.Namespace) -> dict:
+    """The image preprocessing flags (``--calib-*``) as keyword arguments of the image loaders."""
+    return dict(mean=a.calib_mean, std=a.calib_std, bgr=a.calib_bgr, size=a.calib_size,
+                max_images=a.calib_max_images)
+
+
+def _parse_floats(text: str) -> Tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.485,0.456,0.406, got {text!r}") from None
+
+
+def _parse_size(text: str) -> Tuple[int, int]:
+    shape = _parse_shape(text)
+    if len(shape) != 2:
+        raise argparse.ArgumentTypeError(f"expected an image size HxW like 48x320, got {text!r}")
+    return shape
 
 
 def _parse_fraction(text: str) -> float:
@@ -306,8 +318,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--energy", type=_parse_fraction, help="per layer, keep this fraction of the spectral energy")
     r.add_argument("--ragged", action="store_true", help="per-channel ranks from each channel's spectrum: same "
                    "cost as the uniform rank, lower error (the depthwise conv gathers its inputs)")
-    r.add_argument("--calibration", help="a folder of images or a .pt tensor file: data-aware initialisation "
-                   "(and data-aware allocation under a budget)")
+    r.add_argument("--calibration", help="a folder of images, or a .pt tensor file (ONNX: .npy/.npz/.pt): "
+                   "data-aware initialisation (and data-aware allocation under a budget)")
+    r.add_argument("--calib-size", type=_parse_size, help="calibration images: resize to HxW (default: the "
+                   "model's input size)")
+    r.add_argument("--calib-mean", type=_parse_floats, help="calibration images: per-channel mean subtracted "
+                   "after scaling to [0, 1], e.g. 0.485,0.456,0.406")
+    r.add_argument("--calib-std", type=_parse_floats, help="calibration images: per-channel std divided by "
+                   "after the mean, e.g. 0.229,0.224,0.225")
+    r.add_argument("--calib-layout", choices=("nchw", "nhwc"), default="nchw",
+                   help="calibration images: the input's layout (ONNX models; default nchw)")
+    r.add_argument("--calib-bgr", action="store_true", help="calibration images: BGR channel order (OpenCV-"
+                   "trained models)")
+    r.add_argument("--calib-max-images", type=int, default=64, help="calibration images: use at most this "
+                   "many (default 64)")
+    r.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="ONNX calibration: refit in execution order on the rewritten graph (default: when it "
+                        "fits in time) or, with --no-sequential, on the original model's activations")
     r.add_argument("--runtime", choices=("eager", "inductor", "onnxruntime"),
                    help="what the model is timed in, for --target-latency and the report: PyTorch eager, "
                         "torch.compile (Inductor) or onnxruntime (default: onnxruntime for an .onnx model or "

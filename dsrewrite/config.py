@@ -32,9 +32,9 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "overwrite": "the PyTorch route writes no file",
         "compiler": "it is an option of the torch.compile backend",
         "mode": "it is an option of the torch.compile backend",
+        "sequential": "the PyTorch route always calibrates in execution order on the rewritten model",
     },
     "onnx": {
-        "calibration": "it runs the model in PyTorch; use rank, target_flops, target_params or energy",
         "device": "the ONNX route times layers in onnxruntime on the CPU",
         "memory_format": "onnxruntime chooses its own layouts for an NCHW ONNX graph",
         "latency_cache": "the ONNX route caches its onnxruntime layer timings in the process only",
@@ -58,6 +58,7 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "ort_threads": "it sets the onnxruntime sessions models are timed in (runtime='onnxruntime')",
         "ort_optimization": "it sets the onnxruntime sessions models are timed in (runtime='onnxruntime')",
         "ort_provider": "it sets the onnxruntime sessions models are timed in (runtime='onnxruntime')",
+        "sequential": "the backend always calibrates in execution order on the rewritten graph",
     },
 }
 _CLI_WORDS = {"torch": "PyTorch", "onnx": "ONNX", "torch.compile": "torch.compile"}
@@ -72,7 +73,9 @@ class RewriteConfig:
     Budgets (at most one, instead of ``rank``): ``target_flops``, ``target_params``, ``target_latency`` (fractions
     of the whole model), ``energy`` (per layer), or ``budget=(name, fraction)`` for any kind registered with
     :func:`dsrewrite.costs.register_budget`. ``ragged``: per-channel ranks. ``calibration``: data for
-    data-aware initialisation (torch routes). ``runtime``: what the model is timed in, for latency planning and
+    data-aware initialisation (every route; on the ONNX route computed in onnxruntime, ``sequential``
+    choosing between the rewritten graph's activations, in execution order, and the original model's; ``None``:
+    sequential when it fits in time). ``runtime``: what the model is timed in, for latency planning and
     the report (``"eager"``, ``"inductor"``, ``"onnxruntime"``; ``None``: the route's own, eager for PyTorch models
     and onnxruntime for ONNX ones). Latency planning: ``device``, ``memory_format``, ``latency_cache``.
     Output: ``backend`` (how pairs run), ``inplace``, ``measure_time`` (``None``: the route's default),
@@ -91,6 +94,7 @@ class RewriteConfig:
     budget: Optional[Tuple[str, float]] = None
     ragged: bool = False
     calibration: Any = field(default=None, compare=False)
+    sequential: Optional[bool] = None
     device: Any = None
     memory_format: str = "auto"
     runtime: Optional[str] = None
@@ -126,6 +130,10 @@ class RewriteConfig:
                                  f"{self.ort_optimization!r}")
         if not isinstance(self.ort_provider, str) or not self.ort_provider:
             raise DsrewriteError(f"ort_provider must be an onnxruntime execution provider name, got {self.ort_provider!r}")
+        if self.sequential is not None and not isinstance(self.sequential, bool):
+            raise DsrewriteError(f"sequential must be True, False or None, got {self.sequential!r}")
+        if self.sequential is not None and self.calibration is None:
+            raise DsrewriteError("sequential applies to calibration: give calibration data too")
         if self.compiler not in COMPILERS:
             raise DsrewriteError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
         given = [(k, getattr(self, k)) for k in BUDGET_ARGS if getattr(self, k) is not None]
@@ -169,7 +177,7 @@ class RewriteConfig:
         return cls(rank=get("rank", "auto"), include=get("include") or None, exclude=get("exclude") or None,
                    target_flops=get("target_flops"), target_params=get("target_params"),
                    target_latency=get("target_latency"), energy=get("energy"), ragged=bool(get("ragged", False)),
-                   calibration=get("calibration"), device=get("device"), latency_cache=get("latency_cache"),
+                   calibration=get("calibration"), sequential=get("sequential"), device=get("device"), latency_cache=get("latency_cache"),
                    runtime=get("runtime") or ("onnxruntime" if str(get("out") or "").lower().endswith(".onnx")
                                               and not str(get("src") or "").lower().endswith(".onnx") else None),
                    backend=get("backend", "auto") or "auto", measure_time=not get("no_time", False),
@@ -198,6 +206,8 @@ class RewriteConfig:
         if route == "torch" and runtime == "onnxruntime":
             unsupported.update(memory_format="onnxruntime chooses its own layouts for an NCHW ONNX graph",
                                device="runtime='onnxruntime' times the exported model on the CPU")
+        if route != "onnx" and self.sequential:  # what the torch routes always do
+            unsupported.pop("sequential", None)
         for key in self.given():
             if key in unsupported:
                 if cli:
@@ -228,5 +238,5 @@ class RewriteConfig:
             return ("id", id(v))
 
         names = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "budget",
-                 "calibration", "ragged")
+                 "calibration", "sequential", "ragged")
         return tuple((k, freeze(getattr(self, k))) for k in names), keep

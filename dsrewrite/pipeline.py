@@ -37,6 +37,7 @@ class Decision:
     factors: Optional[Factors] = None
     module: Optional[torch.nn.Module] = None  # the separable module a torch backend installed for it
     gather_input: bool = False  # depthwise form: run it on a gathered copy of the input (chosen by measurement)
+    calibrated: bool = False  # factors refitted on this conv's data: never shared with another conv of its weight
 
     @property
     def rewritten(self) -> bool:

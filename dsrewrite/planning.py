@@ -96,27 +96,24 @@ class Planning:
 
     def calibrate(self, new_model: nn.Module, decisions: List[Decision]) -> str:
         """Refit the rewritten layers sequentially; fill ``calib_error_*`` in the reports; return a note."""
+        from .calib_solve import summary
         from .calibrate import calibrate_sequential
 
         layers, plain = calib_layers(self.teacher, decisions)
         with eval_mode(new_model), eval_mode(self.teacher):
             results = calibrate_sequential(new_model, self.teacher, layers, self.batches,
                                            n_inputs=self.n_inputs, progress=self.progress)
-        by_name = {d.report.name: d.report for d in decisions}
-        methods: dict = {}
+        by_name = {d.report.name: d for d in decisions}
         for name, res in results.items():
-            rep = by_name[name]
+            rep = by_name[name].report
             rep.calib_error_before, rep.calib_error_after = res.error_before, res.error_after
-            methods[res.method] = methods.get(res.method, 0) + 1
+            by_name[name].calibrated = True
         kept = (f"; {len(plain)} layer(s) with dynamic 'same' padding keep their plain SVD factors "
                 f"({', '.join(plain[:4])}{', ...' if len(plain) > 4 else ''})") if plain else ""
         if not results:
             return "calibration: no rewritten layer ran on the calibration data" + kept
-        before = sum(r.error_before for r in results.values()) / len(results)
-        after = sum(r.error_after for r in results.values()) / len(results)
-        how = ", ".join(f"{k} {v}" for k, v in sorted(methods.items()))
-        return (f"calibrated {len(results)} layer(s) on {len(self.batches)} batch(es): mean relative output "
-                f"error {before:.4f} (plain SVD) -> {after:.4f} ({how})" + kept)
+        return (f"calibrated {len(results)} layer(s) on {len(self.batches)} batch(es): "
+                f"{summary(results.values())}" + kept)
 
 
 def calib_layers(teacher: nn.Module, decisions: List[Decision]) -> tuple:

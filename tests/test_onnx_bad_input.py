@@ -148,10 +148,13 @@ def test_broken_external_data(tmp_path):
 
 
 def test_cli_flags_the_onnx_route_cannot_honour_are_refused(tmp_path, good, capsys):
+    (tmp_path / "empty").mkdir()
     cases = [(["-o", str(tmp_path / "out.pt2")], "is an .onnx file"),
              (["-o", str(tmp_path / "out.onnx"), "--latency-cache", str(tmp_path / "c.json")],
               "--latency-cache is not supported"),
-             (["-o", str(tmp_path / "out.onnx"), "--calibration", str(good)], "--calibration is not supported"),
+             (["-o", str(tmp_path / "out.onnx"), "--calibration", str(good)], "calibration file must be .npy"),
+             (["-o", str(tmp_path / "out.onnx"), "--calib-mean", "0.5"], "--calib-mean applies to calibration"),
+             (["-o", str(tmp_path / "out.onnx"), "--calibration", str(tmp_path / "empty")], "no images"),
              (["-o", str(tmp_path / "nowhere" / "out.onnx")], "output folder does not exist")]
     for extra, msg in cases:
         assert main(["rewrite", str(good), *extra, "--no-time", "-q"]) == 2

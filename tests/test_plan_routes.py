@@ -96,8 +96,8 @@ def test_config_object_and_keywords_give_the_same_plan(model_and_onnx):
     c = dsrewrite.rewrite(model, x, dsrewrite.RewriteConfig(rank=2), rank="auto", energy=0.8, measure_time=False)
     assert plan_of(a.report) == plan_of(b.report) == plan_of(c.report)
     assert plan_of(onnx_rewrite(path, cfg).report) == plan_of(a.report)
-    with pytest.raises(dsrewrite.DsrewriteError, match="option 'calibration' is not supported by the ONNX route"):
-        onnx_rewrite(path, cfg, calibration=torch.randn(4, *SHAPE[1:]))
+    with pytest.raises(dsrewrite.DsrewriteError, match="option 'memory_format' is not supported by the ONNX route"):
+        onnx_rewrite(path, cfg, memory_format="channels_last")
     with pytest.raises(dsrewrite.DsrewriteError, match=r"unknown option 'ranks' for dsrewrite.rewrite \(options: "):
         dsrewrite.rewrite(model, x, ranks=2)
 
@@ -120,6 +120,36 @@ def test_a_registered_budget_kind_reaches_every_route(model_and_onnx, taps):
 
 def test_array_options_are_compared_as_data(model_and_onnx):
     """An array given as an option (calibration data) is never compared element-wise with a default."""
-    _, path = model_and_onnx
-    with pytest.raises(dsrewrite.DsrewriteError, match="option 'calibration' is not supported by the ONNX route"):
-        onnx_rewrite(path, calibration=np.zeros((4, *SHAPE[1:]), dtype=np.float32))
+    model, path = model_and_onnx
+    data = np.random.default_rng().standard_normal((4, *SHAPE[1:])).astype(np.float32)
+    report = onnx_rewrite(path, calibration=data, rank=2).report
+    assert any(n.startswith("calibrated 3 layer(s) on 2 feed(s)") for n in report.notes), report.notes
+    with pytest.raises(dsrewrite.DsrewriteError, match="option 'sequential' is not supported by the PyTorch route"):
+        dsrewrite.rewrite(model, torch.from_numpy(data[:2]), calibration=torch.from_numpy(data), sequential=False)
+
+
+def test_calibrated_plans_and_factors_agree_across_routes(model_and_onnx):
+    """Calibration under a budget on the PyTorch route and in onnxruntime on the ONNX route: the same data-aware
+    plan, the same calibration errors and the same factors (one implementation of the maths)."""
+    from onnx import numpy_helper
+
+    model, path = model_and_onnx
+    data = torch.randn(8, *SHAPE[1:])
+    a = dsrewrite.rewrite(model, data[:2], target_params=0.6, calibration=data, measure_time=False)
+    new, b = onnx_rewrite(path, target_params=0.6, calibration=data.numpy(), sequential=True)
+    assert plan_of(b) == plan_of(a.report) and any(L.rewritten for L in b.layers)
+    for La, Lb in zip(a.report.layers, b.layers):
+        if La.rewritten:
+            assert Lb.calib_error_after <= Lb.calib_error_before + 1e-12
+            assert Lb.calib_error_before == pytest.approx(La.calib_error_before, rel=1e-4, abs=1e-6)
+            assert Lb.calib_error_after == pytest.approx(La.calib_error_after, rel=1e-4, abs=1e-6)
+    inits = {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
+    seps = {n: m for n, m in a.model.named_modules() if hasattr(m, "factors")}
+    assert seps
+    for name, sep in seps.items():
+        f = sep.factors()
+        stem = f"{name}.weight"
+        for got, want in ((inits[f"{stem}.depthwise"], f.depthwise), (inits[f"{stem}.pointwise"], f.pointwise)):
+            want = want.detach().numpy()
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max(), name

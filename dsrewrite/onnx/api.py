@@ -6,6 +6,7 @@ change, so a model with nothing to rewrite comes back as it was, and everything 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, List, NamedTuple, Optional, Union
 
@@ -14,7 +15,7 @@ import onnx
 from ..config import RewriteConfig
 from ..errors import DsrewriteError, first_line
 from ..ir import ConvSite
-from ..pipeline import plan_sites
+from ..pipeline import Decision, plan_sites
 from ..report import Report, build_report
 from .backend import apply_decisions
 from .flops import Shapes, count_flops, count_params, infer_shapes, subgraph_note
@@ -37,7 +38,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     """Replace the eligible ``Conv`` nodes of an ONNX model by low-rank depthwise + pointwise ``Conv`` pairs.
 
     The options are a :class:`~dsrewrite.config.RewriteConfig` (``config``) and/or its fields as keyword
-    arguments (applied on top); options the ONNX route cannot honour (calibration, device, ...) are refused by
+    arguments (applied on top); options the ONNX route cannot honour (device, memory_format, ...) are refused by
     name.
 
     Args:
@@ -62,6 +63,12 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
             execution provider, default ``CPUExecutionProvider``): time in what you deploy with.
         ragged: per-channel ranks, as for :func:`dsrewrite.rewrite`; the depthwise ``Conv`` then reads its
             input through a ``Gather`` of the channels.
+        calibration: data for data-aware initialisation, computed in onnxruntime (:mod:`.calibrate`): an array
+            (one-input models), a ``.npy`` / ``.npz`` file, a dict of arrays by input name, or an iterable of
+            such feed dicts (:func:`.calib_data.as_feeds`; images: :func:`.calib_data.image_feeds`). The
+            factors are refitted on the layers' outputs, and a budget allocates ranks by data-aware errors.
+        sequential: with ``calibration``, refit in execution order on the rewritten graph's activations
+            (``True``), on the original model's (``False``), or the first when it fits in time (``None``).
 
     Returns:
         ``(model, report)`` (an :class:`OnnxRewriteResult`).
@@ -84,11 +91,21 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     flops_before, unknown = count_flops(model, shapes)
     params_before = count_params(model)
     notes: List[str] = []
-    budget_kw = {}
+    budget_kw: dict = {}
     if budget is not None:
         budget_kw = {"budget": budget, "total_params": params_before}
         if budget[0] == "target_flops":
             budget_kw["total_flops"] = _flops_total(collect_sites(model, shapes), flops_before, unknown, shapes, notes)
+    calib = None
+    if cfg.calibration is not None:
+        from .calib_data import as_feeds
+        from .calibrate import OnnxCalibration
+
+        calib = OnnxCalibration(model, as_feeds(cfg.calibration, model), sequential=cfg.sequential,
+                                progress=progress)
+        stats = calib.stats(collect_sites(model, shapes))  # the original model's activations, one pass
+        if budget is not None and budget[0] != "energy":  # ranks allocated by data-aware (whitened) errors
+            budget_kw["stats"] = stats
 
     def plan_and_apply(extra: dict):
         new = onnx.ModelProto()
@@ -113,6 +130,12 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
                          "input_shapes (--input-shape) for the batch you deploy with")
     else:
         new, decisions, done, check_note = plan_and_apply({})
+    if calib is not None:
+        if done:
+            notes.append(calib.refit(decisions, lambda ds: _rebuilt(model, shapes, ds)))
+            new = _rebuilt(model, shapes, decisions)
+        else:
+            notes.append("calibration: no layer was rewritten")
 
     large = model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20)
     if done and not large:
@@ -150,6 +173,15 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     elif measure_time:
         _measure(model, new, shapes.inputs, report, info.path, dst, large, ort_options)
     return OnnxRewriteResult(new, report)
+
+
+def _rebuilt(model: onnx.ModelProto, shapes: Shapes, decisions: List[Decision]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``decisions`` written into it (decisions are matched to its convs by name)."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    by_name = {s.spec.name: s for s in collect_sites(new, shapes)}
+    apply_decisions(new, [dataclasses.replace(d, site=by_name[d.site.spec.name]) for d in decisions if d.rewritten])
+    return new
 
 
 def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target: float, *, check: bool = True,

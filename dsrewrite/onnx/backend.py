@@ -10,7 +10,8 @@ several convs, in one graph or across ``If`` branches, gets one depthwise/pointw
 The depthwise conv (``group=Cin``, ``Cin*r`` outputs) keeps the original's ``strides``, ``dilations``,
 ``pads`` / ``auto_pad`` and ``kernel_shape``, so it does all the padding and the output has the original
 spatial size; the pointwise conv has no padding and carries the bias. Names derive from the original:
-node ``<name>_depthwise`` / ``<name>_pointwise``, weights ``<weight>.depthwise`` / ``<weight>.pointwise``.
+node ``<name>_depthwise`` / ``<name>_pointwise``, weights ``<weight>.depthwise`` / ``<weight>.pointwise`` (and
+``<weight>.pointwise_bias`` for a bias refitted by calibration; calibrated factors belong to their conv alone).
 The pointwise conv writes the original output tensor, so consumers and graph outputs are untouched.
 Ragged ranks (one filter per ``channel_index`` entry) add a ``Gather`` on the channel axis before a
 depthwise conv with ``group`` = filters (node ``<name>_gather``, indices ``<weight>.channel_index``).
@@ -159,7 +160,7 @@ def apply_decisions(model: onnx.ModelProto, decisions: List[Decision]) -> int:
     pairs: Dict[Tuple[int, int], Tuple[str, str, Optional[str], int]] = {}  # one pair per shared weight and rank
     for d in todo:
         h, f = d.site.handle, d.factors
-        key = (id(h.source), f.rank)
+        key = (id(h.source), f.rank, id(d) if d.calibrated else None)
         if key not in pairs:
             home = h.source.scope  # where the original weight is defined: visible from every conv that reads it
             dw_name, pw_name = names(f"{h.weight}.depthwise"), names(f"{h.weight}.pointwise")
@@ -171,12 +172,19 @@ def apply_decisions(model: onnx.ModelProto, decisions: List[Decision]) -> int:
                 _add_constant(home, index, _numpy(f.channel_index).astype(np.int64), model.ir_version)
             pairs[key] = (dw_name, pw_name, index, int(f.depthwise.shape[0]))
         dw_name, pw_name, index, filters = pairs[key]
+        bias = h.bias
+        if d.calibrated and f.bias is not None and h.bias is not None:  # refitted with the pointwise weights
+            bias = names(f"{h.weight}.pointwise_bias")
+            _add_constant(h.source.scope, bias, _numpy(f.bias), model.ir_version)
 
         node, graph = h.node, h.scope.graph
-        new = pair_nodes(node, d.site.spec, dw_name, pw_name, h.bias, names, h.node_name,
+        new = pair_nodes(node, d.site.spec, dw_name, pw_name, bias, names, h.node_name,
                          channel_index=index, filters=filters)
         position = _index_of(graph, node.output[0])
         _replace(graph, position, new)
         uses[h.weight] -= 1
         _remove_dead(h.scope, h.weight, uses)
+        if bias != h.bias:
+            uses[h.bias] -= 1
+            _remove_dead(h.scope, h.bias, uses)
     return len(todo)

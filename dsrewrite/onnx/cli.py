@@ -25,8 +25,47 @@ def cli_rewrite(a: argparse.Namespace) -> Report:
     cfg = RewriteConfig.from_cli(a)
     cfg.check_route("onnx", cli=True)
     input_shapes = _input_shapes(a.src, getattr(a, "input_shape", None))
-    _, report = rewrite(a.src, a.out, cfg, input_shapes=input_shapes)
+    extra = {}
+    if getattr(a, "calibration", None):
+        extra["calibration"] = _calibration(a, input_shapes)
+    _, report = rewrite(a.src, a.out, cfg, input_shapes=input_shapes, **extra)
     return report
+
+
+def _calibration(a: argparse.Namespace, input_shapes):
+    """``--calibration``: a folder of images (the ``--calib-*`` preprocessing) as feeds, a ``.pt`` file of a
+    tensor or of a dict of tensors by input name as arrays; ``.npy`` / ``.npz`` paths are read by ``as_feeds``."""
+    import os
+
+    path = a.calibration
+    if os.path.isdir(path):
+        import onnx
+
+        from .calib_data import image_feeds
+
+        try:
+            header = onnx.load(a.src, load_external_data=False)
+        except Exception:  # noqa: BLE001 - rewrite() gives the one-line error for a bad file
+            return path
+        return image_feeds(path, header, size=a.calib_size, mean=a.calib_mean, std=a.calib_std,
+                           layout=a.calib_layout, bgr=a.calib_bgr, max_images=a.calib_max_images,
+                           input_shapes=input_shapes)
+    if path.lower().endswith((".pt", ".pth")) and os.path.isfile(path):
+        import torch
+
+        from ..errors import first_line
+
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise DsrewriteError(f"cannot load calibration tensors from {path}: {first_line(e)}") from None
+        if isinstance(data, torch.Tensor):
+            return data.numpy()
+        if isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
+            return {k: v.numpy() for k, v in data.items()}
+        raise DsrewriteError(f"calibration file {path} must hold a tensor or a dict of tensors by input name, "
+                             f"got {type(data).__name__}")
+    return path
 
 
 def _input_shapes(src: str, given) -> Optional[Dict[str, Tuple[int, ...]]]:

@@ -130,8 +130,10 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return sk
 
 
-def infer_shapes(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Shapes:
-    """Static shapes of every tensor ``onnx.shape_inference`` can resolve (initializers included)."""
+def infer_shapes(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Sequence[int]]] = None, *,
+                 run: bool = True) -> Shapes:
+    """Static shapes of every tensor ``onnx.shape_inference`` can resolve (initializers included); ``run``: those
+    it cannot around the main graph's convs and matrix products, with static inputs, from one onnxruntime run."""
     out = Shapes()
     initializers = {t.name for t in model.graph.initializer}
     sk = _skeleton(model)
@@ -162,7 +164,43 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Seq
             value = _constant_tensor(node)
             if value is not None:
                 put(node.output[0], tuple(int(d) for d in value.dims))
+    floats = all(vi.type.tensor_type.elem_type in FLOAT_TYPES for vi in model.graph.input
+                 if vi.name not in initializers)
+    if run and floats and not out.symbolic_inputs and out.inputs:
+        _runtime_shapes(model, out)
     return out
+
+
+_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _runtime_shapes(model: onnx.ModelProto, out: Shapes) -> None:
+    """Shapes static inference left unknown around the main graph's counted nodes (a ``Reshape`` of a computed
+    shape, a custom op upstream), read from one onnxruntime run on random inputs of the static input shapes.
+    Only for models whose inputs are all floating point: an integer input may be a shape or an index, and random
+    values of it would give shapes real inputs do not."""
+    names = [t for node in model.graph.node if node.op_type in _COUNTED and node.domain in DEFAULT_DOMAINS
+             and node_flops(node, out) is None for t in list(node.input[:2]) + list(node.output[:1])
+             if t and t not in out.shapes]
+    if not names:
+        return
+    from .calib_data import with_outputs
+    from .measure import random_feeds, session
+    from .model_io import PROTOBUF_LIMIT, model_nbytes
+
+    if model_nbytes(model) >= PROTOBUF_LIMIT - (64 << 20):
+        return
+    names = list(dict.fromkeys(names))
+    try:
+        values = session(with_outputs(model, names, only=True), once=True).run(names, random_feeds(model, out.inputs))
+    except Exception as e:  # noqa: BLE001 - an op onnxruntime lacks: the shapes stay unknown, say why
+        out.notes.append(f"{len(names)} tensor shapes unknown to shape inference and not read from onnxruntime "
+                         f"({first_line(e, 120)})")
+        return
+    for n, v in zip(names, values):
+        out.shapes[n] = tuple(int(d) for d in v.shape)
+    out.notes.append(f"{len(names)} tensor shapes that shape inference could not resolve were read from one "
+                     "onnxruntime run at the static input shapes")
 
 
 def attribute(node: onnx.NodeProto, name: str, default):

@@ -17,7 +17,7 @@ from onnx import AttributeProto, numpy_helper
 
 from ..errors import first_line
 
-__all__ = ["Scope", "Definition", "scopes", "subgraphs", "value_uses", "taken_names", "constant_value",
+__all__ = ["Scope", "Definition", "scopes", "subgraphs", "reads", "value_uses", "taken_names", "constant_value",
            "stored_tensors", "DEFAULT_DOMAINS"]
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -31,6 +31,17 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[Tuple[str, onnx.GraphProto]]:
         elif a.type == AttributeProto.GRAPHS:
             for i, g in enumerate(a.graphs):
                 yield f"{a.name}[{i}]", g
+
+
+def reads(node: onnx.NodeProto) -> set:
+    """Every value name ``node`` reads: its inputs and, through ``If`` / ``Loop`` / ``Scan`` bodies, the outer
+    values those use (a superset: names defined inside the bodies are included and harmless)."""
+    names = {i for i in node.input if i}
+    for _, g in subgraphs(node):
+        for n in g.node:
+            names |= reads(n)
+        names |= {o.name for o in g.output}
+    return names
 
 
 @dataclass
