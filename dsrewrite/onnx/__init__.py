@@ -4,6 +4,8 @@ The frontend (:mod:`.frontend`) turns convolution nodes, subgraphs included (:mo
 framework-neutral :class:`~dsrewrite.ir.ConvSite` objects, the shared :func:`dsrewrite.pipeline.plan_sites`
 chooses ranks and factorises, the backend (:mod:`.backend`) replaces just those nodes by depthwise + pointwise
 ``Conv`` pairs, and :mod:`.flops` counts whole-model FLOPs and parameters with the torch report's conventions.
+Calibration data (:mod:`.calib_data`) is refitted on in onnxruntime (:mod:`.calibrate`) with the PyTorch
+route's maths.
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ except ImportError as _e:  # one line for the CLI, with the fix
     raise DsrewriteError(f"the ONNX route needs the {_e.name!r} package: pip install 'dsrewrite[onnx]'") from None
 
 from .api import OnnxRewriteResult, rewrite
+from .calib_data import as_feeds, image_feeds
 from .cli import cli_rewrite
 from .flops import count_flops, count_params, infer_shapes
 from .frontend import collect_sites
 from .model_io import load_model, save_model
 
-__all__ = ["rewrite", "OnnxRewriteResult", "cli_rewrite", "collect_sites", "count_flops", "count_params",
+__all__ = ["rewrite", "OnnxRewriteResult", "as_feeds", "image_feeds", "cli_rewrite", "collect_sites", "count_flops", "count_params",
            "infer_shapes", "load_model", "save_model", "SeparableConvPass"]
 
 
