@@ -145,12 +145,15 @@ def _save(model, args: tuple, out: str, quiet: bool = False) -> None:
         raise DsrewriteError(f"cannot export the rewritten model to {out}: {first_line(e, 200)}") from None
 
 
+_CALIB_FLAGS = (("--calib-size", "calib_size", None), ("--calib-mean", "calib_mean", None),
+                ("--calib-std", "calib_std", None), ("--calib-layout", "calib_layout", "nchw"),
+                ("--calib-bgr", "calib_bgr", False), ("--calib-max-images", "calib_max_images", 64),
+                ("--sequential/--no-sequential", "sequential", None))
+
+
 def _cmd_rewrite(a: argparse.Namespace) -> int:
-    if not a.calibration:
-        given = [f for f, v, d in (("--calib-size", a.calib_size, None), ("--calib-mean", a.calib_mean, None),
-                                   ("--calib-std", a.calib_std, None), ("--calib-layout", a.calib_layout, "nchw"),
-                                   ("--calib-bgr", a.calib_bgr, False), ("--calib-max-images", a.calib_max_images, 64),
-                                   ("--sequential/--no-sequential", a.sequential, None)) if v != d]
+    if not getattr(a, "calibration", None):
+        given = [flag for flag, key, default in _CALIB_FLAGS if getattr(a, key, default) != default]
         if given:
             raise DsrewriteError(f"{given[0]} applies to calibration: give --calibration too")
     for path in (a.out, a.report, getattr(a, "markdown", None)):  # fail before the work, not after it
@@ -171,9 +174,9 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
 
     model = load_model(a.src, a.weights)
     args = _example_inputs(model, _single_shape(a.input_shape))
-    if a.calib_layout != "nchw":
+    if getattr(a, "calib_layout", "nchw") != "nchw":
         raise DsrewriteError("--calib-layout nhwc is for ONNX models: a PyTorch image model takes NCHW")
-    calibration = load_calibration(a.calibration, args, **calib_options(a)) if a.calibration else None
+    calibration = load_calibration(a.calibration, args, **calib_options(a)) if getattr(a, "calibration", None) else None
     cfg = RewriteConfig.from_cli(a)
     cfg.check_route("torch", cli=True)
     result = rewrite(model, args, cfg, name=a.src, calibration=calibration)
@@ -224,8 +227,8 @@ def load_calibration(path: str, args: tuple, max_images: int = 64, *, mean=None,
 
 def calib_options(a: argparse.Namespace) -> dict:
     """The image preprocessing flags (``--calib-*``) as keyword arguments of the image loaders."""
-    return dict(mean=a.calib_mean, std=a.calib_std, bgr=a.calib_bgr, size=a.calib_size,
-                max_images=a.calib_max_images)
+    return {key.replace("calib_", ""): getattr(a, key, default) for _, key, default in _CALIB_FLAGS
+            if key not in ("calib_layout", "sequential")}
 
 
 def _parse_floats(text: str) -> Tuple[float, ...]:

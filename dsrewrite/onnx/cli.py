@@ -47,9 +47,10 @@ def _calibration(a: argparse.Namespace, input_shapes):
             header = onnx.load(a.src, load_external_data=False)
         except Exception:  # noqa: BLE001 - rewrite() gives the one-line error for a bad file
             return path
-        return image_feeds(path, header, size=a.calib_size, mean=a.calib_mean, std=a.calib_std,
-                           layout=a.calib_layout, bgr=a.calib_bgr, max_images=a.calib_max_images,
-                           input_shapes=input_shapes)
+        from ..cli import calib_options
+
+        return image_feeds(path, header, layout=getattr(a, "calib_layout", "nchw"), input_shapes=input_shapes,
+                           **calib_options(a))
     if path.lower().endswith((".pt", ".pth")) and os.path.isfile(path):
         import torch
 
