@@ -96,9 +96,12 @@ class OnnxRuntime(Runtime):
         return lambda *_: sess.run(None, feeds)
 
     def label(self, memory_format: Optional[str]) -> str:
+        """The onnxruntime version and session options (the words of both routes' time line)."""
+        import onnxruntime as ort
+
         threads = self.ort["threads"]
-        return (f"onnxruntime ({self.ort['provider']}, optimisation {self.ort['optimization']}"
-                + (f", {threads} threads" if threads else "") + ")")
+        return (f"onnxruntime {ort.__version__} ({self.ort['provider']}, graph optimisation "
+                f"{self.ort['optimization']}, {f'{threads} intra-op threads' if threads else 'default threads'})")
 
     def how(self, memory_format: Optional[str]) -> Optional[str]:
         return "timed as exported ONNX in onnxruntime with these session options: deploy the .onnx export"

@@ -240,13 +240,10 @@ def _fill_time(report: Report, timing: dict) -> None:
 
 
 def _runtime(ort_options: dict) -> str:
-    """What the report's time column means on the ONNX route: the onnxruntime version and session options."""
-    import onnxruntime as ort
+    """What the report's time column means on the ONNX route: the onnxruntime runtime's own words."""
+    from ..runtimes import get_runtime
 
-    threads = ort_options.get("threads")
-    return (f"onnxruntime {ort.__version__}, {ort_options.get('provider', 'CPUExecutionProvider')}, graph "
-            f"optimisation {ort_options.get('optimization', 'all')}, "
-            f"{f'{threads} intra-op threads' if threads else 'default threads'}")
+    return get_runtime("onnxruntime", **{f"ort_{k}": v for k, v in ort_options.items()}).label(None)
 
 
 def _check_rewritten(model: Union[str, onnx.ModelProto]) -> None:
