@@ -177,7 +177,8 @@ class RewriteConfig:
         return cls(rank=get("rank", "auto"), include=get("include") or None, exclude=get("exclude") or None,
                    target_flops=get("target_flops"), target_params=get("target_params"),
                    target_latency=get("target_latency"), energy=get("energy"), ragged=bool(get("ragged", False)),
-                   calibration=get("calibration"), sequential=get("sequential"), device=get("device"), latency_cache=get("latency_cache"),
+                   calibration=get("calibration"), sequential=get("sequential"), device=get("device"),
+                   latency_cache=get("latency_cache"),
                    runtime=get("runtime") or ("onnxruntime" if str(get("out") or "").lower().endswith(".onnx")
                                               and not str(get("src") or "").lower().endswith(".onnx") else None),
                    backend=get("backend", "auto") or "auto", measure_time=not get("no_time", False),
@@ -211,7 +212,8 @@ class RewriteConfig:
         for key in self.given():
             if key in unsupported:
                 if cli:
-                    raise DsrewriteError(f"--{key.replace('_', '-')} is not supported for {_CLI_WORDS[route]} models: "
+                    flag = "no-sequential" if key == "sequential" and self.sequential is False else key.replace("_", "-")
+                    raise DsrewriteError(f"--{flag} is not supported for {_CLI_WORDS[route]} models: "
                                          f"{unsupported[key]}")
                 raise DsrewriteError(f"option {key!r} is not supported by {_ROUTE_WORDS[route]}: {unsupported[key]}")
 

@@ -246,3 +246,7 @@ def test_cli_calibrates_an_onnx_model_from_an_image_folder(tmp_path, capsys):
     assert main(["rewrite", str(img_src), "-o", str(tmp_path / "img_out.onnx"), "--rank", "2", "--calibration",
                  str(folder), "-q"]) == 2
     assert "give the image size" in capsys.readouterr().err
+    assert main(["rewrite", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--calibration", str(folder),
+                 "--no-sequential", "--no-time", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dsrewrite: error: --no-sequential is not supported for PyTorch models") and "\n" not in err
