@@ -23,7 +23,8 @@ from .flops import count_flops, count_params, infer_shapes
 from .frontend import collect_sites
 from .model_io import load_model, save_model
 
-__all__ = ["rewrite", "OnnxRewriteResult", "as_feeds", "image_feeds", "cli_rewrite", "collect_sites", "count_flops", "count_params",
+__all__ = ["rewrite", "OnnxRewriteResult", "as_feeds", "image_feeds", "cli_rewrite", "collect_sites", "count_flops",
+           "count_params",
            "infer_shapes", "load_model", "save_model", "SeparableConvPass"]
 
 

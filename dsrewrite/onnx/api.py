@@ -91,11 +91,14 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     flops_before, unknown = count_flops(model, shapes)
     params_before = count_params(model)
     notes: List[str] = []
+    flops_budget = budget is not None and budget[0] == "target_flops"
+    # the source model's sites, collected once (their weights are decoded from the protobuf) when needed here
+    source_sites = collect_sites(model, shapes) if flops_budget or cfg.calibration is not None else []
     budget_kw: dict = {}
     if budget is not None:
         budget_kw = {"budget": budget, "total_params": params_before}
-        if budget[0] == "target_flops":
-            budget_kw["total_flops"] = _flops_total(collect_sites(model, shapes), flops_before, unknown, shapes, notes)
+        if flops_budget:
+            budget_kw["total_flops"] = _flops_total(source_sites, flops_before, unknown, shapes, notes)
     calib = None
     if cfg.calibration is not None:
         from .calib_data import as_feeds
@@ -103,7 +106,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
 
         calib = OnnxCalibration(model, as_feeds(cfg.calibration, model), sequential=cfg.sequential,
                                 progress=progress)
-        stats = calib.stats(collect_sites(model, shapes))  # the original model's activations, one pass
+        stats = calib.stats(source_sites)  # the original model's activations, one pass
         if budget is not None and budget[0] != "energy":  # ranks allocated by data-aware (whitened) errors
             budget_kw["stats"] = stats
 

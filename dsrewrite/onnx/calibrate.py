@@ -124,9 +124,9 @@ class OnnxCalibration:
         """Refit every rewritten decision that can be (in place: factors, ``calibrated``, the report's
         calibration errors); ``rebuild(decisions)`` gives the rewritten model with the current factors. Returns
         the report note."""
-        todo = [d for d in decisions if d.rewritten]
-        skipped = [(d.site.spec.name, not_calibrated(d.site)) for d in todo if not_calibrated(d.site)]
-        layers = [d for d in todo if not not_calibrated(d.site)]
+        why = {id(d): not_calibrated(d.site) for d in decisions if d.rewritten}
+        skipped = [(d.site.spec.name, why[id(d)]) for d in decisions if why.get(id(d))]
+        layers = [d for d in decisions if id(d) in why and not why[id(d)]]
         if not self._stats:
             self.stats([d.site for d in layers])
         waves = _waves(self.model, layers)
@@ -150,12 +150,14 @@ class OnnxCalibration:
             note = (f"calibrated {len(results)} layer(s) on {n} feed(s) ({samples} samples), sequentially on the "
                     f"rewritten graph ({len(waves)} waves in execution order): {summary(results.values())}")
         else:
-            how = ("on the original model's activations" if len(waves) <= 1 else
-                   f"on the original model's activations, not sequentially (estimated {estimate:.0f} s for "
-                   f"{len(waves)} waves; sequential=True / --sequential runs it)" if self.sequential is None else
-                   "on the original model's activations (sequential=False)")
-            note = f"calibrated {len(results)} layer(s) on {n} feed(s) ({samples} samples) {how}: " \
-                   f"{summary(results.values())}"
+            how = "on the original model's activations"
+            if len(waves) > 1 and self.sequential is None:
+                how += (f", not sequentially (estimated {estimate:.0f} s for {len(waves)} waves; sequential=True / "
+                        "--sequential runs it)")
+            elif len(waves) > 1:
+                how += " (sequential=False)"
+            note = (f"calibrated {len(results)} layer(s) on {n} feed(s) ({samples} samples) {how}: "
+                    f"{summary(results.values())}")
         if skipped:
             note += (f"; {len(skipped)} layer(s) keep their plain SVD factors ("
                      + ", ".join(f"{a}: {b}" for a, b in skipped[:3]) + (", ..." if len(skipped) > 3 else "") + ")")
