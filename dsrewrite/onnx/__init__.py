@@ -24,8 +24,7 @@ from .frontend import collect_sites
 from .model_io import load_model, save_model
 
 __all__ = ["rewrite", "OnnxRewriteResult", "as_feeds", "image_feeds", "cli_rewrite", "collect_sites", "count_flops",
-           "count_params",
-           "infer_shapes", "load_model", "save_model", "SeparableConvPass"]
+           "count_params", "infer_shapes", "load_model", "save_model", "SeparableConvPass"]
 
 
 def __getattr__(name: str):
