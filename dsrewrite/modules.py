@@ -25,9 +25,31 @@ from torch import nn
 
 from .factorize import Factors, factorize
 
-__all__ = ["SeparableConv1d", "SeparableConv2d", "BACKENDS", "tf_same_pad"]
+__all__ = ["SeparableConv1d", "SeparableConv2d", "BACKENDS", "tf_same_pad", "ComputedWeight"]
 
 BACKENDS = ("auto", "triton", "torch")
+
+# what code around a conv reads of it: a pair answers each as the dense conv it replaces did (read-only)
+CONV_INTERFACE = frozenset({
+    "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+    "transposed", "output_padding", "weight", "bias", "_reversed_padding_repeated_twice",
+})
+
+
+class ComputedWeight(torch.Tensor):
+    """The dense weight a pair computes (``pair.weight``): it reads, and back-propagates into the factors, like
+    the replaced conv's weight; assigning its ``.data`` would change nothing the pair runs, so that raises."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def data(self) -> torch.Tensor:  # type: ignore[override]
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        raise AttributeError("the weight of a SeparableConv is computed from its depthwise and pointwise factors and "
+                             "cannot be assigned: load new weights with load_factors() or into .depthwise/.pointwise")
 
 
 def tf_same_pad(size: Tuple[int, ...], kernel: Tuple[int, ...], stride: Tuple[int, ...],
@@ -70,7 +92,7 @@ class _SeparableConvNd(nn.Module):
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.rank = int(rank)
         self.backend = backend
-        self.in_channels = int(in_channels)
+        self._in_channels = int(in_channels)
         self.gather_input = bool(gather_input)  # torch ops only: run the depthwise conv on a gathered copy
         # pad TF-style 'same' for each input's own size first (timm's Conv2dSame); padding is then 0
         self.dynamic_same = bool(dynamic_same)
@@ -149,10 +171,70 @@ class _SeparableConvNd(nn.Module):
         return Factors(take(self.depthwise.weight), take(self.pointwise.weight), None if bias is None else take(bias),
                        self.rank, error, None if self.channel_index is None else take(self.channel_index))
 
-    # ------------------------------------------------------------------ running
+    # ------------------------------------------------------------------ the replaced conv's interface
+    # Code around a conv reads its settings (``conv.stride``, ``conv.kernel_size[0]``, ``conv.weight.dtype``): the
+    # pair answers as the dense conv it computes. They are read-only: a pair cannot honour a new stride or weight.
+    def __setattr__(self, name: str, value) -> None:
+        if name in CONV_INTERFACE:
+            raise AttributeError(f"{type(self).__name__}.{name} is read-only: the pair was built for the conv's "
+                                 f"settings; rebuild it (from_factors) to change {name}")
+        super().__setattr__(name, value)
+
+    @property
+    def in_channels(self) -> int:
+        return self._in_channels
+
     @property
     def out_channels(self) -> int:
         return self.pointwise.out_channels
+
+    @property
+    def kernel_size(self) -> Tuple[int, ...]:
+        return self.depthwise.kernel_size
+
+    @property
+    def stride(self) -> Tuple[int, ...]:
+        return self.depthwise.stride
+
+    @property
+    def padding(self):
+        return self.depthwise.padding
+
+    @property
+    def dilation(self) -> Tuple[int, ...]:
+        return self.depthwise.dilation
+
+    @property
+    def padding_mode(self) -> str:
+        return self.depthwise.padding_mode
+
+    @property
+    def _reversed_padding_repeated_twice(self):
+        return self.depthwise._reversed_padding_repeated_twice
+
+    @property
+    def groups(self) -> int:
+        return 1
+
+    @property
+    def transposed(self) -> bool:
+        return False
+
+    @property
+    def output_padding(self) -> Tuple[int, ...]:
+        return (0,) * self._dims
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The replaced conv's bias (carried by the pointwise conv)."""
+        return self.pointwise.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``[Cout, Cin, *kernel]`` weight the pair computes (differentiable; see :class:`ComputedWeight`)."""
+        return self.dense_weight().as_subclass(ComputedWeight)
+
+    # ------------------------------------------------------------------ running
 
     @property
     def ragged(self) -> bool:

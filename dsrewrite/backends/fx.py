@@ -1,7 +1,7 @@
 """torch.fx backend: install ``SeparableConv*d`` modules for the decided convs, keeping qualified names."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import fx, nn
@@ -10,7 +10,41 @@ from ..factorize import Factors
 from ..modules import SeparableConv1d, SeparableConv2d
 from ..pipeline import Decision
 
-__all__ = ["apply_decisions", "set_submodule", "separable_for"]
+__all__ = ["apply_decisions", "set_submodule", "separable_for", "GraphForward"]
+
+
+class GraphForward:
+    """A module's ``forward`` replaced by a (rewritten) fx graph of it, run with the module itself as ``self``.
+
+    Installed as ``module.forward`` (an instance attribute), so the module keeps its class, attributes,
+    properties, methods and hooks; ``self.<child>`` in the graph resolves on the live module tree, so swaps of
+    its children apply. Pickles and deep-copies with its module (the code is regenerated from the source).
+    """
+
+    def __init__(self, owner: nn.Module, graph: fx.Graph) -> None:
+        code = graph.python_code(root_module="self")
+        self.owner = owner
+        self.src = code.src
+        self.globals = dict(code.globals)
+        self._compile()
+
+    def _compile(self) -> None:
+        scope = dict(self.globals)
+        exec(compile(self.src, f"<dsrewrite forward of {type(self.owner).__name__}>", "exec"), scope)  # noqa: S102
+        self._fn = scope["forward"]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(self.owner, *args, **kwargs)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"owner": self.owner, "src": self.src, "globals": self.globals}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._compile()
+
+    def __repr__(self) -> str:
+        return f"GraphForward({type(self.owner).__name__}, rewritten by dsrewrite)"
 
 
 def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
@@ -34,13 +68,13 @@ def separable_for(decision: Decision, *, backend: str = "auto", factors: Optiona
     return mod.requires_grad_(False) if frozen else mod  # a frozen conv stays frozen
 
 
-def _function_module_name(gm: fx.GraphModule, weight_target: str) -> str:
+def _function_module_name(gm: fx.GraphModule, weight_target: str, namespace: Optional[nn.Module] = None) -> str:
     owner, _, attr = weight_target.rpartition(".")
     base = "separable" if attr == "weight" else f"{attr}_separable"
     name = f"{owner}.{base}" if owner else base
     i = 1
     candidate = name
-    while _exists(gm, candidate):
+    while _exists(gm, candidate) or (namespace is not None and _taken(namespace, candidate)):
         i += 1
         candidate = f"{name}{i}"
     return candidate
@@ -50,6 +84,15 @@ def _exists(gm: nn.Module, qualname: str) -> bool:
     try:
         gm.get_submodule(qualname)
         return True
+    except AttributeError:
+        return False
+
+
+def _taken(root: nn.Module, qualname: str) -> bool:
+    """Whether ``qualname`` already names anything (module, parameter, attribute) under ``root``."""
+    parent, _, attr = qualname.rpartition(".")
+    try:
+        return hasattr(root.get_submodule(parent) if parent else root, attr)
     except AttributeError:
         return False
 
@@ -69,10 +112,12 @@ def _drop_param_if_unused(gm: fx.GraphModule, target: Optional[str]) -> None:
 
 
 def apply_decisions(gm: fx.GraphModule, decisions: List[Decision], *, backend: str = "auto",
-                    also: Optional[nn.Module] = None) -> bool:
+                    also: Optional[nn.Module] = None, namespace: Optional[nn.Module] = None) -> bool:
     """Write every rewritten decision into ``gm``; returns whether anything changed.
 
     ``also``: another module tree (the user's model, with ``inplace=True``) that gets the same module swaps.
+    ``namespace``: a module whose names new pair modules must not take either (the module ``gm`` was traced
+    from, when the graph becomes its forward: :class:`GraphForward`).
     """
     modified = False
     for d in decisions:
@@ -88,7 +133,7 @@ def apply_decisions(gm: fx.GraphModule, decisions: List[Decision], *, backend: s
                 except AttributeError:
                     pass
         else:
-            name = _function_module_name(gm, h.weight_target)
+            name = _function_module_name(gm, h.weight_target, namespace)
             gm.add_submodule(name, new)
             d.report.note = (d.report.note + "; " if d.report.note else "") + f"functional conv, now module {name}"
             for node in h.nodes:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import inspect
 import math
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +13,11 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..ir import ConvSite, ConvSpec
-from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, is_known_conv_class
+from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, is_known_conv_class, tf_same_pad
 
 __all__ = ["collect_sites", "trace", "FxHandle", "CONV_FUNCTIONS", "CONV_ARGS", "bind_conv_args", "conv_settings",
-           "computed_at_run_time", "owner_name", "module_site", "ProbeProp", "first_item", "may_rewrite"]
+           "computed_at_run_time", "owner_name", "module_site", "ProbeProp", "first_item", "may_rewrite",
+           "Probe", "Window", "bounded_probe", "PROBE_WINDOW"]
 
 # functional convs and their spatial dims
 CONV_FUNCTIONS = {
@@ -61,14 +63,15 @@ class _Tracer(fx.Tracer):
                 or super().is_leaf_module(m, module_qualified_name))
 
 
-def trace(root: nn.Module, n_args: Optional[int] = None) -> fx.GraphModule:
+def trace(root: nn.Module, n_args: Optional[int] = None, *, tracer: Optional[fx.Tracer] = None) -> fx.GraphModule:
     """``torch.fx.symbolic_trace(root)`` with ``SeparableConv1d/2d`` kept as leaf modules.
 
     With ``n_args`` (how many positional inputs the example has), the defaults of ``forward``'s later
     parameters are traced as constants (``mask=None``, ``return_features=False``): branches on them are then
-    taken as the example call takes them, instead of on a placeholder.
+    taken as the example call takes them, instead of on a placeholder. ``tracer``: another tracer (the
+    module-swap route traces one module's own forward with its children as leaves).
     """
-    tracer = _Tracer()
+    tracer = tracer or _Tracer()
     concrete = None
     if n_args is not None:
         try:
@@ -216,34 +219,36 @@ def _function_sites(gm: fx.GraphModule) -> List[ConvSite]:
 
 
 class ProbeProp(ShapeProp):
-    """``ShapeProp`` that also keeps, for the first call of each conv, one sample of its input and output
-    (the first item of the batch): the per-layer self-check runs the rewritten pair on it."""
+    """``ShapeProp`` that also keeps, for the first call of each conv the planner may rewrite, a bounded sample
+    of its input and output (:func:`bounded_probe` of the first batch item): the per-layer self-check runs the
+    rewritten pair on it. Functional convs whose settings are graph values keep none (they are not rewritten)."""
 
     def __init__(self, gm: fx.GraphModule, *args: Any, **kwargs: Any) -> None:
         super().__init__(gm, *args, **kwargs)
-        self.probes: Dict[fx.Node, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.probes: Dict[fx.Node, Probe] = {}
         self._seen: set = set()
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        key = None
+        key = kernel = conv_args = None
         if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), CONV_MODULE_TYPES):
             mod = self.module.get_submodule(n.target)
             if may_rewrite(mod.groups, mod.kernel_size, isinstance(mod, TRANSPOSED_TYPES)):
-                key, dims = n.target, len(mod.kernel_size)
+                key, kernel, conv_args = n.target, tuple(mod.kernel_size), describe(mod).conv_args
         elif n.op == "call_function" and n.target in CONV_FUNCTIONS:
             bound = bind_conv_args(n)
             w, groups = bound.get("weight"), bound.get("groups", 1)
             wv = self.env.get(w) if isinstance(w, fx.Node) else None
-            if isinstance(wv, torch.Tensor) and may_rewrite(groups, tuple(wv.shape[2:])):
-                key = w.target if w.op == "get_attr" else n
-                dims = CONV_FUNCTIONS[n.target]
+            settings = conv_settings(bound)
+            if (isinstance(wv, torch.Tensor) and may_rewrite(groups, tuple(wv.shape[2:]))
+                    and not any(computed_at_run_time(v) for v in settings.values())):
+                key, kernel, conv_args = (w.target if w.op == "get_attr" else n), tuple(wv.shape[2:]), settings
         if key is not None and key not in self._seen:
             self._seen.add(key)
             src = n.args[0] if n.args else n.kwargs.get("input")
             x = self.env.get(src) if isinstance(src, fx.Node) else None
             if isinstance(x, torch.Tensor) and isinstance(result, torch.Tensor):
-                self.probes[n] = (first_item(x, dims), first_item(result, dims))
+                self.probes[n] = bounded_probe(x, result, kernel, conv_args)
         return result
 
 
@@ -259,8 +264,175 @@ def first_item(t: torch.Tensor, dims: int) -> torch.Tensor:
     return (t[:1] if t.dim() == dims + 2 else t).clone()
 
 
-def collect_sites(gm: fx.GraphModule, probes: Optional[Dict[fx.Node, Tuple[torch.Tensor, torch.Tensor]]] = None
-                  ) -> List[ConvSite]:
+# ---------------------------------------------------------------------------------------------- bounded probes
+PROBE_WINDOW = 16  # output positions per spatial dim compared in each window of a bounded probe
+
+
+class Window(NamedTuple):
+    """One crop of a conv's sample: ``x`` (input crop), ``y`` (the original's output at the compared
+    positions) and ``start``: where those positions begin, per spatial dim, in the output of the same conv run
+    on ``x`` (the compared block is ``out[..., start[0]:start[0]+y.shape[-dims], ...]``; ``()``: all of it)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    start: Tuple[int, ...]
+
+
+@dataclass
+class Probe:
+    """What the self-check keeps of one conv call (first batch item): a few bounded :class:`Window`\ s, and the
+    full input and output shapes, so the pair's output *shape* on the whole input is still checked (on the
+    ``meta`` device, without the data)."""
+
+    windows: Tuple[Window, ...]
+    in_shape: Tuple[int, ...]
+    out_shape: Tuple[int, ...]
+
+    @classmethod
+    def whole(cls, x: torch.Tensor, y: torch.Tensor) -> "Probe":
+        """A probe of one window holding the whole sample as given (no copy): also how a plain ``(x, y)`` tuple
+        probe of another route is read."""
+        return cls((Window(x, y, ()),), tuple(x.shape), tuple(y.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the windows' tensors."""
+        return sum(t.numel() * t.element_size() for w in self.windows for t in (w.x, w.y))
+
+
+class _Cut(NamedTuple):
+    """One spatial dim of a window: the input positions kept (ranges, concatenated in order), the first compared
+    position in the output of the conv on the crop (``start``) and in the full output (``first``), and how many."""
+
+    index: Tuple[range, ...]
+    start: int
+    first: int
+    count: int
+
+
+def _pads(padding: Any, kernel: Tuple[int, ...], dilation: Tuple[int, ...]) -> Optional[List[Tuple[int, int]]]:
+    """(left, right) zero-or-mode padding per spatial dim of a conv's static ``padding``; None if unreadable."""
+    dims = len(kernel)
+    if padding == "valid":
+        return [(0, 0)] * dims
+    if padding == "same":  # as nn.Conv*d / F.conv*d: the odd pixel on the right
+        return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
+    if isinstance(padding, (int, list, tuple)) and not isinstance(padding, bool):
+        if isinstance(padding, (list, tuple)) and len(padding) not in (1, dims):
+            return None
+        return [(p, p) for p in _tup(padding, dims)]
+    return None
+
+
+def _cuts(n: int, L: int, k: int, s: int, d: int, pl: int, pr: int, mode: str, dynamic: bool,
+          window: int) -> Tuple[_Cut, Optional[_Cut], Optional[_Cut]]:
+    """(top/left corner, interior, bottom/right end) cuts of one spatial dim (None where the dim has none).
+
+    Output ``o`` reads input ``o*s - pl + j*d`` (``j < k``), zero/mode padding outside ``[0, n)``. A crop keeps
+    input ``[a, a+c)`` (``a`` a multiple of ``s``) so output ``o'`` of the conv on the crop, which pads the crop
+    itself, is full output ``o' + a/s`` wherever ``o'`` reads only crop data, or reads padding where the full
+    conv reads the same padding: at the true left border (``a = 0``) and, for the end cut, the true right border
+    (the crop ends at ``n``). Circular padding wraps the other end in: the corner crop carries the last ``pl``
+    inputs after it, the end crop the first ``pr`` before it. Dynamic 'same' padding depends on the size only
+    modulo ``s``: crops keep ``c = n (mod s)`` so it pads them as it pads the whole. Reflect/replicate/circular
+    need a crop longer than the padding."""
+    span = d * (k - 1) + 1
+    low = max(pl, pr) + 1 if mode != "zeros" else 1
+    whole = (range(n),)
+
+    def fit(c: int) -> int:  # the shortest crop length >= c the padding allows
+        c = max(c, low)
+        return c + (n - c) % s if dynamic else c
+
+    m = min(L, window)
+    c = fit((m - 1) * s - pl + span)
+    if c >= n or (mode == "circular" and c + pl > n):
+        corner = _Cut(whole, 0, 0, m)
+    else:
+        corner = _Cut((range(c), range(n - pl, n)) if mode == "circular" and pl else (range(c),), 0, 0, m)
+    if m == L:  # the corner compares every output position
+        return corner, None, None
+    inner = None
+    if L >= 3 * m:
+        o, j0 = (L - m) // 2, -(-pl // s)
+        a, c = (o - j0) * s, fit((j0 + m - 1) * s - pl + span)
+        if a > 0 and a + c <= n:
+            inner = _Cut((range(a, a + c),), j0, o, m)
+    pre = pr if mode == "circular" else 0
+    lo = (L - m) * s - pl  # the first input read by the first compared position
+    a = lo - (lo - pre) % s  # a = pre (mod s): the crop starts on a stride step
+    if pre + n - a < low:
+        a -= -(-(low - pre - n + a) // s) * s
+    if a <= 0:
+        end = _Cut(whole, L - m, L - m, m)
+    else:
+        q = (a - pre) // s
+        end = _Cut(((range(pre), range(a, n)) if pre else (range(a, n),)), L - m - q, L - m, m)
+    return corner, inner, end
+
+
+def _crop(t: torch.Tensor, index: Sequence[Tuple[range, ...]]) -> torch.Tensor:
+    """A contiguous copy of ``t`` at the given positions of each of its last ``len(index)`` dims."""
+    dims = len(index)
+    for i, ranges in enumerate(index):
+        axis = t.dim() - dims + i
+        parts = [t.narrow(axis, r.start, len(r)) for r in ranges if len(r)]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, axis)
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def bounded_probe(x: torch.Tensor, y: torch.Tensor, kernel: Tuple[int, ...], conv_args: Dict[str, Any],
+                  window: int = PROBE_WINDOW) -> Probe:
+    """The self-check's sample of one conv call, of bounded size: its first batch item, cropped.
+
+    ``x``/``y``: the conv's input (as called, before its own padding) and output, batched or not; ``kernel``:
+    its spatial kernel (1-D or 2-D); ``conv_args``: ``stride``, ``padding`` (int, tuple, ``'same'``,
+    ``'valid'``), ``dilation``, ``padding_mode``, ``dynamic_same`` as :func:`describe` and :func:`conv_settings`
+    give them (missing keys: ``nn.Conv*d``'s defaults). Keeps up to three windows of at most ``window`` output
+    positions per dim: the top-left corner (the left/top padding, as the layer pads), the bottom-right end (the
+    right/bottom padding) and, on large outputs, the middle (data only), each with the input crop that the same
+    conv maps exactly onto them (see :func:`_cuts`: exact for every padding mode, stride, dilation and dynamic
+    'same' padding). Settings it cannot read keep the whole item (:meth:`Probe.whole`); settings that do not
+    fit the output's shape (a misread layer, which the self-check's shape check then refuses) keep the corner.
+    Every tensor kept is a copy, so the conv's activations are not held.
+    """
+    dims = len(kernel)
+    x, y = x.detach(), y.detach()
+    if x.dim() == dims + 2:
+        x, y = x[:1], y[:1]
+    in_shape, out_shape = tuple(x.shape), tuple(y.shape)
+    stride = _tup(conv_args.get("stride", 1), dims)
+    dilation = _tup(conv_args.get("dilation", 1), dims)
+    dynamic = bool(conv_args.get("dynamic_same", False))
+    mode = "zeros" if dynamic else conv_args.get("padding_mode", "zeros")
+    n_in, n_out = in_shape[-dims:], out_shape[-dims:]
+    if dynamic:
+        flat = tf_same_pad(n_in, kernel, stride, dilation)  # last dim first
+        pads = [(flat[2 * i], flat[2 * i + 1]) for i in reversed(range(dims))]
+    else:
+        pads = _pads(conv_args.get("padding", 0), kernel, dilation)
+    if pads is None or mode not in ("zeros", "reflect", "replicate", "circular") or x.dim() != y.dim():
+        return Probe.whole(x.clone(), y.clone())
+    cuts, fits = [], True
+    for n, L, k, s, d, (pl, pr) in zip(n_in, n_out, kernel, stride, dilation, pads):
+        expected = -(-n // s) if dynamic else (n + pl + pr - d * (k - 1) - 1) // s + 1
+        fits = fits and expected == L
+        cuts.append(_cuts(n, min(L, max(expected, 1)), k, s, d, pl, pr, mode, dynamic, window))
+    picks = [tuple(c[0] for c in cuts)]
+    if fits:
+        for which in (2, 1):  # the end, then the middle; a dim without one uses its corner
+            pick = tuple(c[which] or c[0] for c in cuts)
+            if pick not in picks:
+                picks.append(pick)
+    windows = tuple(
+        Window(_crop(x, [c.index for c in pick]),
+               _crop(y, [(range(c.first, c.first + c.count),) for c in pick]),
+               tuple(c.start for c in pick))
+        for pick in picks)
+    return Probe(windows, in_shape, out_shape)
+
+
+def collect_sites(gm: fx.GraphModule, probes: Optional[Dict[fx.Node, Probe]] = None) -> List[ConvSite]:
     """Every convolution in ``gm`` (shape-propagated with ShapeProp), in graph order, each module once.
 
     ``probes`` (from :class:`ProbeProp`) are attached to the sites for the self-check."""

@@ -1,148 +1,274 @@
-"""Fallback frontend for models ``torch.fx.symbolic_trace`` cannot trace (e.g. torchvision detectors).
+"""Fallback frontend for models ``torch.fx.symbolic_trace`` cannot trace (detectors, generative models...).
 
-Runs the real forward once with hooks, recording each module's inputs and each conv's output shapes.
-Then, top-down: a child called once with positional inputs that traces becomes a GraphModule handled by
-the fx frontend (so functional convs inside it are found too); a conv module anywhere else is swapped in
-place. Ranks are planned over all sites at once, the same as on the fx route.
+Runs the real forward once with hooks: each conv module's output shapes and a bounded self-check sample, and
+which modules call a conv *function* (``F.conv2d`` on a parameter) in their own forward. Then:
+
+* every conv module is swapped in place for its pair (at every path that holds it);
+* a module that calls a conv function is traced alone (its children kept as leaves) and keeps its class,
+  attributes and methods: only its ``forward`` is replaced by the rewritten graph, run with the module as
+  ``self`` (:class:`~dsrewrite.backends.fx.GraphForward`). A forward that does not trace keeps its
+  functional convs dense, each with that reason.
+
+Only the inputs of modules that call conv functions are kept from the forward, so the pass stays within about
+one forward's memory. Ranks are planned over all sites at once, the same as on the fx route.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
-from ..backends.fx import apply_decisions, separable_for, set_submodule
-from ..ir import ConvSite
+from ..backends.fx import GraphForward, apply_decisions, separable_for, set_submodule
+from ..errors import first_line
+from ..ir import ConvSite, ConvSpec
 from ..measure import count_params, eval_mode
+from ..modules import SeparableConv1d, SeparableConv2d
 from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
 from ..selfcheck import self_check
-from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES
-from .fx import ProbeProp, collect_sites, first_item, may_rewrite, module_site, trace
+from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe
+from .fx import (CONV_FUNCTIONS, FxHandle, ProbeProp, bind_conv_args, collect_sites, conv_settings, first_item,
+                 may_rewrite, module_site, trace)
 
 __all__ = ["rewrite_untraceable"]
 
+_PAIRS = (SeparableConv1d, SeparableConv2d)
+
 
 class _Record:
-    def __init__(self) -> None:
+    """What one module did in the recorded forward (first call's inputs only for conv-function callers)."""
+
+    def __init__(self, order: int) -> None:
+        self.order = order  # position of its first call in the forward
         self.calls = 0
-        self.args: Tuple[Any, ...] = ()
+        self.args: Optional[Tuple[Any, ...]] = None
         self.has_kwargs = False
         self.out_shapes: List[Tuple[int, ...]] = []
-        self.probe: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # first call: input and output sample
+        self.probe: Any = None  # conv modules: a bounded input/output sample of the first call
+        self.functional: List[Dict[str, Any]] = []  # conv-function calls made by its own forward (first call)
+
+
+class _Recorder(TorchFunctionMode):
+    """Hooks plus a torch-function mode: the module stack tells which module's forward called a conv function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recs: Dict[nn.Module, _Record] = {}
+        self.stack: List[Tuple[nn.Module, Tuple[Any, ...], bool]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in CONV_FUNCTIONS and self.stack:
+            mod, _, first = self.stack[-1]
+            if first and not isinstance(mod, CONV_MODULE_TYPES + _PAIRS):
+                call = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args))
+                call.update(kwargs)
+                w = call.get("weight")
+                self.recs[mod].functional.append({
+                    "dims": CONV_FUNCTIONS[func], "bias": call.get("bias") is not None,
+                    "shape": tuple(w.shape) if isinstance(w, torch.Tensor) else None, "weight_id": id(w),
+                    "settings": conv_settings(call), "out": tuple(out.shape) if isinstance(out, torch.Tensor) else None})
+        return out
+
+    def pre(self, mod: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        rec = self.recs.get(mod)
+        if rec is None:
+            rec = self.recs[mod] = _Record(len(self.recs))
+        rec.calls += 1
+        if rec.calls == 1:
+            rec.has_kwargs = bool(kwargs)
+        self.stack.append((mod, args, rec.calls == 1))
+
+    def post(self, mod: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
+        if not self.stack or self.stack[-1][0] is not mod:
+            return
+        _, first_args, first = self.stack.pop()
+        rec = self.recs[mod]
+        if first and rec.functional:  # only conv-function callers keep their inputs: they are traced alone
+            rec.args = first_args
+        if isinstance(mod, CONV_MODULE_TYPES) and isinstance(out, torch.Tensor):
+            rec.out_shapes.append(tuple(out.shape))
+            if rec.probe is None and args and isinstance(args[0], torch.Tensor) and may_rewrite(
+                    mod.groups, mod.kernel_size, isinstance(mod, TRANSPOSED_TYPES)):
+                rec.probe = _probe(mod, args[0], out)
+
+
+def _probe(mod: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """The self-check sample of a conv module's call (bounded when the fx frontend can bound it)."""
+    from . import fx as fx_frontend
+
+    bounded = getattr(fx_frontend, "bounded_probe", None)
+    if bounded is not None:
+        return bounded(x, y, tuple(mod.kernel_size), describe(mod).conv_args)
+    dims = len(mod.kernel_size)
+    return first_item(x, dims), first_item(y, dims)
 
 
 def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Record], int]:
     """One real forward with hooks: per-module call records; returns them and the whole-model FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    recs: Dict[nn.Module, _Record] = {}
+    rec = _Recorder()
     handles = []
-
-    def pre(mod, a, kw):
-        r = recs.setdefault(mod, _Record())
-        r.calls += 1
-        if r.calls == 1:
-            r.args, r.has_kwargs = a, bool(kw)
-
-    def post(mod, a, out):
-        if isinstance(out, torch.Tensor):
-            r = recs.setdefault(mod, _Record())
-            r.out_shapes.append(tuple(out.shape))
-            if r.probe is None and a and isinstance(a[0], torch.Tensor) and may_rewrite(
-                    mod.groups, mod.kernel_size, isinstance(mod, TRANSPOSED_TYPES)):
-                dims = len(mod.kernel_size)
-                r.probe = (first_item(a[0], dims), first_item(out, dims))
-
     for m in model.modules():
-        if m is model:
-            continue
-        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-        if isinstance(m, CONV_MODULE_TYPES):
-            handles.append(m.register_forward_hook(post))
+        handles.append(m.register_forward_pre_hook(rec.pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(rec.post, always_call=True))
     try:
-        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter, rec:
             model(*args)
     finally:
         for h in handles:
             h.remove()
-    return recs, int(counter.get_total_flops())
+    return rec.recs, int(counter.get_total_flops())
 
 
-def _swap_site(qualname: str, conv: nn.Module, rec: _Record) -> ConvSite:
-    site = module_site(qualname, conv, [], out_shapes=rec.out_shapes)
-    site.probe = rec.probe
-    return site
+class _ChildrenAsLeaves(fx.Tracer):
+    """Traces one module's own forward: every child module is a leaf, so children keep running as themselves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _trace_own_forward(owner: nn.Module, rec: _Record) -> Tuple[fx.GraphModule, ProbeProp]:
+    """The owner's forward as a graph (children as leaves), shape-propagated on its recorded inputs."""
+    gm = trace(owner, len(rec.args), tracer=_ChildrenAsLeaves())
+    prop = ProbeProp(gm)
+    # ShapeProp prints a traceback before re-raising: a forward that does not run traced is reported, not printed
+    with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        prop.propagate(*rec.args)
+    gm.training = owner.training
+    return gm, prop
+
+
+def _untraced_sites(q: str, owner: nn.Module, rec: _Record, why: str, names: Dict[int, str]) -> List[ConvSite]:
+    """One skipped site per conv-function call of a forward that could not be traced, with the reason."""
+    sites = []
+    for i, call in enumerate(rec.functional):
+        dims = call["dims"]
+        shape = call["shape"] or (0, 0) + (1,) * dims
+        name = names.get(call["weight_id"])
+        name = name.rsplit(".", 1)[0] if name and "." in name else (name or f"{q or type(owner).__name__}.conv{i}")
+        s = call["settings"]
+        groups = s["groups"] if isinstance(s["groups"], int) else 1
+        out = call["out"]
+        spec = ConvSpec(name=name, in_channels=int(shape[1]) * groups, out_channels=int(shape[0]),
+                        kernel=tuple(shape[2:]), groups=groups, bias=call["bias"],
+                        stride=(1,) * dims, dilation=(1,) * dims,
+                        out_spatial=tuple(out[-dims:]) if out else None,
+                        batch=math.prod(out[:-dims - 1]) if out and len(out) > dims + 1 else 1,
+                        kind="function", extra={"unsupported": why})
+        sites.append(ConvSite(spec, None, None, FxHandle("function", name, [])))
+    return sites
+
+
+def _paths(model: nn.Module) -> Dict[nn.Module, List[str]]:
+    """Every path at which each module is registered (a module shared under two names has two)."""
+    paths: Dict[nn.Module, List[str]] = {}
+    for q, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(m, []).append(q)
+    return paths
 
 
 def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg, include: Selector,
                         exclude: Selector, backend: str, progress: bool = False, **plan_kwargs: Any
                         ) -> Tuple[nn.Module, List[Decision], int, List[str]]:
-    """Rewrite ``model`` in place through sub-module tracing and module swaps.
+    """Rewrite ``model`` in place: conv modules swapped, conv-function callers given a rewritten forward.
 
     ``plan_kwargs`` go to :func:`~dsrewrite.pipeline.plan_sites` (budgets: the whole model is the total).
     Returns ``(model, decisions, whole-model FLOPs of the original, notes)``.
     """
     recs, flops = _record(model, args)
-    traced: List[Tuple[str, fx.GraphModule, List[ConvSite]]] = []
-    swaps: List[ConvSite] = []
-    ordered: List[ConvSite] = []  # tree order, for the report
+    paths = _paths(model)
+    names = {id(p): q for q, p in model.named_parameters(remove_duplicate=False)}
+    keyed: List[Tuple[Tuple[int, int], ConvSite]] = []  # (first-call order, position in its graph), site
+    traced: List[Tuple[str, nn.Module, fx.GraphModule, List[ConvSite]]] = []
+    untraced: List[str] = []
+    unseen = len(recs) + 1
+    for m, where in paths.items():
+        q = where[0]
+        rec = recs.get(m)
+        if isinstance(m, _PAIRS):
+            for half in ("depthwise", "pointwise"):  # a pair from an earlier rewrite: reported, never rewritten
+                site = module_site(f"{q}.{half}", getattr(m, half), [], out_shapes=rec.out_shapes if rec else [])
+                site.spec.extra["unsupported"] = "part of a separable pair from an earlier rewrite"
+                keyed.append(((rec.order if rec else unseen, 0), site))
+            continue
+        if isinstance(m, CONV_MODULE_TYPES) and not any(isinstance(a, _PAIRS) for a in _ancestors(model, q)):
+            site = module_site(q, m, [], out_shapes=rec.out_shapes if rec else [])
+            site.probe = rec.probe if rec else None
+            keyed.append(((rec.order if rec else unseen, 0), site))
+            continue
+        if rec is None or not rec.functional:
+            continue
+        label = f"{type(m).__name__} ({q})" if q else f"{type(m).__name__} (the model)"
+        if rec.calls != 1 or rec.has_kwargs or rec.args is None:
+            why = "called more than once" if rec.calls != 1 else "called with keyword arguments"
+            sites = _untraced_sites(q, m, rec, f"functional conv in the forward of {label}, {why}: not traced", names)
+            keyed.extend(((rec.order, i + 1), s) for i, s in enumerate(sites))
+            untraced.append(q or "(the model)")
+            continue
+        try:
+            gm, prop = _trace_own_forward(m, rec)
+        except Exception as e:  # noqa: BLE001 - a forward fx cannot trace keeps its convs, with the reason
+            why = f"functional conv in the forward of {label}, which torch.fx cannot trace ({first_line(e, 120, typed=True)})"
+            sites = _untraced_sites(q, m, rec, why, names)
+            keyed.extend(((rec.order, i + 1), s) for i, s in enumerate(sites))
+            untraced.append(q or "(the model)")
+            continue
+        finally:
+            rec.args = None  # the inputs were only kept for this
+        sites = [s for s in collect_sites(gm, prop.probes) if s.handle.kind == "function"]
+        del prop
+        for i, s in enumerate(sites):
+            s.spec.name = f"{q}.{s.spec.name}" if q else s.spec.name
+            keyed.append(((rec.order, i + 1), s))
+        traced.append((q, m, gm, sites))
+    ordered = [s for _, s in sorted(keyed, key=lambda t: t[0])]
 
-    def visit(module: nn.Module, prefix: str) -> None:
-        for name, child in list(module.named_children()):
-            q = f"{prefix}.{name}" if prefix else name
-            if next(child.parameters(), None) is None:
-                continue
-            rec = recs.get(child, _Record())
-            if isinstance(child, CONV_MODULE_TYPES):
-                swaps.append(_swap_site(q, child, rec))
-                ordered.append(swaps[-1])
-                continue
-            if rec.calls == 1 and not rec.has_kwargs:
-                try:
-                    gm = trace(child)
-                    prop = ProbeProp(gm)
-                    # ShapeProp prints a traceback before re-raising: a sub-module that does not run traced is
-                    # visited further down instead, which is no error
-                    with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                        prop.propagate(*rec.args)
-                except Exception:
-                    gm = None
-                if gm is not None:
-                    gm.training = child.training
-                    sites = collect_sites(gm, prop.probes)
-                    for s in sites:
-                        s.spec.name = f"{q}.{s.spec.name}"
-                    traced.append((q, gm, sites))
-                    ordered.extend(sites)
-                    continue
-            visit(child, q)
-
-    visit(model, "")
     plan_kwargs.setdefault("total_flops", flops)  # budgets are fractions of the whole model
     plan_kwargs.setdefault("total_params", count_params(model))
     decisions = plan_sites(ordered, rank, include, exclude, progress=progress, **plan_kwargs)
     check_note = self_check(decisions, lambda d, f: separable_for(d, backend="torch", factors=f))
     by_site = {id(d.site): d for d in decisions}
-    used = []
-    for q, gm, sites in traced:
-        # a sub-module becomes a GraphModule only where something in it was rewritten
-        if apply_decisions(gm, [by_site[id(s)] for s in sites], backend=backend):
-            set_submodule(model, q, gm)
-            used.append(q)
-    for site in swaps:
-        d = by_site[id(site)]
-        if d.rewritten:
+
+    forwards = []
+    for q, owner, gm, sites in traced:
+        mine = [by_site[id(s)] for s in sites]
+        if apply_decisions(gm, mine, backend=backend, namespace=owner):  # the new pairs, named where owner has room
+            for d in mine:
+                if d.module is not None:
+                    set_submodule(owner, _path_of(gm, d.module), d.module)
+            owner.forward = GraphForward(owner, gm.graph)
+            forwards.append(q or "(the model)")
+    swapped = 0
+    for s in ordered:
+        d = by_site[id(s)]
+        if d.rewritten and s.handle.kind == "swap":
             d.module = separable_for(d, backend=backend)
-            set_submodule(model, site.handle.target, d.module)
-    notes = [
-        f"rewrote {len(used)} traced sub-module(s) with torch.fx"
-        + (f" ({', '.join(used[:6])}{', ...' if len(used) > 6 else ''})" if used else "")
-        + f"; swapped {sum(1 for s in swaps if by_site[id(s)].rewritten)} conv module(s) in place;"
-        " FLOPs from hooks on the real forward",
-        check_note,
-    ]
+            for path in paths[s.handle.module]:
+                set_submodule(model, path, d.module)
+            swapped += 1
+    notes = [f"swapped {swapped} conv module(s) in place; FLOPs from hooks on the real forward"]
+    if forwards or untraced:
+        more = lambda xs: ", ".join(xs[:6]) + (", ..." if len(xs) > 6 else "")  # noqa: E731
+        notes[0] += (f"; functional convs rewritten in the forward of {len(forwards)} module(s)"
+                     + (f" ({more(forwards)}), which keep their class" if forwards else ""))
+        if untraced:
+            notes[0] += f"; functional convs left dense in {len(untraced)} forward(s) torch.fx cannot trace ({more(untraced)})"
+    notes.append(check_note)
     return model, decisions, flops, notes
+
+
+def _ancestors(model: nn.Module, q: str) -> List[nn.Module]:
+    parts = q.split(".") if q else []
+    return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts))]
+
+
+def _path_of(gm: nn.Module, module: nn.Module) -> str:
+    return next(q for q, m in gm.named_modules() if m is module)
