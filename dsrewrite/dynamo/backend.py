@@ -8,7 +8,9 @@ equal ``rewrite()``'s. Each :class:`DsrewriteBackend` owns its plan cache; the r
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,13 +22,14 @@ from ..backends.fx import apply_decisions, set_submodule
 from ..config import COMPILERS, ROUTE_UNSUPPORTED, RewriteConfig
 from ..eligibility import why_not
 from ..errors import DsrewriteError, first_line
-from ..frontends.fx import collect_sites
+from ..frontends.fx import bind_conv_args, collect_sites
 from ..ir import ConvSite
 from ..pipeline import Decision, plan_sites, selected
 from ..planning import Planning
 from ..report import Report, build_report
 from .guards import Guarded, Watch, weight_getter
-from .inputs import NAMESPACE, GraphInputs, declare_params, lift_convs, source_text, source_text_of, unlift
+from .inputs import (NAMESPACE, GraphInputs, LiftedConv, Unlifted, declare_params, hint, lift_convs, source_text,
+                     source_text_of, unlift)
 from .plans import Plan, PlanCache, clear_all, replay
 
 __all__ = ["DsrewriteBackend", "dsrewrite_backend", "compile", "last_report", "clear_cache", "OPTIONS", "COMPILERS"]
@@ -119,6 +122,10 @@ def _teacher(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 # ---------------------------------------------------------------------------------------------- one graph
+class _CannotRewrite(Exception):
+    """A captured graph the pass cannot read as a whole (it is compiled unchanged): the message says why."""
+
+
 def _check_inference(sites: List[ConvSite], opts: RewriteConfig) -> None:
     if not torch.is_grad_enabled():
         return
@@ -140,13 +147,20 @@ def _propagate(gm: fx.GraphModule, values: List[Any]) -> int:
         with FlopCounterMode(display=False) as counter:
             ShapeProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*values)
     except Exception as e:  # noqa: BLE001 - any failure: one line, the cause kept
-        raise DsrewriteError(f"cannot propagate shapes through the captured graph: {first_line(e, 200)}") from e
+        raise _CannotRewrite(f"cannot propagate shapes through the captured graph "
+                             f"({first_line(e, 200, typed=True, cut_mark='...')})") from e
     return int(counter.get_total_flops())
 
 
 def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: GraphInputs, opts: RewriteConfig, flops: int,
                 params: int, notes: List[str]) -> Tuple[List[Decision], bool]:
-    """Plan with the shared middle (as rewrite() does, calibration included), write the pairs into ``gm``."""
+    """Plan with the shared middle (as rewrite() does, calibration included), write the pairs into ``gm``.
+
+    A graph with no conv the options let the planner rewrite (one piece of a model Dynamo split at a graph break)
+    is planned without the budget and calibration, which concern the other pieces: each conv gets its reason."""
+    if not any(s.weight is not None and not why_not(s.spec) and not selected(s.spec.name, opts.include, opts.exclude)
+               for s in sites):
+        return plan_sites(sites, "full", opts.include, opts.exclude), False
     teacher = student = None
     batches = None
     if opts.calibration is not None:
@@ -179,19 +193,64 @@ def _inner_compiler(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler:
 
 def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: RewriteConfig, mode: Optional[str],
                    plans: PlanCache, reports: List[Report]) -> Callable:
-    """Lift, plan (or reuse a plan from ``plans``), rewrite, restore the dense convs, report, compile, guard."""
+    """Rewrite ``gm`` (:func:`_rewrite_graph`) and compile it; guard the rewritten weights on every call.
+
+    The pass never fails the user's compile for a reason of its own: if it raises (a bug, a graph it cannot read)
+    or the compiler refuses the rewritten graph, ``gm`` is put back as Dynamo captured it and compiled unchanged,
+    with one warning naming the cause (also the report's note). :class:`DsrewriteError`, the user's own mistake
+    (inference only, calibration data that does not fit the graph, a budget no plan meets), still propagates.
+    """
+    saved = _Saved(gm)
+    gm.graph = _copy_graph(saved.graph)  # the pass edits a copy: the captured graph stays whole for a fallback
+    try:
+        rewritten = _rewrite_graph(gm, example_inputs, opts, plans)
+    except DsrewriteError:
+        saved.restore(gm)
+        raise
+    except _CannotRewrite as e:
+        return _unchanged(gm, saved, example_inputs, opts, mode, reports, str(e))
+    except Exception as e:  # noqa: BLE001 - a failure of the pass must not fail the user's compile
+        return _unchanged(gm, saved, example_inputs, opts, mode, reports, f"the pass failed ({_cause(e)})")
+    try:
+        inner = _inner_compiler(gm, example_inputs, opts.compiler, mode)
+    except Exception as e:  # noqa: BLE001 - the original graph may still compile: try it before giving up
+        if not rewritten.decisions or not any(d.rewritten for d in rewritten.decisions):
+            raise  # the graph the compiler refused is the captured one: not dsrewrite's failure
+        return _unchanged(gm, saved, example_inputs, opts, mode, reports,
+                          f"{opts.compiler} could not compile the rewritten graph ({_cause(e)})")
+    if rewritten.store:
+        plans.store(rewritten.plan)  # (a functional conv on a graph attribute would be rewritten afresh at each compile)
+    reports.append(rewritten.report)
+    _LAST[:] = [rewritten.report]
+    frozen = opts.compiler == "inductor" and bool(torch._inductor.config.freezing)
+    return Guarded(inner, rewritten.plan.weights, rewritten.watches, frozen)
+
+
+@dataclasses.dataclass
+class _Rewritten:
+    """What :func:`_rewrite_graph` made of a graph: its plan, whether to cache it, the report, the weight watches."""
+
+    decisions: List[Decision]
+    plan: Plan
+    store: bool
+    report: Report
+    watches: List[Watch]
+
+
+def _rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: RewriteConfig,
+                   plans: PlanCache) -> _Rewritten:
+    """Lift, plan (or reuse a plan from ``plans``), rewrite, restore the dense convs, report: ``gm`` edited in place."""
     inputs = GraphInputs.of(gm, example_inputs)
     flops = _propagate(gm, inputs.values)
     params = inputs.param_count() + sum(p.numel() for p in gm.parameters())
-    lifted = lift_convs(gm, inputs)
+    lifted, unlifted = lift_convs(gm, inputs)
     sites = collect_sites(gm)
-    for s in sites:
-        if s.handle.target in lifted:
-            s.spec.name = lifted[s.handle.target].name
+    _name_sites(sites, lifted, unlifted)
     _check_inference(sites, opts)
     notes: List[str] = []
     options_key, keep = opts.plan_key()
     plan = plans.find(options_key, sites)
+    store = False
     if plan is not None:
         decisions = replay(plan, sites)
         for d, m in zip(decisions, plan.modules):
@@ -201,25 +260,103 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Rewr
     else:
         decisions, calibrated = _plan_fresh(gm, sites, inputs, opts, flops, params, notes)
         plan = Plan.of(decisions, sites, options_key, keep, calibrated)
-        if all(m is not None or not d.rewritten for d, m in zip(decisions, plan.modules)):
-            plans.store(plan)  # (a functional conv on a graph attribute would be rewritten afresh at each compile)
+        store = all(m is not None or not d.rewritten for d, m in zip(decisions, plan.modules))
     unlift(gm, lifted, {d.site.handle.target for d in decisions if d.rewritten})
     declare_params(gm)
     report = _report(decisions, inputs, opts, gm, flops, params, notes)
-    reports.append(report)
-    _LAST[:] = [report]
     watches = [Watch(i, d.site.spec.name, weight_getter(d.site, lifted)) for i, d in enumerate(decisions)
                if d.rewritten and plan.modules[i] is not None]
-    inner = _inner_compiler(gm, example_inputs, opts.compiler, mode)
-    frozen = opts.compiler == "inductor" and bool(torch._inductor.config.freezing)
-    return Guarded(inner, plan.weights, watches, frozen)
+    return _Rewritten(decisions, plan, store, report, watches)
+
+
+def _name_sites(sites: List[ConvSite], lifted: Dict[str, LiftedConv], unlifted: Dict[fx.Node, Unlifted]) -> None:
+    """Lifted convs take the names rewrite() gives them; a conv on a parameter that lifting left as captured
+    takes its name too, and lifting's reason (the fx frontend, seeing a graph input, would blame the weight)."""
+    for s in sites:
+        if s.handle.target in lifted:
+            s.spec.name = lifted[s.handle.target].name
+        elif s.handle.kind == "function" and s.handle.nodes:
+            left = unlifted.get(bind_conv_args(s.handle.nodes[0]).get("weight"))
+            if left is not None:
+                s.spec.name = left.name
+                s.spec.extra["unsupported"] = left.reason
+                s.weight = None
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` whose nodes keep what Dynamo set on them besides ``meta`` (``_dynamo_source`` on each
+    placeholder: AOT autograd reads it)."""
+    new = copy.deepcopy(graph)
+    for old, node in zip(graph.nodes, new.nodes):
+        for k, v in vars(old).items():
+            if k not in vars(node):
+                setattr(node, k, v)
+    return new
+
+
+class _Saved:
+    """What the pass may change in a captured GraphModule: its graph, the module and parameter tables of every
+    module under it, the parameter sources AOT autograd reads. :meth:`restore` puts them back."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.graph = gm.graph
+        self.tables = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers))
+                       for m in {id(m): m for m in gm.modules()}.values()]
+        table = getattr(gm, "_param_name_to_source", None)
+        self.sources = dict(table) if isinstance(table, dict) else None
+
+    def restore(self, gm: fx.GraphModule) -> None:
+        for m, modules, parameters, buffers in self.tables:
+            for now, then in ((m._modules, modules), (m._parameters, parameters), (m._buffers, buffers)):
+                if now.keys() != then.keys() or any(now[k] is not v for k, v in then.items()):
+                    now.clear()
+                    now.update(then)
+        if self.sources is not None:
+            gm._param_name_to_source.clear()
+            gm._param_name_to_source.update(self.sources)
+        gm.graph = self.graph  # also recompiles gm's forward
+
+
+def _cause(e: BaseException) -> str:
+    """An exception as a short phrase for the warning: its type, first line and where dsrewrite raised it."""
+    where = ""
+    tb = e.__traceback__
+    while tb is not None:
+        path = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if "/dsrewrite/" in path:
+            where = f" in {path.rsplit('/dsrewrite/', 1)[1]}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return first_line(e, 200, typed=True, cut_mark="...") + where
+
+
+def _unchanged(gm: fx.GraphModule, saved: _Saved, example_inputs: Sequence[Any], opts: RewriteConfig,
+               mode: Optional[str], reports: List[Report], why: str) -> Callable:
+    """``gm`` as Dynamo captured it, compiled without rewriting; one warning and a report that say why."""
+    saved.restore(gm)
+    name = _graph_name(gm, opts)
+    warnings.warn(f"dsrewrite: {name} compiled without rewriting its convs: {why}", stacklevel=2)
+    try:
+        params = sum(t.numel() for t in {id(a): a for a in example_inputs if isinstance(a, nn.Parameter)}.values())
+        shapes = [[int(hint(d)) for d in a.shape] for a in example_inputs
+                  if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)]
+    except Exception:  # noqa: BLE001 - the report's counts are best effort here
+        params, shapes = 0, []
+    report = build_report([], model=name, route="torch.compile", input_shapes=shapes, params_before=params,
+                          flops_before=0, notes=[f"not rewritten, compiled unchanged: {why}"])
+    reports.append(report)
+    _LAST[:] = [report]
+    return _inner_compiler(gm, example_inputs, opts.compiler, mode)
+
+
+def _graph_name(gm: fx.GraphModule, opts: RewriteConfig) -> str:
+    cid = gm.meta.get("dynamo_compile_id")
+    return opts.name or f"torch.compile graph {cid if cid is not None else ''}".strip()
 
 
 def _report(decisions: List[Decision], inputs: GraphInputs, opts: RewriteConfig, gm: fx.GraphModule, flops: int,
             params: int, notes: List[str]) -> Report:
     """The graph's report: per-layer decisions, FLOPs and parameters before and after, the notes."""
-    cid = gm.meta.get("dynamo_compile_id")
-    name = opts.name or f"torch.compile graph {cid if cid is not None else ''}".strip()
+    name = _graph_name(gm, opts)
     if any(d.rewritten for d in decisions):
         notes.insert(0, "factors computed at compile time from the weights Dynamo passed as graph inputs; every call "
                         "checks them and refactorises (same rank) a weight changed since")

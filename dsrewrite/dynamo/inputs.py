@@ -4,6 +4,11 @@ Dynamo passes parameters as graph inputs, so a conv module arrives as ``F.conv2d
 each such call into a ``call_module`` of an ``nn.Conv*d`` holding that very parameter, named by its module path, so
 the shared fx frontend (:func:`~dsrewrite.frontends.fx.collect_sites`) and planner see what ``rewrite()`` sees;
 :func:`unlift` puts the convs left dense back as they were captured. Argument binding is the fx frontend's.
+
+A parameter's module path is read from its Dynamo source, walked link by link (attribute, item, module wrapper):
+``L['self'].__dict__['_modules']['conv_in']._parameters['weight']`` (a module class with its own ``__getattr__``,
+e.g. diffusers' ``ModelMixin``) is ``conv_in.weight``, as is ``L['self'].conv_in.weight``. A source of another
+shape names the conv after its graph input instead. A conv lifting cannot map is left as captured, with the reason.
 """
 from __future__ import annotations
 
@@ -15,13 +20,14 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import fx, nn
 
+from ..errors import first_line
 from ..frontends.fx import CONV_FUNCTIONS, bind_conv_args, computed_at_run_time, conv_settings, owner_name
 
 __all__ = ["NAMESPACE", "GraphInputs", "LiftedConv", "lift_convs", "unlift", "declare_params", "hint", "source_text",
-           "source_text_of", "source_path"]
+           "source_text_of", "source_path", "param_path", "Unlifted"]
 
 NAMESPACE = "dsrewrite_convs"  # where lifted and rewritten conv modules live inside the captured GraphModule
-_STATE_ATTRS = {"_modules", "_parameters", "_buffers"}
+_STATE_ATTRS = {"_modules", "_parameters", "_buffers", "__dict__"}  # links of a source that are no name
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -46,11 +52,47 @@ def source_text(node: fx.Node) -> str:
     return "" if src is None else source_text_of(src)
 
 
-def source_path(text: str) -> Optional[str]:
-    """``L['self']._modules['conv1']._parameters['weight']`` -> ``conv1.weight`` (the root local dropped)."""
-    parts = [a or b or c for a, b, c in re.findall(r"\['([^']*)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]", text)]
-    parts = [p for p in parts[1:] if p not in _STATE_ATTRS]
-    return ".".join(parts) or None
+def source_path(src: Any) -> Optional[str]:
+    """The module path a Dynamo source names, the root local or global dropped, or ``None`` for a source of another
+    shape: ``L['self']._modules['conv1']._parameters['weight']``, ``L['self'].conv1.weight`` and
+    ``L['self'].__dict__['_modules']['conv1']._parameters['weight']`` are all ``conv1.weight``."""
+    parts: List[str] = []
+    while True:
+        if src is None or len(parts) > 256:
+            return None
+        if hasattr(src, "local_name") or hasattr(src, "global_name"):  # the root: L['self'], G['model']
+            break
+        base = getattr(src, "base", None)
+        member = getattr(src, "member", None)
+        index = getattr(src, "index", None)
+        if base is None:
+            return None
+        if isinstance(member, str):  # obj.member (AttrSource and its kinds)
+            parts.append(member)
+        elif index is not None and not getattr(src, "index_is_slice", False) and isinstance(index, (str, int)) \
+                and not isinstance(index, bool):  # obj[key] (item of a dict, list, ModuleList...)
+            parts.append(str(index))
+        elif not _is_module_wrapper(src):
+            return None
+        src = base
+    parts = [p for p in reversed(parts) if p not in _STATE_ATTRS]
+    if not parts or any(not p or "." in p for p in parts):
+        return None
+    return ".".join(parts)
+
+
+def _is_module_wrapper(src: Any) -> bool:
+    """Dynamo's ``NNModuleSource`` kinds: the same object as their base, marked as a module."""
+    try:
+        from torch._dynamo.source import NNModuleSource
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(src, NNModuleSource)
+
+
+def param_path(node: fx.Node) -> Optional[str]:
+    """The module path of the parameter a placeholder stands for (see :func:`source_path`), or ``None``."""
+    return source_path(getattr(node.meta.get("grapharg"), "source", None))
 
 
 @dataclass
@@ -70,7 +112,7 @@ class GraphInputs:
         params, data = {}, []
         for i, (node, v) in enumerate(zip(ph, values)):
             if isinstance(v, nn.Parameter):
-                params[node] = (i, v, source_path(source_text(node)) or node.name)
+                params[node] = (i, v, param_path(node) or node.name)
             elif isinstance(v, torch.Tensor) and "._buffers[" not in source_text(node):
                 data.append(i)
         return cls(ph, values, params, data)
@@ -109,23 +151,56 @@ def _conv_module(dims: int, weight: nn.Parameter, bias: Optional[nn.Parameter], 
     return conv
 
 
+@dataclass
+class Unlifted:
+    """A conv on a parameter input that lifting left as captured: its name and why (the report's reason)."""
+
+    name: str
+    reason: str
+
+
+_RESERVED = frozenset(dir(nn.Module()))  # names a submodule may not take (methods, `training`, ...)
+
+
 def _free_path(gm: nn.Module, name: str) -> str:
-    path, i = f"{NAMESPACE}.{name}", 1
-    while True:
-        try:
-            gm.get_submodule(path)
-        except AttributeError:
-            return path
+    """A new, flat path under :data:`NAMESPACE` for the conv named ``name``: one attribute name made of word
+    characters, not a name ``nn.Module`` already uses (module paths hold any characters; attributes may not)."""
+    base = re.sub(r"\W", "_", name.replace(".", "__")) or "conv"
+    if base in _RESERVED or base.startswith("__"):
+        base = f"m_{base}"
+    ns = getattr(gm, NAMESPACE, None)
+    taken = set(ns._modules) if isinstance(ns, nn.Module) else set()
+    key, i = base, 1
+    while key in taken:
         i += 1
-        path = f"{NAMESPACE}.{name}_{i}"
+        key = f"{base}_{i}"
+    return f"{NAMESPACE}.{key}"
 
 
-def lift_convs(gm: fx.GraphModule, inputs: GraphInputs) -> Dict[str, LiftedConv]:
+def _why_not_liftable(calls: List[Tuple[fx.Node, dict]], inputs: GraphInputs) -> Optional[str]:
+    """Why the calls on one weight cannot become one conv module (``None``: they can)."""
+    node0, b0 = calls[0]
+    hyper = conv_settings(b0)
+    b_node = b0.get("bias")
+    if any(computed_at_run_time(v) for v in hyper.values()):
+        return "stride/padding/dilation/groups computed at run time"
+    if b_node is not None and b_node not in inputs.params:
+        return "bias is computed at run time (not a parameter)"
+    for n, b in calls[1:]:
+        if {k: b.get(k, hyper[k]) for k in hyper} != hyper:
+            return "the same weight is used with different conv settings"
+        if b.get("bias") is not b_node or n.target is not node0.target:
+            return "the same weight is used by conv calls with different biases or dimensions"
+    return None
+
+
+def lift_convs(gm: fx.GraphModule, inputs: GraphInputs) -> Tuple[Dict[str, LiftedConv], Dict[fx.Node, Unlifted]]:
     """Turn ``conv(x, <parameter input>, ...)`` calls into ``call_module`` of a conv holding that parameter.
 
     A weight used by several calls with the same settings becomes one module called several times (as a shared
-    module in ``rewrite()``); anything else (settings computed at run time, a bias that is not a parameter,
-    one weight under different settings) is left for the fx frontend to report.
+    module in ``rewrite()``). Returns the lifted convs by module path, and the convs left as captured by their
+    weight's placeholder, with the reason (settings computed at run time, a bias that is not a parameter, one
+    weight under different settings, a conv module that cannot be built from the call): they stay dense.
     """
     groups: "OrderedDict[fx.Node, List[Tuple[fx.Node, dict]]]" = OrderedDict()
     for node in gm.graph.nodes:
@@ -134,24 +209,25 @@ def lift_convs(gm: fx.GraphModule, inputs: GraphInputs) -> Dict[str, LiftedConv]
             if bound.get("weight") in inputs.params and "input" in bound:
                 groups.setdefault(bound["weight"], []).append((node, bound))
     lifted: Dict[str, LiftedConv] = {}
+    unlifted: Dict[fx.Node, Unlifted] = {}
     for w_node, calls in groups.items():
-        node0, b0 = calls[0]
-        hyper = conv_settings(b0)
-        b_node = b0.get("bias")
-        if (any(computed_at_run_time(v) for v in hyper.values())
-                or (b_node is not None and b_node not in inputs.params)
-                or any({k: b.get(k, hyper[k]) for k in hyper} != hyper or b.get("bias") is not b_node
-                       or n.target is not node0.target for n, b in calls[1:])):
-            continue
         w_index, weight, fqn = inputs.params[w_node]
-        b_index, bias = (inputs.params[b_node][:2]) if b_node is not None else (None, None)
-        try:
-            module = _conv_module(CONV_FUNCTIONS[node0.target], weight, bias, hyper)
-        except (ValueError, TypeError, RuntimeError):
-            continue
         name = owner_name(fqn)  # the owner module, as rewrite() names it
-        path = _free_path(gm, name)
-        gm.add_submodule(path, module)
+        try:
+            reason = _why_not_liftable(calls, inputs)
+            if reason is None:
+                node0, b0 = calls[0]
+                b_node = b0.get("bias")
+                b_index, bias = (inputs.params[b_node][:2]) if b_node is not None else (None, None)
+                module = _conv_module(CONV_FUNCTIONS[node0.target], weight, bias, conv_settings(b0))
+                path = _free_path(gm, name)
+                if not gm.add_submodule(path, module) or gm.get_submodule(path) is not module:
+                    reason = f"no room for its conv module at {path!r} in the captured graph"
+        except Exception as e:  # noqa: BLE001 - a conv lifting cannot map stays as captured, with the reason
+            reason = f"its call cannot be read as a conv module ({first_line(e, 160, typed=True)})"
+        if reason is not None:
+            unlifted[w_node] = Unlifted(name, f"not lifted from the torch.compile graph: {reason}")
+            continue
         item = LiftedConv(path, name, w_index, b_index)
         for node, _ in calls:  # node.args now, not `bound`: earlier lifts replaced some inputs
             x = node.args[0] if node.args else node.kwargs["input"]
@@ -162,7 +238,7 @@ def lift_convs(gm: fx.GraphModule, inputs: GraphInputs) -> Dict[str, LiftedConv]
             node.replace_all_uses_with(call)
             gm.graph.erase_node(node)
         lifted[path] = item
-    return lifted
+    return lifted, unlifted
 
 
 def unlift(gm: fx.GraphModule, lifted: Dict[str, LiftedConv], rewritten: Set[str]) -> None:
