@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from .config import RewriteConfig
-from .errors import DsrewriteError, first_line
+from .errors import DsrewriteError, RewrittenModelFails, first_line
 from .frontends.conv_modules import deepcopy_module
 from .frontends.fx import trace
-from .frontends.swap import rewrite_untraceable
+from .frontends.swap import breaking_swap, rewrite_untraceable
 from .fx_pass import SeparableRewritePass
 from .measure import count_params, eval_mode, input_device, time_models
-from .pipeline import Decision
+from .pipeline import Decision, Selector, layer_report, matcher
 from .planning import Planning
 from .report import Report, build_report
 from .selfcheck import check_runs
+from .snapshot import ModelSnapshot
 
 __all__ = ["rewrite", "RewriteResult", "as_args"]
 
@@ -95,6 +96,18 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
         raise DsrewriteError("TorchScript modules cannot be rewritten: pass the eager nn.Module (before torch.jit.script/trace)")
     cfg = RewriteConfig.build(config, options, route="torch", words=" for dsrewrite.rewrite")
     args = as_args(example_inputs)
+    if not cfg.inplace:
+        return _rewrite(model, args, cfg)
+    before = ModelSnapshot(model)  # inplace: succeed, or leave the model exactly as it was
+    try:
+        return _rewrite(model, args, cfg)
+    except BaseException:
+        before.restore()
+        raise
+
+
+def _rewrite(model: nn.Module, args: tuple, cfg: RewriteConfig) -> RewriteResult:
+    """:func:`rewrite` after its checks: plan, build (or the latency closed loop), calibrate, report."""
     plan = Planning(model, args, cfg)
     closed = plan.timer is not None and cfg.target_latency is not None and cfg.measure_time is not False
     dev = input_device(args)
@@ -166,47 +179,98 @@ class _Built:
 
 
 def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *, inplace: bool) -> _Built:
-    """Trace (or fall back), plan with ``plan``'s arguments, write the plan back, check that it runs."""
-    rank, include, exclude, backend, progress = cfg.rank, cfg.include, cfg.exclude, cfg.backend, cfg.progress
+    """Trace (or fall back), plan with ``plan``'s arguments, write the plan back, check that it runs.
+
+    The fx route is tried first; a model it cannot trace, whose traced graph does not run, or whose rewritten
+    graph fails its checks goes to the module-swap route (the report says why). On that route a layer whose
+    pair makes the model fail is left dense with the error as its reason, and the rest is rebuilt.
+    """
     work = model if inplace else deepcopy_module(model)
     notes: List[str] = list(plan.notes)
     try:
         gm = trace(work, len(args))
     except Exception as e:  # noqa: BLE001 - any tracing failure sends us to the fallback route
-        gm, trace_error = None, "symbolic_trace failed on the whole model (" + first_line(e, 160, typed=True) + ")"
-
+        gm, why = None, "symbolic_trace failed on the whole model (" + first_line(e, 160, typed=True, cut_mark="...") + ")"
     if gm is not None:
-        gm.training = work.training
-        p = SeparableRewritePass(args, rank, include, exclude, backend, mirror=model if inplace else None,
-                                 progress=progress, plan_kwargs=plan.kwargs)
+        undo = ModelSnapshot(work, values=False) if inplace else None  # the fx pass mirrors its swaps into `work`
+        built, why = _fx_route(gm, model if inplace else None, args, cfg, plan, notes)
+        if built is not None:
+            return built
+        if undo is not None:
+            undo.restore()
+    return _swap_route(work, args, cfg, plan, notes, why)
+
+
+def _fx_route(gm, mirror: Optional[nn.Module], args: tuple, cfg: RewriteConfig, plan: Planning,
+              notes: List[str]):
+    """``(built, None)`` on the fx route, or ``(None, why the module-swap route must do it)``."""
+    gm.training = (mirror or gm).training
+    p = SeparableRewritePass(args, cfg.rank, cfg.include, cfg.exclude, cfg.backend, mirror=mirror,
+                             progress=cfg.progress, plan_kwargs=plan.kwargs)
+    try:
+        p(gm)
+    except DsrewriteError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        what = ("the rewritten graph fails its checks" if p.decisions  # it failed after planning: the graph
+                else "the traced graph does not run on the example inputs")  # e.g. control flow on an input
+        return None, f"{what} ({first_line(e, 160, typed=True, cut_mark='...')})"
+    rewritten = [(d.site.spec.name, d.module) for d in p.decisions if d.module is not None]
+    if rewritten:
         try:
-            p(gm)
-            new_model, decisions, flops_before, route = gm, p.decisions, p.flops_before, "fx"
-            notes.append(p.self_check_note)
-        except DsrewriteError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if p.decisions:  # it failed after planning: not a tracing limit
-                raise DsrewriteError(f"rewriting the traced graph failed: {first_line(e, typed=True)}") from None
-            # the traced graph does not run where the model does (e.g. control flow on an input): fall back
-            gm, trace_error = None, "the traced graph does not run on the example inputs (" + first_line(e, 160, typed=True) + ")"
-    if gm is None:
+            with eval_mode(gm):
+                check_runs(gm, args, rewritten)
+        except DsrewriteError as e:
+            return None, f"the fx-rewritten graph does not run ({first_line(e, 200, cut_mark='...')})"
+    return _Built(gm, p.decisions, "fx", notes + [p.self_check_note], p.flops_before, args), None
+
+
+_MAX_LEFT_DENSE = 3  # layers the swap route leaves dense, one rebuild each, before it gives up
+
+
+def _swap_route(work: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, notes: List[str],
+                why: str) -> _Built:
+    """The module-swap route on ``work`` (rewritten in place); rebuilt without a layer whose pair fails."""
+    failed: Dict[str, str] = {}
+    undo = ModelSnapshot(work, values=False)
+    while True:
+        exclude = _also_excluding(cfg.exclude, failed)
         try:
-            new_model, decisions, flops_before, notes = rewrite_untraceable(
-                work, args, rank=rank, include=include, exclude=exclude, backend=backend, progress=progress,
-                **plan.kwargs)
+            new_model, decisions, flops_before, route_notes = rewrite_untraceable(
+                work, args, rank=cfg.rank, include=cfg.include, exclude=exclude, backend=cfg.backend,
+                progress=cfg.progress, **plan.kwargs)
         except DsrewriteError:
             raise
         except Exception as e:  # noqa: BLE001
             raise DsrewriteError(f"example inputs do not run through the model: {first_line(e, typed=True)}") from None
-        route = "fx-submodules+module-swap"
-        notes.insert(0, trace_error)
+        for d in decisions:
+            if d.site.spec.name in failed:
+                d.report = layer_report(d.site.spec, reason=failed[d.site.spec.name])
+        rewritten = [(d.site.spec.name, d.module) for d in decisions if d.module is not None]
+        try:
+            if rewritten:
+                with eval_mode(new_model):
+                    check_runs(new_model, args, rewritten)
+            break
+        except RewrittenModelFails as e:
+            # bisection names the swap that breaks the model; the last pair entered is only a guess, for the rest
+            culprit = breaking_swap(new_model, args, decisions) or e.layer
+            if culprit is None or culprit in failed or len(failed) >= _MAX_LEFT_DENSE:
+                raise
+            failed[culprit] = f"left dense: the model fails with this layer rewritten ({e.cause})"
+            undo.restore()
+    if failed:
+        route_notes.append(f"{len(failed)} layer(s) left dense because the model fails with them rewritten: "
+                           f"{', '.join(failed)}")
+    return _Built(new_model, decisions, "fx-submodules+module-swap", [why] + notes + route_notes, flops_before, args)
 
-    rewritten = [(d.site.spec.name, d.module) for d in decisions if d.module is not None]
-    if rewritten:
-        with eval_mode(new_model):
-            check_runs(new_model, args, rewritten)
-    return _Built(new_model, decisions, route, notes, flops_before, args)
+
+def _also_excluding(exclude: Selector, names: Dict[str, str]) -> Selector:
+    """``exclude`` plus the layer ``names``."""
+    if not names:
+        return exclude
+    given = matcher(exclude, "exclude")
+    return lambda name: name in names or bool(given and given(name))
 
 
 def _measure(model: nn.Module, new_model: nn.Module, args: tuple, plan: Planning, report: Report) -> None:

@@ -3,11 +3,20 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["DsrewriteError", "BudgetUnreachable", "first_line"]
+__all__ = ["DsrewriteError", "BudgetUnreachable", "RewrittenModelFails", "first_line"]
 
 
 class DsrewriteError(ValueError):
     """Bad input to dsrewrite: the message is one line and names the problem."""
+
+
+class RewrittenModelFails(DsrewriteError):
+    """The rewritten model does not run where the original did: ``layer`` is the last rewritten layer entered
+    (``None``: none was), ``cause`` the error in one line."""
+
+    def __init__(self, message: str, layer: Optional[str] = None, cause: str = "") -> None:
+        super().__init__(message)
+        self.layer, self.cause = layer, cause
 
 
 class BudgetUnreachable(DsrewriteError):

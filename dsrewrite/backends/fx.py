@@ -1,6 +1,8 @@
 """torch.fx backend: install ``SeparableConv*d`` modules for the decided convs, keeping qualified names."""
 from __future__ import annotations
 
+import importlib
+import types
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -10,7 +12,7 @@ from ..factorize import Factors
 from ..modules import SeparableConv1d, SeparableConv2d
 from ..pipeline import Decision
 
-__all__ = ["apply_decisions", "set_submodule", "separable_for", "GraphForward"]
+__all__ = ["apply_decisions", "set_submodule", "separable_for", "GraphForward", "carry_attributes"]
 
 
 class GraphForward:
@@ -37,10 +39,15 @@ class GraphForward:
         return self._fn(self.owner, *args, **kwargs)
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"owner": self.owner, "src": self.src, "globals": self.globals}
+        # Python modules in the code's globals (``torch``...) travel by name; functions pickle by reference
+        names = {k: v.__name__ for k, v in self.globals.items() if isinstance(v, types.ModuleType)}
+        rest = {k: v for k, v in self.globals.items() if k not in names}
+        return {"owner": self.owner, "src": self.src, "globals": rest, "module_globals": names}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        modules = state.pop("module_globals", {})
         self.__dict__.update(state)
+        self.globals.update({k: importlib.import_module(v) for k, v in modules.items()})
         self._compile()
 
     def __repr__(self) -> str:
@@ -66,6 +73,20 @@ def separable_for(decision: Decision, *, backend: str = "auto", factors: Optiona
                            backend=backend, gather_input=decision.gather_input and factors is None)
     frozen = isinstance(decision.site.weight, torch.Tensor) and not decision.site.weight.requires_grad
     return mod.requires_grad_(False) if frozen else mod  # a frozen conv stays frozen
+
+
+_CONV_OWN = frozenset(nn.Conv2d(1, 1, 1).__dict__) | frozenset(nn.Conv1d(1, 1, 1).__dict__)
+
+
+def carry_attributes(conv: nn.Module, pair: nn.Module) -> nn.Module:
+    """Copy the plain attributes user code set on a conv instance (``conv.is_stem = True``) onto its pair, so
+    code that reads them still finds them; torch's own conv attributes are answered by the pair itself."""
+    from ..modules import CONV_INTERFACE
+
+    for k, v in conv.__dict__.items():
+        if k not in _CONV_OWN and k not in CONV_INTERFACE and k not in pair.__dict__ and not isinstance(v, nn.Module):
+            object.__setattr__(pair, k, v)
+    return pair
 
 
 def _function_module_name(gm: fx.GraphModule, weight_target: str, namespace: Optional[nn.Module] = None) -> str:
@@ -126,6 +147,7 @@ def apply_decisions(gm: fx.GraphModule, decisions: List[Decision], *, backend: s
         h = d.site.handle
         new = separable_for(d, backend=backend)
         if h.kind == "module":
+            carry_attributes(h.module, new)
             set_submodule(gm, h.target, new)
             if also is not None:
                 try:

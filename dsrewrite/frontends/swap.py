@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
-from ..backends.fx import GraphForward, apply_decisions, separable_for, set_submodule
+from ..backends.fx import GraphForward, apply_decisions, carry_attributes, separable_for, set_submodule
 from ..errors import first_line
 from ..ir import ConvSite, ConvSpec
 from ..measure import count_params, eval_mode
@@ -35,7 +35,7 @@ from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe
 from .fx import (CONV_FUNCTIONS, FxHandle, ProbeProp, bind_conv_args, collect_sites, conv_settings, first_item,
                  may_rewrite, module_site, trace)
 
-__all__ = ["rewrite_untraceable"]
+__all__ = ["rewrite_untraceable", "breaking_swap"]
 
 _PAIRS = (SeparableConv1d, SeparableConv2d)
 
@@ -250,7 +250,7 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
     for s in ordered:
         d = by_site[id(s)]
         if d.rewritten and s.handle.kind == "swap":
-            d.module = separable_for(d, backend=backend)
+            d.module = carry_attributes(s.handle.module, separable_for(d, backend=backend))
             for path in paths[s.handle.module]:
                 set_submodule(model, path, d.module)
             swapped += 1
@@ -272,3 +272,36 @@ def _ancestors(model: nn.Module, q: str) -> List[nn.Module]:
 
 def _path_of(gm: nn.Module, module: nn.Module) -> str:
     return next(q for q, m in gm.named_modules() if m is module)
+
+
+def breaking_swap(model: nn.Module, args: Sequence[Any], decisions: List[Decision]) -> Optional[str]:
+    """The first swapped conv whose pair makes ``model`` fail on ``args`` (code around it that the pair cannot
+    satisfy, e.g. a type check), found by bisection over the swaps in order: about log2(n) forwards. ``None``
+    when the model fails with no swap in place (the cause is elsewhere). Leaves every pair in place."""
+    swaps = [d for d in decisions if d.rewritten and d.site.handle.kind == "swap" and d.module is not None]
+    paths = _paths(model)
+    where = [(d, paths.get(d.module, [])) for d in swaps]
+
+    def runs_with(k: int) -> bool:  # the first k swaps in place, the rest back to their convs
+        for i, (d, ps) in enumerate(where):
+            for p in ps:
+                set_submodule(model, p, d.module if i < k else d.site.handle.module)
+        try:
+            with eval_mode(model), torch.no_grad():
+                model(*args)
+            return True
+        except Exception:  # noqa: BLE001 - failing is what is being searched for
+            return False
+
+    try:
+        if not swaps or not runs_with(0):
+            return None
+        lo, hi = 0, len(swaps)  # runs with lo swaps; fails with hi (as the caller saw)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if runs_with(mid) else (lo, mid)
+        return swaps[hi - 1].site.spec.name
+    finally:
+        for d, ps in where:
+            for p in ps:
+                set_submodule(model, p, d.module)

@@ -1,0 +1,277 @@
+"""The module-swap route runs on the user's model: pairs answer the conv interface, user modules keep their class,
+a failing fx rewrite falls back, a layer that breaks the model is left dense, and ``inplace=True`` is atomic."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dsrewrite
+from dsrewrite import api
+from dsrewrite.modules import SeparableConv1d, SeparableConv2d
+from tests.conftest import rel_err
+
+SWAP = "fx-submodules+module-swap"
+
+
+@pytest.fixture(params=["fx", "swap"])
+def route(request, monkeypatch):
+    """Both torch routes: the fx pass, and the module-swap route (whole-model tracing made to fail)."""
+    if request.param == "swap":
+        def untraceable(*a, **k):
+            raise RuntimeError("tracing disabled by the test")
+        monkeypatch.setattr(api, "trace", untraceable)
+    return "fx" if request.param == "fx" else SWAP
+
+
+def _untraceable(x: torch.Tensor) -> bool:
+    return bool(x.sum() > -1e30)  # data-dependent control flow: symbolic_trace cannot take it
+
+
+class CausalConv1d(nn.Module):
+    """encodec's SConv1d pattern: the parent reads its conv's kernel, stride and dilation to pad at run time."""
+
+    def __init__(self, cin, cout, k, stride=1, dilation=1):
+        super().__init__()
+        self.conv = nn.Conv1d(cin, cout, k, stride=stride, dilation=dilation)
+
+    def forward(self, x):
+        k, s, d = self.conv.kernel_size[0], self.conv.stride[0], self.conv.dilation[0]
+        x = F.pad(x, ((k - 1) * d - (s - 1), 0), mode="reflect")
+        return self.conv(x)
+
+
+class WhisperLike(nn.Module):
+    """transformers' WhisperEncoder pattern: reads ``conv.stride`` and ``weight.dtype`` around the call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(6, 16, 3, padding=1)
+        self.conv2 = nn.Conv1d(16, 16, 3, stride=2, padding=1)
+        self.block = CausalConv1d(16, 12, 5, stride=2, dilation=2)
+
+    def forward(self, x):
+        x = x.to(self.conv1.weight.dtype)
+        y = F.gelu(self.conv1(x))
+        y = F.gelu(self.conv2(y))
+        scale = self.conv1.stride[0] * self.conv2.stride[0] * self.conv1.in_channels / self.conv2.out_channels
+        return self.block(y) * scale
+
+
+def test_pairs_answer_the_conv_interface(gen):
+    for conv in (nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), padding_mode="reflect"),
+                 nn.Conv1d(3, 5, 7, stride=3, padding="valid", bias=False)):
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        cls = SeparableConv2d if isinstance(conv, nn.Conv2d) else SeparableConv1d
+        pair = cls.from_conv(conv, rank=min(conv.out_channels, conv.weight[0, 0].numel()))
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            assert getattr(pair, attr) == getattr(conv, attr), attr
+        assert (pair.bias is None) == (conv.bias is None)
+        w = pair.weight
+        assert w.shape == conv.weight.shape and w.dtype == conv.weight.dtype and w.device == conv.weight.device
+        assert rel_err(w, conv.weight) < 1e-5
+        w.sum().backward()  # the computed weight back-propagates into the factors
+        assert pair.depthwise.weight.grad is not None and pair.pointwise.weight.grad is not None
+        for attr, value in (("stride", (1, 1)), ("kernel_size", 3), ("weight", nn.Parameter(conv.weight.clone())),
+                            ("in_channels", 2)):
+            with pytest.raises(AttributeError, match="read-only"):
+                setattr(pair, attr, value)
+        with pytest.raises(AttributeError, match="cannot be assigned"):
+            pair.weight.data = conv.weight.detach().clone()
+
+
+def test_parent_code_reading_conv_attributes_rewrites_on_both_routes(route, gen):
+    model = WhisperLike().eval()
+    x = torch.randn(2, 6, 37, generator=gen)
+    ref = model(x)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
+    assert res.report.route == route
+    assert {L.name for L in res.report.rewritten} == {"conv1", "conv2", "block.conv"}
+    x2 = torch.randn(3, 6, 53, generator=gen)  # fresh data, another length
+    assert rel_err(res.model(x2), model(x2)) < 1e-5
+    assert rel_err(model(x), ref) == 0  # the original is untouched
+
+
+class Encoder(nn.Module):
+    """A user module with a functional conv, a property and attributes its parent reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem_weight = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.stem_bias = nn.Parameter(torch.randn(8))
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2))
+        self._stride = 2
+
+    @property
+    def output_stride(self):
+        return self._stride
+
+    def channels(self):
+        return self.body[0].out_channels
+
+    def forward(self, x):
+        return self.body(F.relu(F.conv2d(x, self.stem_weight, self.stem_bias, stride=2, padding=1)))
+
+
+class Segmenter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = Encoder()
+        self.head = nn.Conv2d(8, 5, 3, padding=1)
+        self.head.is_head = True  # a plain attribute user code set on a conv
+        self.same_head = self.head  # one conv registered at two paths
+
+    def forward(self, x):
+        if _untraceable(x):
+            f = self.encoder(x)
+        assert self.encoder.output_stride == 2 and self.encoder.channels() == 8 and self.head.is_head
+        return self.same_head(f) + self.head(f)
+
+
+def test_swap_route_keeps_user_modules_and_reaches_functional_convs(gen):
+    model = Segmenter().eval()
+    types = {q: type(m) for q, m in model.named_modules()}
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
+    assert res.report.route == SWAP
+    new = res.model
+    assert type(new) is Segmenter and type(new.encoder) is Encoder and new.encoder.output_stride == 2
+    assert not any(isinstance(m, torch.fx.GraphModule) for m in new.modules())
+    assert {L.name for L in res.report.rewritten} == {"encoder.stem_weight", "encoder.body.0", "head"}
+    assert isinstance(new.head, SeparableConv2d) and new.same_head is new.head and new.head.is_head
+    grouped = next(L for L in res.report.layers if L.name == "encoder.body.2")
+    assert grouped.reason
+    x2 = torch.randn(1, 3, 24, 20, generator=gen)
+    assert rel_err(new(x2), model(x2)) < 1e-5
+    assert {q: type(m) for q, m in model.named_modules()} == types  # the original is untouched
+    # the rewritten forward survives copies and pickling, and still runs with the module as `self`
+    for clone in (copy.deepcopy(new), _reloaded(new)):
+        assert type(clone.encoder) is Encoder
+        assert rel_err(clone(x2), model(x2)) < 1e-5
+
+
+def _reloaded(model: nn.Module) -> nn.Module:
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        if _untraceable(x):  # the forward holding the functional conv does not trace either
+            x = F.conv2d(x, self.w, padding=1)
+        return self.conv(x)
+
+
+def test_functional_conv_in_an_untraceable_forward_is_skipped_with_the_reason(gen):
+    model = Untraceable().eval()
+    x = torch.randn(1, 3, 10, 10, generator=gen)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
+    skipped = {L.name: L.reason for L in res.report.layers if L.reason}
+    assert "torch.fx cannot trace" in skipped["w"] and "Untraceable" in skipped["w"]
+    assert [L.name for L in res.report.rewritten] == ["conv"]
+    assert rel_err(res.model(x), model(x)) < 1e-5
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
+def test_rewritten_graph_that_fails_its_checks_falls_back_to_module_swap(gen, monkeypatch):
+    import dsrewrite.fx_pass as fx_pass
+
+    real = fx_pass.apply_decisions
+
+    def broken(gm, *a, **k):  # the graph breaks after planning (as one with stray tensor constants fails lint)
+        real(gm, *a, **k)
+        raise RuntimeError("Node _tensor_constant0 target _tensor_constant0 references nonexistent attribute")
+
+    monkeypatch.setattr(fx_pass, "apply_decisions", broken)
+    model = Plain().eval()
+    x = torch.randn(2, 3, 9, 9, generator=gen)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
+    assert res.report.route == SWAP
+    assert any(n.startswith("the rewritten graph fails its checks (RuntimeError: Node _tensor_constant0") for n in res.report.notes)
+    assert len(res.report.rewritten) == 2
+    assert rel_err(res.model(x), model(x)) < 1e-5
+
+
+class TypeCheckingParent(nn.Module):
+    """Code that insists on the conv's class: with the pair in place the model fails, so that layer stays dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if not isinstance(self.b, nn.Conv2d):
+            raise TypeError(f"expected a Conv2d, got {type(self.b).__name__}")
+        if _untraceable(x):
+            return self.b(F.relu(self.a(x)))
+
+
+def test_layer_whose_pair_breaks_the_model_is_left_dense_with_the_reason(gen):
+    model = TypeCheckingParent().eval()
+    x = torch.randn(1, 3, 8, 8, generator=gen)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
+    reasons = {L.name: L.reason for L in res.report.layers}
+    assert reasons["a"] is None
+    assert reasons["b"].startswith("left dense: the model fails with this layer rewritten (TypeError: expected a Conv2d")
+    assert isinstance(res.model.a, SeparableConv2d) and type(res.model.b) is nn.Conv2d
+    assert rel_err(res.model(x), model(x)) < 1e-5
+
+
+def _state(model: nn.Module):
+    return ({q: (m, m.training, dict(m._forward_hooks), dict(m._forward_pre_hooks), m.__dict__.get("forward"))
+             for q, m in model.named_modules()},
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+@pytest.mark.parametrize("where", ["fx", "swap"])
+def test_failed_inplace_rewrite_leaves_the_model_as_it_was(where, gen):
+    model = Segmenter() if where == "swap" else Plain()
+    model.eval()
+    model.head.train() if where == "swap" else model.b.train()  # a mixed training flag must come back too
+    model.register_forward_hook(lambda m, a, o: None)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        ref = model(x)
+    modules, state = _state(model)
+    # calibration data the model cannot run: the rewrite fails after the pairs were installed in place
+    with pytest.raises(dsrewrite.DsrewriteError, match="calibration"):
+        dsrewrite.rewrite(model, x, rank="full", measure_time=False, inplace=True,
+                          calibration=torch.randn(4, 5, 16, 16, generator=gen))
+    modules_after, state_after = _state(model)
+    assert modules_after.keys() == modules.keys()
+    for q, (m, training, hooks, pre, fwd) in modules.items():
+        m2, training2, hooks2, pre2, fwd2 = modules_after[q]
+        assert m2 is m and training2 == training and hooks2 == hooks and pre2 == pre and fwd2 is fwd, q
+    assert state_after.keys() == state.keys() and all(torch.equal(state[k], state_after[k]) for k in state)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_successful_inplace_swap_rewrite_changes_the_model(gen):
+    model = Segmenter().eval()
+    x = torch.randn(1, 3, 16, 16, generator=gen)
+    ref = model(x)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False, inplace=True)
+    assert res.model is model and isinstance(model.head, SeparableConv2d) and type(model.encoder) is Encoder
+    assert rel_err(model(x), ref) < 1e-5
