@@ -11,6 +11,12 @@ Importing this package registers the custom op (schema, fake implementation, aut
 without Triton (``import dsrewrite`` does not import this package). Note: ``dsrewrite.kernels.separable_conv2d``
 is the function; the module of the same name is reached with
 ``from dsrewrite.kernels.separable_conv2d import separable_conv2d_forward``.
+
+Imported as a top-level ``kernels`` (a script or ``python -c`` run from the repository root puts the root on
+``sys.path``), this folder is not a package of that name: it hands the name to the next ``kernels`` on the
+import path (Hugging Face's ``kernels`` distribution) or, when there is none, to an empty namespace package
+(what the folder would be without this file), so other libraries' probes (transformers'
+``is_kernels_available``) see what is really installed (:func:`_yield_top_level_name`).
 """
 from __future__ import annotations
 
@@ -20,7 +26,45 @@ import sys
 import types
 from typing import Optional
 
-import torch
+
+def _yield_top_level_name() -> None:
+    """Give the top-level name ``kernels`` to what it names without the repository root on the path.
+
+    The next ``kernels`` the import system finds outside this folder (an installed distribution) is loaded in
+    this import's place; without one, an empty namespace package (no ``__file__``, no ``__version__``, no
+    submodules) takes it: transformers reads that as "not installed", and ``from kernels import x`` raises
+    ``ImportError``. Either way ``sys.modules["kernels"]`` is the replacement, which the import returns.
+    """
+    import importlib.machinery
+
+    name = __name__
+    here = os.path.dirname(os.path.realpath(__file__))
+    root = os.path.dirname(here)
+
+    def ours(spec) -> bool:
+        places = [spec.origin] if spec.origin else []
+        places += list(spec.submodule_search_locations or [])
+        return any(os.path.realpath(p) == here or os.path.realpath(p).startswith(here + os.sep) for p in places)
+
+    path = [p for p in sys.path if isinstance(p, str) and os.path.realpath(p or os.curdir) != root]
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
+        spec = find(name, path if finder is importlib.machinery.PathFinder else None)
+        if spec is not None and spec.loader is not None and not ours(spec):
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            return
+    sys.modules[name] = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
+
+
+_TOP_LEVEL = "." not in __name__  # imported as top-level `kernels` (the repository root on sys.path)
+if _TOP_LEVEL:
+    _yield_top_level_name()  # the name goes elsewhere; the rest of this file loads nothing (no torch, no op)
+else:
+    import torch
 
 __all__ = ["separable_conv2d", "depthwise_conv2d", "pointwise_conv2d", "choose_path", "is_available", "interpreting"]
 
@@ -101,6 +145,6 @@ class _Package(types.ModuleType):
         super().__setattr__(name, value)
 
 
-sys.modules[__name__].__class__ = _Package
-
-from . import _op  # noqa: E402,F401 - registers torch.ops.dsrewrite.separable_conv2d (no Triton import)
+if not _TOP_LEVEL:
+    sys.modules[__name__].__class__ = _Package
+    from . import _op  # noqa: E402,F401 - registers torch.ops.dsrewrite.separable_conv2d (no Triton import)
