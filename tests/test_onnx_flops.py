@@ -99,3 +99,25 @@ def test_bad_input_shapes_are_one_line_errors(tmp_path):
         infer_shapes(m, {"nope": (1, 3, 8, 8)})
     with pytest.raises(DsrewriteError, match="rank"):
         infer_shapes(m, {"x": (3, 8, 8)})
+
+
+def test_transposed_conv_rows_count_in_the_totals_convention(tmp_path):
+    """A stride-2 ConvTranspose's report row counts its FLOPs over the input positions, as the whole-model total
+    (and FlopCounterMode) does: 2 * N * H_in * W_in * Cin * Cout/groups * kh * kw, not 4x that over the output;
+    the rows then never sum to more than the total."""
+    from dsrewrite.onnx import rewrite
+
+    n, cin, cout, groups, k, h, w = 2, 8, 6, 2, 3, 5, 7
+    up = nn.ConvTranspose2d(cin, cout, k, stride=2, padding=1, output_padding=1, groups=groups)
+    model = nn.Sequential(nn.Conv2d(3, cin, 3, padding=1), nn.ReLU(), up, nn.Conv2d(cout, 4, 3)).eval()
+    x = torch.randn(n, 3, h, w)
+    path = tmp_path / "up.onnx"
+    m = export(model, x, path)
+    assert [node.op_type for node in m.graph.node if "Conv" in node.op_type] == ["Conv", "ConvTranspose", "Conv"]
+    _, report = rewrite(str(path), rank="full")
+    (row,) = [L for L in report.layers if L.reason and "transposed" in L.reason]
+    expected = 2 * n * h * w * cin * (cout // groups) * k * k  # independent: MACs per input position x positions
+    assert row.flops_before == expected
+    assert row.flops_before == torch_flops(up, torch.randn(n, cin, h, w))  # FlopCounterMode on the layer alone
+    assert report.flops_before == torch_flops(model, x)
+    assert sum(L.flops_before for L in report.layers) <= report.flops_before

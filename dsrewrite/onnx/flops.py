@@ -20,8 +20,8 @@ from onnx import TensorProto
 from ..errors import first_line
 from .scopes import DEFAULT_DOMAINS, scopes, stored_tensors
 
-__all__ = ["Shapes", "infer_shapes", "count_flops", "count_params", "node_flops", "attribute", "subgraph_note",
-           "FLOAT_TYPES"]
+__all__ = ["Shapes", "infer_shapes", "count_flops", "count_params", "node_flops", "conv_positions", "attribute",
+           "subgraph_note", "FLOAT_TYPES"]
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 _SMALL = 1024  # initializers with at most this many elements stay in the shape-inference copy (shape inputs)
@@ -212,20 +212,28 @@ def attribute(node: onnx.NodeProto, name: str, default):
     return default
 
 
+def conv_positions(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
+    """The positions a ``Conv`` / ``ConvTranspose`` node's FLOPs are counted over (``FlopCounterMode``'s
+    convention, the whole-model total's): ``N * prod(output spatial)`` for ``Conv``, ``N * prod(input spatial)``
+    for ``ConvTranspose`` (each input position scatters one kernel-sized patch: a stride-2 transposed conv has
+    4x fewer of them than outputs in 2-D); ``None`` when its input or output shape is unknown."""
+    x = shapes.get(node.input[0]) if node.input else None
+    y = shapes.get(node.output[0]) if node.output else None
+    if x is None or y is None:
+        return None
+    counted = x if node.op_type == "ConvTranspose" else y
+    return counted[0] * math.prod(counted[2:])
+
+
 def node_flops(node: onnx.NodeProto, shapes: Shapes) -> Optional[int]:
     """FLOPs of one node (``FlopCounterMode`` rules); 0 for uncounted ops, ``None`` when a shape is unknown."""
     if node.domain not in ("", "ai.onnx"):
         return 0
     op = node.op_type
     if op in ("Conv", "ConvTranspose"):
-        x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
-        y = shapes.get(node.output[0])
-        if x is None or w is None or y is None:
-            return None
-        if op == "Conv":  # torch: prod(out spatial) * prod(w) * batch * 2, w = [Cout, Cin/g, *k]
-            return 2 * y[0] * math.prod(y[2:]) * math.prod(w)
-        # transposed: torch counts over the *input* spatial size, w = [Cin, Cout/g, *k]
-        return 2 * x[0] * math.prod(x[2:]) * math.prod(w)
+        # torch: 2 * positions * prod(w), w = [Cout, Cin/g, *k] (Conv) or [Cin, Cout/g, *k] (ConvTranspose)
+        w, positions = shapes.get(node.input[1]), conv_positions(node, shapes)
+        return None if w is None or positions is None else 2 * positions * math.prod(w)
     if op == "Gemm":
         a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
         if a is None or b is None or len(a) != 2 or len(b) != 2:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from ..ir import ConvSite, ConvSpec
-from .flops import Shapes, attribute
+from .flops import Shapes, attribute, conv_positions
 from .scopes import DEFAULT_DOMAINS, Definition, Scope, constant_value, scopes
 
 __all__ = ["OnnxHandle", "collect_sites", "CONV_OPS"]
@@ -99,6 +99,7 @@ def _site(scope: Scope, node: onnx.NodeProto, index: int, shapes: Shapes) -> Opt
         stride=_ints(attribute(node, "strides", None), dims, 1),
         dilation=_ints(attribute(node, "dilations", None), dims, 1),
         bias=b_name is not None, out_spatial=out_spatial, batch=int(y[0]) if out_spatial is not None else 1,
+        pixels=conv_positions(node, shapes) if transposed else None,  # its FLOPs count over the input positions
         kind="onnx", transposed=transposed, extra={"unsupported": unsupported} if unsupported else {},
     )
     if b_why is not None:
