@@ -32,8 +32,8 @@ from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
 from ..selfcheck import self_check
 from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe
-from .fx import (CONV_FUNCTIONS, FxHandle, ProbeProp, bind_conv_args, collect_sites, conv_settings, first_item,
-                 may_rewrite, module_site, trace)
+from .fx import (CONV_FUNCTIONS, FxHandle, ProbeProp, bounded_probe, collect_sites, conv_settings, may_rewrite,
+                 module_site, trace)
 
 __all__ = ["rewrite_untraceable", "breaking_swap"]
 
@@ -56,8 +56,9 @@ class _Record:
 class _Recorder(TorchFunctionMode):
     """Hooks plus a torch-function mode: the module stack tells which module's forward called a conv function."""
 
-    def __init__(self) -> None:
+    def __init__(self, conv_args: Dict[nn.Module, Dict[str, Any]]) -> None:
         super().__init__()
+        self.conv_args = conv_args  # each conv module's settings, read before our hooks were added
         self.recs: Dict[nn.Module, _Record] = {}
         self.stack: List[Tuple[nn.Module, Tuple[Any, ...], bool]] = []
 
@@ -96,25 +97,15 @@ class _Recorder(TorchFunctionMode):
             rec.out_shapes.append(tuple(out.shape))
             if rec.probe is None and args and isinstance(args[0], torch.Tensor) and may_rewrite(
                     mod.groups, mod.kernel_size, isinstance(mod, TRANSPOSED_TYPES)):
-                rec.probe = _probe(mod, args[0], out)
-
-
-def _probe(mod: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
-    """The self-check sample of a conv module's call (bounded when the fx frontend can bound it)."""
-    from . import fx as fx_frontend
-
-    bounded = getattr(fx_frontend, "bounded_probe", None)
-    if bounded is not None:
-        return bounded(x, y, tuple(mod.kernel_size), describe(mod).conv_args)
-    dims = len(mod.kernel_size)
-    return first_item(x, dims), first_item(y, dims)
+                rec.probe = bounded_probe(args[0], out, tuple(mod.kernel_size), self.conv_args[mod])
 
 
 def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Record], int]:
     """One real forward with hooks: per-module call records; returns them and the whole-model FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    rec = _Recorder()
+    # describe() before the hooks: it refuses a conv with forward hooks, ours included
+    rec = _Recorder({m: describe(m).conv_args for m in model.modules() if isinstance(m, CONV_MODULE_TYPES)})
     handles = []
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(rec.pre, with_kwargs=True))
