@@ -80,6 +80,7 @@ class SeparableRewritePass(PassBase):
             sys.stderr.write(captured.getvalue())
         self.flops_before = int(counter.get_total_flops())
         sites = collect_sites(graph_module, prop.probes)
+        del prop  # its probe dict and last values: the sites now hold the probes, and self_check drops them
         kw = dict(self.plan_kwargs)  # budgets are fractions of the whole model (plan_sites ignores these without one)
         kw.setdefault("total_flops", self.flops_before)
         kw.setdefault("total_params", count_params(graph_module))
