@@ -152,6 +152,7 @@ class _Built:
     notes: List[str]
     flops_before: Any
     args: tuple
+    params_before: int = 0  # counted before the pass touched anything (inplace=True changes the model)
 
     def calibrate(self, plan: Planning) -> str:
         """Refit the rewritten layers on the calibration batches; the note is added to ``notes`` and returned."""
@@ -168,7 +169,7 @@ class _Built:
         report = build_report(
             layers, model=cfg.name or type(model).__name__, route=self.route,
             input_shapes=[list(a.shape) if isinstance(a, torch.Tensor) else [type(a).__name__] for a in self.args],
-            params_before=count_params(model), params_after=count_params(self.model),
+            params_before=self.params_before, params_after=count_params(self.model),
             flops_before=self.flops_before, notes=self.notes)
         timed = [L for L in layers if L.time_before_ms is not None]
         if timed:
@@ -185,6 +186,7 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
     graph fails its checks goes to the module-swap route (the report says why). On that route a layer whose
     pair makes the model fail is left dense with the error as its reason, and the rest is rebuilt.
     """
+    params_before = count_params(model)
     work = model if inplace else deepcopy_module(model)
     notes: List[str] = list(plan.notes)
     try:
@@ -195,10 +197,13 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
         undo = ModelSnapshot(work, values=False) if inplace else None  # the fx pass mirrors its swaps into `work`
         built, why = _fx_route(gm, model if inplace else None, args, cfg, plan, notes)
         if built is not None:
+            built.params_before = params_before
             return built
         if undo is not None:
             undo.restore()
-    return _swap_route(work, args, cfg, plan, notes, why)
+    built = _swap_route(work, args, cfg, plan, notes, why)
+    built.params_before = params_before
+    return built
 
 
 def _fx_route(gm, mirror: Optional[nn.Module], args: tuple, cfg: RewriteConfig, plan: Planning,

@@ -272,6 +272,9 @@ def test_successful_inplace_swap_rewrite_changes_the_model(gen):
     model = Segmenter().eval()
     x = torch.randn(1, 3, 16, 16, generator=gen)
     ref = model(x)
+    params = sum(p.numel() for p in model.parameters())
     res = dsrewrite.rewrite(model, x, rank="full", measure_time=False, inplace=True)
+    assert res.report.params_before == params  # counted before the model changed
+    assert res.report.params_after == sum(p.numel() for p in model.parameters())
     assert res.model is model and isinstance(model.head, SeparableConv2d) and type(model.encoder) is Encoder
     assert rel_err(model(x), ref) < 1e-5
