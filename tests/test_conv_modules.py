@@ -136,14 +136,35 @@ class WithSubclass(nn.Module):
         return self.plain(self.conv(x))
 
 
-def test_unknown_subclass_skipped_by_name_on_swap_route(monkeypatch):
+def test_unknown_subclass_traced_through_its_own_forward_on_swap_route(monkeypatch):
+    """On the module-swap route the subclass keeps its class; its own forward, traced alone, is rewritten."""
     monkeypatch.setattr(api, "trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no tracing")))
     model = WithSubclass().eval()
     x = torch.randn(2, 3, 10, 10)
     res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
     assert res.report.route == "fx-submodules+module-swap"
+    assert {L.name for L in res.report.rewritten} == {"conv", "plain"}
+    assert res.report.layer("conv").kind == "function" and type(res.model.conv) is OwnForward
+    with torch.no_grad():
+        assert rel_err(res.model(x), model(x)) <= TOL
+
+
+class UntraceableOwnForward(nn.Conv2d):
+    """A subclass whose own forward does not trace: it stays dense, its class named in the reason."""
+
+    def forward(self, x):
+        if x.sum() > -1e30:
+            return super().forward(x) * 2.0
+
+
+def test_unknown_subclass_that_does_not_trace_skipped_by_name_on_swap_route(monkeypatch):
+    monkeypatch.setattr(api, "trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no tracing")))
+    model = WithSubclass().eval()
+    model.conv = UntraceableOwnForward(3, 8, 3, padding=1)
+    x = torch.randn(2, 3, 10, 10)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
     reason = res.report.layer("conv").reason
-    assert "OwnForward" in reason and "semantics are unknown" in reason
+    assert "UntraceableOwnForward" in reason and "semantics are unknown" in reason and "does not trace" in reason
     assert [L.name for L in res.report.rewritten] == ["plain"]
     with torch.no_grad():
         assert rel_err(res.model(x), model(x)) <= TOL

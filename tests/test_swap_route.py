@@ -141,7 +141,7 @@ def test_swap_route_keeps_user_modules_and_reaches_functional_convs(gen):
     new = res.model
     assert type(new) is Segmenter and type(new.encoder) is Encoder and new.encoder.output_stride == 2
     assert not any(isinstance(m, torch.fx.GraphModule) for m in new.modules())
-    assert {L.name for L in res.report.rewritten} == {"encoder.stem_weight", "encoder.body.0", "head"}
+    assert {L.name for L in res.report.rewritten} == {"encoder", "encoder.body.0", "head"}
     assert isinstance(new.head, SeparableConv2d) and new.same_head is new.head and new.head.is_head
     grouped = next(L for L in res.report.layers if L.name == "encoder.body.2")
     assert grouped.reason
@@ -278,3 +278,36 @@ def test_successful_inplace_swap_rewrite_changes_the_model(gen):
     assert res.report.params_after == sum(p.numel() for p in model.parameters())
     assert res.model is model and isinstance(model.head, SeparableConv2d) and type(model.encoder) is Encoder
     assert rel_err(model(x), ref) < 1e-5
+
+
+class StaticSamePadConv(nn.Conv2d):
+    """efficientnet's Conv2dStaticSamePadding pattern: a conv subclass with its own forward that pads through a
+    child module, then calls ``F.conv2d`` on its own weight."""
+
+    def __init__(self, cin, cout, k, stride):
+        super().__init__(cin, cout, k, stride=stride, bias=True)
+        self.static_padding = nn.ZeroPad2d((k // 2 - 1, k // 2, k // 2 - 1, k // 2))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class WithStaticPad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = StaticSamePadConv(3, 8, 4, 2)
+        self.conv = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x):
+        if _untraceable(x):
+            return self.conv(F.relu(self.stem(x)))
+
+
+def test_conv_subclass_with_its_own_forward_is_rewritten_through_its_traced_forward(gen):
+    model = WithStaticPad().eval()
+    x = torch.randn(2, 3, 20, 20, generator=gen)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
+    assert {L.name for L in res.report.rewritten} == {"stem", "conv"}
+    assert type(res.model.stem) is StaticSamePadConv and isinstance(res.model.conv, SeparableConv2d)
+    assert rel_err(res.model(x), model(x)) < 1e-5

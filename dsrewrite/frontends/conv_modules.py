@@ -20,7 +20,8 @@ from torch import nn
 
 from ..modules import tf_same_pad
 
-__all__ = ["ConvModuleInfo", "describe", "deepcopy_module", "register_conv_module", "is_known_conv_class", "tf_same_pad",
+__all__ = ["ConvModuleInfo", "describe", "deepcopy_module", "register_conv_module", "is_known_conv_class",
+           "has_unknown_forward", "tf_same_pad",
            "CONV_MODULE_TYPES", "TRANSPOSED_TYPES"]
 
 TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -93,6 +94,16 @@ for _mod in ("timm.layers.std_conv", "timm.models.layers.std_conv"):
                          what="weight standardised and scaled (timm ScaledStdConv2d)")
     register_conv_module(f"{_mod}.ScaledStdConv2dSame", weight=_scaled_standardised, dynamic_same=_same,
                          what="weight standardised and scaled (timm ScaledStdConv2dSame)")
+
+
+def has_unknown_forward(mod: nn.Module) -> bool:
+    """A conv subclass with its own, unregistered ``forward`` (e.g. one padding through a child module first): the
+    module-swap route then treats it as any module calling a conv function (traced alone), not as a conv."""
+    from torch.nn.utils import parametrize
+
+    cls = type(mod)
+    base = cls.__bases__[0] if parametrize.is_parametrized(mod) else cls
+    return isinstance(mod, CONV_MODULE_TYPES) and base not in _PLAIN and _key(base) not in _REGISTRY
 
 
 def is_known_conv_class(cls: type) -> bool:

@@ -31,9 +31,9 @@ from ..modules import SeparableConv1d, SeparableConv2d
 from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
 from ..selfcheck import self_check
-from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe
+from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, has_unknown_forward
 from .fx import (CONV_FUNCTIONS, FxHandle, ProbeProp, bounded_probe, collect_sites, conv_settings, may_rewrite,
-                 module_site, trace)
+                 module_site, owner_name, trace)
 
 __all__ = ["rewrite_untraceable", "breaking_swap"]
 
@@ -67,7 +67,7 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func in CONV_FUNCTIONS and self.stack:
             mod, _, first = self.stack[-1]
-            if first and not isinstance(mod, CONV_MODULE_TYPES + _PAIRS):
+            if first and (not isinstance(mod, CONV_MODULE_TYPES + _PAIRS) or has_unknown_forward(mod)):
                 call = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args))
                 call.update(kwargs)
                 w = call.get("weight")
@@ -190,7 +190,8 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
                 site.spec.extra["unsupported"] = "part of a separable pair from an earlier rewrite"
                 keyed.append(((rec.order if rec else unseen, 0), site))
             continue
-        if isinstance(m, CONV_MODULE_TYPES) and not any(isinstance(a, _PAIRS) for a in _ancestors(model, q)):
+        own_forward = has_unknown_forward(m) and rec is not None and rec.functional
+        if isinstance(m, CONV_MODULE_TYPES) and not own_forward and not any(isinstance(a, _PAIRS) for a in _ancestors(model, q)):
             site = module_site(q, m, [], out_shapes=rec.out_shapes if rec else [])
             site.probe = rec.probe if rec else None
             keyed.append(((rec.order if rec else unseen, 0), site))
@@ -208,6 +209,8 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
             gm, prop = _trace_own_forward(m, rec)
         except Exception as e:  # noqa: BLE001 - a forward fx cannot trace keeps its convs, with the reason
             why = f"functional conv in the forward of {label}, which torch.fx cannot trace ({first_line(e, 120, typed=True)})"
+            if own_forward:  # a conv subclass: reported as the conv it is, with why it stays
+                why = f"{describe(m).unsupported}; its forward does not trace ({first_line(e, 120, typed=True)})"
             sites = _untraced_sites(q, m, rec, why, names)
             keyed.extend(((rec.order, i + 1), s) for i, s in enumerate(sites))
             untraced.append(q or "(the model)")
@@ -217,7 +220,9 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
         sites = [s for s in collect_sites(gm, prop.probes) if s.handle.kind == "function"]
         del prop
         for i, s in enumerate(sites):
-            s.spec.name = f"{q}.{s.spec.name}" if q else s.spec.name
+            # named as the fx route names it on the whole model: the module that owns the weight
+            w = s.handle.weight_target
+            s.spec.name = owner_name(f"{q}.{w}" if q else w) if w else (f"{q}.{s.spec.name}" if q else s.spec.name)
             keyed.append(((rec.order, i + 1), s))
         traced.append((q, m, gm, sites))
     ordered = [s for _, s in sorted(keyed, key=lambda t: t[0])]
