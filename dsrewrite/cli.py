@@ -1,8 +1,10 @@
 """Command line: ``dsrewrite rewrite``, ``dsrewrite report``, ``dsrewrite demo``.
 
 Bad input prints one line ``dsrewrite: error: ...`` and exits 2, never a traceback (``--debug``, before or
-after the command, shows one). ``rewrite -q`` prints nothing but errors: third-party warnings and logs
-(Python ``warnings`` and ``logging``, onnx-graphsurgeon's logger, onnxruntime's) are silenced too.
+after the command, shows one); option values and argparse's own errors too, without the usage (printed for
+``--help`` and for no arguments, or a command alone). ``rewrite -q`` prints nothing but errors: third-party
+warnings and logs (Python ``warnings`` and ``logging``, onnx-graphsurgeon's logger, onnxruntime's) are
+silenced too.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import sys
 import warnings
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, NoReturn, Optional, Sequence, Tuple
 
 from .config import RewriteConfig
 from .errors import DsrewriteError, first_line
@@ -23,20 +26,24 @@ __all__ = ["main", "load_model", "build_parser"]
 DETECTION_HINT = "torchvision.models.detection"
 
 
-def _parse_shape(text: str) -> Tuple[int, ...]:
-    try:
-        shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"input shape must be comma-separated ints like 1,3,224,224, got {text!r}")
-    if not shape or any(s <= 0 for s in shape):
-        raise argparse.ArgumentTypeError(f"input shape must be positive ints, got {text!r}")
-    return shape
+def _ints(text: str) -> Tuple[Tuple[int, ...], Optional[str]]:
+    """``1,3,224,224`` or ``1x3x224x224`` read strictly: positive integers, one kind of separator, no empty item;
+    returns the integers, or ``()`` and what is wrong."""
+    items = [item.strip() for item in text.split("," if "," in text else "x")]
+    bad = next((item for item in items if not re.fullmatch(r"[0-9]+", item) or int(item) == 0), None)
+    if bad is not None:
+        return (), "an empty item" if not bad else f"{bad!r} is not a positive integer"
+    return tuple(int(item) for item in items), None
 
 
 def _parse_input_shape(text: str) -> Tuple[Optional[str], Tuple[int, ...]]:
     """``1,3,224,224`` (the model's one input) or ``NAME=1x3x224x224`` (an ONNX input by name)."""
-    name, sep, shape = text.rpartition("=")
-    return (name.strip() or None) if sep else None, _parse_shape(shape)
+    name, sep, dims = text.rpartition("=")
+    shape, wrong = _ints(dims)
+    if wrong:
+        raise argparse.ArgumentTypeError(f"a shape is positive integers separated by commas like 1,3,224,224 "
+                                         f"(or x: 1x3x224x224; NAME=SHAPE for a named input), got {text!r} ({wrong})")
+    return (name.strip() or None) if sep else None, shape
 
 
 def _parse_rank(text: str):
@@ -239,9 +246,10 @@ def _parse_floats(text: str) -> Tuple[float, ...]:
 
 
 def _parse_size(text: str) -> Tuple[int, int]:
-    shape = _parse_shape(text)
-    if len(shape) != 2:
-        raise argparse.ArgumentTypeError(f"expected an image size HxW like 48x320, got {text!r}")
+    shape, wrong = _ints(text)
+    if wrong or len(shape) != 2:
+        raise argparse.ArgumentTypeError(f"expected an image size HxW like 48x320 (two positive integers), got "
+                                         f"{text!r}" + (f" ({wrong})" if wrong else ""))
     return shape
 
 
@@ -284,8 +292,18 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(quick=a.quick)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``dsrewrite: error: ...`` on stderr and exit status 2, without the
+    usage (that is for ``--help`` and for a command given no arguments). Commands' parsers are of this class too."""
+
+    commands: Dict[str, argparse.ArgumentParser]  # the top-level parser's commands, by name
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"dsrewrite: error: {' '.join(str(message).splitlines())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="dsrewrite",
         description="Rewrite standard convolutions into low-rank depthwise-separable pairs and report the savings.",
     )
@@ -365,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fine-tune it back by distillation and print the report."))
     d.add_argument("--quick", action="store_true", help="a short run (used by tests)")
     d.set_defaults(func=_cmd_demo)
+    p.commands = dict(sub.choices)
     return p
 
 
@@ -413,6 +432,11 @@ def _uses_onnx(a: argparse.Namespace) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words = [w for w in argv if w != "--debug"]
+    if len(words) == 1 and words[0] in ("rewrite", "report"):  # a command without its arguments: its usage
+        parser.commands[words[0]].print_help()
+        return 2
     a = parser.parse_args(argv)
     if not getattr(a, "func", None):
         parser.print_help()
