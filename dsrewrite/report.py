@@ -77,6 +77,7 @@ class Report:
     flops_before: int = 0
     flops_after: int = 0
     flops_per_sample: bool = False
+    flops_partial: Optional[str] = None  # the totals leave out ops of unknown shape: which, and what would count them
     time_before_ms: Optional[float] = None
     time_after_ms: Optional[float] = None
     time_device: Optional[str] = None
@@ -222,6 +223,7 @@ class Report:
 
     def _summary_lines(self) -> List[str]:
         per = " per sample" if self.flops_per_sample else ""
+        partial = f"; partial: {self.flops_partial}" if self.flops_partial and self._total_flops_known() else ""
         if self._total_flops_known():
             flops = (f"{_num(self.flops_before)} -> {_num(self.flops_after)} ({_pct(self.flops_ratio)})"
                      f"   MACs: {_num(self.flops_before // 2)} -> {_num(self.flops_after // 2)}")
@@ -231,7 +233,7 @@ class Report:
             f"model: {self.model or '?'}   route: {self.route or '?'}   "
             f"convs: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped",
             f"params: {_num(self.params_before)} -> {_num(self.params_after)} ({_pct(self.params_ratio)})",
-            f"FLOPs{per} (2 x MACs): {flops}",
+            f"FLOPs{per} (2 x MACs{partial}): {flops}",
         ]
         if self.time_before_ms is not None and self.time_after_ms is not None:
             where = ", ".join(x for x in (self.time_device, self.time_runtime, self.time_backend) if x)
@@ -311,12 +313,14 @@ def _pct(x: Optional[float]) -> str:
 def build_report(layers: List[LayerReport], *, model: str, route: str, input_shapes: List[List[Any]],
                  params_before: int, flops_before: int, params_after: Optional[int] = None,
                  flops_after: Optional[int] = None, flops_per_sample: bool = False,
-                 notes: Optional[List[str]] = None) -> Report:
+                 flops_partial: Optional[str] = None, notes: Optional[List[str]] = None) -> Report:
     """The one way every route makes its report from the plan's layer entries.
 
     Whole-model totals after the rewrite are those counted on the rewritten model where the route counts them
     (``params_after`` / ``flops_after``), otherwise the original's minus the rewritten layers' savings (the
-    per-layer numbers come from the one cost model). The outcome notes are added last.
+    per-layer numbers come from the one cost model). ``flops_partial``: the totals leave out ops of unknown shape,
+    said on the FLOPs line (e.g. ``"7 of 9 convs counted; give input_shapes / --input-shape"``). The outcome notes
+    are added last.
     """
     done = [L for L in layers if L.rewritten]
     if params_after is None:
@@ -325,7 +329,8 @@ def build_report(layers: List[LayerReport], *, model: str, route: str, input_sha
         flops_after = flops_before - sum(L.flops_before - L.flops_after for L in done)
     report = Report(layers=list(layers), model=model, route=route, input_shapes=input_shapes,
                     params_before=params_before, params_after=params_after, flops_before=flops_before,
-                    flops_after=flops_after, flops_per_sample=flops_per_sample, notes=list(notes or []))
+                    flops_after=flops_after, flops_per_sample=flops_per_sample, flops_partial=flops_partial,
+                    notes=list(notes or []))
     report.add_outcome_notes()
     return report
 

@@ -18,7 +18,7 @@ from ..ir import ConvSite
 from ..pipeline import Decision, plan_sites
 from ..report import Report, build_report
 from .backend import apply_decisions
-from .flops import Shapes, count_flops, count_params, infer_shapes, subgraph_note
+from .flops import Shapes, count_flops, count_params, infer_shapes, partial_flops, subgraph_note
 from .frontend import CONV_OPS, collect_sites
 from .model_io import PROTOBUF_LIMIT, load_model, model_nbytes, same_file, save_model
 from .selfcheck import self_check
@@ -164,7 +164,8 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         [d.report for d in decisions], model=name or info.name or model.graph.name, route="onnx",
         input_shapes=[list(s) for s in shapes.inputs.values()], params_before=params_before,
         params_after=count_params(new) if done else params_before, flops_before=flops_before,
-        flops_after=flops_after, flops_per_sample=shapes.per_sample, notes=notes)
+        flops_after=flops_after, flops_per_sample=shapes.per_sample,
+        flops_partial=partial_flops(model, shapes, unknown), notes=notes)
 
     if dst is not None:
         save_model(new, dst, external_data=info.external_data, threshold=info.threshold)

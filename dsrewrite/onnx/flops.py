@@ -21,7 +21,7 @@ from ..errors import first_line
 from .scopes import DEFAULT_DOMAINS, scopes, stored_tensors
 
 __all__ = ["Shapes", "infer_shapes", "count_flops", "count_params", "node_flops", "conv_positions", "attribute",
-           "subgraph_note", "FLOAT_TYPES"]
+           "subgraph_note", "partial_flops", "FLOAT_TYPES"]
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 _SMALL = 1024  # initializers with at most this many elements stay in the shape-inference copy (shape inputs)
@@ -267,6 +267,25 @@ def count_flops(model: onnx.ModelProto, shapes: Shapes) -> Tuple[int, List[str]]
             else:
                 total += f
     return total, unknown
+
+
+def partial_flops(model: onnx.ModelProto, shapes: Shapes, unknown: Sequence[str]) -> Optional[str]:
+    """What a FLOPs total from :func:`count_flops` leaves out, for the report's FLOPs line (``None``: nothing):
+    ``"7 of 9 convs counted, 2 MatMul/Gemm nodes not; give input_shapes / --input-shape"`` (that advice when the
+    model has symbolic input dims)."""
+    if not unknown:
+        return None
+    convs = [scope.qualified(node.name or f"{node.op_type}_{i}") for scope in scopes(model.graph)
+             for i, node in enumerate(scope.graph.node)
+             if node.op_type in ("Conv", "ConvTranspose") and node.domain in DEFAULT_DOMAINS]
+    blind = len(set(unknown) & set(convs))
+    others = len(set(unknown)) - blind
+    text = f"{len(convs) - blind} of {len(convs)} convs counted"
+    if others:
+        text += f", {others} MatMul/Gemm node{'s' if others > 1 else ''} not"
+    advice = ("give input_shapes / --input-shape" if shapes.symbolic_inputs
+              else "the rest have shapes shape inference could not resolve")
+    return f"{text}; {advice}"
 
 
 def subgraph_note(model: onnx.ModelProto, shapes: Shapes) -> Optional[str]:
