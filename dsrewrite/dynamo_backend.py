@@ -18,6 +18,16 @@ not recompile when a weight changes, so every call checks the rewritten weights'
 pointers (a few attribute reads) and refactorises a changed one at the same rank. Inference only: with grad
 enabled and weights requiring grad the backend refuses, as the original weights would silently get no gradient.
 
+The backend never fails the user's compile for a reason of its own. A conv whose parameter lifting cannot map
+stays dense, with the reason in the report (``not lifted from the torch.compile graph: ...``). If the pass itself
+fails on a graph (a bug, a graph it cannot read), or the compiler refuses the rewritten graph, the graph is compiled
+as Dynamo captured it, with one warning (``dsrewrite: torch.compile graph 0/0 compiled without rewriting its convs:
+...``) and the same words in that graph's report. Bad options, training (grad enabled on weights that require grad),
+calibration data that does not fit, a budget no plan meets: those are the user's, and fail in one line
+(:class:`~dsrewrite.errors.DsrewriteError`, which Dynamo wraps in ``BackendCompilerFailed``). A piece of a model
+that Dynamo split at a graph break and that holds no conv to rewrite is compiled as is (budgets and calibration
+concern the other pieces).
+
 This module is the public path (the entry point, docs and tests name it); the code lives in :mod:`dsrewrite.dynamo`:
 ``inputs`` (graph inputs, parameter lifting), ``guards`` (weight checks, refactorisation), ``plans`` (the plan
 cache each backend owns) and ``backend``.

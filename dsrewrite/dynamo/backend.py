@@ -28,8 +28,8 @@ from ..pipeline import Decision, plan_sites, selected
 from ..planning import Planning
 from ..report import Report, build_report
 from .guards import Guarded, Watch, weight_getter
-from .inputs import (NAMESPACE, GraphInputs, LiftedConv, Unlifted, declare_params, hint, lift_convs, source_text,
-                     source_text_of, unlift)
+from .inputs import (NAMESPACE, GraphInputs, LiftedConv, Unlifted, conv_module_path, declare_params, hint, lift_convs,
+                     source_text, source_text_of, unlift)
 from .plans import Plan, PlanCache, clear_all, replay
 
 __all__ = ["DsrewriteBackend", "dsrewrite_backend", "compile", "last_report", "clear_cache", "OPTIONS", "COMPILERS"]
@@ -198,7 +198,8 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Rewr
     The pass never fails the user's compile for a reason of its own: if it raises (a bug, a graph it cannot read)
     or the compiler refuses the rewritten graph, ``gm`` is put back as Dynamo captured it and compiled unchanged,
     with one warning naming the cause (also the report's note). :class:`DsrewriteError`, the user's own mistake
-    (inference only, calibration data that does not fit the graph, a budget no plan meets), still propagates.
+    (inference only, calibration data that does not fit the graph, a budget no plan meets), still propagates, as
+    does the compiler's error on the captured graph itself.
     """
     saved = _Saved(gm)
     gm.graph = _copy_graph(saved.graph)  # the pass edits a copy: the captured graph stays whole for a fallback
@@ -213,13 +214,11 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Rewr
         return _unchanged(gm, saved, example_inputs, opts, mode, reports, f"the pass failed ({_cause(e)})")
     try:
         inner = _inner_compiler(gm, example_inputs, opts.compiler, mode)
-    except Exception as e:  # noqa: BLE001 - the original graph may still compile: try it before giving up
-        if not rewritten.decisions or not any(d.rewritten for d in rewritten.decisions):
-            raise  # the graph the compiler refused is the captured one: not dsrewrite's failure
+    except Exception as e:  # noqa: BLE001 - the captured graph may still compile: try it before giving up
         return _unchanged(gm, saved, example_inputs, opts, mode, reports,
                           f"{opts.compiler} could not compile the rewritten graph ({_cause(e)})")
-    if rewritten.store:
-        plans.store(rewritten.plan)  # (a functional conv on a graph attribute would be rewritten afresh at each compile)
+    if rewritten.store:  # (a functional conv on a graph attribute would be rewritten afresh at each compile)
+        plans.store(rewritten.plan)
     reports.append(rewritten.report)
     _LAST[:] = [rewritten.report]
     frozen = opts.compiler == "inductor" and bool(torch._inductor.config.freezing)
@@ -281,6 +280,8 @@ def _name_sites(sites: List[ConvSite], lifted: Dict[str, LiftedConv], unlifted: 
                 s.spec.name = left.name
                 s.spec.extra["unsupported"] = left.reason
                 s.weight = None
+            elif s.handle.weight_target is None:  # a weight computed in the graph (a parametrized conv module...)
+                s.spec.name = conv_module_path(s.handle.nodes[0]) or s.spec.name
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -331,8 +332,10 @@ def _cause(e: BaseException) -> str:
 
 def _unchanged(gm: fx.GraphModule, saved: _Saved, example_inputs: Sequence[Any], opts: RewriteConfig,
                mode: Optional[str], reports: List[Report], why: str) -> Callable:
-    """``gm`` as Dynamo captured it, compiled without rewriting; one warning and a report that say why."""
+    """``gm`` as Dynamo captured it, compiled without rewriting; one warning and a report that say why. If the
+    compiler refuses the captured graph too, its error is the user's, as without dsrewrite: no warning then."""
     saved.restore(gm)
+    compiled = _inner_compiler(gm, example_inputs, opts.compiler, mode)
     name = _graph_name(gm, opts)
     warnings.warn(f"dsrewrite: {name} compiled without rewriting its convs: {why}", stacklevel=2)
     try:
@@ -345,7 +348,7 @@ def _unchanged(gm: fx.GraphModule, saved: _Saved, example_inputs: Sequence[Any],
                           flops_before=0, notes=[f"not rewritten, compiled unchanged: {why}"])
     reports.append(report)
     _LAST[:] = [report]
-    return _inner_compiler(gm, example_inputs, opts.compiler, mode)
+    return compiled
 
 
 def _graph_name(gm: fx.GraphModule, opts: RewriteConfig) -> str:

@@ -24,7 +24,7 @@ from ..errors import first_line
 from ..frontends.fx import CONV_FUNCTIONS, bind_conv_args, computed_at_run_time, conv_settings, owner_name
 
 __all__ = ["NAMESPACE", "GraphInputs", "LiftedConv", "lift_convs", "unlift", "declare_params", "hint", "source_text",
-           "source_text_of", "source_path", "param_path", "Unlifted"]
+           "source_text_of", "source_path", "param_path", "conv_module_path", "Unlifted"]
 
 NAMESPACE = "dsrewrite_convs"  # where lifted and rewritten conv modules live inside the captured GraphModule
 _STATE_ATTRS = {"_modules", "_parameters", "_buffers", "__dict__"}  # links of a source that are no name
@@ -79,6 +79,24 @@ def source_path(src: Any) -> Optional[str]:
     if not parts or any(not p or "." in p for p in parts):
         return None
     return ".".join(parts)
+
+
+def conv_module_path(node: fx.Node) -> Optional[str]:
+    """The path of the conv module whose forward made this functional conv call (Dynamo's ``nn_module_stack``:
+    ``L['self'].encoder.pos_conv_embed.conv`` -> ``encoder.pos_conv_embed.conv``, the name ``rewrite()`` gives a
+    conv module), or ``None`` when the innermost module is not a conv or its path does not read as one."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    text, cls = list(stack.values())[-1]
+    if not (isinstance(cls, type) and issubclass(cls, nn.modules.conv._ConvNd)) or not isinstance(text, str):
+        return None
+    m = re.fullmatch(r"(?:L|G)\['[^']*'\]((?:\.[A-Za-z_]\w*|\['[^']*'\]|\[\d+\])*)", text)
+    if m is None:
+        return None
+    parts = [a or b or c for a, b, c in re.findall(r"\.([A-Za-z_]\w*)|\['([^']*)'\]|\[(\d+)\]", m.group(1))]
+    parts = [p for p in parts if p not in _STATE_ATTRS]
+    return ".".join(parts) if parts and all(parts) else None
 
 
 def _is_module_wrapper(src: Any) -> bool:
