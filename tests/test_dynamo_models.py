@@ -255,3 +255,31 @@ def test_user_errors_still_fail_in_one_line():
             torch.randn(1, 3, 8, 8))
     inner = getattr(info.value, "inner_exception", None) or info.value
     assert isinstance(inner, dsrewrite.DsrewriteError) and "\n" not in str(inner) and "rank" in str(inner)
+
+
+def test_calibration_finds_nested_convs_by_their_names(monkeypatch, gen):
+    """Calibration looks up patch statistics and the teacher's convs by layer name (``1.0``, not the lifted
+    module's path in the graph): the compiled, calibrated model equals rewrite()'s, every layer with its teacher."""
+    import dsrewrite.planning as planning
+
+    found = []
+    real = planning.calib_layers
+
+    def spy(teacher, decisions):
+        layers, plain = real(teacher, decisions)
+        found.append({L.name: L.teacher is not None for L in layers})
+        return layers, plain
+
+    monkeypatch.setattr(planning, "calib_layers", spy)
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU()),
+                          nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()), nn.Conv2d(32, 32, 3)).eval()
+    x, cal = torch.randn(2, 8, 12, 12, generator=gen), torch.randn(8, 8, 12, 12, generator=gen)
+    with torch.no_grad():
+        want = dsrewrite.rewrite(model, x, target_flops=0.6, calibration=cal, measure_time=False)
+        compiled = dsrewrite.compile(model, compiler="eager", target_flops=0.6, calibration=cal)
+        got = compiled(x)
+        assert rel_err(got, want.model(x)) < TOL
+    rep = compiled.dsrewrite_reports[0]
+    assert [(L.name, L.rank) for L in rep.layers] == [(L.name, L.rank) for L in want.report.layers]
+    assert len(found) == 2 and found[0] == found[1] and found[1] and all(found[1].values())  # rewrite(), compile

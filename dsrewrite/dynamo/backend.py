@@ -28,7 +28,7 @@ from ..pipeline import Decision, plan_sites, selected
 from ..planning import Planning
 from ..report import Report, build_report
 from .guards import Guarded, Watch, weight_getter
-from .inputs import (NAMESPACE, GraphInputs, LiftedConv, Unlifted, conv_module_path, declare_params, hint, lift_convs,
+from .inputs import (GraphInputs, LiftedConv, Unlifted, conv_module_path, declare_params, hint, lift_convs,
                      source_text, source_text_of, unlift)
 from .plans import Plan, PlanCache, clear_all, replay
 
@@ -68,13 +68,16 @@ def _check_mode(mode: Optional[str]) -> None:
 # ---------------------------------------------------------------------------------------------- calibration
 class _BoundGraph(nn.Module):
     """The captured graph as a function of its one data input, the other inputs fixed at their compile-time
-    values, so calibration can run it on batches. It shares the graph's conv modules (same names, same hooks)."""
+    values, so calibration can run it on batches. It shares the graph's conv modules (same hooks), under the
+    names the sites have (``down_blocks.0.conv``: what patch statistics and teacher convs are looked up by), not
+    their paths inside the graph."""
 
-    def __init__(self, gm: fx.GraphModule, inputs: GraphInputs) -> None:
+    def __init__(self, gm: fx.GraphModule, inputs: GraphInputs, sites: Sequence[ConvSite]) -> None:
         super().__init__()
-        if hasattr(gm, NAMESPACE):
-            for k, m in getattr(gm, NAMESPACE)._modules.items():
-                self.add_module(k, m)
+        made: set = set()  # containers made here: names are only added under these
+        for s in sites:
+            if s.handle.kind == "module":
+                _attach(self, s.spec.name, gm.get_submodule(s.handle.target), made)
         object.__setattr__(self, "_graph", gm)  # not a child: names stay those of the conv modules
         self._values, self._index = list(inputs.values), inputs.data[0]
         self._sizes = []  # (graph input, dim of the data input) for sizes Dynamo made symbolic
@@ -91,6 +94,28 @@ class _BoundGraph(nn.Module):
         for j, d in self._sizes:
             args[j] = x.shape[d]
         return self._graph(*args)
+
+
+def _attach(root: nn.Module, name: str, module: nn.Module, made: set) -> None:
+    """``module`` at the dotted ``name`` under ``root``, inside containers made for it; a name that collides
+    with another (a prefix of it is a conv, an attribute of ``nn.Module``) is left out: its layer then calibrates
+    on the original conv's output instead of the teacher's activations."""
+    *prefix, last = name.split(".")
+    parent = root
+    try:
+        for p in prefix:
+            child = parent._modules.get(p)
+            if child is None:
+                child = nn.Module()
+                parent.add_module(p, child)
+                made.add(id(child))
+            elif id(child) not in made:
+                return
+            parent = child
+        if last not in parent._modules:
+            parent.add_module(last, module)
+    except (KeyError, TypeError):  # add_module refuses a name: empty, an attribute, a dot
+        return
 
 
 def _calibration_batches(batches: List[tuple], inputs: GraphInputs, bound: _BoundGraph) -> List[tuple]:
@@ -164,7 +189,7 @@ def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: GraphInputs, 
     teacher = student = None
     batches = None
     if opts.calibration is not None:
-        teacher = _BoundGraph(_teacher(gm), inputs)
+        teacher = _BoundGraph(_teacher(gm), inputs, sites)
         batches = _calibration_batches(opts.calibration, inputs, teacher)
     planning = Planning(teacher if teacher is not None else gm, (inputs.values[inputs.data[0]],) if batches else (),
                         dataclasses.replace(opts, calibration=batches))
@@ -176,7 +201,7 @@ def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: GraphInputs, 
             d.module.requires_grad_(False)
     notes.extend(planning.notes)
     if batches is not None:
-        student = _BoundGraph(gm, inputs)
+        student = _BoundGraph(gm, inputs, sites)
         notes.append(planning.calibrate(student, decisions))
     return decisions, batches is not None
 
