@@ -227,8 +227,8 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Rewr
     does the compiler's error on the captured graph itself.
     """
     saved = _Saved(gm)
-    gm.graph = _copy_graph(saved.graph)  # the pass edits a copy: the captured graph stays whole for a fallback
     try:
+        gm.graph = _copy_graph(saved.graph)  # the pass edits a copy: the captured graph stays whole for a fallback
         rewritten = _rewrite_graph(gm, example_inputs, opts, plans)
     except DsrewriteError:
         saved.restore(gm)
@@ -371,6 +371,7 @@ def _unchanged(gm: fx.GraphModule, saved: _Saved, example_inputs: Sequence[Any],
         params, shapes = 0, []
     report = build_report([], model=name, route="torch.compile", input_shapes=shapes, params_before=params,
                           flops_before=0, notes=[f"not rewritten, compiled unchanged: {why}"])
+    report.notes = report.notes[:1]  # not "no convolution found": the graph was not looked at
     reports.append(report)
     _LAST[:] = [report]
     return compiled
