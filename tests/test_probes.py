@@ -2,6 +2,7 @@
 whole input at those positions, and the self-check on the windows reaches the same verdict as on the whole item,
 for right and misread layers alike (padding, stride, dilation, padding mode, dynamic 'same' padding, weight)."""
 import gc
+import math
 import weakref
 
 import pytest
@@ -134,32 +135,27 @@ def test_windows_are_the_full_conv_at_their_positions(case, seed, window):
     assert probe.in_shape == (1,) + tuple(x.shape[1:]) and probe.out_shape == (1,) + tuple(y.shape[1:])
     full = y[:1]
     out_size = full.shape[2:]
-    m = [min(L, window) for L in out_size]
-    corner, *rest = probe.windows
-    assert corner.start == (0,) * conv.dims
-    assert torch.equal(corner.y, full[(..., *(slice(0, k) for k in m))])
-    if any(L > k for L, k in zip(out_size, m)):
-        end = full[(..., *(slice(L - k, L) for L, k in zip(out_size, m)))]
-        assert any(torch.equal(w.y, end) for w in rest)
-    for w in probe.windows:
-        assert (compared(conv, w) - w.y).abs().max() <= EXACT * max(1.0, w.y.abs().max().item())
-        assert w.y.shape[2:] == tuple(m)
-        assert w.x.untyped_storage().nbytes() == w.x.numel() * w.x.element_size()  # copies, not views
+    if len(probe.windows) == 1 and probe.windows[0].start == ():  # the whole item: smaller than the windows
+        (w,) = probe.windows
+        assert torch.equal(w.x, x[:1]) and torch.equal(w.y, full)
         span = [d * (k - 1) + 1 for k, d in zip(conv.kernel, conv.dilation)]
-        for n, k, s, sp in zip(w.x.shape[2:], m, conv.stride, span):
-            assert n <= (k + 2) * s + sp + 12  # a window's worth of input, its padding, two stride steps
-    # every window's values appear in the reference output somewhere the whole conv put them
+        bound = [(min(L, window) + 2) * s + sp + 12 for L, s, sp in zip(out_size, conv.stride, span)]
+        windows = 3 * (x.shape[1] * math.prod(bound) + y.shape[1] * math.prod(min(L, window) for L in out_size))
+        assert x[:1].numel() + full.numel() <= windows  # and it was no bigger than the windows
+        return
+    corner = probe.windows[0]
+    assert corner.start == corner.at == (0,) * conv.dims
+    # the top-left and the bottom-right output positions are compared
+    assert any(all(a + n == L for a, n, L in zip(w.at, w.y.shape[2:], out_size)) for w in probe.windows)
+    span = [d * (k - 1) + 1 for k, d in zip(conv.kernel, conv.dilation)]
     for w in probe.windows:
-        assert any(torch.equal(w.y, full[(..., *(slice(a, a + k) for a, k in zip(start, m)))])
-                   for start in _starts(out_size, m))
-
-
-def _starts(out_size, m):
-    """Candidate top-left positions of a window in the output: corner, end, middle."""
-    import itertools
-
-    per_dim = [{0, L - k, (L - k) // 2} for L, k in zip(out_size, m)]
-    return itertools.product(*per_dim)
+        # the values are the reference's at the positions the window claims, and the conv on the crop gives them
+        assert torch.equal(w.y, full[(..., *(slice(a, a + n) for a, n in zip(w.at, w.y.shape[2:])))])
+        assert (compared(conv, w) - w.y).abs().max() <= EXACT * max(1.0, w.y.abs().max().item())
+        assert w.x.untyped_storage().nbytes() == w.x.numel() * w.x.element_size()  # copies, not views
+        for n, c, k, L, s, sp in zip(x.shape[2:], w.x.shape[2:], w.y.shape[2:], out_size, conv.stride, span):
+            assert k == min(L, window) or c == n  # all positions are compared only where the whole input is kept
+            assert c <= (min(L, window) + 2) * s + sp + 12  # a window's worth of input, its padding, stride steps
 
 
 @st.composite
@@ -218,8 +214,7 @@ def test_self_check_on_windows_agrees_with_the_whole_item(m, seed, big, window):
         assert right_crop
     if bad_weight:
         assert not right_crop
-    if probe.windows[0].x.shape != x.shape:  # a real crop: the whole item was not kept
-        assert probe.nbytes < 2 * (x.numel() + y.numel()) * 8
+    assert probe.nbytes <= (x.numel() + y.numel()) * 8  # never more than the whole item
 
 
 @pytest.mark.parametrize("truth, wrong, shape_only", [
@@ -259,11 +254,25 @@ def test_padding_wider_than_the_receptive_field(gen, mode, window):
     x = torch.randn(1, 2, 40, 50, generator=gen, dtype=torch.float64)
     y = conv(x)
     probe = bounded_probe(x, y, conv.kernel, conv.args, window=window)
-    assert len(probe.windows) == (2 if window == PROBE_WINDOW else 3)  # 16 positions: no room for a middle
+    assert len(probe.windows) == 3
     for w in probe.windows:
         assert (compared(conv, w) - w.y).abs().max() <= EXACT
     err, why = _compare(conv.pair(), probe)
     assert err is not None and err < EXACT, why
+
+
+def test_a_window_reads_the_data_when_the_padding_is_wider_than_the_windows(gen):
+    """Rows: 1 tap, stride 3, padding 4, 3 input rows: only output row 2 of 4 reads any input, and neither the
+    corner, the end nor the row in the middle does; the probe still compares it, so a wrong weight is caught."""
+    conv = Conv(2, 2, 3, (1, 3), (3, 1), 4, (1, 1), "zeros", False, gen)
+    x = torch.randn(1, 2, 3, 60, generator=gen, dtype=torch.float64)
+    y = conv(x)
+    probe = bounded_probe(x, y, conv.kernel, conv.args, window=1)
+    assert 2 in {w.at[0] for w in probe.windows}
+    err, why = _compare(conv.pair(), probe)
+    assert err is not None and err < EXACT, why
+    err, why = _compare(conv.pair(conv.weight * 1.01), probe)
+    assert err is not None and err > 1e-3, why
 
 
 def test_unbatched_and_functional_settings(gen):

@@ -271,18 +271,20 @@ PROBE_WINDOW = 16  # output positions per spatial dim compared in each window of
 class Window(NamedTuple):
     """One crop of a conv's sample: ``x`` (input crop), ``y`` (the original's output at the compared
     positions) and ``start``: where those positions begin, per spatial dim, in the output of the same conv run
-    on ``x`` (the compared block is ``out[..., start[0]:start[0]+y.shape[-dims], ...]``; ``()``: all of it)."""
+    on ``x`` (the compared block is ``out[..., start[0]:start[0]+y.shape[-dims], ...]``; ``()``: all of it);
+    ``at``: where they begin in the layer's whole output (for reports and tests)."""
 
     x: torch.Tensor
     y: torch.Tensor
     start: Tuple[int, ...]
+    at: Tuple[int, ...] = ()
 
 
 @dataclass
 class Probe:
-    """What the self-check keeps of one conv call (first batch item): a few bounded :class:`Window`\ s, and the
-    full input and output shapes, so the pair's output *shape* on the whole input is still checked (on the
-    ``meta`` device, without the data)."""
+    """What the self-check keeps of one conv call (first batch item): a few bounded windows (:class:`Window`),
+    and the full input and output shapes, so the pair's output *shape* on the whole input is still checked (on
+    the ``meta`` device, without the data)."""
 
     windows: Tuple[Window, ...]
     in_shape: Tuple[int, ...]
@@ -292,7 +294,7 @@ class Probe:
     def whole(cls, x: torch.Tensor, y: torch.Tensor) -> "Probe":
         """A probe of one window holding the whole sample as given (no copy): also how a plain ``(x, y)`` tuple
         probe of another route is read."""
-        return cls((Window(x, y, ()),), tuple(x.shape), tuple(y.shape))
+        return cls((Window(x, y, (), ()),), tuple(x.shape), tuple(y.shape))
 
     @property
     def nbytes(self) -> int:
@@ -326,49 +328,59 @@ def _pads(padding: Any, kernel: Tuple[int, ...], dilation: Tuple[int, ...]) -> O
 
 def _cuts(n: int, L: int, k: int, s: int, d: int, pl: int, pr: int, mode: str, dynamic: bool,
           window: int) -> Tuple[_Cut, Optional[_Cut], Optional[_Cut]]:
-    """(top/left corner, interior, bottom/right end) cuts of one spatial dim (None where the dim has none).
+    """(top/left corner, middle, bottom/right end) cuts of one spatial dim (None where the dim has none).
 
     Output ``o`` reads input ``o*s - pl + j*d`` (``j < k``), zero/mode padding outside ``[0, n)``. A crop keeps
     input ``[a, a+c)`` (``a`` a multiple of ``s``) so output ``o'`` of the conv on the crop, which pads the crop
     itself, is full output ``o' + a/s`` wherever ``o'`` reads only crop data, or reads padding where the full
-    conv reads the same padding: at the true left border (``a = 0``) and, for the end cut, the true right border
-    (the crop ends at ``n``). Circular padding wraps the other end in: the corner crop carries the last ``pl``
-    inputs after it, the end crop the first ``pr`` before it. Dynamic 'same' padding depends on the size only
-    modulo ``s``: crops keep ``c = n (mod s)`` so it pads them as it pads the whole. Reflect/replicate/circular
-    need a crop longer than the padding."""
+    conv reads the same padding: at the true left border (``a = 0``) and, for crops that end at ``n``, the true
+    right border. Circular padding wraps the other end in: a crop from 0 carries the last ``pl`` inputs after
+    it, a crop to ``n`` the first ``pr`` before it. Dynamic 'same' padding depends on the size only modulo
+    ``s``: crops keep ``c = n (mod s)`` so it pads them as it pads the whole. Reflect/replicate/circular need a
+    crop longer than the padding. A corner whose crop is the whole input compares every output position; the
+    middle window is centred on the data, or starts at the first output that reads any input when the corner
+    reads only padding (a padding wider than the window), so some compared position always reads the data."""
     span = d * (k - 1) + 1
     low = max(pl, pr) + 1 if mode != "zeros" else 1
-    whole = (range(n),)
+    m = min(L, window)
+    j0 = -(-pl // s)  # from here on, an output of a crop not at the left border reads no padding
 
     def fit(c: int) -> int:  # the shortest crop length >= c the padding allows
         c = max(c, low)
         return c + (n - c) % s if dynamic else c
 
-    m = min(L, window)
-    c = fit((m - 1) * s - pl + span)
-    if c >= n or (mode == "circular" and c + pl > n):
-        corner = _Cut(whole, 0, 0, m)
-    else:
-        corner = _Cut((range(c), range(n - pl, n)) if mode == "circular" and pl else (range(c),), 0, 0, m)
-    if m == L:  # the corner compares every output position
-        return corner, None, None
-    inner = None
-    if L >= 3 * m:
-        o, j0 = (L - m) // 2, -(-pl // s)
-        a, c = (o - j0) * s, fit((j0 + m - 1) * s - pl + span)
-        if a > 0 and a + c <= n:
-            inner = _Cut((range(a, a + c),), j0, o, m)
-    pre = pr if mode == "circular" else 0
-    lo = (L - m) * s - pl  # the first input read by the first compared position
-    a = lo - (lo - pre) % s  # a = pre (mod s): the crop starts on a stride step
-    if pre + n - a < low:
-        a -= -(-(low - pre - n + a) // s) * s
-    if a <= 0:
-        end = _Cut(whole, L - m, L - m, m)
-    else:
+    def from_start(o: int) -> Optional[_Cut]:  # outputs o..o+m-1 from a crop short of the right end, if any
+        j = min(o, j0)
+        a, c = (o - j) * s, fit((j + m - 1) * s - pl + span)
+        if a + c >= n or (a == 0 and mode == "circular" and pl and c + pl > n):
+            return None
+        wrap = (range(n - pl, n),) if a == 0 and mode == "circular" and pl else ()
+        return _Cut((range(a, a + c),) + wrap, j, o, m)
+
+    def to_end(o: int) -> _Cut:  # outputs o..o+m-1 from a crop that ends where the input ends
+        pre = pr if mode == "circular" else 0
+        lo = o * s - pl  # the first input they read
+        a = lo - (lo - pre) % s  # a = pre (mod s): the crop starts on a stride step
+        if pre + n - a < low:
+            a -= -(-(low - pre - n + a) // s) * s
+        if a <= 0:
+            return _Cut((range(n),), o, o, m)
         q = (a - pre) // s
-        end = _Cut(((range(pre), range(a, n)) if pre else (range(a, n),)), L - m - q, L - m, m)
-    return corner, inner, end
+        return _Cut(((range(pre), range(a, n)) if pre else (range(a, n),)), o - q, o, m)
+
+    corner = from_start(0)
+    if corner is None:  # the crop would be the whole input: compare all of it
+        return _Cut((range(n),), 0, 0, L), None, None
+    if m == L:
+        return corner, None, None
+    reads = [max(0, -(-(pl - j * d) // s)) for j in range(k)]  # per tap, the first output it reads input at
+    reads = [o for j, o in zip(range(k), reads) if o < L and o * s - pl + j * d < n]
+    if reads and min(reads) >= m:
+        mid = min(min(reads), L - m)
+    else:
+        mid = min(max(((n - 1) // 2 + pl - (span - 1) // 2) // s - m // 2, 0), L - m)
+    middle = (from_start(mid) or to_end(mid)) if 0 < mid < L - m else None
+    return corner, middle, to_end(L - m)
 
 
 def _crop(t: torch.Tensor, index: Sequence[Tuple[range, ...]]) -> torch.Tensor:
@@ -390,11 +402,11 @@ def bounded_probe(x: torch.Tensor, y: torch.Tensor, kernel: Tuple[int, ...], con
     ``'valid'``), ``dilation``, ``padding_mode``, ``dynamic_same`` as :func:`describe` and :func:`conv_settings`
     give them (missing keys: ``nn.Conv*d``'s defaults). Keeps up to three windows of at most ``window`` output
     positions per dim: the top-left corner (the left/top padding, as the layer pads), the bottom-right end (the
-    right/bottom padding) and, on large outputs, the middle (data only), each with the input crop that the same
-    conv maps exactly onto them (see :func:`_cuts`: exact for every padding mode, stride, dilation and dynamic
-    'same' padding). Settings it cannot read keep the whole item (:meth:`Probe.whole`); settings that do not
-    fit the output's shape (a misread layer, which the self-check's shape check then refuses) keep the corner.
-    Every tensor kept is a copy, so the conv's activations are not held.
+    right/bottom padding) and the middle (the data), each with the input crop that the same conv maps exactly
+    onto them (see :func:`_cuts`: exact for every padding mode, stride, dilation and dynamic 'same' padding).
+    Settings it cannot read, and items smaller than the windows, keep the whole item (:meth:`Probe.whole`);
+    settings that do not give the output's shape (a misread layer, which the self-check's shape check then
+    refuses) keep the corner. Every tensor kept is a copy, so the conv's activations are not held.
     """
     dims = len(kernel)
     x, y = x.detach(), y.detach()
@@ -424,10 +436,15 @@ def bounded_probe(x: torch.Tensor, y: torch.Tensor, kernel: Tuple[int, ...], con
             pick = tuple(c[which] or c[0] for c in cuts)
             if pick not in picks:
                 picks.append(pick)
+    per_in, per_out = x.numel() // max(math.prod(n_in), 1), y.numel() // max(math.prod(n_out), 1)
+    kept = sum(math.prod(sum(map(len, c.index)) for c in pick) * per_in + math.prod(c.count for c in pick) * per_out
+               for pick in picks)
+    if kept >= x.numel() + y.numel():  # small inputs: overlapping windows would hold more than the item
+        return Probe.whole(x.clone(), y.clone())
     windows = tuple(
         Window(_crop(x, [c.index for c in pick]),
                _crop(y, [(range(c.first, c.first + c.count),) for c in pick]),
-               tuple(c.start for c in pick))
+               tuple(c.start for c in pick), tuple(c.first for c in pick))
         for pick in picks)
     return Probe(windows, in_shape, out_shape)
 
