@@ -193,7 +193,8 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
         own_forward = has_unknown_forward(m) and rec is not None and rec.functional
         if isinstance(m, CONV_MODULE_TYPES) and not own_forward and not any(isinstance(a, _PAIRS) for a in _ancestors(model, q)):
             site = module_site(q, m, [], out_shapes=rec.out_shapes if rec else [])
-            site.probe = rec.probe if rec else None
+            if rec is not None:  # the site takes the sample: nothing else keeps it
+                site.probe, rec.probe = rec.probe, None
             keyed.append(((rec.order if rec else unseen, 0), site))
             continue
         if rec is None or not rec.functional:
