@@ -189,18 +189,21 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
     params_before = count_params(model)
     work = model if inplace else deepcopy_module(model)
     notes: List[str] = list(plan.notes)
+    # a forward traced by fx may set attributes to proxies (``self.mean = self.mean.type_as(x)``), and the fx pass
+    # mirrors its swaps into an in-place model: the module-swap route starts from the model as it was
+    undo = ModelSnapshot(work)
     try:
         gm = trace(work, len(args))
     except Exception as e:  # noqa: BLE001 - any tracing failure sends us to the fallback route
         gm, why = None, "symbolic_trace failed on the whole model (" + first_line(e, 160, typed=True, cut_mark="...") + ")"
     if gm is not None:
-        undo = ModelSnapshot(work, values=False) if inplace else None  # the fx pass mirrors its swaps into `work`
         built, why = _fx_route(gm, model if inplace else None, args, cfg, plan, notes)
         if built is not None:
             built.params_before = params_before
             return built
-        if undo is not None:
-            undo.restore()
+        del gm
+    undo.restore()
+    del undo
     built = _swap_route(work, args, cfg, plan, notes, why)
     built.params_before = params_before
     return built

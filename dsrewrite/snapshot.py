@@ -13,47 +13,47 @@ from torch import nn
 
 __all__ = ["ModelSnapshot"]
 
-_MISSING = object()
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_state_dict_hooks", "_load_state_dict_pre_hooks")
+# dicts of a module whose contents (not only the dict) are restored: children, tensors, hooks
+_CONTAINERS = frozenset({
+    "_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_hooks", "_forward_pre_hooks",
+    "_backward_hooks", "_backward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks"})
 
 
 class ModelSnapshot:
-    """A model's structure and state at one moment; :meth:`restore` brings the model back to it."""
+    """A model's structure and state at one moment; :meth:`restore` brings the model back to it.
+
+    Every module's instance attributes are kept (a shallow copy of its ``__dict__``: children, parameters,
+    buffers and hooks as dicts whose contents are put back in place, plus plain attributes such as caches that
+    a traced forward may have set to fx proxies), and, unless ``values=False``, a copy of every tensor's values.
+    """
 
     def __init__(self, model: nn.Module, *, values: bool = True) -> None:
         """``values=False``: the structure only (for a step that changes no tensor of the model)."""
         self.model = model
-        self.modules: List[Tuple[nn.Module, Dict[str, Any]]] = []
+        self.modules: List[Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]] = []
         for m in model.modules():
-            saved = {"_modules": dict(m._modules), "_parameters": dict(m._parameters), "_buffers": dict(m._buffers),
-                     "training": m.training, "forward": m.__dict__.get("forward", _MISSING)}
-            for name in _HOOK_DICTS:
-                hooks = m.__dict__.get(name)
-                if hooks is not None:
-                    saved[name] = dict(hooks)
-            self.modules.append((m, saved))
+            attrs = dict(m.__dict__)
+            dicts = {k: type(v)(v) for k, v in attrs.items() if k in _CONTAINERS and isinstance(v, (dict, set))}
+            self.modules.append((m, attrs, dicts))
         with torch.no_grad():
             self.values = [(t, t.detach().clone()) for t in _tensors(model)] if values else []
 
     def restore(self) -> None:
-        """Put every module's children, parameters, buffers, hooks, ``forward`` and training flag back, and the
-        values of the tensors they held."""
-        for m, saved in self.modules:
-            for name in ("_modules", "_parameters", "_buffers") + _HOOK_DICTS:
-                if name in saved:
-                    current = m.__dict__[name]
-                    current.clear()
-                    current.update(saved[name])
-            m.training = saved["training"]
-            if saved["forward"] is _MISSING:
-                m.__dict__.pop("forward", None)
-            else:
-                m.__dict__["forward"] = saved["forward"]
+        """Put every module's attributes back (children, parameters, buffers, hooks, ``forward``, training flag,
+        plain attributes), and the values of the tensors they held."""
+        for m, attrs, dicts in self.modules:
+            for k in [k for k in m.__dict__ if k not in attrs]:
+                del m.__dict__[k]
+            for k, v in attrs.items():
+                if k in dicts:
+                    v.clear()
+                    v.update(dicts[k])
+                m.__dict__[k] = v
         with torch.no_grad():
             for t, v in self.values:
-                if t.shape == v.shape:
+                if t.shape == v.shape and t.dtype == v.dtype:
                     t.copy_(v)
                 else:
                     t.data = v

@@ -311,3 +311,62 @@ def test_conv_subclass_with_its_own_forward_is_rewritten_through_its_traced_forw
     assert {L.name for L in res.report.rewritten} == {"stem", "conv"}
     assert type(res.model.stem) is StaticSamePadConv and isinstance(res.model.conv, SeparableConv2d)
     assert rel_err(res.model(x), model(x)) < 1e-5
+
+
+class Reparametrised(nn.Module):
+    """SPAN's Conv3XC pattern: in eval, the forward recomputes its conv's weight from other layers at every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.skip = nn.Conv2d(4, 4, 1)
+        self.eval_conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.after = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        if self.training:
+            return self.after(self.branch(x) + self.skip(x))
+        w = self.branch.weight.detach().clone() + F.pad(self.skip.weight.detach(), (1, 1, 1, 1))
+        self.eval_conv.weight.data = w
+        self.eval_conv.bias.data = self.branch.bias.detach() + self.skip.bias.detach()
+        if _untraceable(x):
+            return self.after(self.eval_conv(x))
+
+
+def test_conv_whose_weight_the_forward_assigns_is_left_dense_with_the_reason(gen):
+    model = Reparametrised().eval()
+    x = torch.randn(1, 4, 9, 9, generator=gen)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
+    assert "assigned by the model's forward" in res.report.layer("eval_conv").reason
+    assert [L.name for L in res.report.rewritten] == ["after"]
+    with torch.no_grad():  # the rewritten model still follows the other layers' weights
+        model.branch.weight.mul_(0.5)
+        res.model.branch.weight.mul_(0.5)
+    assert rel_err(res.model(x), model(x)) < 1e-5
+
+
+class CachesInForward(nn.Module):
+    """HAT's pattern: the forward caches a tensor attribute (``self.mean = self.mean.type_as(x)``) before code fx
+    cannot trace. The failed trace must not leave a proxy in the model the module-swap route then runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.mean = torch.zeros(1, 3, 1, 1)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x):
+        self.mean = self.mean.type_as(x)
+        x = x - self.mean
+        if _untraceable(x):
+            return self.conv(x)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_failed_trace_leaves_no_proxy_behind(inplace, gen):
+    model = CachesInForward().eval()
+    x = torch.randn(1, 3, 8, 8, generator=gen)
+    ref = model(x)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False, inplace=inplace)
+    assert res.report.route == SWAP and [L.name for L in res.report.rewritten] == ["conv"]
+    assert isinstance(res.model.mean, torch.Tensor) and isinstance(model.mean, torch.Tensor)
+    assert rel_err(res.model(x), ref) < 1e-5

@@ -31,6 +31,7 @@ from ..modules import SeparableConv1d, SeparableConv2d
 from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
 from ..selfcheck import self_check
+from ..snapshot import ModelSnapshot
 from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, has_unknown_forward
 from .fx import (CONV_FUNCTIONS, FxHandle, ProbeProp, bounded_probe, collect_sites, conv_settings, may_rewrite,
                  module_site, owner_name, trace)
@@ -51,6 +52,7 @@ class _Record:
         self.out_shapes: List[Tuple[int, ...]] = []
         self.probe: Any = None  # conv modules: a bounded input/output sample of the first call
         self.functional: List[Dict[str, Any]] = []  # conv-function calls made by its own forward (first call)
+        self.weight_set_at_run_time = False  # conv modules: the forward assigned or changed its weight
 
 
 class _Recorder(TorchFunctionMode):
@@ -107,6 +109,7 @@ def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Rec
     # describe() before the hooks: it refuses a conv with forward hooks, ours included
     rec = _Recorder({m: describe(m).conv_args for m in model.modules() if isinstance(m, CONV_MODULE_TYPES)})
     handles = []
+    stored = {m: _weight_state(m) for m in rec.conv_args if "weight" in m._parameters}
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(rec.pre, with_kwargs=True))
         handles.append(m.register_forward_hook(rec.post, always_call=True))
@@ -116,7 +119,15 @@ def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Rec
     finally:
         for h in handles:
             h.remove()
+    for m, state in stored.items():  # a weight the model's own forward reassigns (re-parametrised blocks)
+        if _weight_state(m) != state:
+            rec.recs.setdefault(m, _Record(len(rec.recs))).weight_set_at_run_time = True
     return rec.recs, int(counter.get_total_flops())
+
+
+def _weight_state(m: nn.Module) -> Tuple[int, int, int]:
+    w = m._parameters["weight"]
+    return (id(w), w.data_ptr(), w._version) if w is not None else (0, 0, 0)
 
 
 class _ChildrenAsLeaves(fx.Tracer):
@@ -127,8 +138,13 @@ class _ChildrenAsLeaves(fx.Tracer):
 
 
 def _trace_own_forward(owner: nn.Module, rec: _Record) -> Tuple[fx.GraphModule, ProbeProp]:
-    """The owner's forward as a graph (children as leaves), shape-propagated on its recorded inputs."""
-    gm = trace(owner, len(rec.args), tracer=_ChildrenAsLeaves())
+    """The owner's forward as a graph (children as leaves), shape-propagated on its recorded inputs. Attributes
+    the forward sets while traced (caches that would hold fx proxies) are put back afterwards."""
+    undo = ModelSnapshot(owner, values=False)
+    try:
+        gm = trace(owner, len(rec.args), tracer=_ChildrenAsLeaves())
+    finally:
+        undo.restore()
     prop = ProbeProp(gm)
     # ShapeProp prints a traceback before re-raising: a forward that does not run traced is reported, not printed
     with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
@@ -193,6 +209,9 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
         own_forward = has_unknown_forward(m) and rec is not None and rec.functional
         if isinstance(m, CONV_MODULE_TYPES) and not own_forward and not any(isinstance(a, _PAIRS) for a in _ancestors(model, q)):
             site = module_site(q, m, [], out_shapes=rec.out_shapes if rec else [])
+            if rec is not None and rec.weight_set_at_run_time and not site.spec.extra.get("unsupported"):
+                site.spec.extra["unsupported"] = ("its weight is assigned by the model's forward (e.g. re-parametrised "
+                                                  "from other layers at every call): a pair would not follow it")
             if rec is not None:  # the site takes the sample: nothing else keeps it
                 site.probe, rec.probe = rec.probe, None
             keyed.append(((rec.order if rec else unseen, 0), site))
