@@ -234,3 +234,21 @@ def test_dynamic_same_pair_matches_timm_padding():
             x = torch.randn(1, 3, size, size + 1)
             ref = F.conv2d(pad_same(x, (k, k), (s, s), (d, d)), conv.weight, None, s, 0, d)
             assert rel_err(pair(x), ref) <= TOL
+
+
+@pytest.mark.parametrize("padding", [None, "SAME"])
+def test_transformers_weight_standardized_conv_rewritten_on_both_routes(route, padding):
+    """transformers' BiT convs (weight standardised, dynamic TF 'same' padding with global_padding='SAME')."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BitConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_groups=4,
+                                 global_padding=padding, layer_type="bottleneck")
+    model = transformers.BitModel(cfg).eval()
+    x = torch.randn(1, 3, 33, 33)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
+    rewritten = {L.name: L.note or "" for L in res.report.rewritten}
+    assert "embedder.convolution" in rewritten and "WeightStandardizedConv2d" in rewritten["embedder.convolution"]
+    with torch.no_grad():
+        for size in (33, 40):
+            xi = torch.randn(2, 3, size, size)
+            assert rel_err(res.model(xi).last_hidden_state, model(xi).last_hidden_state) <= TOL, size

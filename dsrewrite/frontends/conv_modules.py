@@ -94,6 +94,10 @@ for _mod in ("timm.layers.std_conv", "timm.models.layers.std_conv"):
                          what="weight standardised and scaled (timm ScaledStdConv2d)")
     register_conv_module(f"{_mod}.ScaledStdConv2dSame", weight=_scaled_standardised, dynamic_same=_same,
                          what="weight standardised and scaled (timm ScaledStdConv2dSame)")
+# transformers' BiT / ViT-hybrid: timm's StdConv2d(Same) under another name (its DynamicPad2d pads TF 'same')
+register_conv_module("transformers.models.bit.modeling_bit.WeightStandardizedConv2d", weight=_standardised,
+                     dynamic_same=lambda m: getattr(m, "pad", None) is not None,
+                     what="weight standardised (transformers WeightStandardizedConv2d)")
 
 
 def has_unknown_forward(mod: nn.Module) -> bool:
