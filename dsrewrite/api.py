@@ -190,8 +190,9 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
     work = model if inplace else deepcopy_module(model)
     notes: List[str] = list(plan.notes)
     # a forward traced by fx may set attributes to proxies (``self.mean = self.mean.type_as(x)``), and the fx pass
-    # mirrors its swaps into an in-place model: the module-swap route starts from the model as it was
-    undo = ModelSnapshot(work)
+    # mirrors its swaps into an in-place model: the module-swap route starts from the model as it was (structure
+    # only: tracing runs on proxies; a failed in-place rewrite gets its values back from rewrite()'s snapshot)
+    undo = ModelSnapshot(work, values=False)
     try:
         gm = trace(work, len(args))
     except Exception as e:  # noqa: BLE001 - any tracing failure sends us to the fallback route
