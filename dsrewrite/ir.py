@@ -30,8 +30,8 @@ class ConvSpec:
         calls: how many times the conv runs in one forward (a shared module counts each call).
         kind: where it came from (``"module"``, ``"function"``, ``"onnx"``).
         transposed: a transposed convolution (never rewritten).
-        pixels: total output positions over batch and calls, when calls differ in shape
-            (otherwise computed as ``batch * calls * prod(out_spatial)``).
+        pixels: total output positions over batch and calls, when calls differ in shape (otherwise computed as
+            ``batch * calls * prod(out_spatial)``); for a transposed conv, its input positions (its work's count).
         extra: frontend notes, e.g. ``{"unsupported": reason}`` for a setting the frontend cannot rewrite.
     """
 

@@ -370,3 +370,25 @@ def test_a_failed_trace_leaves_no_proxy_behind(inplace, gen):
     assert res.report.route == SWAP and [L.name for L in res.report.rewritten] == ["conv"]
     assert isinstance(res.model.mean, torch.Tensor) and isinstance(model.mean, torch.Tensor)
     assert rel_err(res.model(x), ref) < 1e-5
+
+
+def test_transposed_conv_rows_count_flops_as_flop_counter_mode_does(route, gen):
+    """A transposed conv's row counts its work over its input positions, FlopCounterMode's convention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.up = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)
+
+        def forward(self, x):
+            return self.up(self.conv(x))
+
+    model = Up().eval()
+    x = torch.randn(2, 3, 10, 12, generator=gen)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.up(torch.randn(2, 8, 10, 12, generator=gen))
+    res = dsrewrite.rewrite(model, x, rank=2, measure_time=False)
+    assert res.report.layer("up").flops_before == counter.get_total_flops()
+    assert sum(L.flops_before for L in res.report.layers) == res.report.flops_before

@@ -128,17 +128,23 @@ def _pixels_of(shapes: List[Tuple[int, ...]], dims: int) -> Tuple[Optional[Tuple
     return tuple(shapes[0][-dims:]), batches[0], total
 
 
-def module_site(target: str, mod: nn.Module, nodes: List[fx.Node], *, out_shapes=None) -> ConvSite:
+def module_site(target: str, mod: nn.Module, nodes: List[fx.Node], *, out_shapes=None, in_shapes=None) -> ConvSite:
     """The site of one conv module: its effective weight and settings from
     :func:`~dsrewrite.frontends.conv_modules.describe`, or the reason it cannot be rewritten.
 
-    Output shapes come from the nodes' ``tensor_meta`` or, on the module-swap route, from ``out_shapes``.
+    Output shapes come from the nodes' ``tensor_meta`` or, on the module-swap route, from ``out_shapes``. A
+    transposed conv's work is counted over its *input* positions (FlopCounterMode's convention), from the
+    nodes' inputs or ``in_shapes``.
     """
     dims = len(mod.kernel_size)
     if out_shapes is None:
         out_spatial, batch, total = _pixels(nodes, dims)
     else:
         out_spatial, batch, total = _pixels_of(out_shapes, dims)
+    if isinstance(mod, TRANSPOSED_TYPES):
+        if in_shapes is None:
+            in_shapes = [_out_shape(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None for n in nodes]
+        total = None if not in_shapes or any(s is None for s in in_shapes) else _pixels_of(in_shapes, dims)[2]
     info = describe(mod)
     extra = {}
     if info.unsupported:

@@ -50,6 +50,7 @@ class _Record:
         self.args: Optional[Tuple[Any, ...]] = None
         self.has_kwargs = False
         self.out_shapes: List[Tuple[int, ...]] = []
+        self.in_shapes: List[Tuple[int, ...]] = []  # transposed convs only
         self.probe: Any = None  # conv modules: a bounded input/output sample of the first call
         self.functional: List[Dict[str, Any]] = []  # conv-function calls made by its own forward (first call)
         self.weight_set_at_run_time = False  # conv modules: the forward assigned or changed its weight
@@ -97,6 +98,8 @@ class _Recorder(TorchFunctionMode):
             rec.args = first_args
         if isinstance(mod, CONV_MODULE_TYPES) and isinstance(out, torch.Tensor):
             rec.out_shapes.append(tuple(out.shape))
+            if isinstance(mod, TRANSPOSED_TYPES) and args and isinstance(args[0], torch.Tensor):
+                rec.in_shapes.append(tuple(args[0].shape))  # its FLOPs are counted over its input positions
             if rec.probe is None and args and isinstance(args[0], torch.Tensor) and may_rewrite(
                     mod.groups, mod.kernel_size, isinstance(mod, TRANSPOSED_TYPES)):
                 rec.probe = bounded_probe(args[0], out, tuple(mod.kernel_size), self.conv_args[mod])
@@ -208,7 +211,7 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
             continue
         own_forward = has_unknown_forward(m) and rec is not None and rec.functional
         if isinstance(m, CONV_MODULE_TYPES) and not own_forward and not any(isinstance(a, _PAIRS) for a in _ancestors(model, q)):
-            site = module_site(q, m, [], out_shapes=rec.out_shapes if rec else [])
+            site = module_site(q, m, [], out_shapes=rec.out_shapes if rec else [], in_shapes=rec.in_shapes if rec else [])
             if rec is not None and rec.weight_set_at_run_time and not site.spec.extra.get("unsupported"):
                 site.spec.extra["unsupported"] = ("its weight is assigned by the model's forward (e.g. re-parametrised "
                                                   "from other layers at every call): a pair would not follow it")
