@@ -9,11 +9,11 @@ from torch import nn
 
 from .config import RewriteConfig
 from .errors import DsrewriteError, RewrittenModelFails, first_line
-from .frontends.conv_modules import deepcopy_module
+from .frontends.conv_modules import deepcopy_module, weight_states
 from .frontends.fx import trace
 from .frontends.swap import breaking_swap, rewrite_untraceable
 from .fx_pass import SeparableRewritePass
-from .measure import count_params, eval_mode, input_device, time_models
+from .measure import count_params, eval_mode, input_device, outputs_differ, seeded, time_models
 from .pipeline import Decision, Selector, layer_report, matcher
 from .planning import Planning
 from .report import Report, build_report
@@ -197,12 +197,15 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
         gm = trace(work, len(args))
     except Exception as e:  # noqa: BLE001 - any tracing failure sends us to the fallback route
         gm, why = None, "symbolic_trace failed on the whole model (" + first_line(e, 160, typed=True, cut_mark="...") + ")"
+    undo.restore()
     if gm is not None:
-        built, why = _fx_route(gm, model if inplace else None, args, cfg, plan, notes)
-        if built is not None:
-            built.params_before = params_before
-            return built
-        del gm
+        reference, why = _reference(work, args)
+        if why is None:
+            built, why = _fx_route(gm, model if inplace else None, args, cfg, plan, notes, reference)
+            if built is not None:
+                built.params_before = params_before
+                return built
+        del gm, reference
     undo.restore()
     del undo
     built = _swap_route(work, args, cfg, plan, notes, why)
@@ -210,9 +213,29 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
     return built
 
 
+def _reference(model: nn.Module, args: tuple):
+    """``(the model's own output on args, None)``, or ``(None, why a traced graph of it cannot stand for it)``: its
+    forward assigns conv weights (which a graph would freeze at the values it was traced with)."""
+    before = weight_states(model)
+    try:
+        with eval_mode(model), torch.no_grad(), seeded():
+            out = model(*args)
+    except Exception as e:  # noqa: BLE001
+        raise DsrewriteError(f"example inputs do not run through the model: {first_line(e, typed=True)}") from None
+    after = weight_states(model)
+    names = {m: q for q, m in model.named_modules()}
+    assigned = [names[m] for m, state in before.items() if after.get(m) != state]
+    if assigned:
+        more = ", ..." if len(assigned) > 3 else ""
+        return None, (f"the model's forward assigns conv weights ({', '.join(assigned[:3])}{more}), which a traced "
+                      "graph would freeze")
+    return out, None
+
+
 def _fx_route(gm, mirror: Optional[nn.Module], args: tuple, cfg: RewriteConfig, plan: Planning,
-              notes: List[str]):
-    """``(built, None)`` on the fx route, or ``(None, why the module-swap route must do it)``."""
+              notes: List[str], reference: Any):
+    """``(built, None)`` on the fx route, or ``(None, why the module-swap route must do it)``. ``reference``: the
+    model's own output, which the traced graph must reproduce before it is trusted."""
     gm.training = (mirror or gm).training
     p = SeparableRewritePass(args, cfg.rank, cfg.include, cfg.exclude, cfg.backend, mirror=mirror,
                              progress=cfg.progress, plan_kwargs=plan.kwargs)
@@ -224,6 +247,10 @@ def _fx_route(gm, mirror: Optional[nn.Module], args: tuple, cfg: RewriteConfig, 
         what = ("the rewritten graph fails its checks" if p.decisions  # it failed after planning: the graph
                 else "the traced graph does not run on the example inputs")  # e.g. control flow on an input
         return None, f"{what} ({first_line(e, 160, typed=True, cut_mark='...')})"
+    differs = outputs_differ(reference, p.traced_output)
+    p.traced_output = None
+    if differs:
+        return None, f"the traced graph does not reproduce the model ({differs})"
     rewritten = [(d.site.spec.name, d.module) for d in p.decisions if d.module is not None]
     if rewritten:
         try:

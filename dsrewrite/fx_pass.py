@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .backends.fx import apply_decisions, separable_for
 from .frontends.fx import ProbeProp, collect_sites
-from .measure import count_params, eval_mode
+from .measure import count_params, eval_mode, seeded
 from .modules import BACKENDS
 from .pipeline import Decision, Selector, plan_sites
 from .policy import RankArg, check_rank
@@ -58,6 +58,9 @@ class SeparableRewritePass(PassBase):
         self.decisions: List[Decision] = []
         self.flops_before: int = 0
         self.self_check_note: Optional[str] = None  # what the per-layer self-check found
+        # the traced graph's output on the example inputs, before the rewrite (random draws seeded by seeded()):
+        # rewrite() compares it with the model's own to know the trace is faithful
+        self.traced_output: Any = None
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         if not isinstance(graph_module, fx.GraphModule):
@@ -70,8 +73,8 @@ class SeparableRewritePass(PassBase):
         prop = ProbeProp(graph_module)
         try:
             with eval_mode(graph_module), torch.no_grad(), FlopCounterMode(display=False) as counter, \
-                    contextlib.redirect_stderr(captured):
-                prop.propagate(*self.example_inputs)
+                    contextlib.redirect_stderr(captured), seeded():
+                self.traced_output = prop.propagate(*self.example_inputs)
         except RuntimeError as e:
             if e.__cause__ is not None:
                 raise e.__cause__ from None

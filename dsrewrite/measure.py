@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_flops", "time_call", "time_side_by_side", "time_models", "compare",
+__all__ = ["seeded", "tensors_of", "outputs_differ", "count_params", "count_flops", "time_call", "time_side_by_side", "time_models", "compare",
            "Comparison", "eval_mode", "input_device"]
 
 
@@ -30,6 +31,52 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, t in flags:
             m.training = t
+
+
+@contextlib.contextmanager
+def seeded(seed: int = 0) -> Iterator[None]:
+    """Run with the random generators seeded (CPU and the current CUDA device) and put their state back after:
+    two runs of a forward that draws random numbers draw the same ones."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def tensors_of(value: Any) -> List[torch.Tensor]:
+    """The tensors of a (nested) model output, in order: tuples, lists, dicts (``ModelOutput`` too), dataclasses."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_of(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors_of(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in tensors_of(getattr(value, f.name))]
+    return []
+
+
+def outputs_differ(a: Any, b: Any, tol: float = 1e-5) -> Optional[str]:
+    """Why two model outputs are not the same computation's (structure, shape, dtype, or a relative error above
+    ``tol``; 16-bit outputs allow 1e-2), or ``None``."""
+    ta, tb = tensors_of(a), tensors_of(b)
+    if len(ta) != len(tb):
+        return f"{len(tb)} output tensors instead of {len(ta)}"
+    for i, (x, y) in enumerate(zip(ta, tb)):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return f"output {i}: {tuple(y.shape)} {y.dtype} instead of {tuple(x.shape)} {x.dtype}"
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return f"output {i} differs"
+            continue
+        x64, y64 = x.detach().double(), y.detach().double()
+        if not torch.equal(torch.isfinite(x64), torch.isfinite(y64)):
+            return f"output {i}: non-finite values differ"
+        x64, y64 = torch.nan_to_num(x64), torch.nan_to_num(y64)
+        err = float((x64 - y64).norm() / x64.norm().clamp_min(1e-30))
+        if err > (1e-2 if x.dtype in (torch.float16, torch.bfloat16) else tol):
+            return f"output {i}: relative error {err:.2g}"
+    return None
 
 
 def count_flops(fn: Callable[..., Any], args: Sequence[Any]) -> int:

@@ -392,3 +392,64 @@ def test_transposed_conv_rows_count_flops_as_flop_counter_mode_does(route, gen):
     res = dsrewrite.rewrite(model, x, rank=2, measure_time=False)
     assert res.report.layer("up").flops_before == counter.get_total_flops()
     assert sum(L.flops_before for L in res.report.layers) == res.report.flops_before
+
+
+class AssignsThenTraces(nn.Module):
+    """Traces whole, but its forward assigns a conv's weight, which the traced graph would freeze."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.eval_conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.out = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        self.eval_conv.weight.data = self.conv.weight.detach() * 1.0
+        return self.out(self.eval_conv(x))
+
+
+def test_a_traced_graph_that_freezes_assigned_weights_is_not_trusted(gen):
+    model = AssignsThenTraces().eval()
+    x = torch.randn(1, 8, 12, 12, generator=gen)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
+    assert res.report.route == SWAP
+    assert any("assigns conv weights (eval_conv)" in n for n in res.report.notes)
+    assert [L.name for L in res.report.rewritten] == ["out"]
+    assert rel_err(res.model(x), model(x)) < 1e-5
+
+
+class NoisyButTraceable(nn.Module):
+    """A forward that draws random numbers: the fx route's faithfulness check draws the same ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x + 0.1 * torch.randn_like(x))
+
+
+def test_faithfulness_check_draws_the_same_random_numbers(gen):
+    res = dsrewrite.rewrite(NoisyButTraceable().eval(), torch.randn(1, 3, 8, 8, generator=gen), rank="full",
+                            measure_time=False)
+    assert res.report.route == "fx" and len(res.report.rewritten) == 1
+
+
+def test_traced_graph_that_differs_from_the_model_falls_back(gen, monkeypatch):
+    """Whatever a trace misses (simulated here by a graph whose weights differ from the model's), the graph's output
+    is compared with the model's before the graph is trusted."""
+    model = Plain().eval()
+    x = torch.randn(1, 3, 8, 8, generator=gen)
+    real = api.trace
+
+    def stale(work, *a, **k):  # a graph of other weights: as if the trace had frozen something the model changes
+        gm = real(copy.deepcopy(work), *a, **k)
+        with torch.no_grad():
+            gm.a.weight.mul_(2.0)
+        return gm
+
+    monkeypatch.setattr(api, "trace", stale)
+    res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
+    assert res.report.route == SWAP
+    assert any(n.startswith("the traced graph does not reproduce the model (output 0: relative error") for n in res.report.notes)
+    assert rel_err(res.model(x), model(x)) < 1e-5

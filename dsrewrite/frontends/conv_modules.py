@@ -21,7 +21,7 @@ from torch import nn
 from ..modules import tf_same_pad
 
 __all__ = ["ConvModuleInfo", "describe", "deepcopy_module", "register_conv_module", "is_known_conv_class",
-           "has_unknown_forward", "tf_same_pad",
+           "has_unknown_forward", "weight_states", "tf_same_pad",
            "CONV_MODULE_TYPES", "TRANSPOSED_TYPES"]
 
 TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -98,6 +98,17 @@ for _mod in ("timm.layers.std_conv", "timm.models.layers.std_conv"):
 register_conv_module("transformers.models.bit.modeling_bit.WeightStandardizedConv2d", weight=_standardised,
                      dynamic_same=lambda m: getattr(m, "pad", None) is not None,
                      what="weight standardised (transformers WeightStandardizedConv2d)")
+
+
+def weight_states(model: nn.Module) -> Dict[nn.Module, Tuple[int, int, int]]:
+    """Each conv module's stored weight as (object, storage, version): compared across a forward, it tells which
+    weights the model's own code assigns or changes in place (re-parametrised blocks do, at every call)."""
+    states = {}
+    for m in model.modules():
+        w = m._parameters.get("weight") if isinstance(m, CONV_MODULE_TYPES) else None
+        if w is not None:
+            states[m] = (id(w), w.data_ptr(), w._version)
+    return states
 
 
 def has_unknown_forward(mod: nn.Module) -> bool:

@@ -32,7 +32,7 @@ from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
 from ..selfcheck import self_check
 from ..snapshot import ModelSnapshot
-from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, has_unknown_forward
+from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, has_unknown_forward, weight_states
 from .fx import (CONV_FUNCTIONS, FxHandle, ProbeProp, bounded_probe, collect_sites, conv_settings, may_rewrite,
                  module_site, owner_name, trace)
 
@@ -112,7 +112,7 @@ def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Rec
     # describe() before the hooks: it refuses a conv with forward hooks, ours included
     rec = _Recorder({m: describe(m).conv_args for m in model.modules() if isinstance(m, CONV_MODULE_TYPES)})
     handles = []
-    stored = {m: _weight_state(m) for m in rec.conv_args if "weight" in m._parameters}
+    stored = weight_states(model)
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(rec.pre, with_kwargs=True))
         handles.append(m.register_forward_hook(rec.post, always_call=True))
@@ -122,15 +122,11 @@ def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Rec
     finally:
         for h in handles:
             h.remove()
+    after = weight_states(model)
     for m, state in stored.items():  # a weight the model's own forward reassigns (re-parametrised blocks)
-        if _weight_state(m) != state:
+        if after.get(m) != state:
             rec.recs.setdefault(m, _Record(len(rec.recs))).weight_set_at_run_time = True
     return rec.recs, int(counter.get_total_flops())
-
-
-def _weight_state(m: nn.Module) -> Tuple[int, int, int]:
-    w = m._parameters["weight"]
-    return (id(w), w.data_ptr(), w._version) if w is not None else (0, 0, 0)
 
 
 class _ChildrenAsLeaves(fx.Tracer):
