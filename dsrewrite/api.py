@@ -17,7 +17,7 @@ from .measure import count_params, eval_mode, input_device, outputs_differ, seed
 from .pipeline import Decision, Selector, layer_report, matcher
 from .planning import Planning
 from .report import Report, build_report
-from .selfcheck import check_runs
+from .selfcheck import check_runs, out_of_memory
 from .snapshot import ModelSnapshot
 
 __all__ = ["rewrite", "RewriteResult", "as_args"]
@@ -221,6 +221,7 @@ def _reference(model: nn.Module, args: tuple):
         with eval_mode(model), torch.no_grad(), seeded():
             out = model(*args)
     except Exception as e:  # noqa: BLE001
+        _raise_if_out_of_memory(e)
         raise DsrewriteError(f"example inputs do not run through the model: {first_line(e, typed=True)}") from None
     after = weight_states(model)
     names = {m: q for q, m in model.named_modules()}
@@ -244,6 +245,7 @@ def _fx_route(gm, mirror: Optional[nn.Module], args: tuple, cfg: RewriteConfig, 
     except DsrewriteError:
         raise
     except Exception as e:  # noqa: BLE001
+        _raise_if_out_of_memory(e)
         what = ("the rewritten graph fails its checks" if p.decisions  # it failed after planning: the graph
                 else "the traced graph does not run on the example inputs")  # e.g. control flow on an input
         return None, f"{what} ({first_line(e, 160, typed=True, cut_mark='...')})"
@@ -278,6 +280,7 @@ def _swap_route(work: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning
         except DsrewriteError:
             raise
         except Exception as e:  # noqa: BLE001
+            _raise_if_out_of_memory(e)
             raise DsrewriteError(f"example inputs do not run through the model: {first_line(e, typed=True)}") from None
         for d in decisions:
             if d.site.spec.name in failed:
@@ -299,6 +302,13 @@ def _swap_route(work: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning
         route_notes.append(f"{len(failed)} layer(s) left dense because the model fails with them rewritten: "
                            f"{', '.join(failed)}")
     return _Built(new_model, decisions, "fx-submodules+module-swap", [why] + notes + route_notes, flops_before, args)
+
+
+def _raise_if_out_of_memory(e: BaseException) -> None:
+    """Running out of memory is the machine's limit, not a fact about the model or a layer: say so in one line."""
+    if out_of_memory(e):
+        raise DsrewriteError(f"ran out of memory while rewriting ({first_line(e, 160, typed=True, cut_mark='...')}): "
+                             "give smaller example inputs or free memory") from None
 
 
 def _also_excluding(exclude: Selector, names: Dict[str, str]) -> Selector:

@@ -453,3 +453,16 @@ def test_traced_graph_that_differs_from_the_model_falls_back(gen, monkeypatch):
     assert res.report.route == SWAP
     assert any(n.startswith("the traced graph does not reproduce the model (output 0: relative error") for n in res.report.notes)
     assert rel_err(res.model(x), model(x)) < 1e-5
+
+
+def test_running_out_of_memory_is_not_a_layer_verdict(gen, monkeypatch):
+    """An allocation failure in the self-check is said as one, not a layer left dense as 'failed' (nor a model
+    whose inputs do not run)."""
+    import dsrewrite.selfcheck as selfcheck
+
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(selfcheck, "_meta_shape", oom)
+    with pytest.raises(dsrewrite.DsrewriteError, match="^ran out of memory while rewriting .*can't allocate memory"):
+        dsrewrite.rewrite(Plain().eval(), torch.randn(1, 3, 8, 8, generator=gen), rank="full", measure_time=False)
