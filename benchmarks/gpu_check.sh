@@ -8,10 +8,10 @@
 # after it is skipped and says so):
 #   1. correctness   benchmarks/gpu_check.py: compiled kernels vs float64 F.conv2d (fp16, bf16, tf32, fp32,
 #                    NCHW and channels_last, fused and split, ragged, backward; the autotune-key regression)
-#   2. configs       benchmarks/kernels.py --check-configs: every autotune config of every kernel, 3 dtypes
-#   3. kernels       benchmarks/kernels.py, MobileNet layers, N=64, fp16: Triton vs eager cuDNN NCHW / channels_last
-#   4. max-autotune  benchmarks/kernels.py, the first 2 of those cases vs torch.compile default and max-autotune
-#   5. end to end    benchmarks/kernels.py --e2e: rewritten ResNet-50 / VGG-16 (rank 4, N=8, fp16, triton backend)
+#   2. configs       benchmarks/kernel_speed.py --check-configs: every autotune config of every kernel, 3 dtypes
+#   3. kernels       benchmarks/kernel_speed.py, MobileNet layers, N=64, fp16: Triton vs eager cuDNN NCHW / channels_last
+#   4. max-autotune  benchmarks/kernel_speed.py, the first 2 of those cases vs torch.compile default and max-autotune
+#   5. end to end    benchmarks/kernel_speed.py --e2e: rewritten ResNet-50 / VGG-16 (rank 4, N=8, fp16, triton backend)
 # The package is not installed there: the script copies dsrewrite/, kernels/ (as dsrewrite/kernels), tests/,
 # benchmarks/ and pyproject.toml into a scratch folder and runs from it, as `pip install` would lay them out.
 # Logs and JSON go to $OUT when set (the device tool brings that folder back), else to the scratch folder.
@@ -73,14 +73,14 @@ step() {  # step NAME TIMEOUT_S CMD...
   return 0
 }
 
-BENCH=(benchmarks/kernels.py --suite mobilenet --n 64 --dtype fp16)
+BENCH=(benchmarks/kernel_speed.py --suite mobilenet --n 64 --dtype fp16)
 step correctness 120 "$PY" benchmarks/gpu_check.py
-step configs 80 "$PY" benchmarks/kernels.py --check-configs
+step configs 80 "$PY" benchmarks/kernel_speed.py --check-configs
 step kernels 130 "$PY" "${BENCH[@]}" --variants eager_nchw eager_cl triton_nchw triton_cl triton_fused triton_split \
   --out "$LOGS/kernels.json"
 step max-autotune 70 "$PY" "${BENCH[@]}" --limit 2 --variants eager_cl compile compile_max triton_cl \
   --out "$LOGS/kernels_compile.json"
-step end-to-end 90 "$PY" benchmarks/kernels.py --suite mobilenet --n 8 --dtype fp16 --limit 1 --variants triton_cl \
+step end-to-end 90 "$PY" benchmarks/kernel_speed.py --suite mobilenet --n 8 --dtype fp16 --limit 1 --variants triton_cl \
   --ranks 4 --e2e --out "$LOGS/e2e.json"
 
 if (( DRY )); then
@@ -89,7 +89,7 @@ if (( DRY )); then
 import sys
 sys.path.insert(0, "benchmarks")
 import gpu_check
-import kernels as bench
+import kernel_speed as bench
 assert gpu_check.main(["--dry-run"]) == 0
 assert bench.main(sys.argv[1:] + ["--dry-run"]) == 0
 PYEOF

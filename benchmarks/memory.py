@@ -341,6 +341,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # benchmarks/kernels.py, as sys.path[0], would shadow the `kernels` distribution diffusers/transformers probe for
+    # a kernels.py in benchmarks/ (there was one) would, as sys.path[0], shadow the `kernels` distribution diffusers/transformers probe for
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") not in (HERE, ROOT)]
     main()

@@ -21,8 +21,8 @@ fresh input before and after), the rewrite's wall time, and when something raise
 innermost frame. The models of one library run in one worker process (imported once); a model that hangs
 (``--timeout``) or crashes the worker is one row, and a new worker takes the rest.
 
-The script directory is dropped from ``sys.path`` in the child: ``benchmarks/kernels.py`` would otherwise
-shadow the ``kernels`` distribution that transformers/diffusers probe for (issue 21, "Install").
+The script directory is dropped from ``sys.path`` in the child: a ``kernels.py`` there (``benchmarks/kernels.py``
+was renamed ``kernel_speed.py`` for this) would shadow the ``kernels`` distribution transformers/diffusers probe for.
 
 Usage:
   python benchmarks/real_models_libs.py                       # all models, both routes (~15 min, 2 cores)
@@ -1101,6 +1101,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # benchmarks/ holds kernels.py: as sys.path[0] it would shadow the `kernels` distribution transformers probes
+    # a kernels.py in benchmarks/ (there was one) would, as sys.path[0], shadow the `kernels` distribution transformers probes
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") not in (HERE, ROOT)]
     main()

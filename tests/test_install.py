@@ -190,3 +190,14 @@ def test_transformers_sees_what_is_installed_from_the_root(tmp_path):
     here, elsewhere = run(code), run(code, cwd=str(tmp_path))
     assert here.returncode == 0 and elsewhere.returncode == 0, here.stderr[-3000:] + elsewhere.stderr[-3000:]
     assert here.stdout.strip() == elsewhere.stdout.strip()
+
+
+def test_no_script_folder_holds_a_module_named_like_a_probed_distribution():
+    """A script run from benchmarks/ or examples/ puts that folder first on ``sys.path``: a ``kernels.py`` there
+    would be what transformers and diffusers import as Hugging Face's ``kernels``."""
+    probed = {"kernels", "diffusers", "transformers", "torch", "triton", "onnx", "onnxruntime", "timm", "accelerate"}
+    for folder in ("benchmarks", "examples"):
+        names = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(ROOT, folder)) if f.endswith(".py")}
+        names |= {d for d in os.listdir(os.path.join(ROOT, folder))
+                  if os.path.isfile(os.path.join(ROOT, folder, d, "__init__.py"))}
+        assert not names & probed, (folder, names & probed)

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py without a GPU: the CLI parses, --dry-run lists cases, FLOP and byte helpers are
+"""benchmarks/kernel_speed.py without a GPU: the CLI parses, --dry-run lists cases, FLOP and byte helpers are
 right (FLOPs checked against FlopCounterMode on the two convs; exact integer equality)."""
 import importlib.util
 import pathlib
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_speed.py"
 
 
 def _bench_module():

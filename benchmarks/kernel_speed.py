@@ -14,10 +14,10 @@ overhead would dominate). Reported: speed-up of the best Triton layout over each
 *measured* device-to-device copy bandwidth (bytes = input read once + output written once + weights),
 TFLOP/s (2 FLOPs per multiply-add), and max error vs fp32 eager (tf32 off), relative to max |reference|.
 
-    python benchmarks/kernels.py --dry-run                       # list the cases (no GPU needed)
-    python benchmarks/kernels.py --suite mobilenet --n 8 64 --dtype fp16 --out benchmarks/kernels.json
-    python benchmarks/kernels.py --check-configs                 # every autotune config vs F.conv2d
-    python benchmarks/kernels.py --e2e --n 8 --dtype fp16        # rewritten ResNet-50 / VGG-16, end to end
+    python benchmarks/kernel_speed.py --dry-run                       # list the cases (no GPU needed)
+    python benchmarks/kernel_speed.py --suite mobilenet --n 8 64 --dtype fp16 --out benchmarks/kernels.json
+    python benchmarks/kernel_speed.py --check-configs                 # every autotune config vs F.conv2d
+    python benchmarks/kernel_speed.py --e2e --n 8 --dtype fp16        # rewritten ResNet-50 / VGG-16, end to end
 """
 from __future__ import annotations
 
