@@ -81,8 +81,9 @@ class ConvSite:
 
     ``weight`` is ``[Cout, Cin/groups, *kernel]`` (torch tensor or numpy array): the weight the conv really
     uses (a run-time weight folded, see ``spec.extra["folded"]``); ``bias`` ``[Cout]`` or ``None``.
-    ``handle`` is whatever the frontend's backend needs to write the result back. ``probe``: an input the
-    conv saw in the example forward and its output there, for the per-layer self-check (``None``: unknown).
+    ``handle`` is whatever the frontend's backend needs to write the result back. ``probe``: a bounded sample of
+    an input the conv saw in the example forward and its output there (``frontends.fx.Probe``), for the
+    per-layer self-check (``None``: unknown).
     """
 
     spec: ConvSpec
