@@ -5,8 +5,12 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
-from typing import Any, Optional, Sequence
+import tempfile
+from typing import Any, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_json(path: str, script: str, argv: Optional[Sequence[str]], **payload: Any) -> None:
@@ -18,3 +22,16 @@ def write_json(path: str, script: str, argv: Optional[Sequence[str]], **payload:
                 command=f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]))
     with open(path, "w") as f:
         json.dump(dict(meta=meta, **payload), f, indent=1)
+
+
+def export_code(rev: str) -> Tuple[str, str]:
+    """``git archive`` of ``dsrewrite/`` and ``kernels/`` at ``rev`` into a temporary directory laid out as the
+    installed package (``kernels/`` as ``dsrewrite/kernels``): children import it through ``PYTHONPATH``, so a run
+    measures that commit even while the working tree is being edited. Returns (directory, full commit)."""
+    commit = subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+    d = tempfile.mkdtemp(prefix=f"dsrewrite-{commit[:8]}-")
+    tar = subprocess.run(["git", "archive", commit, "dsrewrite", "kernels"], capture_output=True, cwd=ROOT, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", d], input=tar, check=True)
+    if os.path.isdir(os.path.join(d, "kernels")):
+        os.rename(os.path.join(d, "kernels"), os.path.join(d, "dsrewrite", "kernels"))
+    return d, commit

@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from _meta import export_code  # benchmarks/_meta.py: this script's folder is sys.path[0]
 from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -167,17 +168,6 @@ def child(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ parent
-def export_code(rev: str) -> Tuple[str, str]:
-    """``git archive`` of ``dsrewrite/`` and ``kernels/`` at ``rev``, laid out as the installed package."""
-    commit = subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
-    d = tempfile.mkdtemp(prefix=f"dsrewrite-{commit[:8]}-")
-    tar = subprocess.run(["git", "archive", commit, "dsrewrite", "kernels"], capture_output=True, cwd=ROOT, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", d], input=tar, check=True)
-    if os.path.isdir(os.path.join(d, "kernels")):
-        os.rename(os.path.join(d, "kernels"), os.path.join(d, "dsrewrite", "kernels"))
-    return d, commit
-
-
 def run_case(spec: dict, env: Optional[dict], timeout: float) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         out = f.name

@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
+from _meta import export_code  # benchmarks/_meta.py: this script's folder is sys.path[0]
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -880,19 +881,6 @@ def child(names: List[str], out_path: str, routes: List[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ parent
-def export_code(rev: str) -> Tuple[str, str]:
-    """``git archive`` of ``dsrewrite/`` and ``kernels/`` at ``rev`` into a temporary directory laid out as the
-    installed package (``kernels/`` as ``dsrewrite/kernels``): children import it through ``PYTHONPATH``, so a run
-    measures that commit even while the working tree is being edited. Returns (directory, full commit)."""
-    commit = subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
-    d = tempfile.mkdtemp(prefix=f"dsrewrite-{commit[:8]}-")
-    tar = subprocess.run(["git", "archive", commit, "dsrewrite", "kernels"], capture_output=True, cwd=ROOT, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", d], input=tar, check=True)
-    if os.path.isdir(os.path.join(d, "kernels")):
-        os.rename(os.path.join(d, "kernels"), os.path.join(d, "dsrewrite", "kernels"))
-    return d, commit
-
-
 def run_group(names: List[str], routes: List[str], timeout: float, env: Optional[dict], report) -> List[dict]:
     """Run ``names`` (one library) in a worker process that imports the library once. A model that writes no row for
     ``timeout`` seconds is killed (a row saying so) and a new worker takes the rest; a crash likewise."""

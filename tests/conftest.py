@@ -43,3 +43,16 @@ def taps():
     yield "target_taps"
     del BUDGETS["target_taps"]
 
+
+
+@pytest.fixture(params=["fx", "swap"])
+def route(request, monkeypatch) -> str:
+    """Both torch routes: the fx pass, and the module-swap route (whole-model tracing made to fail); the value is
+    the route name the report gives."""
+    if request.param == "swap":
+        from dsrewrite import api
+
+        def untraceable(*a, **k):
+            raise RuntimeError("tracing disabled by the test")
+        monkeypatch.setattr(api, "trace", untraceable)
+    return "fx" if request.param == "fx" else "fx-submodules+module-swap"

@@ -20,16 +20,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.fixture(params=["fx", "swap"])
-def route(request, monkeypatch):
-    """Both torch routes: the fx pass, and the module-swap fallback (tracing made to fail)."""
-    if request.param == "swap":
-        def untraceable(*a, **k):
-            raise RuntimeError("tracing disabled by the test")
-        monkeypatch.setattr(api, "trace", untraceable)
-    return "fx" if request.param == "fx" else "fx-submodules+module-swap"
-
-
 class TimmConvs(nn.Module):
     """Every registered timm conv class, stride 2 where it matters (TF 'same' padding then depends on size)."""
 

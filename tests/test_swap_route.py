@@ -16,16 +16,6 @@ from tests.conftest import rel_err
 SWAP = "fx-submodules+module-swap"
 
 
-@pytest.fixture(params=["fx", "swap"])
-def route(request, monkeypatch):
-    """Both torch routes: the fx pass, and the module-swap route (whole-model tracing made to fail)."""
-    if request.param == "swap":
-        def untraceable(*a, **k):
-            raise RuntimeError("tracing disabled by the test")
-        monkeypatch.setattr(api, "trace", untraceable)
-    return "fx" if request.param == "fx" else SWAP
-
-
 def _untraceable(x: torch.Tensor) -> bool:
     return bool(x.sum() > -1e30)  # data-dependent control flow: symbolic_trace cannot take it
 
