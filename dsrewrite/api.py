@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import RewriteConfig
-from .errors import DsrewriteError, RewrittenModelFails, first_line
+from .errors import DsrewriteError, RewrittenModelFails, first_line, raise_if_out_of_memory
 from .frontends.conv_modules import deepcopy_module, weight_states
 from .frontends.fx import trace
 from .frontends.swap import breaking_swap, rewrite_untraceable
@@ -17,7 +17,7 @@ from .measure import count_params, eval_mode, input_device, outputs_differ, seed
 from .pipeline import Decision, Selector, layer_report, matcher
 from .planning import Planning
 from .report import Report, build_report
-from .selfcheck import check_runs, out_of_memory
+from .selfcheck import check_runs
 from .snapshot import ModelSnapshot
 
 __all__ = ["rewrite", "RewriteResult", "as_args"]
@@ -193,6 +193,7 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
     # mirrors its swaps into an in-place model: the module-swap route starts from the model as it was (structure
     # only: tracing runs on proxies; a failed in-place rewrite gets its values back from rewrite()'s snapshot)
     undo = ModelSnapshot(work, values=False)
+    built = None
     try:
         gm = trace(work, len(args))
     except Exception as e:  # noqa: BLE001 - any tracing failure sends us to the fallback route
@@ -202,13 +203,11 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
         reference, why = _reference(work, args)
         if why is None:
             built, why = _fx_route(gm, model if inplace else None, args, cfg, plan, notes, reference)
-            if built is not None:
-                built.params_before = params_before
-                return built
         del gm, reference
-    undo.restore()
-    del undo
-    built = _swap_route(work, args, cfg, plan, notes, why)
+        if built is None:
+            undo.restore()
+    if built is None:
+        built = _swap_route(work, args, cfg, plan, notes, why, undo)
     built.params_before = params_before
     return built
 
@@ -221,7 +220,7 @@ def _reference(model: nn.Module, args: tuple):
         with eval_mode(model), torch.no_grad(), seeded():
             out = model(*args)
     except Exception as e:  # noqa: BLE001
-        _raise_if_out_of_memory(e)
+        raise_if_out_of_memory(e)
         raise DsrewriteError(f"example inputs do not run through the model: {first_line(e, typed=True)}") from None
     after = weight_states(model)
     names = {m: q for q, m in model.named_modules()}
@@ -245,7 +244,7 @@ def _fx_route(gm, mirror: Optional[nn.Module], args: tuple, cfg: RewriteConfig, 
     except DsrewriteError:
         raise
     except Exception as e:  # noqa: BLE001
-        _raise_if_out_of_memory(e)
+        raise_if_out_of_memory(e)
         what = ("the rewritten graph fails its checks" if p.decisions  # it failed after planning: the graph
                 else "the traced graph does not run on the example inputs")  # e.g. control flow on an input
         return None, f"{what} ({first_line(e, 160, typed=True, cut_mark='...')})"
@@ -258,7 +257,7 @@ def _fx_route(gm, mirror: Optional[nn.Module], args: tuple, cfg: RewriteConfig, 
         try:
             with eval_mode(gm):
                 check_runs(gm, args, rewritten)
-        except DsrewriteError as e:
+        except RewrittenModelFails as e:
             return None, f"the fx-rewritten graph does not run ({first_line(e, 200, cut_mark='...')})"
     return _Built(gm, p.decisions, "fx", notes + [p.self_check_note], p.flops_before, args), None
 
@@ -267,10 +266,10 @@ _MAX_LEFT_DENSE = 3  # layers the swap route leaves dense, one rebuild each, bef
 
 
 def _swap_route(work: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, notes: List[str],
-                why: str) -> _Built:
-    """The module-swap route on ``work`` (rewritten in place); rebuilt without a layer whose pair fails."""
+                why: str, undo: ModelSnapshot) -> _Built:
+    """The module-swap route on ``work`` (rewritten in place, ``undo`` its structure before); rebuilt without a
+    layer whose pair fails."""
     failed: Dict[str, str] = {}
-    undo = ModelSnapshot(work, values=False)
     while True:
         exclude = _also_excluding(cfg.exclude, failed)
         try:
@@ -280,7 +279,7 @@ def _swap_route(work: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning
         except DsrewriteError:
             raise
         except Exception as e:  # noqa: BLE001
-            _raise_if_out_of_memory(e)
+            raise_if_out_of_memory(e)
             raise DsrewriteError(f"example inputs do not run through the model: {first_line(e, typed=True)}") from None
         for d in decisions:
             if d.site.spec.name in failed:
@@ -302,13 +301,6 @@ def _swap_route(work: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning
         route_notes.append(f"{len(failed)} layer(s) left dense because the model fails with them rewritten: "
                            f"{', '.join(failed)}")
     return _Built(new_model, decisions, "fx-submodules+module-swap", [why] + notes + route_notes, flops_before, args)
-
-
-def _raise_if_out_of_memory(e: BaseException) -> None:
-    """Running out of memory is the machine's limit, not a fact about the model or a layer: say so in one line."""
-    if out_of_memory(e):
-        raise DsrewriteError(f"ran out of memory while rewriting ({first_line(e, 160, typed=True, cut_mark='...')}): "
-                             "give smaller example inputs or free memory") from None
 
 
 def _also_excluding(exclude: Selector, names: Dict[str, str]) -> Selector:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["DsrewriteError", "BudgetUnreachable", "RewrittenModelFails", "first_line"]
+import torch
+
+__all__ = ["DsrewriteError", "BudgetUnreachable", "RewrittenModelFails", "first_line", "raise_if_out_of_memory"]
 
 
 class DsrewriteError(ValueError):
@@ -62,3 +64,13 @@ def first_line(e: BaseException, limit: Optional[int] = None, *, typed: bool = F
     if limit is None or len(text) <= limit:
         return text
     return text[:max(limit - len(cut_mark), 0)] + cut_mark
+
+
+def raise_if_out_of_memory(e: BaseException) -> None:
+    """Running out of memory (CPU or GPU) is the machine's limit, not a fact about the model or a layer: say so in
+    one line (a :class:`DsrewriteError`); any other error passes through."""
+    oom = isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower()))
+    if oom:
+        raise DsrewriteError(f"ran out of memory while rewriting ({first_line(e, 160, typed=True, cut_mark='...')}): "
+                             "give smaller example inputs or free memory") from None

@@ -16,12 +16,12 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import DsrewriteError, RewrittenModelFails, first_line
+from .errors import DsrewriteError, RewrittenModelFails, first_line, raise_if_out_of_memory
 from .factorize import Factors, exact_factors
 from .frontends.fx import Probe
 from .pipeline import Decision, layer_report
 
-__all__ = ["self_check", "check_runs", "tolerance", "Tally", "out_of_memory"]
+__all__ = ["self_check", "check_runs", "tolerance", "Tally"]
 
 
 def tolerance(y: torch.Tensor) -> float:
@@ -57,8 +57,7 @@ def _compare(module: nn.Module, probe: Union[Probe, Tuple[torch.Tensor, torch.Te
             shape = _meta_shape(module, probe.in_shape, torch.float64)
             outs = [module(w.x.double()) for w in probe.windows]
         except Exception as e:  # noqa: BLE001 - a pair that does not run on the layer's input is a failure too
-            if out_of_memory(e):  # the machine's limit, not the layer's: no verdict on the pair
-                raise
+            raise_if_out_of_memory(e)  # the machine's limit, not the layer's: no verdict on the pair
             return None, f"the pair does not run on the layer's input ({first_line(e, 120, typed=True)})"
         if shape != probe.out_shape:
             return None, f"output shape {shape} instead of {probe.out_shape}"
@@ -72,14 +71,6 @@ def _compare(module: nn.Module, probe: Union[Probe, Tuple[torch.Tensor, torch.Te
             scale += ref.square().sum().item()
             diff += (out - ref).square().sum().item()
     return (diff ** 0.5 / scale ** 0.5 if scale > 0 else diff ** 0.5), ""
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is the allocator running out of memory (CPU or GPU), which says nothing about the code."""
-    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 class Tally:
@@ -144,9 +135,7 @@ def check_runs(model: nn.Module, args: tuple, modules: List[Tuple[str, nn.Module
             model(*args)
     except Exception as e:  # noqa: BLE001
         cause = first_line(e, 160, typed=True, cut_mark="...")
-        if out_of_memory(e):
-            raise DsrewriteError(f"the rewritten model ran out of memory on the example inputs ({cause}): give "
-                                 "smaller example inputs") from None
+        raise_if_out_of_memory(e)
         layer = current[-1] if current else None
         where = (f" (last rewritten layer entered: {layer}); exclude={layer!r} works around it" if layer else
                  "; exclude= the layers it reads to work around it")
