@@ -8,7 +8,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,3 +35,10 @@ def export_code(rev: str) -> Tuple[str, str]:
     if os.path.isdir(os.path.join(d, "kernels")):
         os.rename(os.path.join(d, "kernels"), os.path.join(d, "dsrewrite", "kernels"))
     return d, commit
+
+
+def code_env(rev: str) -> Tuple[Dict[str, str], str]:
+    """The environment in which a child process imports dsrewrite as committed at ``rev`` (:func:`export_code`
+    first on ``PYTHONPATH``), and the full commit."""
+    d, commit = export_code(rev)
+    return dict(os.environ, PYTHONPATH=d + os.pathsep + os.environ.get("PYTHONPATH", "")), commit

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from _meta import export_code  # benchmarks/_meta.py: this script's folder is sys.path[0]
+from _meta import code_env  # benchmarks/_meta.py: this script's folder is sys.path[0]
 from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -277,8 +277,7 @@ def main() -> None:
         return
     env, code = None, None
     if a.code_at:
-        d, commit = export_code(a.code_at)
-        env = dict(os.environ, PYTHONPATH=d + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env, commit = code_env(a.code_at)
         code = f"git archive of {a.code_at} ({commit[:7]})"
     else:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()

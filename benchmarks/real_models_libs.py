@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
-from _meta import export_code  # benchmarks/_meta.py: this script's folder is sys.path[0]
+from _meta import code_env  # benchmarks/_meta.py: this script's folder is sys.path[0]
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1044,8 +1044,7 @@ def main() -> None:
         ap.error(f"unknown models: {unknown} (see --list)")
     env = None
     if a.code_at:
-        code_dir, code_commit = export_code(a.code_at)
-        env = dict(os.environ, PYTHONPATH=code_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env, code_commit = code_env(a.code_at)
     where = subprocess.run([sys.executable, "-c", "import dsrewrite, os; print(os.path.dirname(dsrewrite.__file__))"],
                            capture_output=True, text=True, env=env, cwd=tempfile.gettempdir()).stdout.strip()
     print(f"dsrewrite imported from {where}", flush=True)
