@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from _meta import code_env  # benchmarks/_meta.py: this script's folder is sys.path[0]
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -689,7 +689,6 @@ def _compare(ref: Any, new: Any) -> dict:
 
 
 def _snapshot(m) -> dict:
-    import torch
     return {"state": {k: v.detach().clone() for k, v in m.state_dict().items()},
             "types": [(n, f"{type(x).__module__}.{type(x).__qualname__}") for n, x in m.named_modules()],
             "training": m.training}

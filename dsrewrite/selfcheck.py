@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import DsrewriteError, RewrittenModelFails, first_line, raise_if_out_of_memory
+from .errors import RewrittenModelFails, first_line, raise_if_out_of_memory
 from .factorize import Factors, exact_factors
 from .frontends.fx import Probe
 from .pipeline import Decision, layer_report
