@@ -193,57 +193,30 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
     paths = _paths(model)
     names = {id(p): q for q, p in model.named_parameters(remove_duplicate=False)}
     keyed: List[Tuple[Tuple[int, int], ConvSite]] = []  # (first-call order, position in its graph), site
-    traced: List[Tuple[str, nn.Module, fx.GraphModule, List[ConvSite]]] = []
+    traced: List[Tuple[nn.Module, fx.GraphModule, List[ConvSite]]] = []
     untraced: List[str] = []
     unseen = len(recs) + 1
+    halves = {id(h) for m in paths if isinstance(m, _PAIRS) for h in (m.depthwise, m.pointwise)}
     for m, where in paths.items():
         q = where[0]
         rec = recs.get(m)
+        order = rec.order if rec else unseen
         if isinstance(m, _PAIRS):
             for half in ("depthwise", "pointwise"):  # a pair from an earlier rewrite: reported, never rewritten
                 site = module_site(f"{q}.{half}", getattr(m, half), [], out_shapes=rec.out_shapes if rec else [])
                 site.spec.extra["unsupported"] = "part of a separable pair from an earlier rewrite"
-                keyed.append(((rec.order if rec else unseen, 0), site))
+                keyed.append(((order, 0), site))
             continue
-        own_forward = has_unknown_forward(m) and rec is not None and rec.functional
-        if isinstance(m, CONV_MODULE_TYPES) and not own_forward and not any(isinstance(a, _PAIRS) for a in _ancestors(model, q)):
-            site = module_site(q, m, [], out_shapes=rec.out_shapes if rec else [], in_shapes=rec.in_shapes if rec else [])
-            if rec is not None and rec.weight_set_at_run_time and not site.spec.extra.get("unsupported"):
-                site.spec.extra["unsupported"] = ("its weight is assigned by the model's forward (e.g. re-parametrised "
-                                                  "from other layers at every call): a pair would not follow it")
-            if rec is not None:  # the site takes the sample: nothing else keeps it
-                site.probe, rec.probe = rec.probe, None
-            keyed.append(((rec.order if rec else unseen, 0), site))
-            continue
-        if rec is None or not rec.functional:
-            continue
-        label = f"{type(m).__name__} ({q})" if q else f"{type(m).__name__} (the model)"
-        if rec.calls != 1 or rec.has_kwargs or rec.args is None:
-            why = "called more than once" if rec.calls != 1 else "called with keyword arguments"
-            sites = _untraced_sites(q, m, rec, f"functional conv in the forward of {label}, {why}: not traced", names)
-            keyed.extend(((rec.order, i + 1), s) for i, s in enumerate(sites))
-            untraced.append(q or "(the model)")
-            continue
-        try:
-            gm, prop = _trace_own_forward(m, rec)
-        except Exception as e:  # noqa: BLE001 - a forward fx cannot trace keeps its convs, with the reason
-            why = f"functional conv in the forward of {label}, which torch.fx cannot trace ({first_line(e, 120, typed=True)})"
-            if own_forward:  # a conv subclass: reported as the conv it is, with why it stays
-                why = f"{describe(m).unsupported}; its forward does not trace ({first_line(e, 120, typed=True)})"
-            sites = _untraced_sites(q, m, rec, why, names)
-            keyed.extend(((rec.order, i + 1), s) for i, s in enumerate(sites))
-            untraced.append(q or "(the model)")
-            continue
-        finally:
-            rec.args = None  # the inputs were only kept for this
-        sites = [s for s in collect_sites(gm, prop.probes) if s.handle.kind == "function"]
-        del prop
-        for i, s in enumerate(sites):
-            # named as the fx route names it on the whole model: the module that owns the weight
-            w = s.handle.weight_target
-            s.spec.name = owner_name(f"{q}.{w}" if q else w) if w else (f"{q}.{s.spec.name}" if q else s.spec.name)
-            keyed.append(((rec.order, i + 1), s))
-        traced.append((q, m, gm, sites))
+        own_forward = has_unknown_forward(m) and rec is not None and bool(rec.functional)
+        if isinstance(m, CONV_MODULE_TYPES) and not own_forward and id(m) not in halves:
+            keyed.append(((order, 0), _conv_module_site(q, m, rec)))
+        elif rec is not None and rec.functional:
+            sites, gm = _caller_sites(q, m, rec, own_forward, names)
+            keyed.extend(((order, i + 1), s) for i, s in enumerate(sites))
+            if gm is None:
+                untraced.append(q or "(the model)")
+            else:
+                traced.append((m, gm, sites))
     ordered = [s for _, s in sorted(keyed, key=lambda t: t[0])]
 
     plan_kwargs.setdefault("total_flops", flops)  # budgets are fractions of the whole model
@@ -253,14 +226,14 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
     by_site = {id(d.site): d for d in decisions}
 
     forwards = []
-    for q, owner, gm, sites in traced:
+    for owner, gm, sites in traced:
         mine = [by_site[id(s)] for s in sites]
         if apply_decisions(gm, mine, backend=backend, namespace=owner):  # the new pairs, named where owner has room
             for d in mine:
                 if d.module is not None:
                     set_submodule(owner, _path_of(gm, d.module), d.module)
             owner.forward = GraphForward(owner, gm.graph)
-            forwards.append(q or "(the model)")
+            forwards.append(paths[owner][0] or "(the model)")
     swapped = 0
     for s in ordered:
         d = by_site[id(s)]
@@ -280,9 +253,40 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
     return model, decisions, flops, notes
 
 
-def _ancestors(model: nn.Module, q: str) -> List[nn.Module]:
-    parts = q.split(".") if q else []
-    return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts))]
+def _conv_module_site(q: str, m: nn.Module, rec: Optional[_Record]) -> ConvSite:
+    """A conv module's site from its record: shapes, the sample (moved, not copied), a weight assigned at run time."""
+    site = module_site(q, m, [], out_shapes=rec.out_shapes if rec else [], in_shapes=rec.in_shapes if rec else [])
+    if rec is None:
+        return site
+    if rec.weight_set_at_run_time and not site.spec.extra.get("unsupported"):
+        site.spec.extra["unsupported"] = ("its weight is assigned by the model's forward (e.g. re-parametrised "
+                                          "from other layers at every call): a pair would not follow it")
+    site.probe, rec.probe = rec.probe, None  # the site takes the sample: nothing else keeps it
+    return site
+
+
+def _caller_sites(q: str, m: nn.Module, rec: _Record, own_forward: bool, names: Dict[int, str]
+                  ) -> Tuple[List[ConvSite], Optional[fx.GraphModule]]:
+    """The functional-conv sites of a module whose own forward calls conv functions, and the graph of that forward
+    (``None`` when it is not traced: then every site carries the reason)."""
+    label = f"{type(m).__name__} ({q})" if q else f"{type(m).__name__} (the model)"
+    if rec.calls != 1 or rec.has_kwargs or rec.args is None:
+        why = "called more than once" if rec.calls != 1 else "called with keyword arguments"
+        return _untraced_sites(q, m, rec, f"functional conv in the forward of {label}, {why}: not traced", names), None
+    try:
+        gm, prop = _trace_own_forward(m, rec)
+    except Exception as e:  # noqa: BLE001 - a forward fx cannot trace keeps its convs, with the reason
+        why = f"functional conv in the forward of {label}, which torch.fx cannot trace ({first_line(e, 120, typed=True)})"
+        if own_forward:  # a conv subclass: reported as the conv it is, with why it stays
+            why = f"{describe(m).unsupported}; its forward does not trace ({first_line(e, 120, typed=True)})"
+        return _untraced_sites(q, m, rec, why, names), None
+    finally:
+        rec.args = None  # the inputs were only kept for this
+    sites = [s for s in collect_sites(gm, prop.probes) if s.handle.kind == "function"]
+    for s in sites:  # named as the fx route names it on the whole model: the module that owns the weight
+        w = s.handle.weight_target
+        s.spec.name = owner_name(f"{q}.{w}" if q else w) if w else (f"{q}.{s.spec.name}" if q else s.spec.name)
+    return sites, gm
 
 
 def _path_of(gm: nn.Module, module: nn.Module) -> str:
