@@ -45,7 +45,8 @@ def as_args(example_inputs: Any) -> tuple:
 
 def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfig] = None,
             **options: Any) -> RewriteResult:
-    """Replace the standard convs of ``model`` by low-rank depthwise-separable pairs.
+    """Replace the standard convs of ``model`` by low-rank depthwise-separable pairs, and (``kinds``) its 1x1 convs
+    and linear layers by low-rank pairs.
 
     The options are a :class:`~dsrewrite.config.RewriteConfig` (``config``) and/or its fields as keyword
     arguments (applied on top of ``config``):
@@ -57,6 +58,10 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
             they give output shapes for FLOPs and must run through the model.
         rank: int (same for every layer, clamped to each layer's full rank), ``"auto"`` (default: half of
             each layer's FLOP break-even rank, skipping layers that cannot save) or ``"full"`` (exact).
+        kinds: which layers to rewrite: ``"kxk"`` (KxK convs, as depthwise-separable pairs), ``"pointwise"``
+            (1x1 convs) and ``"linear"`` (``nn.Linear``, ``F.linear``), both as low-rank pairs (a ``k``-wide
+            reduction, then the expansion); a list, or ``"all"``. Default: all kinds under a budget (one
+            allocation over every layer), ``"kxk"`` with ``rank`` (a rank means a different thing per kind).
         include / exclude: glob patterns over conv names (``"layer4.*"``) or a callable ``name -> bool``.
         inplace: allow changing ``model`` itself (its conv modules are swapped); otherwise it is untouched.
         backend: how the new pairs run: ``"auto"``, ``"triton"`` or ``"torch"``.

@@ -253,6 +253,16 @@ def _parse_size(text: str) -> Tuple[int, int]:
     return shape
 
 
+def _parse_kinds(text: str) -> tuple:
+    """``--kinds kxk,linear`` / ``all``; argparse reports the one-line error."""
+    from .ir import check_kinds
+
+    try:
+        return check_kinds([t.strip() for t in text.split(",") if t.strip()])
+    except DsrewriteError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parse_fraction(text: str) -> float:
     try:
         v = float(text)
@@ -337,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target-latency", type=_parse_fraction, help="keep at most this fraction of the measured "
                    "time (layers timed on --device; slower separable forms left alone)")
     r.add_argument("--energy", type=_parse_fraction, help="per layer, keep this fraction of the spectral energy")
+    r.add_argument("--kinds", type=_parse_kinds, help="layer kinds to rewrite, comma-separated: kxk (KxK convs, "
+                   "separable pairs), pointwise (1x1 convs), linear (both as low-rank pairs), or all (default: all "
+                   "under a --target-*/--energy budget, kxk with --rank)")
     r.add_argument("--ragged", action="store_true", help="per-channel ranks from each channel's spectrum: same "
                    "cost as the uniform rank, lower error (the depthwise conv gathers its inputs)")
     r.add_argument("--calibration", help="a folder of images, or a .pt tensor file (ONNX: .npy/.npz/.pt): "

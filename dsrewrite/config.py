@@ -15,7 +15,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 from .errors import DsrewriteError
 from .latency import MEMORY_FORMATS
 from .modules import BACKENDS
-from .policy import RankArg, check_rank
+from .ir import check_kinds
+from .policy import RankArg, check_rank, plan_kinds
 from .runtimes import RUNTIMES
 
 __all__ = ["RewriteConfig", "ROUTE_UNSUPPORTED", "COMPILERS"]
@@ -72,7 +73,10 @@ class RewriteConfig:
     Selection: ``rank`` (int, ``"auto"``, ``"full"``), ``include`` / ``exclude`` (globs or a callable).
     Budgets (at most one, instead of ``rank``): ``target_flops``, ``target_params``, ``target_latency`` (fractions
     of the whole model), ``energy`` (per layer), or ``budget=(name, fraction)`` for any kind registered with
-    :func:`dsrewrite.costs.register_budget`. ``ragged``: per-channel ranks. ``calibration``: data for
+    :func:`dsrewrite.costs.register_budget`. ``kinds``: the layer kinds to rewrite (``"kxk"`` convs as separable
+    pairs, ``"pointwise"`` 1x1 convs and ``"linear"`` layers as low-rank pairs, or ``"all"``; ``None``: all of them
+    under a budget, ``"kxk"`` for a ``rank``, see :func:`dsrewrite.policy.default_kinds`). ``ragged``: per-channel
+    ranks. ``calibration``: data for
     data-aware initialisation (every route; on the ONNX route computed in onnxruntime, ``sequential``
     choosing between the rewritten graph's activations, in execution order, and the original model's; ``None``:
     sequential when it fits in time). ``runtime``: what the model is timed in, for latency planning and
@@ -92,6 +96,7 @@ class RewriteConfig:
     target_latency: Optional[float] = None
     energy: Optional[float] = None
     budget: Optional[Tuple[str, float]] = None
+    kinds: Any = None
     ragged: bool = False
     calibration: Any = field(default=None, compare=False)
     sequential: Optional[bool] = None
@@ -147,6 +152,8 @@ class RewriteConfig:
                                chosen if self.budget is not None else chosen[1])
         matcher(self.include, "include")
         matcher(self.exclude, "exclude")
+        if self.kinds is not None:
+            object.__setattr__(self, "kinds", check_kinds(self.kinds))
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -177,6 +184,7 @@ class RewriteConfig:
         return cls(rank=get("rank", "auto"), include=get("include") or None, exclude=get("exclude") or None,
                    target_flops=get("target_flops"), target_params=get("target_params"),
                    target_latency=get("target_latency"), energy=get("energy"), ragged=bool(get("ragged", False)),
+                   kinds=get("kinds") or None,
                    calibration=get("calibration"), sequential=get("sequential"), device=get("device"),
                    latency_cache=get("latency_cache"),
                    runtime=get("runtime") or ("onnxruntime" if str(get("out") or "").lower().endswith(".onnx")
@@ -226,6 +234,10 @@ class RewriteConfig:
                 return key, getattr(self, key)
         return None
 
+    def layer_kinds(self) -> Tuple[str, ...]:
+        """The layer kinds this plan rewrites: ``kinds``, or the default for a budget or a rank."""
+        return plan_kinds(self.kinds, self.chosen_budget() is not None)
+
     def plan_key(self) -> Tuple[tuple, list]:
         """What decides ranks and factors, hashable (plans are cached on it); objects compared by identity and
         returned in the list, to be kept alive with the plan."""
@@ -240,5 +252,5 @@ class RewriteConfig:
             return ("id", id(v))
 
         names = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "budget",
-                 "calibration", "sequential", "ragged")
+                 "calibration", "sequential", "ragged", "kinds")
         return tuple((k, freeze(getattr(self, k))) for k in names), keep

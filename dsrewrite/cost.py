@@ -2,7 +2,9 @@
 
 FLOPs count 2 per multiply-add over the whole batch, the convention of
 ``torch.utils.flop_counter.FlopCounterMode`` (bias adds are not counted, as there). MACs = FLOPs / 2.
-Separable cost per output pixel: ``Cin*r*K + Cin*r*Cout`` multiply-adds vs ``Cin*Cout*K`` (K = taps).
+Separable cost per output pixel: ``Cin*r*K + Cin*r*Cout`` multiply-adds vs ``Cin*Cout*K`` (K = taps). A 1x1 conv
+or linear layer's low-rank pair is the separable pair of its :meth:`~dsrewrite.ir.ConvSpec.pair_view` (one channel,
+``Cin`` taps): ``k*Cin + k*Cout`` per position, so every function here prices both kinds with one formula.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ def dense_params(spec: ConvSpec) -> int:
 
 
 def separable_params(spec: ConvSpec, rank: int) -> int:
-    """Parameters of the depthwise (``Cin*r*K``) + pointwise (``Cout*Cin*r`` + bias) pair."""
+    """Parameters of the depthwise (``Cin*r*K``) + pointwise (``Cout*Cin*r`` + bias) pair (low rank:
+    ``k*Cin + Cout*k`` + bias)."""
+    spec = spec.pair_view()
     cr = spec.in_channels * rank
     return cr * spec.kernel_area + spec.out_channels * cr + (spec.out_channels if spec.bias else 0)
 
@@ -51,11 +55,14 @@ def dense_flops(spec: ConvSpec) -> int:
 
 
 def separable_flops(spec: ConvSpec, rank: int) -> int:
-    """FLOPs (2 x MACs) of the separable pair at ``rank`` over all calls of the conv."""
+    """FLOPs (2 x MACs) of the separable (or low-rank) pair at ``rank`` over all calls of the layer."""
+    spec = spec.pair_view()
     return sum(separable_pair_flops(spec.in_channels * rank, spec.out_channels, spec.kernel_area, spec.out_pixels))
 
 
 def breakeven_rank(spec: ConvSpec) -> float:
-    """Rank at which the separable pair costs as many FLOPs as the dense conv: ``Cout*K / (K + Cout)``."""
+    """Rank at which the pair costs as many FLOPs as the dense layer: ``Cout*K / (K + Cout)`` (low rank:
+    ``Cout*Cin / (Cin + Cout)``)."""
+    spec = spec.pair_view()
     k = spec.kernel_area
     return spec.out_channels * k / (k + spec.out_channels)

@@ -9,6 +9,12 @@ depthwise conv with ``r`` filters per channel (rows of ``sqrt(S) Vh``) followed 
 ``Cin*r`` largest singular values over all channels. That is the best fit with that many depthwise filters
 (the error is the sum of the dropped ``s**2``), at the cost of the uniform rank ``r``; the depthwise conv then
 reads its input through ``channel_index`` (filter ``j`` reads input channel ``channel_index[j]``).
+
+*Low rank* (1x1 convs and linear layers, ``[Cout, Cin]``): the same factorisation of the weight seen as one input
+channel with ``Cin`` taps (:func:`lowrank_view`), i.e. the truncated SVD of the whole matrix: a ``k``-wide
+reduction (rows of ``sqrt(S) Vh``) then the expansion (``U sqrt(S)``), exact at ``k = min(Cin, Cout)``.
+:func:`factorize_layer` picks the form; :func:`as_lowrank` / :func:`as_view` convert between the view's factors
+and the layer's.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import torch
 
 from .ir import full_rank  # one definition, shared with ConvSpec.full_rank (re-exported here)
 
-__all__ = ["Factors", "factorize", "exact_factors", "full_rank", "rank_errors", "uniform_error_curve", "ragged_error_curve",
+__all__ = ["Factors", "factorize", "factorize_layer", "lowrank_view", "as_lowrank", "as_view", "exact_factors", "full_rank", "rank_errors", "uniform_error_curve", "ragged_error_curve",
            "as_tensor", "channel_svd", "ragged_keep", "uniform_keep", "separable_terms"]
 
 
@@ -39,6 +45,8 @@ class Factors:
         channel_index: for ragged ranks, ``[Cin*r]`` int64, the input channel of each depthwise filter
             (non-decreasing; a channel may have none); ``depthwise`` is then ``[Cin*r, 1, *kernel]`` with one
             filter per entry. ``None`` for uniform ranks (filter ``c*r + j`` reads input ``c``).
+        lowrank: a low-rank pair: ``depthwise`` is the reduction ``[k, Cin, 1...]`` (``[k, Cin]`` for a linear
+            layer) and ``pointwise`` the expansion ``[Cout, k, 1...]``, ``rank`` is ``k``.
     """
 
     depthwise: torch.Tensor
@@ -47,6 +55,7 @@ class Factors:
     rank: int
     error: float
     channel_index: Optional[torch.Tensor] = None
+    lowrank: bool = False
 
     @property
     def channel_ranks(self) -> Optional[torch.Tensor]:
@@ -57,10 +66,16 @@ class Factors:
         return torch.bincount(self.channel_index.cpu(), minlength=cin)
 
 
-def exact_factors(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> Factors:
+def exact_factors(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, lowrank: bool = False) -> Factors:
     """The trivial exact factorisation, no SVD: ``K`` one-hot depthwise filters per channel (one per tap)
-    and the weight itself as the pointwise conv. Same function as the conv, for checking a pair's settings."""
+    and the weight itself as the pointwise conv (low rank: the identity, then the weight). Same function as the
+    layer, for checking a pair's settings."""
     w = as_tensor(weight).detach()
+    if lowrank:
+        cout, cin, ones = w.shape[0], w.shape[1], (1,) * (w.dim() - 2)
+        eye = torch.eye(cin, dtype=w.dtype, device=w.device).reshape(cin, cin, *ones)
+        b = None if bias is None else as_tensor(bias).detach().clone()
+        return Factors(eye, w.clone(), b, cin, 0.0, lowrank=True)
     cout, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
     taps = math.prod(kernel)
     eye = torch.eye(taps, dtype=w.dtype, device=w.device).reshape(1, taps, 1, *kernel)
@@ -141,6 +156,41 @@ def factorize(weight, rank: int, bias=None, *, ragged: bool = False) -> Factors:
     )
 
 
+def lowrank_view(weight):
+    """A 1x1 conv or linear weight ``[Cout, Cin, 1...]`` seen as one input channel with ``Cin`` taps:
+    ``[Cout, 1, Cin]`` (a view where possible; numpy arrays become tensors)."""
+    w = as_tensor(weight)
+    return w.reshape(w.shape[0], 1, -1)
+
+
+def as_lowrank(view: Factors, weight_shape) -> Factors:
+    """The layer's low-rank factors from those of its :func:`lowrank_view`: reduction ``[k, Cin, 1...]`` and
+    expansion ``[Cout, k, 1...]`` (no trailing dims for a linear weight ``[Cout, Cin]``)."""
+    ones = (1,) * (len(weight_shape) - 2)
+    k = view.depthwise.shape[0]
+    return Factors(view.depthwise.reshape(k, -1, *ones), view.pointwise.reshape(view.pointwise.shape[0], k, *ones),
+                   view.bias, view.rank, view.error, None, lowrank=True)
+
+
+def as_view(factors: Factors) -> Factors:
+    """The inverse of :func:`as_lowrank`: the factors of the layer's one-channel view (unchanged if not low rank)."""
+    if not factors.lowrank:
+        return factors
+    k, cin = factors.depthwise.shape[:2]
+    return Factors(factors.depthwise.reshape(k, 1, cin), factors.pointwise.reshape(factors.pointwise.shape[0], k, 1),
+                   factors.bias, factors.rank, factors.error, None)
+
+
+def factorize_layer(weight, rank: int, bias=None, *, lowrank: bool = False, ragged: bool = False) -> Factors:
+    """:func:`factorize` for any layer kind: a KxK conv's separable pair, or (``lowrank``) a 1x1 conv's or
+    linear layer's low-rank pair (the same factorisation of its :func:`lowrank_view`; ``ragged`` is moot there:
+    there is one channel)."""
+    if not lowrank:
+        return factorize(weight, rank, bias, ragged=ragged)
+    w = as_tensor(weight)
+    return as_lowrank(factorize(lowrank_view(w), rank, bias), tuple(w.shape))
+
+
 def ragged_keep(energy: torch.Tensor, terms: int) -> torch.Tensor:
     """Mask ``[Cin, q]`` of the ``terms`` largest energies over all channels (ties: lower channel, lower term).
 
@@ -174,12 +224,14 @@ def _error_of(s: torch.Tensor, dropped: float) -> float:
     return 0.0 if total == 0.0 else math.sqrt(max(dropped, 0.0) / total)
 
 
-def rank_errors(weight, *, ragged: bool = False) -> list:
+def rank_errors(weight, *, ragged: bool = False, lowrank: bool = False) -> list:
     """Relative reconstruction error at every rank ``0..full_rank`` (index = rank), from one SVD.
 
-    ``ragged``: the error of the ragged factorisation with ``Cin*rank`` filters.
+    ``ragged``: the error of the ragged factorisation with ``Cin*rank`` filters. ``lowrank``: of the low-rank
+    pair of a 1x1 conv or linear weight.
     """
-    weight = as_tensor(weight)
+    weight = lowrank_view(weight) if lowrank else as_tensor(weight)
+    ragged = ragged and not lowrank
     _, s, _ = channel_svd(weight)
     return (ragged_error_curve if ragged else uniform_error_curve)(s ** 2)
 

@@ -15,7 +15,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backends.fx import apply_decisions, separable_for
+from .backends.fx import apply_decisions, pair_for
 from .frontends.fx import ProbeProp, collect_sites
 from .measure import count_params, eval_mode, seeded
 from .modules import BACKENDS
@@ -37,11 +37,13 @@ class SeparableRewritePass(PassBase):
         mirror: a module tree that gets the same module swaps (``rewrite(..., inplace=True)``).
         plan_kwargs: extra keyword arguments of :func:`dsrewrite.pipeline.plan_sites` (budgets, timer,
             calibration statistics); the whole-graph FLOPs and parameters are the budget totals.
+        kinds: layer kinds to rewrite (``"kxk"``, ``"pointwise"``, ``"linear"``, ``"all"``; default: all under a
+            budget, KxK for a rank): 1x1 convs and linear layers become ``LowRank*`` pairs.
     """
 
     def __init__(self, example_inputs: Sequence[Any], rank: RankArg = "auto", include: Selector = None,
                  exclude: Selector = None, backend: str = "auto", mirror: Optional[nn.Module] = None,
-                 progress: bool = False, plan_kwargs: Optional[dict] = None) -> None:
+                 progress: bool = False, plan_kwargs: Optional[dict] = None, kinds=None) -> None:
         super().__init__()
         if backend not in BACKENDS:
             from .errors import DsrewriteError
@@ -55,6 +57,10 @@ class SeparableRewritePass(PassBase):
         self.progress = progress
         # budgets etc. for plan_sites (target_flops=..., timer=..., stats=...); whole-model totals filled in call()
         self.plan_kwargs = dict(plan_kwargs or {})
+        if kinds is not None:
+            from .ir import check_kinds
+
+            self.plan_kwargs["kinds"] = check_kinds(kinds)
         self.decisions: List[Decision] = []
         self.flops_before: int = 0
         self.self_check_note: Optional[str] = None  # what the per-layer self-check found
@@ -88,7 +94,7 @@ class SeparableRewritePass(PassBase):
         kw.setdefault("total_flops", self.flops_before)
         kw.setdefault("total_params", count_params(graph_module))
         self.decisions = plan_sites(sites, self.rank, self.include, self.exclude, progress=self.progress, **kw)
-        self.self_check_note = self_check(self.decisions, lambda d, f: separable_for(d, backend="torch", factors=f))
+        self.self_check_note = self_check(self.decisions, lambda d, f: pair_for(d, backend="torch", factors=f))
         modified = apply_decisions(graph_module, self.decisions, backend=self.backend, also=self.mirror)
         return PassResult(graph_module, modified)
 

@@ -25,7 +25,8 @@ from torch import nn
 
 from .factorize import Factors, factorize
 
-__all__ = ["SeparableConv1d", "SeparableConv2d", "BACKENDS", "tf_same_pad", "ComputedWeight"]
+__all__ = ["SeparableConv1d", "SeparableConv2d", "LowRankLinear", "LowRankConv1d", "LowRankConv2d", "LOWRANK_TYPES",
+           "PAIR_TYPES", "BACKENDS", "tf_same_pad", "ComputedWeight"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -305,3 +306,155 @@ class SeparableConv1d(_SeparableConvNd):
 
     _conv_cls = nn.Conv1d
     _dims = 1
+
+
+# ---------------------------------------------------------------------------------------------- low-rank pairs
+LINEAR_INTERFACE = frozenset({"in_features", "out_features", "weight", "bias"})
+
+
+class _LowRankPair(nn.Module):
+    """A 1x1 conv or linear layer ``[Cout, Cin]`` as a low-rank pair: ``.reduce`` (``Cin -> k``, no bias), then
+    ``.expand`` (``k -> Cout``, the bias), so ``state_dict`` keys read ``blocks.0.mlp.fc1.reduce.weight``. Answers
+    the replaced layer's interface read-only (``weight`` is the dense product, a :class:`ComputedWeight`). Runs as
+    two GEMMs (cuBLAS on CUDA; why there is no fused kernel: docs/kernels.md)."""
+
+    _interface: frozenset = frozenset()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._interface:
+            raise AttributeError(f"{type(self).__name__}.{name} is read-only: the pair was built for the layer's "
+                                 f"settings; rebuild it (from_factors) to change {name}")
+        super().__setattr__(name, value)
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The replaced layer's bias (carried by ``.expand``)."""
+        return self.expand.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight the pair computes (differentiable; see :class:`ComputedWeight`)."""
+        return self.dense_weight().as_subclass(ComputedWeight)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight ``expand @ reduce``, in the replaced layer's shape."""
+        e, r = self.expand.weight, self.reduce.weight
+        w = e.reshape(e.shape[0], -1) @ r.reshape(r.shape[0], -1)
+        return w.reshape(e.shape[0], r.shape[1], *r.shape[2:])
+
+    def load_factors(self, factors: Factors) -> "_LowRankPair":
+        """Copy low-rank ``factors`` (same rank and shapes) into this pair, in place."""
+        if not factors.lowrank:
+            raise ValueError("load_factors: a low-rank pair needs low-rank factors")
+        with torch.no_grad():
+            self.reduce.weight.copy_(factors.depthwise.reshape(self.reduce.weight.shape))
+            self.expand.weight.copy_(factors.pointwise.reshape(self.expand.weight.shape))
+            if factors.bias is not None and self.expand.bias is not None:
+                self.expand.bias.copy_(factors.bias)
+        return self
+
+    def factors(self, error: float = 0.0, *, clone: bool = False) -> Factors:
+        """This pair's weights as low-rank :class:`Factors` (views, or copies with ``clone=True``)."""
+        take = (lambda t: t.detach().clone()) if clone else (lambda t: t.detach())
+        bias = self.expand.bias
+        return Factors(take(self.reduce.weight), take(self.expand.weight), None if bias is None else take(bias),
+                       self.rank, error, None, lowrank=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.reduce(x))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
+
+
+class LowRankLinear(_LowRankPair):
+    """``nn.Linear(Cin, Cout)`` as ``Linear(Cin, k, bias=False)`` then ``Linear(k, Cout)``."""
+
+    _interface = LINEAR_INTERFACE
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        object.__setattr__(self, "_rank", int(rank))
+        self.reduce = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.expand = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_factors(cls, factors: Factors) -> "LowRankLinear":
+        """Build the pair from low-rank :class:`~dsrewrite.factorize.Factors`."""
+        k, cin = factors.depthwise.shape[:2]
+        mod = cls(cin, factors.pointwise.shape[0], k, bias=factors.bias is not None,
+                  device=factors.depthwise.device, dtype=factors.depthwise.dtype)
+        return mod.load_factors(factors)
+
+    @property
+    def in_features(self) -> int:
+        return self.reduce.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.expand.out_features
+
+
+class _LowRankConvNd(_LowRankPair):
+    _conv_cls: type = nn.Conv2d
+    _dims: int = 2
+    _interface = CONV_INTERFACE
+
+    def __init__(self, in_channels: int, out_channels: int, rank: int, stride=1, padding: Union[str, int, tuple] = 0,
+                 dilation=1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        object.__setattr__(self, "_rank", int(rank))
+        # the reduction carries the 1x1 conv's stride and padding (a padded position reduces to 0, so the
+        # expansion gives the bias there, as the original does)
+        self.reduce = self._conv_cls(in_channels, rank, 1, stride=stride, padding=padding, dilation=dilation,
+                                     bias=False, padding_mode=padding_mode, device=device, dtype=dtype)
+        self.expand = self._conv_cls(rank, out_channels, 1, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_factors(cls, factors: Factors, *, stride=1, padding=0, dilation=1,
+                     padding_mode: str = "zeros") -> "_LowRankConvNd":
+        """Build the pair from low-rank :class:`~dsrewrite.factorize.Factors` and the 1x1 conv's settings."""
+        k, cin = factors.depthwise.shape[:2]
+        mod = cls(cin, factors.pointwise.shape[0], k, stride=stride, padding=padding, dilation=dilation,
+                  bias=factors.bias is not None, padding_mode=padding_mode, device=factors.depthwise.device,
+                  dtype=factors.depthwise.dtype)
+        return mod.load_factors(factors)
+
+    in_channels = property(lambda self: self.reduce.in_channels)
+    out_channels = property(lambda self: self.expand.out_channels)
+    kernel_size = property(lambda self: self.reduce.kernel_size)
+    stride = property(lambda self: self.reduce.stride)
+    padding = property(lambda self: self.reduce.padding)
+    dilation = property(lambda self: self.reduce.dilation)
+    padding_mode = property(lambda self: self.reduce.padding_mode)
+    _reversed_padding_repeated_twice = property(lambda self: self.reduce._reversed_padding_repeated_twice)
+    groups = property(lambda self: 1)
+    transposed = property(lambda self: False)
+    output_padding = property(lambda self: (0,) * self._dims)
+
+
+class LowRankConv2d(_LowRankConvNd):
+    """A 1x1 ``nn.Conv2d`` as a ``k``-channel 1x1 conv (its stride and padding), then a 1x1 conv to ``Cout``."""
+
+    _conv_cls = nn.Conv2d
+    _dims = 2
+
+
+class LowRankConv1d(_LowRankConvNd):
+    """1-D version of :class:`LowRankConv2d`."""
+
+    _conv_cls = nn.Conv1d
+    _dims = 1
+
+
+LOWRANK_TYPES = (LowRankLinear, LowRankConv1d, LowRankConv2d)
+PAIR_TYPES = (SeparableConv1d, SeparableConv2d) + LOWRANK_TYPES  # every pair the pass installs

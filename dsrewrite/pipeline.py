@@ -17,9 +17,9 @@ from .budget import Allocation, allocate_budget, check_fraction, energy_allocati
 from .costs import budget_kind
 from .eligibility import why_not
 from .errors import DsrewriteError
-from .factorize import Factors, factorize
+from .factorize import Factors, factorize_layer
 from .ir import ConvSite, ConvSpec
-from .policy import RankArg, check_rank, choose_rank
+from .policy import RankArg, check_rank, choose_rank, plan_kinds
 from .report import LayerReport
 
 __all__ = ["Decision", "Selector", "plan_sites", "selected", "matcher", "layer_report", "BUDGET_ARGS", "one_budget"]
@@ -78,7 +78,7 @@ def layer_report(spec: ConvSpec, *, rank: Optional[int] = None, factors: Optiona
     rep = LayerReport(
         name=spec.name, rewritten=factors is not None, reason=reason, rank=rank,
         in_channels=spec.in_channels, out_channels=spec.out_channels, kernel=tuple(spec.kernel),
-        stride=tuple(spec.stride), groups=spec.groups, kind=spec.kind, policy=policy,
+        stride=tuple(spec.stride), groups=spec.groups, kind=spec.kind, origin=spec.origin, policy=policy,
         params_before=before_p, params_after=before_p, flops_before=before_f, flops_after=before_f,
     )
     if factors is not None:
@@ -102,8 +102,11 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
                energy: Optional[float] = None, total_flops: Optional[float] = None,
                total_params: Optional[float] = None, total_time_ms: Optional[float] = None,
                timer=None, stats: Optional[dict] = None, ragged: bool = False,
-               budget: Optional[Tuple[str, float]] = None) -> List[Decision]:
+               budget: Optional[Tuple[str, float]] = None, kinds=None) -> List[Decision]:
     """Decide and factorise every site. Skipped sites carry their reason; none is dropped silently.
+
+    ``kinds``: the layer kinds to rewrite (``"kxk"``, ``"pointwise"``, ``"linear"`` or ``"all"``; default
+    :func:`dsrewrite.policy.default_kinds`: all under a budget, KxK for a ``rank``).
 
     Budgets (allocated over all sites at once, see :mod:`dsrewrite.budget`; give at most one, instead of
     ``rank``): ``target_flops`` / ``target_params`` are fractions of ``total_flops`` / ``total_params`` (the
@@ -123,10 +126,11 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
     if budget is not None:
         given.append(tuple(budget))
     chosen = one_budget(rank, given, timer)
+    kinds = plan_kinds(kinds, chosen is not None)
     if chosen is not None:
         totals = {"total_flops": total_flops, "total_params": total_params, "total_time_ms": total_time_ms}
         return _plan_budget(sites, include, exclude, *chosen, totals=totals, timer=timer, stats=stats or {},
-                            ragged=ragged)
+                            ragged=ragged, kinds=kinds)
     decisions = []
     it = sites
     if progress and len(sites) > 1:
@@ -135,7 +139,7 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
         it = tqdm(sites, desc="factorising", unit="conv", leave=False)
     for site in it:
         spec = site.spec
-        reason = _skip_reason(site, include, exclude)
+        reason = _skip_reason(site, include, exclude, kinds)
         if reason is not None:
             decisions.append(Decision(site, layer_report(spec, reason=reason)))
             continue
@@ -143,14 +147,14 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
         if r is None:
             decisions.append(Decision(site, layer_report(spec, reason=policy)))
             continue
-        factors = factorize(site.weight, r, site.bias, ragged=ragged)
+        factors = factorize_layer(site.weight, r, site.bias, lowrank=spec.lowrank, ragged=ragged)
         decisions.append(Decision(site, layer_report(spec, rank=r, factors=factors, policy=policy), factors))
     return decisions
 
 
-def _skip_reason(site: ConvSite, include: Selector, exclude: Selector) -> Optional[str]:
-    """Why the pass leaves this conv alone before any rank is considered, or ``None``."""
-    reason = why_not(site.spec) or selected(site.spec.name, include, exclude)
+def _skip_reason(site: ConvSite, include: Selector, exclude: Selector, kinds: Sequence[str]) -> Optional[str]:
+    """Why the pass leaves this layer alone before any rank is considered, or ``None``."""
+    reason = why_not(site.spec, kinds) or selected(site.spec.name, include, exclude)
     if reason is None and site.weight is None:
         reason = "weight is not a constant parameter"
     return reason
@@ -200,21 +204,25 @@ def _site_errors(site: ConvSite, stats: dict, ragged: bool = False) -> List[floa
     """Relative error at each rank: whitened (data-aware) when calibration statistics are known."""
     from .factorize import rank_errors
 
+    lowrank = site.spec.lowrank
     a = stats.get(site.spec.name)
     if a is not None:
         from .calibrate import whitened_rank_errors
+        from .factorize import lowrank_view
 
         try:
-            return whitened_rank_errors(site.weight, a, ragged=ragged)
+            return whitened_rank_errors(lowrank_view(site.weight) if lowrank else site.weight, a,
+                                        ragged=ragged and not lowrank)
         except (RuntimeError, ValueError):
             pass
-    return rank_errors(site.weight, ragged=ragged)
+    return rank_errors(site.weight, ragged=ragged, lowrank=lowrank)
 
 
 def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, kind: str, value: float, *,
-                 totals: dict, timer, stats: dict, ragged: bool = False) -> List[Decision]:
+                 totals: dict, timer, stats: dict, ragged: bool = False, kinds: Sequence[str] = ()
+                 ) -> List[Decision]:
     """Plan under one budget: ``energy`` per layer, any registered cost budget by the one allocator."""
-    skips = {i: r for i, r in ((i, _skip_reason(s, include, exclude)) for i, s in enumerate(sites))
+    skips = {i: r for i, r in ((i, _skip_reason(s, include, exclude, kinds)) for i, s in enumerate(sites))
              if r is not None}
     eligible = [i for i in range(len(sites)) if i not in skips]
     errors = [_site_errors(sites[i], stats, ragged) for i in eligible]
@@ -233,7 +241,7 @@ def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, ki
         spec = site.spec
         a = plans.get(i) or Allocation(reason=skips[i])
         if a.rank is not None:
-            factors = factorize(site.weight, a.rank, site.bias, ragged=ragged)
+            factors = factorize_layer(site.weight, a.rank, site.bias, lowrank=spec.lowrank, ragged=ragged)
             d = Decision(site, layer_report(spec, rank=a.rank, factors=factors, policy=kind), factors)
         else:
             d = Decision(site, layer_report(spec, reason=a.reason, policy=kind if a.allocated else None))

@@ -37,6 +37,7 @@ class Planning:
             # the original model gives the true outputs; keep a copy when the user's model will be changed
             self.teacher = deepcopy_module(model) if inplace else model
         kw: dict = {"ragged": True} if ragged else {}
+        kw["kinds"] = cfg.layer_kinds()
         if budget is not None:
             kw["budget"] = budget
         from .runtimes import get_runtime

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 __all__ = ["LayerReport", "Report", "flops_known", "build_report"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: LayerReport.kind is the layer kind (kxk/pointwise/linear), origin where it came from
 
 
 @dataclass
@@ -31,7 +31,8 @@ class LayerReport:
     kernel: Tuple[int, ...] = ()
     stride: Tuple[int, ...] = ()
     groups: int = 1
-    kind: str = "module"
+    kind: str = "kxk"  # "kxk" (separable pair), "pointwise" (1x1 conv) or "linear" (low-rank pairs)
+    origin: str = "module"  # where the frontend found it: "module", "function" (F.conv*d / F.linear), "onnx"
     policy: Optional[str] = None
     params_before: int = 0
     params_after: int = 0
@@ -156,6 +157,10 @@ class Report:
         layers = []
         for item in d.get("layers", []):
             item = _unknown_flops_to_default({k: v for k, v in item.items() if k in known}, known)
+            if d.get("schema", 1) < 2:  # schema 1: ``kind`` was the origin and every layer a conv
+                item["origin"] = item.pop("kind", "module")
+                kernel = item.get("kernel") or ()
+                item["kind"] = "pointwise" if kernel and all(k == 1 for k in kernel) else "kxk"
             for key in ("kernel", "stride"):
                 if key in item and item[key] is not None:
                     item[key] = tuple(item[key])
@@ -191,7 +196,7 @@ class Report:
         head = ["layer", "kernel", "Cin->Cout", "rank", "params", "FLOPs", "FLOPs kept", "weight err", "status"]
         rows = []
         for L in self.layers:
-            kernel = "x".join(str(k) for k in L.kernel)
+            kernel = "linear" if L.kind == "linear" else "x".join(str(k) for k in L.kernel)
             if L.rewritten:
                 status = "rewritten" + (f" ({L.note})" if L.note else "")
                 known = flops_known(L)
@@ -231,7 +236,7 @@ class Report:
             flops = "? (unknown shapes)"
         lines = [
             f"model: {self.model or '?'}   route: {self.route or '?'}   "
-            f"convs: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped",
+            f"layers: {len(self.rewritten)} rewritten{_by_kind(self.rewritten)}, {len(self.skipped)} skipped",
             f"params: {_num(self.params_before)} -> {_num(self.params_after)} ({_pct(self.params_ratio)})",
             f"FLOPs{per} (2 x MACs{partial}): {flops}",
         ]
@@ -290,6 +295,14 @@ def _unknown_flops_to_default(item: Dict[str, Any], fields: Dict[str, "dataclass
         if key in item and item[key] is None and key in fields:
             item[key] = fields[key].default
     return item
+
+
+def _by_kind(layers: List[LayerReport]) -> str:
+    """`` (12 kxk, 30 linear)`` when more than one layer kind is among ``layers``."""
+    counts: Dict[str, int] = {}
+    for L in layers:
+        counts[L.kind] = counts.get(L.kind, 0) + 1
+    return "" if len(counts) < 2 else " (" + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")"
 
 
 def _ratio(after, before) -> Optional[float]:

@@ -118,7 +118,8 @@ def self_check(decisions: List[Decision], build: Callable[[Decision, Factors], n
             continue
         probe = _as_probe(probe)
         window = probe.windows[0]
-        err, why = _compare(build(d, exact_factors(d.site.weight, d.site.bias)).to(device=window.x.device), probe)
+        err, why = _compare(build(d, exact_factors(d.site.weight, d.site.bias,
+                                                  lowrank=d.site.spec.lowrank)).to(device=window.x.device), probe)
         tally.judge(d, err, why, tolerance(window.y))
         del probe, window
     return tally.note([(unknown, "no example input reached them")])

@@ -140,7 +140,7 @@ def test_plan_sites_budget_on_framework_neutral_sites(gen):
     for i, (cin, cout) in enumerate([(8, 16), (16, 32), (32, 32)]):
         w = torch.randn(cout, cin, 3, 3, generator=gen).numpy()
         spec = ConvSpec(name=f"conv{i}", in_channels=cin, out_channels=cout, kernel=(3, 3), out_spatial=(10, 10),
-                        kind="onnx")
+                        origin="onnx")
         sites.append(ConvSite(spec, w, None, handle=i))
     total = sum(cost.dense_flops(s.spec) for s in sites) * 1.2  # 20% in other ops
     ds = plan_sites(sites, "auto", None, None, target_flops=0.6, total_flops=total)

@@ -134,7 +134,7 @@ def test_unknown_subclass_traced_through_its_own_forward_on_swap_route(monkeypat
     res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
     assert res.report.route == "fx-submodules+module-swap"
     assert {L.name for L in res.report.rewritten} == {"conv", "plain"}
-    assert res.report.layer("conv").kind == "function" and type(res.model.conv) is OwnForward
+    assert res.report.layer("conv").origin == "function" and type(res.model.conv) is OwnForward
     with torch.no_grad():
         assert rel_err(res.model(x), model(x)) <= TOL
 
@@ -167,7 +167,7 @@ def test_unknown_subclass_traced_through_on_fx_route():
     res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
     assert res.report.route == "fx"
     assert {L.name for L in res.report.rewritten} == {"conv", "plain"}
-    assert res.report.layer("conv").kind == "function"
+    assert res.report.layer("conv").origin == "function"
     with torch.no_grad():
         assert rel_err(res.model(x), model(x)) <= TOL
 

@@ -65,7 +65,7 @@ def test_conv1d_full_rank_exact(k, stride, padding, dilation, bias, functional, 
     model = Fn() if functional else nn.Sequential(conv)
     x = torch.randn(2, 4, 40, generator=g, dtype=torch.float64)
     res = dsrewrite.rewrite(model, x, rank="full", measure_time=False)
-    assert res.report.layers[0].rewritten and res.report.layers[0].kind == ("function" if functional else "module")
+    assert res.report.layers[0].rewritten and res.report.layers[0].origin == ("function" if functional else "module")
     assert rel_err(res.model(x), model(x)) < 1e-10
 
 

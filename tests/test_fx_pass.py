@@ -51,7 +51,7 @@ def test_mixed_model_rules_fire_and_full_rank_is_exact(gen):
     rep = res.report
     names = {L.name: L for L in rep.layers}
     assert {n for n, L in names.items() if L.rewritten} == {"stem", "shared", "fw", "c1"}
-    assert names["fw"].kind == "function"
+    assert names["fw"].origin == "function"
     assert not names["dw"].rewritten and "depthwise" in names["dw"].reason
     assert not names["pw"].rewritten and "1x1" in names["pw"].reason
     assert not names["up"].rewritten and "transposed" in names["up"].reason

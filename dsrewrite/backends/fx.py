@@ -1,4 +1,5 @@
-"""torch.fx backend: install ``SeparableConv*d`` modules for the decided convs, keeping qualified names."""
+"""torch.fx backend: install the pair modules for the decided layers (``SeparableConv*d`` for KxK convs,
+``LowRank*`` for 1x1 convs and linear layers), keeping qualified names."""
 from __future__ import annotations
 
 import importlib
@@ -9,10 +10,10 @@ import torch
 from torch import fx, nn
 
 from ..factorize import Factors
-from ..modules import SeparableConv1d, SeparableConv2d
+from ..modules import LowRankConv1d, LowRankConv2d, LowRankLinear, SeparableConv1d, SeparableConv2d
 from ..pipeline import Decision
 
-__all__ = ["apply_decisions", "set_submodule", "separable_for", "GraphForward", "carry_attributes"]
+__all__ = ["apply_decisions", "set_submodule", "pair_for", "GraphForward", "carry_attributes"]
 
 
 class GraphForward:
@@ -61,13 +62,32 @@ def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
-def separable_for(decision: Decision, *, backend: str = "auto", factors: Optional[Factors] = None) -> nn.Module:
-    """The ``SeparableConv*d`` for a decision, with the conv's settings (``site.handle.conv_args``: stride,
-    padding, dilation, padding mode, dynamic 'same' padding); ``factors`` overrides the decided ones (the
+def pair_for(decision: Decision, *, backend: str = "auto", factors: Optional[Factors] = None) -> nn.Module:
+    """The pair module for a decision, with the layer's settings (``site.handle.conv_args``: stride, padding,
+    dilation, padding mode, dynamic 'same' padding): a ``SeparableConv*d`` for a KxK conv, a ``LowRankConv*d``
+    for a 1x1 conv, a ``LowRankLinear`` for a linear layer. ``factors`` overrides the decided ones (the
     self-check builds an exact pair this way)."""
     a = decision.site.handle.conv_args
+    spec = decision.site.spec
+    f = factors if factors is not None else decision.factors
+    if spec.lowrank:
+        if spec.kind == "linear":
+            mod = LowRankLinear.from_factors(f)
+        else:  # a 1x1 conv: its padding is static ('same' pads nothing for one tap)
+            cls = LowRankConv1d if spec.spatial_dims == 1 else LowRankConv2d
+            padding = a.get("padding", 0)
+            mod = cls.from_factors(f, stride=a.get("stride", 1), padding=0 if isinstance(padding, str) else padding,
+                                   dilation=a.get("dilation", 1), padding_mode=a.get("padding_mode", "zeros"))
+    else:
+        mod = _separable(decision, f, backend, exact=factors is not None)
+    frozen = isinstance(decision.site.weight, torch.Tensor) and not decision.site.weight.requires_grad
+    return mod.requires_grad_(False) if frozen else mod  # a frozen layer stays frozen
+
+
+def _separable(decision: Decision, factors: Factors, backend: str, exact: bool) -> nn.Module:
+    a = decision.site.handle.conv_args
     cls = SeparableConv1d if decision.site.spec.spatial_dims == 1 else SeparableConv2d
-    mod = cls.from_factors(factors if factors is not None else decision.factors, stride=a.get("stride", 1),
+    return cls.from_factors(factors if factors is not None else decision.factors, stride=a.get("stride", 1),
                            padding=a.get("padding", 0), dilation=a.get("dilation", 1),
                            padding_mode=a.get("padding_mode", "zeros"), dynamic_same=bool(a.get("dynamic_same")),
                            backend=backend, gather_input=decision.gather_input and factors is None)
@@ -81,17 +101,19 @@ _CONV_OWN = frozenset(nn.Conv2d(1, 1, 1).__dict__) | frozenset(nn.Conv1d(1, 1, 1
 def carry_attributes(conv: nn.Module, pair: nn.Module) -> nn.Module:
     """Copy the plain attributes user code set on a conv instance (``conv.is_stem = True``) onto its pair, so
     code that reads them still finds them; torch's own conv attributes are answered by the pair itself."""
-    from ..modules import CONV_INTERFACE
+    from ..modules import CONV_INTERFACE, LINEAR_INTERFACE
 
     for k, v in conv.__dict__.items():
-        if k not in _CONV_OWN and k not in CONV_INTERFACE and k not in pair.__dict__ and not isinstance(v, nn.Module):
+        if (k not in _CONV_OWN and k not in CONV_INTERFACE and k not in LINEAR_INTERFACE and k not in pair.__dict__ and not isinstance(v, nn.Module)):
             object.__setattr__(pair, k, v)
     return pair
 
 
-def _function_module_name(gm: fx.GraphModule, weight_target: str, namespace: Optional[nn.Module] = None) -> str:
+def _function_module_name(gm: fx.GraphModule, weight_target: str, namespace: Optional[nn.Module] = None,
+                          lowrank: bool = False) -> str:
     owner, _, attr = weight_target.rpartition(".")
-    base = "separable" if attr == "weight" else f"{attr}_separable"
+    what = "lowrank" if lowrank else "separable"
+    base = what if attr == "weight" else f"{attr}_{what}"
     name = f"{owner}.{base}" if owner else base
     i = 1
     candidate = name
@@ -145,7 +167,7 @@ def apply_decisions(gm: fx.GraphModule, decisions: List[Decision], *, backend: s
         if not d.rewritten:
             continue
         h = d.site.handle
-        new = separable_for(d, backend=backend)
+        new = pair_for(d, backend=backend)
         if h.kind == "module":
             carry_attributes(h.module, new)
             set_submodule(gm, h.target, new)
@@ -155,9 +177,10 @@ def apply_decisions(gm: fx.GraphModule, decisions: List[Decision], *, backend: s
                 except AttributeError:
                     pass
         else:
-            name = _function_module_name(gm, h.weight_target, namespace)
+            name = _function_module_name(gm, h.weight_target, namespace, d.site.spec.lowrank)
             gm.add_submodule(name, new)
-            d.report.note = (d.report.note + "; " if d.report.note else "") + f"functional conv, now module {name}"
+            what = "linear" if d.site.spec.kind == "linear" else "conv"
+            d.report.note = (d.report.note + "; " if d.report.note else "") + f"functional {what}, now module {name}"
             for node in h.nodes:
                 with gm.graph.inserting_before(node):
                     call = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))

@@ -22,10 +22,12 @@ from ..modules import tf_same_pad
 
 __all__ = ["ConvModuleInfo", "describe", "deepcopy_module", "register_conv_module", "is_known_conv_class",
            "has_unknown_forward", "weight_states", "tf_same_pad",
-           "CONV_MODULE_TYPES", "TRANSPOSED_TYPES"]
+           "CONV_MODULE_TYPES", "TRANSPOSED_TYPES", "LINEAR_MODULE_TYPES", "WEIGHT_MODULE_TYPES"]
 
 TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 CONV_MODULE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + TRANSPOSED_TYPES
+LINEAR_MODULE_TYPES = (nn.Linear,)  # subclasses too: described as linear layers when their forward is nn.Linear's
+WEIGHT_MODULE_TYPES = CONV_MODULE_TYPES + LINEAR_MODULE_TYPES  # the modules frontends make sites of
 _PLAIN = frozenset(CONV_MODULE_TYPES)
 
 
@@ -105,7 +107,7 @@ def weight_states(model: nn.Module) -> Dict[nn.Module, Tuple[int, int, int]]:
     weights the model's own code assigns or changes in place (re-parametrised blocks do, at every call)."""
     states = {}
     for m in model.modules():
-        w = m._parameters.get("weight") if isinstance(m, CONV_MODULE_TYPES) else None
+        w = m._parameters.get("weight") if isinstance(m, WEIGHT_MODULE_TYPES) else None
         if w is not None:
             states[m] = (id(w), w.data_ptr(), w._version)
     return states
@@ -118,6 +120,8 @@ def has_unknown_forward(mod: nn.Module) -> bool:
 
     cls = type(mod)
     base = cls.__bases__[0] if parametrize.is_parametrized(mod) else cls
+    if isinstance(mod, LINEAR_MODULE_TYPES):
+        return base.forward is not nn.Linear.forward
     return isinstance(mod, CONV_MODULE_TYPES) and base not in _PLAIN and _key(base) not in _REGISTRY
 
 
@@ -166,7 +170,8 @@ def deepcopy_module(model: nn.Module) -> nn.Module:
 
 
 def describe(mod: nn.Module) -> ConvModuleInfo:
-    """What ``mod`` (an ``nn.Conv*d`` instance or subclass) computes, or why the pass must leave it alone."""
+    """What ``mod`` (an ``nn.Conv*d`` or ``nn.Linear`` instance or subclass) computes, or why the pass must leave
+    it alone."""
     from torch.nn.utils import parametrize
 
     cls = type(mod)
@@ -176,13 +181,19 @@ def describe(mod: nn.Module) -> ConvModuleInfo:
         base = cls.__bases__[0]
         param_names = tuple(mod.parametrizations.keys())
     entry = _REGISTRY.get(_key(base))
-    args = {"stride": tuple(mod.stride), "padding": mod.padding, "dilation": tuple(mod.dilation),
-            "padding_mode": getattr(mod, "padding_mode", "zeros"), "dynamic_same": False}
+    linear = isinstance(mod, LINEAR_MODULE_TYPES)
+    args = {} if linear else {"stride": tuple(mod.stride), "padding": mod.padding, "dilation": tuple(mod.dilation),
+                              "padding_mode": getattr(mod, "padding_mode", "zeros"), "dynamic_same": False}
 
     def refuse(reason: str) -> ConvModuleInfo:
         return ConvModuleInfo(None, None, args, unsupported=reason)
 
-    if base not in _PLAIN and entry is None:
+    if linear:
+        if base.forward is not nn.Linear.forward:
+            return refuse(f"linear subclass {_key(cls)} has its own forward: its semantics are unknown")
+        if isinstance(mod.weight, nn.parameter.UninitializedParameter):
+            return refuse("lazy linear layer not initialised")
+    elif base not in _PLAIN and entry is None:
         return refuse(f"conv subclass {_key(cls)} has its own forward: its semantics are unknown "
                       "(dsrewrite.frontends.conv_modules.register_conv_module declares one)")
     foldable, other = _hooks(mod)
@@ -192,7 +203,7 @@ def describe(mod: nn.Module) -> ConvModuleInfo:
     if set(param_names) - {"weight"}:
         return refuse(f"{', '.join(sorted(set(param_names) - {'weight'}))} computed by torch.nn.utils.parametrize "
                       "is not folded (only the weight is)")
-    if base in TRANSPOSED_TYPES:
+    if not linear and base in TRANSPOSED_TYPES:
         return ConvModuleInfo(None, mod.bias, args)
     weight_fn: Optional[Callable[[], torch.Tensor]] = None
     what = []

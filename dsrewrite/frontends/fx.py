@@ -13,17 +13,20 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..ir import ConvSite, ConvSpec
-from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, is_known_conv_class, tf_same_pad
+from .conv_modules import (CONV_MODULE_TYPES, LINEAR_MODULE_TYPES, TRANSPOSED_TYPES, WEIGHT_MODULE_TYPES, describe,
+                           is_known_conv_class, tf_same_pad)
 
 __all__ = ["collect_sites", "trace", "FxHandle", "CONV_FUNCTIONS", "CONV_ARGS", "bind_conv_args", "conv_settings",
            "computed_at_run_time", "owner_name", "module_site", "ProbeProp", "first_item", "may_rewrite",
-           "Probe", "Window", "bounded_probe", "PROBE_WINDOW"]
+           "Probe", "Window", "bounded_probe", "PROBE_WINDOW", "LINEAR_FUNCTIONS", "linear_site", "linear_probe",
+           "PROBE_ROWS"]
 
 # functional convs and their spatial dims
 CONV_FUNCTIONS = {
     F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
     torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
 }
+LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)  # functional linear layers (a conv with no spatial dims)
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")  # their positional order
 _SETTING_DEFAULTS = (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))
 
@@ -57,9 +60,9 @@ class _Tracer(fx.Tracer):
     :mod:`~dsrewrite.frontends.conv_modules` knows."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from ..modules import SeparableConv1d, SeparableConv2d
+        from ..modules import PAIR_TYPES
 
-        return (isinstance(m, (SeparableConv1d, SeparableConv2d)) or is_known_conv_class(type(m))
+        return (isinstance(m, PAIR_TYPES) or is_known_conv_class(type(m))
                 or super().is_leaf_module(m, module_qualified_name))
 
 
@@ -136,6 +139,8 @@ def module_site(target: str, mod: nn.Module, nodes: List[fx.Node], *, out_shapes
     transposed conv's work is counted over its *input* positions (FlopCounterMode's convention), from the
     nodes' inputs or ``in_shapes``.
     """
+    if isinstance(mod, LINEAR_MODULE_TYPES):
+        return linear_site(target, mod, nodes, out_shapes=out_shapes)
     dims = len(mod.kernel_size)
     if out_shapes is None:
         out_spatial, batch, total = _pixels(nodes, dims)
@@ -157,11 +162,39 @@ def module_site(target: str, mod: nn.Module, nodes: List[fx.Node], *, out_shapes
         name=target, in_channels=mod.in_channels, out_channels=mod.out_channels, kernel=tuple(mod.kernel_size),
         groups=mod.groups, stride=tuple(mod.stride), dilation=tuple(mod.dilation), bias=mod.bias is not None,
         out_spatial=out_spatial, batch=batch, calls=len(nodes) if out_shapes is None else len(out_shapes),
-        pixels=total, kind="module", transposed=isinstance(mod, TRANSPOSED_TYPES), extra=extra,
+        pixels=total, origin="module", transposed=isinstance(mod, TRANSPOSED_TYPES), extra=extra,
     )
     return ConvSite(spec, info.weight, info.bias,
                     FxHandle("module" if out_shapes is None else "swap", target, nodes, module=mod,
                              conv_args=info.conv_args))
+
+
+def _rows_of(shapes: Optional[List[Optional[Tuple[int, ...]]]]) -> Tuple[int, Optional[int]]:
+    """(batch of the first call, total rows over all calls) of a linear layer's outputs ``[..., Cout]``."""
+    if not shapes or any(s is None for s in shapes):
+        return 1, None
+    return (shapes[0][0] if len(shapes[0]) > 1 else 1), sum(math.prod(s[:-1]) for s in shapes)
+
+
+def linear_site(target: str, mod: nn.Module, nodes: List[fx.Node], *, out_shapes=None) -> ConvSite:
+    """The site of one ``nn.Linear`` module: a conv with no spatial dims (``kernel=()``), one output position per
+    row of its input; output shapes from the nodes or, on the module-swap route, ``out_shapes``."""
+    batch, total = _rows_of([_out_shape(n) for n in nodes] if out_shapes is None else out_shapes)
+    info = describe(mod)
+    extra = {}
+    if info.unsupported:
+        extra["unsupported"] = info.unsupported
+    elif out_shapes is not None and not out_shapes:
+        extra["unsupported"] = "not called by the example inputs"
+    if info.folded:
+        extra["folded"] = info.folded
+    cin = mod.in_features if info.weight is None else int(info.weight.shape[1])
+    spec = ConvSpec(name=target, in_channels=cin, out_channels=mod.out_features, kernel=(), groups=1, stride=(),
+                    dilation=(), bias=mod.bias is not None, out_spatial=None, batch=batch,
+                    calls=len(nodes) if out_shapes is None else len(out_shapes), pixels=total, origin="module",
+                    extra=extra)
+    return ConvSite(spec, info.weight, info.bias,
+                    FxHandle("module" if out_shapes is None else "swap", target, nodes, module=mod, conv_args={}))
 
 
 def _get_param(gm: fx.GraphModule, node) -> Tuple[Optional[str], Optional[torch.Tensor]]:
@@ -177,7 +210,7 @@ def _get_param(gm: fx.GraphModule, node) -> Tuple[Optional[str], Optional[torch.
 def _function_sites(gm: fx.GraphModule) -> List[ConvSite]:
     groups: "OrderedDict[Any, List[Tuple[fx.Node, Dict[str, Any]]]]" = OrderedDict()
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in CONV_FUNCTIONS:
+        if node.op != "call_function" or (node.target not in CONV_FUNCTIONS and node.target not in LINEAR_FUNCTIONS):
             continue
         bound = bind_conv_args(node)
         key = bound["weight"].target if isinstance(bound.get("weight"), fx.Node) and bound["weight"].op == "get_attr" else node
@@ -186,8 +219,11 @@ def _function_sites(gm: fx.GraphModule) -> List[ConvSite]:
     sites = []
     for key, calls in groups.items():
         node, bound = calls[0]
-        dims = CONV_FUNCTIONS[node.target]
         nodes = [n for n, _ in calls]
+        if node.target in LINEAR_FUNCTIONS:
+            sites.append(_linear_function_site(gm, node, bound, nodes))
+            continue
+        dims = CONV_FUNCTIONS[node.target]
         unsupported = None
         w_target, weight = _get_param(gm, bound.get("weight"))
         b_node = bound.get("bias")
@@ -216,12 +252,38 @@ def _function_sites(gm: fx.GraphModule) -> List[ConvSite]:
             groups=groups_v, stride=_tup(hyper["stride"], dims) if unsupported is None else (1,) * dims,
             dilation=_tup(hyper["dilation"], dims) if unsupported is None else (1,) * dims,
             bias=b_node is not None, out_spatial=out_spatial, batch=batch, calls=len(nodes), pixels=total,
-            kind="function", extra={"unsupported": unsupported} if unsupported else {},
+            origin="function", extra={"unsupported": unsupported} if unsupported else {},
         )
         handle = FxHandle("function", name, nodes, weight_target=w_target, bias_target=b_target,
                           conv_args=hyper)
         sites.append(ConvSite(spec, weight if unsupported is None else None, bias, handle))
     return sites
+
+
+def _linear_function_site(gm: fx.GraphModule, node: fx.Node, bound: Dict[str, Any], nodes: List[fx.Node]
+                          ) -> ConvSite:
+    """The site of ``F.linear(x, weight, bias)`` calls sharing one weight (a parameter, else not rewritten)."""
+    w_target, weight = _get_param(gm, bound.get("weight"))
+    b_node = bound.get("bias")
+    b_target, bias = _get_param(gm, b_node)
+    unsupported = None
+    if weight is None or weight.dim() != 2:
+        unsupported = "weight is computed at run time (not a parameter)"
+    elif b_node is not None and bias is None:
+        unsupported = "bias is computed at run time (not a parameter)"
+    batch, total = _rows_of([_out_shape(n) for n in nodes])
+    name = owner_name(w_target) if w_target else node.name
+    if weight is not None and weight.dim() == 2:
+        cout, cin = weight.shape
+    else:
+        meta_w = bound["weight"].meta.get("tensor_meta") if isinstance(bound.get("weight"), fx.Node) else None
+        shape = tuple(meta_w.shape) if meta_w is not None and len(meta_w.shape) == 2 else (0, 0)
+        cout, cin = shape
+    spec = ConvSpec(name=name, in_channels=int(cin), out_channels=int(cout), kernel=(), groups=1, stride=(),
+                    dilation=(), bias=b_node is not None, batch=batch, calls=len(nodes), pixels=total,
+                    origin="function", extra={"unsupported": unsupported} if unsupported else {})
+    handle = FxHandle("function", name, nodes, weight_target=w_target, bias_target=b_target, conv_args={})
+    return ConvSite(spec, weight if unsupported is None else None, bias, handle)
 
 
 class ProbeProp(ShapeProp):
@@ -237,7 +299,13 @@ class ProbeProp(ShapeProp):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         key = kernel = conv_args = None
-        if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), CONV_MODULE_TYPES):
+        if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), LINEAR_MODULE_TYPES):
+            key, kernel = n.target, ()
+        elif n.op == "call_function" and n.target in LINEAR_FUNCTIONS:
+            w = bind_conv_args(n).get("weight")
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                key, kernel = w.target, ()
+        elif n.op == "call_module" and isinstance(self.module.get_submodule(n.target), CONV_MODULE_TYPES):
             mod = self.module.get_submodule(n.target)
             if may_rewrite(mod.groups, mod.kernel_size, isinstance(mod, TRANSPOSED_TYPES)):
                 key, kernel, conv_args = n.target, tuple(mod.kernel_size), describe(mod).conv_args
@@ -254,14 +322,27 @@ class ProbeProp(ShapeProp):
             src = n.args[0] if n.args else n.kwargs.get("input")
             x = self.env.get(src) if isinstance(src, fx.Node) else None
             if isinstance(x, torch.Tensor) and isinstance(result, torch.Tensor):
-                self.probes[n] = bounded_probe(x, result, kernel, conv_args)
+                self.probes[n] = (linear_probe(x, result) if kernel == () else
+                                  bounded_probe(x, result, kernel, conv_args))
         return result
 
 
 def may_rewrite(groups: Any, kernel: Tuple[int, ...], transposed: bool = False) -> bool:
-    """A conv the planner may rewrite (1-D/2-D, groups=1, more than one tap, not transposed): only those keep a
-    self-check sample, to bound memory."""
-    return groups == 1 and len(kernel) in (1, 2) and math.prod(kernel) > 1 and not transposed
+    """A conv the planner may rewrite (1-D/2-D, groups=1, not transposed; 1x1 convs as low-rank pairs): only
+    those keep a self-check sample, to bound memory."""
+    return groups == 1 and len(kernel) in (1, 2) and not transposed
+
+
+PROBE_ROWS = 64  # rows of a linear layer's input kept for its self-check
+
+
+def linear_probe(x: torch.Tensor, y: torch.Tensor, rows: int = PROBE_ROWS) -> Probe:
+    """The self-check's sample of one linear call: its first ``rows`` input rows and their outputs (copies), and
+    the whole input and output shapes (the pair's output shape is checked on them, on the ``meta`` device)."""
+    x, y = x.detach(), y.detach()
+    xs = x.reshape(-1, x.shape[-1])[:rows].clone() if x.dim() else x.clone()
+    ys = y.reshape(-1, y.shape[-1])[:rows].clone() if y.dim() else y.clone()
+    return Probe((Window(xs, ys, ()),), tuple(x.shape), tuple(y.shape))
 
 
 def first_item(t: torch.Tensor, dims: int) -> torch.Tensor:
@@ -456,26 +537,26 @@ def bounded_probe(x: torch.Tensor, y: torch.Tensor, kernel: Tuple[int, ...], con
 
 
 def collect_sites(gm: fx.GraphModule, probes: Optional[Dict[fx.Node, Probe]] = None) -> List[ConvSite]:
-    """Every convolution in ``gm`` (shape-propagated with ShapeProp), in graph order, each module once.
+    """Every convolution and linear layer in ``gm`` (shape-propagated with ShapeProp), in graph order, each
+    module once.
 
     ``probes`` (from :class:`ProbeProp`) are attached to the sites for the self-check."""
-    from ..modules import SeparableConv1d, SeparableConv2d
+    from ..modules import LOWRANK_TYPES, PAIR_TYPES
 
     by_target: "OrderedDict[str, List[fx.Node]]" = OrderedDict()
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
-                                                   CONV_MODULE_TYPES + (SeparableConv1d, SeparableConv2d)):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), WEIGHT_MODULE_TYPES + PAIR_TYPES):
             by_target.setdefault(node.target, []).append(node)
     sites = []
     for t, nodes in by_target.items():
         mod = gm.get_submodule(t)
-        if isinstance(mod, CONV_MODULE_TYPES):
+        if isinstance(mod, WEIGHT_MODULE_TYPES):
             sites.append(module_site(t, mod, nodes))
             continue
         # a pair from an earlier rewrite: both halves are reported (same output positions), never rewritten
-        for half in ("depthwise", "pointwise"):
+        for half in (("reduce", "expand") if isinstance(mod, LOWRANK_TYPES) else ("depthwise", "pointwise")):
             site = module_site(f"{t}.{half}", getattr(mod, half), nodes)
-            site.spec.extra["unsupported"] = "part of a separable pair from an earlier rewrite"
+            site.spec.extra["unsupported"] = "part of a pair from an earlier rewrite"
             sites.append(site)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     sites = sorted(sites + _function_sites(gm), key=lambda s: order[s.handle.nodes[0]])

@@ -23,22 +23,27 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
-from ..backends.fx import GraphForward, apply_decisions, carry_attributes, separable_for, set_submodule
+from ..backends.fx import GraphForward, apply_decisions, carry_attributes, pair_for, set_submodule
 from ..errors import first_line
 from ..ir import ConvSite, ConvSpec
 from ..measure import count_params, eval_mode
-from ..modules import SeparableConv1d, SeparableConv2d
+from ..modules import LOWRANK_TYPES, PAIR_TYPES
 from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
 from ..selfcheck import self_check
 from ..snapshot import ModelSnapshot
-from .conv_modules import CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, has_unknown_forward, weight_states
-from .fx import (CONV_FUNCTIONS, FxHandle, ProbeProp, bounded_probe, collect_sites, conv_settings, may_rewrite,
-                 module_site, owner_name, trace)
+from .conv_modules import (LINEAR_MODULE_TYPES, TRANSPOSED_TYPES, WEIGHT_MODULE_TYPES, describe, has_unknown_forward,
+                           weight_states)
+from .fx import (CONV_FUNCTIONS, LINEAR_FUNCTIONS, FxHandle, ProbeProp, bounded_probe, collect_sites, conv_settings,
+                 linear_probe, may_rewrite, module_site, owner_name, trace)
 
 __all__ = ["rewrite_untraceable", "breaking_swap"]
 
-_PAIRS = (SeparableConv1d, SeparableConv2d)
+_PAIRS = PAIR_TYPES
+
+
+def _halves(pair: nn.Module) -> Tuple[str, str]:
+    return ("reduce", "expand") if isinstance(pair, LOWRANK_TYPES) else ("depthwise", "pointwise")
 
 
 class _Record:
@@ -68,14 +73,14 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in CONV_FUNCTIONS and self.stack:
+        if (func in CONV_FUNCTIONS or func in LINEAR_FUNCTIONS) and self.stack:
             mod, _, first = self.stack[-1]
-            if first and (not isinstance(mod, CONV_MODULE_TYPES + _PAIRS) or has_unknown_forward(mod)):
+            if first and (not isinstance(mod, WEIGHT_MODULE_TYPES + _PAIRS) or has_unknown_forward(mod)):
                 call = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args))
                 call.update(kwargs)
                 w = call.get("weight")
                 self.recs[mod].functional.append({
-                    "dims": CONV_FUNCTIONS[func], "bias": call.get("bias") is not None,
+                    "dims": CONV_FUNCTIONS.get(func, 0), "bias": call.get("bias") is not None,
                     "shape": tuple(w.shape) if isinstance(w, torch.Tensor) else None, "weight_id": id(w),
                     "settings": conv_settings(call), "out": tuple(out.shape) if isinstance(out, torch.Tensor) else None})
         return out
@@ -96,7 +101,11 @@ class _Recorder(TorchFunctionMode):
         rec = self.recs[mod]
         if first and rec.functional:  # only conv-function callers keep their inputs: they are traced alone
             rec.args = first_args
-        if isinstance(mod, CONV_MODULE_TYPES) and isinstance(out, torch.Tensor):
+        if isinstance(mod, LINEAR_MODULE_TYPES) and isinstance(out, torch.Tensor):
+            rec.out_shapes.append(tuple(out.shape))
+            if rec.probe is None and args and isinstance(args[0], torch.Tensor):
+                rec.probe = linear_probe(args[0], out)
+        elif isinstance(mod, WEIGHT_MODULE_TYPES) and isinstance(out, torch.Tensor):
             rec.out_shapes.append(tuple(out.shape))
             if isinstance(mod, TRANSPOSED_TYPES) and args and isinstance(args[0], torch.Tensor):
                 rec.in_shapes.append(tuple(args[0].shape))  # its FLOPs are counted over its input positions
@@ -110,7 +119,7 @@ def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Rec
     from torch.utils.flop_counter import FlopCounterMode
 
     # describe() before the hooks: it refuses a conv with forward hooks, ours included
-    rec = _Recorder({m: describe(m).conv_args for m in model.modules() if isinstance(m, CONV_MODULE_TYPES)})
+    rec = _Recorder({m: describe(m).conv_args for m in model.modules() if isinstance(m, WEIGHT_MODULE_TYPES)})
     handles = []
     stored = weight_states(model)
     for m in model.modules():
@@ -158,6 +167,8 @@ def _untraced_sites(q: str, owner: nn.Module, rec: _Record, why: str, names: Dic
     for i, call in enumerate(rec.functional):
         dims = call["dims"]
         shape = call["shape"] or (0, 0) + (1,) * dims
+        if dims == 0 and len(shape) != 2:  # F.linear on a weight that is not a matrix
+            shape = (0, 0)
         name = names.get(call["weight_id"])
         name = name.rsplit(".", 1)[0] if name and "." in name else (name or f"{q or type(owner).__name__}.conv{i}")
         s = call["settings"]
@@ -166,9 +177,9 @@ def _untraced_sites(q: str, owner: nn.Module, rec: _Record, why: str, names: Dic
         spec = ConvSpec(name=name, in_channels=int(shape[1]) * groups, out_channels=int(shape[0]),
                         kernel=tuple(shape[2:]), groups=groups, bias=call["bias"],
                         stride=(1,) * dims, dilation=(1,) * dims,
-                        out_spatial=tuple(out[-dims:]) if out else None,
+                        out_spatial=tuple(out[-dims:]) if out and dims else None,
                         batch=math.prod(out[:-dims - 1]) if out and len(out) > dims + 1 else 1,
-                        kind="function", extra={"unsupported": why})
+                        origin="function", extra={"unsupported": why})
         sites.append(ConvSite(spec, None, None, FxHandle("function", name, [])))
     return sites
 
@@ -196,19 +207,19 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
     traced: List[Tuple[nn.Module, fx.GraphModule, List[ConvSite]]] = []
     untraced: List[str] = []
     unseen = len(recs) + 1
-    halves = {id(h) for m in paths if isinstance(m, _PAIRS) for h in (m.depthwise, m.pointwise)}
+    halves = {id(getattr(m, h)) for m in paths if isinstance(m, _PAIRS) for h in _halves(m)}
     for m, where in paths.items():
         q = where[0]
         rec = recs.get(m)
         order = rec.order if rec else unseen
         if isinstance(m, _PAIRS):
-            for half in ("depthwise", "pointwise"):  # a pair from an earlier rewrite: reported, never rewritten
+            for half in _halves(m):  # a pair from an earlier rewrite: reported, never rewritten
                 site = module_site(f"{q}.{half}", getattr(m, half), [], out_shapes=rec.out_shapes if rec else [])
-                site.spec.extra["unsupported"] = "part of a separable pair from an earlier rewrite"
+                site.spec.extra["unsupported"] = "part of a pair from an earlier rewrite"
                 keyed.append(((order, 0), site))
             continue
         own_forward = has_unknown_forward(m) and rec is not None and bool(rec.functional)
-        if isinstance(m, CONV_MODULE_TYPES) and not own_forward and id(m) not in halves:
+        if isinstance(m, WEIGHT_MODULE_TYPES) and not own_forward and id(m) not in halves:
             keyed.append(((order, 0), _conv_module_site(q, m, rec)))
         elif rec is not None and rec.functional:
             sites, gm = _caller_sites(q, m, rec, own_forward, names)
@@ -222,7 +233,7 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
     plan_kwargs.setdefault("total_flops", flops)  # budgets are fractions of the whole model
     plan_kwargs.setdefault("total_params", count_params(model))
     decisions = plan_sites(ordered, rank, include, exclude, progress=progress, **plan_kwargs)
-    check_note = self_check(decisions, lambda d, f: separable_for(d, backend="torch", factors=f))
+    check_note = self_check(decisions, lambda d, f: pair_for(d, backend="torch", factors=f))
     by_site = {id(d.site): d for d in decisions}
 
     forwards = []
@@ -238,11 +249,11 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
     for s in ordered:
         d = by_site[id(s)]
         if d.rewritten and s.handle.kind == "swap":
-            d.module = carry_attributes(s.handle.module, separable_for(d, backend=backend))
+            d.module = carry_attributes(s.handle.module, pair_for(d, backend=backend))
             for path in paths[s.handle.module]:
                 set_submodule(model, path, d.module)
             swapped += 1
-    notes = [f"swapped {swapped} conv module(s) in place; FLOPs from hooks on the real forward"]
+    notes = [f"swapped {swapped} layer module(s) in place; FLOPs from hooks on the real forward"]
     if forwards or untraced:
         more = lambda xs: ", ".join(xs[:6]) + (", ..." if len(xs) > 6 else "")  # noqa: E731
         notes[0] += (f"; functional convs rewritten in the forward of {len(forwards)} module(s)"

@@ -100,7 +100,7 @@ def _site(scope: Scope, node: onnx.NodeProto, index: int, shapes: Shapes) -> Opt
         dilation=_ints(attribute(node, "dilations", None), dims, 1),
         bias=b_name is not None, out_spatial=out_spatial, batch=int(y[0]) if out_spatial is not None else 1,
         pixels=conv_positions(node, shapes) if transposed else None,  # its FLOPs count over the input positions
-        kind="onnx", transposed=transposed, extra={"unsupported": unsupported} if unsupported else {},
+        origin="onnx", transposed=transposed, extra={"unsupported": unsupported} if unsupported else {},
     )
     if b_why is not None:
         spec.extra["bias"] = f"bias {b_why}"
