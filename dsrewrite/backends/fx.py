@@ -87,15 +87,14 @@ def pair_for(decision: Decision, *, backend: str = "auto", factors: Optional[Fac
 def _separable(decision: Decision, factors: Factors, backend: str, exact: bool) -> nn.Module:
     a = decision.site.handle.conv_args
     cls = SeparableConv1d if decision.site.spec.spatial_dims == 1 else SeparableConv2d
-    return cls.from_factors(factors if factors is not None else decision.factors, stride=a.get("stride", 1),
-                           padding=a.get("padding", 0), dilation=a.get("dilation", 1),
-                           padding_mode=a.get("padding_mode", "zeros"), dynamic_same=bool(a.get("dynamic_same")),
-                           backend=backend, gather_input=decision.gather_input and factors is None)
-    frozen = isinstance(decision.site.weight, torch.Tensor) and not decision.site.weight.requires_grad
-    return mod.requires_grad_(False) if frozen else mod  # a frozen conv stays frozen
+    return cls.from_factors(factors, stride=a.get("stride", 1), padding=a.get("padding", 0),
+                            dilation=a.get("dilation", 1), padding_mode=a.get("padding_mode", "zeros"),
+                            dynamic_same=bool(a.get("dynamic_same")), backend=backend,
+                            gather_input=decision.gather_input and not exact)
 
 
-_CONV_OWN = frozenset(nn.Conv2d(1, 1, 1).__dict__) | frozenset(nn.Conv1d(1, 1, 1).__dict__)
+_CONV_OWN = (frozenset(nn.Conv2d(1, 1, 1).__dict__) | frozenset(nn.Conv1d(1, 1, 1).__dict__)
+             | frozenset(nn.Linear(1, 1).__dict__))
 
 
 def carry_attributes(conv: nn.Module, pair: nn.Module) -> nn.Module:
