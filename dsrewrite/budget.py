@@ -187,7 +187,7 @@ def budget_ranks(entries: Sequence[BudgetEntry], *, kind: str, target: float, to
                     for e in entries]
         raise BudgetUnreachable(
             f"{kind}={target:g} is not achievable: the smallest reachable is {least:.4f} of the model's "
-            f"{quantity} (every eligible conv at its cheapest rank)", target=target, reachable=least,
+            f"{quantity} (every eligible layer at its cheapest rank)", target=target, reachable=least,
             layers=cheapest, fixed=fixed, total=total) from None
     return {k: (None if o is None else o.rank) for k, o in choice.items()}
 
