@@ -12,6 +12,7 @@
 #   3. kernels       benchmarks/kernel_speed.py, MobileNet layers, N=64, fp16: Triton vs eager cuDNN NCHW / channels_last
 #   4. max-autotune  benchmarks/kernel_speed.py, the first 2 of those cases vs torch.compile default and max-autotune
 #   5. end to end    benchmarks/kernel_speed.py --e2e: rewritten ResNet-50 / VGG-16 (rank 4, N=8, fp16, triton backend)
+#   6. low rank      benchmarks/lowrank_gemm.py: LowRankLinear (two cuBLAS GEMMs) vs nn.Linear, fp16, achieved GB/s
 # The package is not installed there: the script copies dsrewrite/, kernels/ (as dsrewrite/kernels), tests/,
 # benchmarks/ and pyproject.toml into a scratch folder and runs from it, as `pip install` would lay them out.
 # Logs and JSON go to $OUT when set (the device tool brings that folder back), else to the scratch folder.
@@ -82,6 +83,7 @@ step max-autotune 70 "$PY" "${BENCH[@]}" --limit 2 --variants eager_cl compile c
   --out "$LOGS/kernels_compile.json"
 step end-to-end 90 "$PY" benchmarks/kernel_speed.py --suite mobilenet --n 8 --dtype fp16 --limit 1 --variants triton_cl \
   --ranks 4 --e2e --out "$LOGS/e2e.json"
+step low-rank 45 "$PY" benchmarks/lowrank_gemm.py --device cuda --dtype fp16 --out "$LOGS/lowrank_gemm.json"
 
 if (( DRY )); then
   # validate what can be validated without a GPU, in one process: the staged package imports, the scripts parse
@@ -90,6 +92,7 @@ import sys
 sys.path.insert(0, "benchmarks")
 import gpu_check
 import kernel_speed as bench
+import lowrank_gemm  # noqa: F401 - step 6 imports and parses
 assert gpu_check.main(["--dry-run"]) == 0
 assert bench.main(sys.argv[1:] + ["--dry-run"]) == 0
 PYEOF
