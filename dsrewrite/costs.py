@@ -18,7 +18,7 @@ from .ir import ConvSpec
 from .report import LayerReport
 
 __all__ = ["CostProvider", "FlopCost", "ParamCost", "LatencyCost", "BudgetKind", "BUDGETS", "register_budget",
-           "budget_kind"]
+           "budget_kind", "pair_words"]
 
 
 class CostProvider(ABC):
@@ -55,8 +55,9 @@ class CostProvider(ABC):
         return given if given else sum(self.dense(s) or 0 for s in specs)
 
     def no_saving(self, spec: ConvSpec, dense: float, costs: Mapping[int, Optional[float]]) -> str:
-        """Skip reason when no candidate rank is cheaper than the dense conv."""
-        return f"separable form saves nothing (break-even rank {cost.breakeven_rank(spec):.2f} <= 1)"
+        """Skip reason when no candidate rank is cheaper than the dense conv (the break-even rank of the layer's
+        pair: ``Cout*K/(K+Cout)`` separable, ``Cin*Cout/(Cin+Cout)`` low rank)."""
+        return f"{pair_words(spec)} saves nothing (break-even rank {cost.breakeven_rank(spec):.2f} <= 1)"
 
     def annotate(self, spec: ConvSpec, report: LayerReport, rank: Optional[int], dense: float,
                  costs: Mapping[int, Optional[float]]) -> None:
@@ -66,6 +67,11 @@ class CostProvider(ABC):
         """The depthwise form the layer was costed in: ``True`` for a gathered input (see
         :class:`~dsrewrite.modules.SeparableConv2d`); the plan builds the layer in that form."""
         return False
+
+
+def pair_words(spec: ConvSpec) -> str:
+    """What the layer would become, in a skip reason: ``"separable form"`` or ``"low-rank pair"``."""
+    return "low-rank pair" if spec.lowrank else "separable form"
 
 
 def _all_ranks(spec: ConvSpec) -> List[int]:
@@ -108,7 +114,9 @@ class ParamCost(CostProvider):
 class LatencyCost(CostProvider):
     """Measured milliseconds from a layer timer (:class:`dsrewrite.latency.LayerTimer`, or anything with
     ``dense_ms(spec)`` and ``separable_ms(spec, rank)``; an optional ``gathered(spec, rank)`` picks the
-    depthwise form). Layers measured slower at every candidate rank are left dense, saying so."""
+    depthwise form). Layers measured slower at every candidate rank are left dense, saying so. 1x1 convs and
+    linear layers are timed as their low-rank pairs (``separable_ms`` of a low-rank spec), at
+    :func:`~dsrewrite.latency.candidate_ranks`' geometric ranks below the break-even rank."""
 
     name, quantity = "millisecond", "measured time"
 
@@ -140,12 +148,13 @@ class LatencyCost(CostProvider):
         if not timed:
             return super().no_saving(spec, dense, costs)
         best = min(timed, key=timed.__getitem__)
-        return (f"separable form measured slower than the original "
+        return (f"{pair_words(spec)} measured slower than the original "
                 f"({timed[best]:.3f} ms at rank {best} vs {dense:.3f} ms)")
 
     def gathered(self, spec: ConvSpec, rank: int) -> bool:
-        """Whether the pair at ``rank`` runs its depthwise conv on a gathered input (the form it was timed in)."""
-        return self._gathered is not None and bool(self._gathered(spec, rank))
+        """Whether the pair at ``rank`` runs its depthwise conv on a gathered input (the form it was timed in);
+        never for a low-rank pair, which has no gathered form."""
+        return not spec.lowrank and self._gathered is not None and bool(self._gathered(spec, rank))
 
     def annotate(self, spec: ConvSpec, report: LayerReport, rank: Optional[int], dense: float,
                  costs: Mapping[int, Optional[float]]) -> None:

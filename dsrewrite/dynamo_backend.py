@@ -1,16 +1,18 @@
-"""``torch.compile`` backend: rewrite the captured graph's convs into separable pairs, then compile with Inductor.
+"""``torch.compile`` backend: rewrite the captured graph's convs into separable pairs (1x1 convs and linear layers
+into low-rank pairs, with ``kinds=``), then compile with Inductor.
 
 ``torch.compile(model, backend="dsrewrite", options={...})`` (registered through the ``torch_dynamo_backends``
 entry point: no import needed) and ``dsrewrite.compile(model, **options)`` run the same
-:class:`DsrewriteBackend`. Its options are :func:`dsrewrite.rewrite`'s (rank, include/exclude, budgets, energy,
-calibration) and go through the same frontend, planner and factorisation, so ranks and factors equal
+:class:`DsrewriteBackend`. Its options are :func:`dsrewrite.rewrite`'s (rank, include/exclude, kinds, budgets,
+energy, calibration) and go through the same frontend, planner and factorisation, so ranks and factors equal
 ``rewrite()``'s.
 
-Dynamo lifts parameters to graph inputs. Each functional conv whose weight is such an input is turned into a
-conv module holding that very parameter, under its module path (the name ``rewrite()`` reports), so the shared
-fx frontend, planner and backend (:func:`~dsrewrite.frontends.fx.collect_sites`,
-:func:`~dsrewrite.pipeline.plan_sites`, :func:`~dsrewrite.backends.fx.apply_decisions`) do the rewrite; convs
-left dense go back to reading their graph input, so the rest of the graph is untouched.
+Dynamo lifts parameters to graph inputs. Each functional conv (or linear: ``nn.Linear`` and ``F.linear`` arrive as
+``torch._C._nn.linear``) whose weight is such an input is turned into a conv (``nn.Linear``) module holding that
+very parameter, under its module path (the name ``rewrite()`` reports), so the shared fx frontend, planner and
+backend (:func:`~dsrewrite.frontends.fx.collect_sites`, :func:`~dsrewrite.pipeline.plan_sites`,
+:func:`~dsrewrite.backends.fx.apply_decisions`) do the rewrite; layers left dense go back to reading their graph
+input, so the rest of the graph is untouched.
 
 Factors come from the weights seen at compile time (the report says so). They are cached (per backend) by weight
 identity and version counter: a recompile (a new batch size) reuses them. Parameters being graph inputs, Dynamo does

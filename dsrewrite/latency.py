@@ -10,6 +10,10 @@ both depthwise forms (grouped, and on a gathered copy of the input: see :mod:`ds
 gathered form is chosen when it is clearly faster (``GATHER_MARGIN``). Measurements are cached in memory
 (keyed by shape, dtype, device, backend, memory format, rank, form and thread count) and optionally in a
 JSON file.
+
+A 1x1 conv or linear layer (``spec.lowrank``) is timed as itself (``nn.Conv*d`` with its stride, ``nn.Linear`` on
+an input ``[rows, Cin]``, ``rows`` those of one call) and as the low-rank pair the pass installs
+(``LowRankConv*d`` / ``LowRankLinear`` at rank ``k``); it has one form (nothing to gather).
 """
 from __future__ import annotations
 
@@ -21,18 +25,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .cost import separable_flops, dense_flops
+from .cost import breakeven_rank, dense_flops, separable_flops
 from .frontends.conv_modules import deepcopy_module
-from .ir import ConvSpec
+from .ir import LINEAR, ConvSpec
 from .measure import time_call, time_side_by_side
 
 __all__ = ["LayerTimer", "ScaledTimer", "layer_input", "calls_scale", "cached_ms", "candidate_ranks", "time_fn",
-           "best_memory_format", "MEMORY_FORMATS", "GATHER_MARGIN"]
+           "best_memory_format", "timeable", "linear_rows", "MEMORY_FORMATS", "GATHER_MARGIN", "LOWRANK_RANKS"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 # the gathered depthwise form must take less than this fraction of the grouped form's time: it copies the
 # input `rank` times (memory), and a single timing of a large layer on a shared CPU is noisy
 GATHER_MARGIN = 0.9
+LOWRANK_RANKS = 7  # low-rank candidates timed per layer: the top rank, then steps of 1/sqrt(2) (multiples of 8
+# from 32 up)
 _CACHE: Dict[str, float] = {}  # process-wide: the same layer shape is timed once
 
 
@@ -43,9 +49,23 @@ def time_fn(fn, args: Sequence[Any], *, device: torch.device, reps: int = 5, war
                      min_reps=2)
 
 
+def timeable(spec: ConvSpec) -> bool:
+    """Whether a layer's shape is known well enough to time it: a conv's output size, a linear layer's rows."""
+    return spec.out_pixels > 0 if spec.kind == LINEAR else bool(spec.out_spatial)
+
+
+def linear_rows(spec: ConvSpec) -> int:
+    """Rows of one call of a linear layer (the leading dims of its input flattened; calls of differing shapes
+    averaged): it is timed on an input ``[rows, Cin]``."""
+    return max(1, round(spec.out_pixels / max(spec.calls, 1)))
+
+
 def layer_input(spec: ConvSpec) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """The input shape ``[batch, Cin, *spatial]`` and symmetric padding of a layer timed alone: 'same'-style
-    padding and the input size that gives the conv's output size (its real padding does not change its cost)."""
+    padding and the input size that gives the conv's output size (its real padding does not change its cost).
+    A linear layer: ``[rows, Cin]`` (:func:`linear_rows`), no padding."""
+    if spec.kind == LINEAR:
+        return (linear_rows(spec), spec.in_channels), ()
     pads, size = [], []
     for o, k, s, d in zip(spec.out_spatial, spec.kernel, spec.stride, spec.dilation):
         p = d * (k - 1) // 2
@@ -56,7 +76,7 @@ def layer_input(spec: ConvSpec) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
 
 def calls_scale(spec: ConvSpec) -> float:
     """What one timed call is multiplied by to cover all of the conv's calls (shared modules, varying shapes)."""
-    one = spec.batch * math.prod(spec.out_spatial)
+    one = linear_rows(spec) if spec.kind == LINEAR else spec.batch * math.prod(spec.out_spatial)
     return spec.out_pixels / one if one else 1.0
 
 
@@ -72,7 +92,7 @@ def cached_ms(timer: Any, cache: Dict, spec: ConvSpec, want: Variant, variants: 
     ``measure(variants)`` side by side, round by round, so drift on a shared machine moves the dense conv and
     its candidate pairs alike, and all are cached; a variant outside that list is timed next to the dense conv
     and cached alone. New measurements are counted in ``timer.measured``."""
-    if not spec.out_spatial:
+    if not timeable(spec):
         return None
     if key(want) not in cache:
         todo = list(variants) if want in variants else [variants[0], want]
@@ -85,10 +105,14 @@ def cached_ms(timer: Any, cache: Dict, spec: ConvSpec, want: Variant, variants: 
 
 
 def candidate_ranks(spec: ConvSpec, count: int = 5) -> List[int]:
-    """Ranks worth timing: the largest rank with fewer FLOPs than the conv, then halving down to 1."""
+    """Ranks worth timing: the largest rank with fewer FLOPs than the conv, then halving down to 1. A low-rank
+    pair's ranks run to the hundreds: the largest below its break-even rank, then :data:`LOWRANK_RANKS` steps
+    of ``1/sqrt(2)`` (multiples of 8 from 32 up, the widths GEMM kernels like)."""
     if spec.out_pixels == 0:
         return []
     dense = dense_flops(spec)
+    if spec.lowrank:
+        return _lowrank_ranks(spec, dense)
     top = 0
     for r in range(1, spec.full_rank + 1):
         if separable_flops(spec, r) < dense:
@@ -101,8 +125,21 @@ def candidate_ranks(spec: ConvSpec, count: int = 5) -> List[int]:
     return sorted(set(ranks))
 
 
+def _lowrank_ranks(spec: ConvSpec, dense: int) -> List[int]:
+    top = min(spec.full_rank, max(math.ceil(breakeven_rank(spec)) - 1, 0))
+    while top >= 1 and separable_flops(spec, top) >= dense:  # float rounding at the break-even rank
+        top -= 1
+    ranks, r = [], float(top)
+    while r >= 1 and len(ranks) < LOWRANK_RANKS:
+        k = int(r)
+        ranks.append(8 * round(k / 8) if k >= 32 and ranks else k)  # never the top: it stays below break-even
+        r /= math.sqrt(2)
+    return sorted(set(ranks))
+
+
 class LayerTimer:
-    """Measure convs and separable pairs of a :class:`~dsrewrite.ir.ConvSpec`'s shape.
+    """Measure convs and separable pairs of a :class:`~dsrewrite.ir.ConvSpec`'s shape (1x1 convs and linear
+    layers: the layer and its low-rank pair).
 
     Args:
         device: where to time (``"cpu"``, ``"cuda"``, a ``torch.device``).
@@ -148,29 +185,45 @@ class LayerTimer:
         return f"cpu:{torch.get_num_threads()}t"
 
     def key(self, spec: ConvSpec, rank: Optional[int], gathered: bool = False) -> str:
-        what = "dense" if rank is None else f"{'ragged' if self.ragged else 'gathered' if gathered else 'sep'}{rank}"
+        if rank is None:
+            what = "dense"
+        elif spec.lowrank:
+            what = f"lowrank{rank}"
+        else:
+            what = f"{'ragged' if self.ragged else 'gathered' if gathered else 'sep'}{rank}"
+        shape = layer_input(spec)[0] if timeable(spec) else None  # a linear layer's rows are in no other field
         return "|".join(str(x) for x in (
-            what, spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.dilation, spec.bias,
-            spec.batch, spec.out_spatial, str(self.dtype), self._where(), self.backend, self.memory_format,
-            self.runtime.name))
+            what, spec.kind, spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.dilation,
+            spec.bias, spec.batch, spec.out_spatial, shape, str(self.dtype), self._where(), self.backend,
+            self.memory_format, self.runtime.name))
+
+    def _two_forms(self, spec: ConvSpec) -> bool:
+        """Whether the pair of ``spec`` has two depthwise forms to choose from (a low-rank pair has one)."""
+        return self.two_forms and not spec.lowrank
 
     # ------------------------------------------------------------------ measuring
     def _build(self, spec: ConvSpec, rank: Optional[int], gathered: bool = False) -> Tuple[nn.Module, torch.Tensor]:
         """A layer of ``spec``'s shape (dense, or separable at ``rank``) with random weights, and its input."""
-        from .modules import SeparableConv1d, SeparableConv2d
+        from .modules import LowRankConv1d, LowRankConv2d, LowRankLinear, SeparableConv1d, SeparableConv2d
 
         shape, pads = layer_input(spec)
         dims = spec.spatial_dims
         kw = dict(stride=spec.stride, padding=pads, dilation=spec.dilation, bias=spec.bias,
                   device=self.device, dtype=self.dtype)
-        if rank is None:
-            mod: nn.Module = (nn.Conv1d if dims == 1 else nn.Conv2d)(spec.in_channels, spec.out_channels,
-                                                                     spec.kernel, **kw)
+        cin, cout = spec.in_channels, spec.out_channels
+        mod: nn.Module
+        if spec.kind == LINEAR:
+            mod = (nn.Linear(cin, cout, bias=spec.bias, device=self.device, dtype=self.dtype) if rank is None else
+                   LowRankLinear(cin, cout, rank, bias=spec.bias, device=self.device, dtype=self.dtype))
+        elif spec.lowrank and rank is not None:  # a 1x1 conv's pair: the reduction carries its stride
+            mod = (LowRankConv1d if dims == 1 else LowRankConv2d)(cin, cout, rank, **kw)
+        elif rank is None:
+            mod = (nn.Conv1d if dims == 1 else nn.Conv2d)(cin, cout, spec.kernel, **kw)
         else:
             cls = SeparableConv1d if dims == 1 else SeparableConv2d
             # a ragged pair costs the same whatever the per-channel split: time the uniform split, gathered
-            index = torch.arange(spec.in_channels).repeat_interleave(rank) if self.ragged else None
-            mod = cls(spec.in_channels, spec.out_channels, spec.kernel, rank, backend=self.backend,
+            index = torch.arange(cin).repeat_interleave(rank) if self.ragged else None
+            mod = cls(cin, cout, spec.kernel, rank, backend=self.backend,
                       channel_index=index, gather_input=gathered, **kw)
         mod.eval().requires_grad_(False)
         x = torch.randn(shape, device=self.device, dtype=self.dtype)
@@ -183,7 +236,7 @@ class LayerTimer:
         """What planning asks about a conv: the dense conv and the pair at each candidate rank, in both
         depthwise forms where there are two."""
         ranks = candidate_ranks(spec)
-        both = [(r, True) for r in ranks if self.two_forms and r > 1]
+        both = [(r, True) for r in ranks if self._two_forms(spec) and r > 1]
         return [(None, False)] + [(r, False) for r in ranks] + both
 
     def _measure_variants(self, spec: ConvSpec, variants: Sequence[Variant]) -> List[float]:
@@ -201,14 +254,14 @@ class LayerTimer:
     def _get(self, spec: ConvSpec, rank: Optional[int], gathered: bool = False) -> Optional[float]:
         variants = self._variants(spec)
         if (rank, gathered) not in variants:  # a rank off the candidate list: its forms next to the dense conv
-            variants = [(None, False), (rank, False)] + ([(rank, True)] if self.two_forms and rank > 1 else [])
+            variants = [(None, False), (rank, False)] + ([(rank, True)] if self._two_forms(spec) and rank > 1 else [])
         return cached_ms(self, _CACHE, spec, (rank, gathered), variants,
                          lambda v: self.key(spec, *v), lambda vs: self._measure_variants(spec, vs))
 
     def form_times(self, spec: ConvSpec, rank: int) -> Optional[Tuple[float, float]]:
         """(grouped, gathered) times of the uniform pair over all calls of the conv; ``None`` when the output
-        shape is unknown or the pair has one form only (Triton, ragged pairs, rank 1)."""
-        if not (self.two_forms and rank > 1 and spec.out_spatial):
+        shape is unknown or the pair has one form only (Triton, ragged pairs, rank 1, low-rank pairs)."""
+        if not (self._two_forms(spec) and rank > 1 and timeable(spec)):
             return None
         return self._get(spec, rank), self._get(spec, rank, gathered=True)
 
@@ -238,9 +291,9 @@ class LayerTimer:
 
 
 class ScaledTimer:
-    """A layer timer whose separable-pair times are multiplied by ``scale``: the closed loop's correction when
-    the whole model measured a different ratio than the layers timed alone predicted (dense times, the
-    depthwise form and everything else are the wrapped timer's)."""
+    """A layer timer whose pair times (separable and low-rank) are multiplied by ``scale``: the closed loop's
+    correction when the whole model measured a different ratio than the layers timed alone predicted (dense
+    times, the depthwise form and everything else are the wrapped timer's)."""
 
     def __init__(self, timer: Any, scale: float) -> None:
         self.timer, self.scale = timer, float(scale)

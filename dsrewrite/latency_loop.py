@@ -3,8 +3,8 @@
 Layers are timed alone, on random inputs; the whole model can come out slower or faster than their sum
 predicts. A route hands :func:`latency_loop` one function that plans with a given layer timer, builds the model
 and times it against the original side by side (an :class:`Attempt`). While the whole model misses the target
-by more than the measured noise, the separable layers' timings are scaled by what the whole model showed
-(:class:`~dsrewrite.latency.ScaledTimer`) and the ranks planned again, up to :data:`LATENCY_ROUNDS` plans. A
+by more than the measured noise, the pairs' timings (separable and low-rank) are scaled by what the whole model
+showed (:class:`~dsrewrite.latency.ScaledTimer`) and the ranks planned again, up to :data:`LATENCY_ROUNDS` plans. A
 target no plan reaches is refused with the best measured ratio and the noise. A target the layer timings put just
 out of reach (by at most :data:`PLAN_MARGIN`) is not refused on their word: the pairs' timings are scaled down
 until a plan exists, and the whole model decides.

@@ -110,8 +110,8 @@ def test_compiled_equals_rewrite_and_full_rank_equals_original(name, rank, gen):
 
 def test_new_batch_size_recompiles_without_refactorising(monkeypatch, gen):
     calls = []
-    real = dsrewrite.pipeline.factorize
-    monkeypatch.setattr(dsrewrite.pipeline, "factorize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dsrewrite.pipeline.factorize_layer
+    monkeypatch.setattr(dsrewrite.pipeline, "factorize_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = small(gen)
     x2, x5 = torch.randn(2, 3, 16, 16, generator=gen), torch.randn(5, 3, 16, 16, generator=gen)
     with torch.no_grad():

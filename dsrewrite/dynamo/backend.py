@@ -1,5 +1,6 @@
-"""The dsrewrite Dynamo backend: lift, plan (or replay a cached plan), rewrite, restore the dense convs, report,
-compile with Inductor, guard the weights.
+"""The dsrewrite Dynamo backend: lift, plan (or replay a cached plan), rewrite, restore the dense layers, report,
+compile with Inductor, guard the weights. Convs and linear layers are lifted alike (``kinds=`` chooses which
+become pairs: KxK convs separable, 1x1 convs and linear layers low rank).
 
 Planning is the shared middle (:func:`~dsrewrite.frontends.fx.collect_sites`,
 :func:`~dsrewrite.pipeline.plan_sites`, :func:`~dsrewrite.backends.fx.apply_decisions`), so ranks and factors
@@ -154,8 +155,9 @@ class _CannotRewrite(Exception):
 def _check_inference(sites: List[ConvSite], opts: RewriteConfig) -> None:
     if not torch.is_grad_enabled():
         return
+    kinds = opts.layer_kinds()
     for s in sites:
-        if s.weight is None or why_not(s.spec) or selected(s.spec.name, opts.include, opts.exclude):
+        if s.weight is None or why_not(s.spec, kinds) or selected(s.spec.name, opts.include, opts.exclude):
             continue
         if s.weight.requires_grad or (s.bias is not None and s.bias.requires_grad):
             raise DsrewriteError(
@@ -183,9 +185,10 @@ def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: GraphInputs, 
 
     A graph with no conv the options let the planner rewrite (one piece of a model Dynamo split at a graph break)
     is planned without the budget and calibration, which concern the other pieces: each conv gets its reason."""
-    if not any(s.weight is not None and not why_not(s.spec) and not selected(s.spec.name, opts.include, opts.exclude)
-               for s in sites):
-        return plan_sites(sites, "full", opts.include, opts.exclude), False
+    kinds = opts.layer_kinds()
+    if not any(s.weight is not None and not why_not(s.spec, kinds)
+               and not selected(s.spec.name, opts.include, opts.exclude) for s in sites):
+        return plan_sites(sites, "full", opts.include, opts.exclude, kinds=kinds), False
     teacher = student = None
     batches = None
     if opts.calibration is not None:
@@ -398,7 +401,7 @@ class DsrewriteBackend:
     """A Dynamo backend ``(gm, example_inputs) -> callable`` with fixed rewrite options (checked here, at once).
 
     Args:
-        **options: those of :func:`dsrewrite.rewrite`: ``rank``, ``include``, ``exclude``, ``backend``,
+        **options: those of :func:`dsrewrite.rewrite`: ``rank``, ``include``, ``exclude``, ``kinds``, ``backend``,
             ``target_flops``, ``target_params``, ``energy``, ``calibration``, ``ragged``, ``progress``, ``name``; plus
             ``compiler``: ``"inductor"`` (default) or ``"eager"`` (run the rewritten graph as is), and ``mode``:
             Inductor's mode (``"max-autotune"``, ...; ``torch.compile`` takes no ``mode=`` next to ``options=``).

@@ -3,7 +3,8 @@
 Parameters being graph inputs, Dynamo does not recompile when a weight changes in place (an optimiser step,
 ``load_state_dict``). So every call of a compiled graph compares the rewritten convs' weights with snapshots taken
 at factorisation (identity, data pointer, version counter: a few attribute reads) and refactorises a changed one
-at the same rank, in place, since the compiled code reads the separable module's tensors.
+at the same rank, in place, since the compiled code reads the pair's tensors (a separable pair, or a 1x1 conv's or
+linear layer's low-rank pair).
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import DsrewriteError
-from ..factorize import factorize
+from ..factorize import factorize_layer
 from ..ir import ConvSite
+from ..modules import LOWRANK_TYPES
 from .inputs import LiftedConv
 
 __all__ = ["Snap", "WeightGuard", "Watch", "Guarded", "weight_getter"]
@@ -51,8 +53,8 @@ class Snap:
 
 @dataclass
 class WeightGuard:
-    """Per conv site of a plan: snapshots of the weight and bias its factors came from, and the separable module
-    holding those factors (``None`` for a site left dense or rewritten afresh at each compile)."""
+    """Per site of a plan: snapshots of the weight and bias its factors came from, and the pair module (separable
+    or low-rank) holding those factors (``None`` for a site left dense or rewritten afresh at each compile)."""
 
     snaps: List[Tuple[Snap, Snap]]
     modules: List[Optional[nn.Module]]
@@ -71,17 +73,19 @@ class WeightGuard:
     def refresh(self, i: int, weight: torch.Tensor, bias: Optional[torch.Tensor], name: str, frozen: bool) -> None:
         """Refactorise site ``i`` from its new weight at the same rank, in place (the compiled code reads it)."""
         if self.calibrated:
-            raise DsrewriteError(f"the weight of conv {name!r} changed after compile and its factors were calibrated "
+            raise DsrewriteError(f"the weight of layer {name!r} changed after compile and its factors were calibrated "
                                  "on data: call torch._dynamo.reset() and run again to recompile and recalibrate")
         if frozen:
-            raise DsrewriteError(f"the weight of conv {name!r} changed after compile, but Inductor froze the factors "
+            raise DsrewriteError(f"the weight of layer {name!r} changed after compile, but Inductor froze the factors "
                                  "(torch._inductor.config.freezing): call torch._dynamo.reset() and run again")
-        sep = self.modules[i]
-        sep.load_factors(factorize(weight, sep.rank, bias, ragged=sep.ragged))
+        pair = self.modules[i]
+        lowrank = isinstance(pair, LOWRANK_TYPES)
+        pair.load_factors(factorize_layer(weight, pair.rank, bias, lowrank=lowrank,
+                                          ragged=not lowrank and pair.ragged))
         self.snaps[i] = (Snap(weight), Snap(bias))
         if not self.warned:
             self.warned = True
-            warnings.warn(f"dsrewrite: conv weights changed since compile (first: {name!r}); their factors were "
+            warnings.warn(f"dsrewrite: layer weights changed since compile (first: {name!r}); their factors were "
                           "recomputed at the compiled ranks", stacklevel=3)
 
 

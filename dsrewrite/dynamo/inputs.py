@@ -1,9 +1,11 @@
 """The captured graph's inputs, and parameter lifting.
 
-Dynamo passes parameters as graph inputs, so a conv module arrives as ``F.conv2d(x, <input>, ...)``. Lifting turns
-each such call into a ``call_module`` of an ``nn.Conv*d`` holding that very parameter, named by its module path, so
-the shared fx frontend (:func:`~dsrewrite.frontends.fx.collect_sites`) and planner see what ``rewrite()`` sees;
-:func:`unlift` puts the convs left dense back as they were captured. Argument binding is the fx frontend's.
+Dynamo passes parameters as graph inputs, so a conv module arrives as ``F.conv2d(x, <input>, ...)`` and an
+``nn.Linear`` (or ``F.linear`` on a parameter) as ``torch._C._nn.linear(x, <input>, <input>)``. Lifting turns each
+such call into a ``call_module`` of an ``nn.Conv*d`` / ``nn.Linear`` holding that very parameter, named by its
+module path, so the shared fx frontend (:func:`~dsrewrite.frontends.fx.collect_sites`) and planner see what
+``rewrite()`` sees; :func:`unlift` puts the layers left dense back as they were captured. Argument binding is the
+fx frontend's.
 
 A parameter's module path is read from its Dynamo source, walked link by link (attribute, item, module wrapper):
 ``L['self'].__dict__['_modules']['conv_in']._parameters['weight']`` (a module class with its own ``__getattr__``,
@@ -21,12 +23,13 @@ import torch
 from torch import fx, nn
 
 from ..errors import first_line
-from ..frontends.fx import CONV_FUNCTIONS, bind_conv_args, computed_at_run_time, conv_settings, owner_name
+from ..frontends.fx import (CONV_FUNCTIONS, LINEAR_FUNCTIONS, bind_conv_args, computed_at_run_time, conv_settings,
+                            owner_name)
 
 __all__ = ["NAMESPACE", "GraphInputs", "LiftedConv", "lift_convs", "unlift", "declare_params", "hint", "source_text",
            "source_text_of", "source_path", "param_path", "conv_module_path", "Unlifted"]
 
-NAMESPACE = "dsrewrite_convs"  # where lifted and rewritten conv modules live inside the captured GraphModule
+NAMESPACE = "dsrewrite_convs"  # where lifted and rewritten conv (and linear) modules live inside the captured graph
 _STATE_ATTRS = {"_modules", "_parameters", "_buffers", "__dict__"}  # links of a source that are no name
 
 
@@ -82,14 +85,16 @@ def source_path(src: Any) -> Optional[str]:
 
 
 def conv_module_path(node: fx.Node) -> Optional[str]:
-    """The path of the conv module whose forward made this functional conv call (Dynamo's ``nn_module_stack``:
-    ``L['self'].encoder.pos_conv_embed.conv`` -> ``encoder.pos_conv_embed.conv``, the name ``rewrite()`` gives a
-    conv module), or ``None`` when the innermost module is not a conv or its path does not read as one."""
+    """The path of the conv (or linear) module whose forward made this functional call (Dynamo's
+    ``nn_module_stack``: ``L['self'].encoder.pos_conv_embed.conv`` -> ``encoder.pos_conv_embed.conv``, the name
+    ``rewrite()`` gives a conv module), or ``None`` when the innermost module is neither or its path does not read
+    as one."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
     text, cls = list(stack.values())[-1]
-    if not (isinstance(cls, type) and issubclass(cls, nn.modules.conv._ConvNd)) or not isinstance(text, str):
+    if not (isinstance(cls, type) and issubclass(cls, (nn.modules.conv._ConvNd, nn.Linear))) \
+            or not isinstance(text, str):
         return None
     m = re.fullmatch(r"(?:L|G)\['[^']*'\]((?:\.[A-Za-z_]\w*|\['[^']*'\]|\[\d+\])*)", text)
     if m is None:
@@ -147,7 +152,8 @@ class GraphInputs:
 # ---------------------------------------------------------------------------------------------- lifting
 @dataclass
 class LiftedConv:
-    """A functional conv on a parameter input, turned into a conv module for planning; ``calls`` restore it."""
+    """A functional conv (or linear) on a parameter input, turned into a conv (``nn.Linear``) module for planning;
+    ``calls`` restore it."""
 
     path: str  # module path inside the GraphModule
     name: str  # the name rewrite() gives it (report, include/exclude)
@@ -167,6 +173,25 @@ def _conv_module(dims: int, weight: nn.Parameter, bias: Optional[nn.Parameter], 
     if bias is not None:
         conv.bias = bias
     return conv
+
+
+def _linear_module(weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
+    """An ``nn.Linear`` holding ``weight``/``bias`` themselves (built on the meta device: nothing is copied)."""
+    if weight.dim() != 2:
+        raise ValueError(f"a linear weight must be 2-D, got shape {list(weight.shape)}")
+    cout, cin = weight.shape
+    linear = nn.Linear(int(cin), int(cout), bias=False, device="meta")
+    linear.weight = weight
+    if bias is not None:
+        linear.bias = bias
+    return linear
+
+
+def _layer_module(target: Any, weight: nn.Parameter, bias: Optional[nn.Parameter], bound: dict) -> nn.Module:
+    """The module a functional conv or linear call on parameter inputs stands for."""
+    if target in LINEAR_FUNCTIONS:
+        return _linear_module(weight, bias)
+    return _conv_module(CONV_FUNCTIONS[target], weight, bias, conv_settings(bound))
 
 
 @dataclass
@@ -196,10 +221,16 @@ def _free_path(gm: nn.Module, name: str) -> str:
 
 
 def _why_not_liftable(calls: List[Tuple[fx.Node, dict]], inputs: GraphInputs) -> Optional[str]:
-    """Why the calls on one weight cannot become one conv module (``None``: they can)."""
+    """Why the calls on one weight cannot become one conv (or linear) module (``None``: they can)."""
     node0, b0 = calls[0]
-    hyper = conv_settings(b0)
     b_node = b0.get("bias")
+    if node0.target in LINEAR_FUNCTIONS:
+        if b_node is not None and b_node not in inputs.params:
+            return "bias is computed at run time (not a parameter)"
+        if any(b.get("bias") is not b_node or n.target not in LINEAR_FUNCTIONS for n, b in calls[1:]):
+            return "the same weight is used by calls with different biases or layer kinds"
+        return None
+    hyper = conv_settings(b0)
     if any(computed_at_run_time(v) for v in hyper.values()):
         return "stride/padding/dilation/groups computed at run time"
     if b_node is not None and b_node not in inputs.params:
@@ -213,16 +244,17 @@ def _why_not_liftable(calls: List[Tuple[fx.Node, dict]], inputs: GraphInputs) ->
 
 
 def lift_convs(gm: fx.GraphModule, inputs: GraphInputs) -> Tuple[Dict[str, LiftedConv], Dict[fx.Node, Unlifted]]:
-    """Turn ``conv(x, <parameter input>, ...)`` calls into ``call_module`` of a conv holding that parameter.
+    """Turn ``conv(x, <parameter input>, ...)`` and ``linear(x, <parameter input>, ...)`` calls into
+    ``call_module`` of a conv / ``nn.Linear`` holding that parameter.
 
     A weight used by several calls with the same settings becomes one module called several times (as a shared
-    module in ``rewrite()``). Returns the lifted convs by module path, and the convs left as captured by their
+    module in ``rewrite()``). Returns the lifted layers by module path, and those left as captured by their
     weight's placeholder, with the reason (settings computed at run time, a bias that is not a parameter, one
-    weight under different settings, a conv module that cannot be built from the call): they stay dense.
+    weight under different settings, a module that cannot be built from the call): they stay dense.
     """
     groups: "OrderedDict[fx.Node, List[Tuple[fx.Node, dict]]]" = OrderedDict()
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in CONV_FUNCTIONS:
+        if node.op == "call_function" and (node.target in CONV_FUNCTIONS or node.target in LINEAR_FUNCTIONS):
             bound = bind_conv_args(node)
             if bound.get("weight") in inputs.params and "input" in bound:
                 groups.setdefault(bound["weight"], []).append((node, bound))
@@ -237,12 +269,13 @@ def lift_convs(gm: fx.GraphModule, inputs: GraphInputs) -> Tuple[Dict[str, Lifte
                 node0, b0 = calls[0]
                 b_node = b0.get("bias")
                 b_index, bias = (inputs.params[b_node][:2]) if b_node is not None else (None, None)
-                module = _conv_module(CONV_FUNCTIONS[node0.target], weight, bias, conv_settings(b0))
+                module = _layer_module(node0.target, weight, bias, b0)
                 path = _free_path(gm, name)
                 if not gm.add_submodule(path, module) or gm.get_submodule(path) is not module:
                     reason = f"no room for its conv module at {path!r} in the captured graph"
-        except Exception as e:  # noqa: BLE001 - a conv lifting cannot map stays as captured, with the reason
-            reason = f"its call cannot be read as a conv module ({first_line(e, 160, typed=True)})"
+        except Exception as e:  # noqa: BLE001 - a layer lifting cannot map stays as captured, with the reason
+            what = "a linear" if calls[0][0].target in LINEAR_FUNCTIONS else "a conv"
+            reason = f"its call cannot be read as {what} module ({first_line(e, 160, typed=True)})"
         if reason is not None:
             unlifted[w_node] = Unlifted(name, f"not lifted from the torch.compile graph: {reason}")
             continue
@@ -260,7 +293,7 @@ def lift_convs(gm: fx.GraphModule, inputs: GraphInputs) -> Tuple[Dict[str, Lifte
 
 
 def unlift(gm: fx.GraphModule, lifted: Dict[str, LiftedConv], rewritten: Set[str]) -> None:
-    """Convs left dense read their graph inputs again, exactly as Dynamo captured them."""
+    """Convs and linear layers left dense read their graph inputs again, exactly as Dynamo captured them."""
     for path, item in lifted.items():
         if path in rewritten:
             continue

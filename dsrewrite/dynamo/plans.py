@@ -1,8 +1,8 @@
 """Plans: the ranks and factors chosen for one captured graph, cached per backend so recompiles reuse them.
 
-Dynamo recompiles a graph for new shapes (a new batch size); while every conv weight is the same tensor,
-unchanged, and the options are the same, the recompile replays the plan (same ranks, same separable modules,
-new FLOP counts) instead of factorising again. Each :class:`~dsrewrite.dynamo.backend.DsrewriteBackend` owns a
+Dynamo recompiles a graph for new shapes (a new batch size); while every layer's weight is the same tensor,
+unchanged, and the options are the same, the recompile replays the plan (same ranks, same pair modules: separable
+or low-rank, new FLOP counts) instead of factorising again. Each :class:`~dsrewrite.dynamo.backend.DsrewriteBackend` owns a
 :class:`PlanCache`; :func:`clear_all` empties every live one.
 """
 from __future__ import annotations
@@ -26,8 +26,9 @@ _CACHES: "weakref.WeakSet[PlanCache]" = weakref.WeakSet()
 
 @dataclass
 class Plan:
-    """Ranks and factors of one graph's convs. Recompiles of the graph (new shapes) reuse them while every
-    conv weight is the same tensor, unchanged; the separable modules are shared by those compiled graphs."""
+    """Ranks and factors of one graph's layers. Recompiles of the graph (new shapes) reuse them while every
+    layer's weight is the same tensor, unchanged; the pair modules (``SeparableConv*d``, ``LowRank*``) are shared
+    by those compiled graphs."""
 
     options_key: tuple
     names: Tuple[str, ...]
@@ -50,7 +51,7 @@ class Plan:
 
     @property
     def modules(self) -> List[Optional[nn.Module]]:
-        """Per site: the separable module holding its factors, or ``None``."""
+        """Per site: the pair module (separable or low-rank) holding its factors, or ``None``."""
         return self.weights.modules
 
     def matches(self, options_key: tuple, sites: Sequence[ConvSite]) -> bool:

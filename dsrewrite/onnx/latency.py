@@ -5,7 +5,10 @@ so the one allocator (:func:`dsrewrite.budget.allocate_budget` through :class:`d
 plans ONNX models by onnxruntime milliseconds: each conv shape is built as a one-node model (the dense
 ``Conv``) and a two-node model (the grouped depthwise ``Conv`` at a candidate rank, then the 1x1 ``Conv``),
 with random weights, and timed in sessions made with the options the whole model is timed and deployed with.
-Measurements are cached per shape and session options in the process.
+A 1x1 conv's low-rank pair is two 1x1 ``Conv``s (the reduction carrying the stride, the expansion the bias), a
+linear layer's is two ``Gemm``s (``transB=1``, weights ``[k, Cin]`` and ``[Cout, k]``) on an input
+``[rows, Cin]``, its dense form one ``Gemm``: the nodes PyTorch's exporter writes for ``nn.Linear`` on a 2-D
+input. Measurements are cached per kind, shape and session options in the process.
 """
 from __future__ import annotations
 
@@ -15,11 +18,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..ir import ConvSpec
+from ..ir import LINEAR, ConvSpec
 from ..latency import cached_ms, candidate_ranks, layer_input
 from .measure import session
 
-__all__ = ["OrtLayerTimer", "conv_model", "pair_model"]
+__all__ = ["OrtLayerTimer", "conv_model", "pair_model", "lowrank_model"]
 
 _CACHE: Dict[Tuple, float] = {}
 
@@ -29,9 +32,20 @@ def _attrs(spec: ConvSpec, pads) -> dict:
                 pads=list(pads) * 2)
 
 
+def _rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
 def conv_model(spec: ConvSpec, rng: np.random.Generator) -> Tuple[onnx.ModelProto, Tuple[int, ...]]:
-    """A one-``Conv`` model of the conv's shape (random weights) and its input shape."""
+    """A one-``Conv`` model of the conv's shape (random weights) and its input shape; for a linear layer, one
+    ``Gemm``."""
     shape, pads = layer_input(spec)
+    if spec.kind == LINEAR:
+        inits = [numpy_helper.from_array(_rand(rng, spec.out_channels, spec.in_channels), "w")]
+        if spec.bias:
+            inits.append(numpy_helper.from_array(_rand(rng, spec.out_channels), "b"))
+        node = helper.make_node("Gemm", ["x", "w"] + (["b"] if spec.bias else []), ["y"], transB=1)
+        return _model([node], inits, shape, spec), shape
     w = rng.standard_normal((spec.out_channels, spec.in_channels, *spec.kernel)).astype(np.float32)
     inits = [numpy_helper.from_array(w, "w")]
     inputs = ["x", "w"]
@@ -44,7 +58,10 @@ def conv_model(spec: ConvSpec, rng: np.random.Generator) -> Tuple[onnx.ModelProt
 
 def pair_model(spec: ConvSpec, rank: int, rng: np.random.Generator) -> Tuple[onnx.ModelProto, Tuple[int, ...]]:
     """The separable pair the ONNX backend writes for the conv at ``rank``: a grouped depthwise ``Conv``
-    (``rank`` filters per input channel) and a 1x1 ``Conv`` with the bias."""
+    (``rank`` filters per input channel) and a 1x1 ``Conv`` with the bias. A 1x1 conv or linear layer: its
+    low-rank pair (:func:`lowrank_model`)."""
+    if spec.lowrank:
+        return lowrank_model(spec, rank, rng)
     shape, pads = layer_input(spec)
     c, m = spec.in_channels, spec.out_channels
     dw = rng.standard_normal((c * rank, 1, *spec.kernel)).astype(np.float32)
@@ -59,15 +76,37 @@ def pair_model(spec: ConvSpec, rank: int, rng: np.random.Generator) -> Tuple[onn
     return _model(nodes, inits, shape, spec), shape
 
 
+def lowrank_model(spec: ConvSpec, rank: int, rng: np.random.Generator) -> Tuple[onnx.ModelProto, Tuple[int, ...]]:
+    """The low-rank pair of a 1x1 conv (two 1x1 ``Conv``s, the stride on the reduction) or of a linear layer
+    (two ``Gemm``s, ``transB=1``) at ``rank``, the bias on the second; random weights."""
+    shape, _ = layer_input(spec)
+    cin, cout = spec.in_channels, spec.out_channels
+    ones = [1] * len(spec.kernel)
+    inits = [numpy_helper.from_array(_rand(rng, rank, cin, *ones), "r"),
+             numpy_helper.from_array(_rand(rng, cout, rank, *ones), "e")]
+    second = ["z", "e"]
+    if spec.bias:
+        inits.append(numpy_helper.from_array(_rand(rng, cout), "b"))
+        second.append("b")
+    if spec.kind == LINEAR:
+        nodes = [helper.make_node("Gemm", ["x", "r"], ["z"], transB=1),
+                 helper.make_node("Gemm", second, ["y"], transB=1)]
+    else:
+        nodes = [helper.make_node("Conv", ["x", "r"], ["z"], kernel_shape=ones, strides=list(spec.stride)),
+                 helper.make_node("Conv", second, ["y"], kernel_shape=ones)]
+    return _model(nodes, inits, shape, spec), shape
+
+
 def _model(nodes, inits, shape, spec: ConvSpec) -> onnx.ModelProto:
-    out = [spec.batch, spec.out_channels, *spec.out_spatial]
+    out = [shape[0], spec.out_channels] if spec.kind == LINEAR else [spec.batch, spec.out_channels, *spec.out_spatial]
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 class OrtLayerTimer:
-    """Time convs and separable pairs of a :class:`~dsrewrite.ir.ConvSpec`'s shape in onnxruntime (CPU).
+    """Time convs and separable pairs of a :class:`~dsrewrite.ir.ConvSpec`'s shape in onnxruntime (CPU); 1x1
+    convs and linear layers as themselves and as their low-rank pairs.
 
     Args:
         threads / optimization / provider: the session options (intra-op threads, graph optimisation level,
@@ -84,8 +123,8 @@ class OrtLayerTimer:
         self.measured = 0  # new measurements (cache misses)
 
     def _key(self, spec: ConvSpec, rank: Optional[int]) -> Tuple:
-        return (rank, spec.in_channels, spec.out_channels, tuple(spec.kernel), tuple(spec.stride),
-                tuple(spec.dilation), spec.bias, spec.batch, tuple(spec.out_spatial), self.threads,
+        return (rank, spec.kind, spec.in_channels, spec.out_channels, tuple(spec.kernel), tuple(spec.stride),
+                tuple(spec.dilation), spec.bias, spec.batch, layer_input(spec)[0], self.threads,
                 self.optimization, self.provider)
 
     def _measure_variants(self, spec: ConvSpec, variants) -> List[float]:
@@ -111,7 +150,7 @@ class OrtLayerTimer:
         return self._get(spec, None)
 
     def separable_ms(self, spec: ConvSpec, rank: int) -> Optional[float]:
-        """Time of the depthwise + pointwise pair at ``rank`` over all calls of the conv."""
+        """Time of the depthwise + pointwise pair (the low-rank pair) at ``rank`` over all calls of the layer."""
         return self._get(spec, int(rank))
 
     def save(self) -> None:
