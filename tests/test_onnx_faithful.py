@@ -288,7 +288,10 @@ def matmul_model(conv_after_reshape: bool = False) -> onnx.ModelProto:
 
 def test_target_flops_applies_to_the_convs_when_matmul_shapes_are_unknown():
     model = matmul_model()
-    new, report = rewrite(model, target_flops=0.5, input_shapes={"x": (1, C, 16, 16)})
+    with pytest.raises(DsrewriteError, match="unknown shapes") as e:  # all kinds: the MatMul is a planned layer
+        rewrite(model, target_flops=0.5, input_shapes={"x": (1, C, 16, 16)})
+    assert "/head/MatMul" in str(e.value) and "kinds without 'linear'" in str(e.value)
+    new, report = rewrite(model, target_flops=0.5, input_shapes={"x": (1, C, 16, 16)}, kinds=("kxk",))
     assert any("applies to the convolutions' FLOPs" in n and "/head/MatMul" in n for n in report.notes)
     convs = report.layers
     assert report.rewritten and sum(L.flops_after for L in convs) <= 0.5 * sum(L.flops_before for L in convs)

@@ -144,7 +144,7 @@ def test_readable_names_and_metadata(exported, tmp_path):
     onnx.helper.set_model_props(src, {"author": "someone", "license": "MIT"})
     new, report = rewrite(src, rank=2, include="/layer1/*")
     assert {L.name for L in report.rewritten} == {f"/layer1/layer1.{b}/conv{c}/Conv" for b in (0, 1) for c in (1, 2)}
-    assert all(L.reason == "not matched by include" for L in report.skipped if L.kernel != (1, 1))
+    assert all(L.reason == "not matched by include" for L in report.skipped if L.kind == "kxk")
     names = [n.name for n in new.graph.node]
     assert "/layer1/layer1.0/conv1/Conv_depthwise" in names and "/layer1/layer1.0/conv1/Conv_pointwise" in names
     dw = next(n for n in new.graph.node if n.name == "/layer1/layer1.0/conv1/Conv_depthwise")
@@ -223,7 +223,7 @@ def test_every_kind_of_conv_is_rewritten_or_skipped_with_reason():
         "runtime_bias": "rewritten",
         "grouped": "grouped convolution (groups=2) is not rewritten",
         "depthwise": "already depthwise (groups=4)",
-        "pointwise": "1x1 kernel: already pointwise",
+        "pointwise": "1x1 conv: kind 'pointwise' not chosen (kinds=kxk; kinds='all' rewrites it as a low-rank pair)",
         "conv3d": "3-D convolution is not supported (1-D and 2-D only)",
         "conv1d": "rewritten",
         "transposed": "transposed convolution is not rewritten",

@@ -1,9 +1,11 @@
-"""ONNX frontend and backend: rewrite the ``Conv`` nodes of ``.onnx`` models by editing the protobuf.
+"""ONNX frontend and backend: rewrite the ``Conv`` (and ``Gemm`` / ``MatMul``) nodes of ``.onnx`` models by
+editing the protobuf.
 
-The frontend (:mod:`.frontend`) turns convolution nodes, subgraphs included (:mod:`.scopes`), into
-framework-neutral :class:`~dsrewrite.ir.ConvSite` objects, the shared :func:`dsrewrite.pipeline.plan_sites`
+The frontend (:mod:`.frontend`) turns convolution nodes and weight layers, subgraphs included (:mod:`.scopes`),
+into framework-neutral :class:`~dsrewrite.ir.ConvSite` objects, the shared :func:`dsrewrite.pipeline.plan_sites`
 chooses ranks and factorises, the backend (:mod:`.backend`) replaces just those nodes by depthwise + pointwise
-``Conv`` pairs, and :mod:`.flops` counts whole-model FLOPs and parameters with the torch report's conventions.
+``Conv`` pairs or low-rank pairs (two ``Conv`` / ``Gemm`` / ``MatMul`` nodes), and :mod:`.flops` counts
+whole-model FLOPs and parameters with the torch report's conventions.
 Calibration data (:mod:`.calib_data`) is refitted on in onnxruntime (:mod:`.calibrate`) with the PyTorch
 route's maths.
 """

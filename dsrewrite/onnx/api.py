@@ -1,18 +1,20 @@
 """``dsrewrite.onnx.rewrite``: load, infer shapes, plan with the shared pipeline, rewrite, report, save.
 
-The model is edited as a protobuf: only the rewritten ``Conv`` nodes (and the weights nothing reads any more)
-change, so a model with nothing to rewrite comes back as it was, and everything the rewrite does not touch
-(value infos, subgraphs, metadata, opsets) is kept exactly.
+The model is edited as a protobuf: only the rewritten nodes (``Conv``, and with ``kinds`` the 1x1 ``Conv``,
+``Gemm`` and ``MatMul`` weight layers) and the weights nothing reads any more change, so a model with nothing
+to rewrite comes back as it was, and everything the rewrite does not touch (value infos, subgraphs, metadata,
+opsets) is kept exactly.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, List, NamedTuple, Optional, Union
+from typing import Any, List, NamedTuple, Optional, Sequence, Union
 
 import onnx
 
 from ..config import RewriteConfig
+from ..eligibility import why_not
 from ..errors import DsrewriteError, first_line
 from ..ir import ConvSite
 from ..pipeline import Decision, plan_sites
@@ -35,7 +37,8 @@ class OnnxRewriteResult(NamedTuple):
 
 def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[None, str, "os.PathLike[str]"] = None,
             config: Optional[RewriteConfig] = None, **options: Any) -> OnnxRewriteResult:
-    """Replace the eligible ``Conv`` nodes of an ONNX model by low-rank depthwise + pointwise ``Conv`` pairs.
+    """Replace the eligible ``Conv`` nodes of an ONNX model by low-rank depthwise + pointwise ``Conv`` pairs, and
+    (``kinds``) its 1x1 ``Conv`` and ``Gemm`` / ``MatMul`` weight layers by low-rank pairs.
 
     The options are a :class:`~dsrewrite.config.RewriteConfig` (``config``) and/or its fields as keyword
     arguments (applied on top); options the ONNX route cannot honour (device, memory_format, ...) are refused by
@@ -47,6 +50,9 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
             atomically, with external data when the source had it or the model exceeds 2 GB.
         rank: int, ``"auto"`` or ``"full"``, as for :func:`dsrewrite.rewrite`.
         include / exclude: glob patterns over node names (``"/layer4/*"``) or a callable ``name -> bool``.
+        kinds: the layer kinds to rewrite: ``"kxk"`` convs (separable pairs), ``"pointwise"`` 1x1 convs and
+            ``"linear"`` ``Gemm`` / ``MatMul`` nodes with a constant weight (low-rank pairs), or ``"all"``; by
+            default all kinds under a budget, ``"kxk"`` for a rank (:func:`dsrewrite.policy.default_kinds`).
         overwrite: allow ``dst`` to be the source file.
         input_shapes: static shapes by input name for the FLOP count; by default the model's own, with a
             symbolic batch set to 1 (FLOPs then per sample).
@@ -78,6 +84,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     cfg = RewriteConfig.build(config, options, route="onnx", words=" for dsrewrite.onnx.rewrite")
     rank, include, exclude, progress, ragged = cfg.rank, cfg.include, cfg.exclude, cfg.progress, cfg.ragged
     overwrite, input_shapes, name, budget = cfg.overwrite, cfg.input_shapes, cfg.name, cfg.chosen_budget()
+    kinds = cfg.layer_kinds()
     measure_time = bool(cfg.measure_time)  # off unless asked: it runs both models in onnxruntime
     src_path = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
     if dst is not None:
@@ -98,7 +105,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     if budget is not None:
         budget_kw = {"budget": budget, "total_params": params_before}
         if flops_budget:
-            budget_kw["total_flops"] = _flops_total(source_sites, flops_before, unknown, shapes, notes)
+            budget_kw["total_flops"] = _flops_total(source_sites, flops_before, unknown, shapes, notes, kinds)
     calib = None
     if cfg.calibration is not None:
         from .calib_data import as_feeds
@@ -114,10 +121,12 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         new = onnx.ModelProto()
         new.CopyFrom(model)  # edited in place by the backend; the source model stays as it was
         sites = collect_sites(new, shapes)
-        decisions = plan_sites(sites, rank, include, exclude, progress=progress, ragged=ragged, **budget_kw, **extra)
+        decisions = plan_sites(sites, rank, include, exclude, progress=progress, ragged=ragged, kinds=kinds,
+                               **budget_kw, **extra)
         for d in decisions:
             if d.rewritten and d.site.spec.extra.get("bias"):
-                d.report.note = d.site.spec.extra["bias"] + ", kept on the pointwise conv"
+                where = "the expansion" if d.site.spec.lowrank else "the pointwise conv"
+                d.report.note = f"{d.site.spec.extra['bias']}, kept on {where}"
         check_note = self_check(model, decisions, shapes.inputs)  # failing layers become skips before the edit
         return new, decisions, apply_decisions(new, decisions), check_note
 
@@ -260,22 +269,28 @@ def _check_rewritten(model: Union[str, onnx.ModelProto]) -> None:
 
 
 def _flops_total(sites: List[ConvSite], flops_before: int, unknown: List[str], shapes: Shapes,
-                 notes: List[str]) -> Optional[int]:
+                 notes: List[str], kinds: Sequence[str] = ("kxk",)) -> Optional[int]:
     """What a ``target_flops`` budget is a fraction of: the whole model's FLOPs when every counted node has known
-    shapes; the convolutions' FLOPs (``None``: the planner's sum over the sites) when only MatMul/Gemm nodes are
-    unknown, said in a note; a one-line error when a conv's FLOPs are unknown."""
-    conv_names = {s.spec.name for s in sites if s.handle.node.op_type in ("Conv", "ConvTranspose")}
-    blind = [n for n in unknown if n in conv_names]
+    shapes; the planned layers' FLOPs (``None``: the planner's sum over the sites) when only other MatMul/Gemm
+    nodes are unknown, said in a note; a one-line error when a conv's FLOPs are unknown, or a linear layer's
+    that ``kinds`` would rewrite."""
+    weighed = {s.spec.name for s in sites if s.handle.node.op_type in ("Conv", "ConvTranspose")
+               or (s.spec.kind in kinds and why_not(s.spec, kinds) is None)}
+    blind = [n for n in unknown if n in weighed]
     if blind:
         advice = ("give input_shapes (--input-shape)" if shapes.symbolic_inputs else
                   "shape inference cannot resolve them: use target_params, energy or a rank")
-        raise DsrewriteError(f"target_flops needs the FLOPs of every conv, and {len(blind)} convs have unknown "
-                             f"shapes (first: {blind[0]}): {advice}")
-    others = [n for n in unknown if n not in conv_names]
+        convs = {s.spec.name for s in sites if s.handle.node.op_type in ("Conv", "ConvTranspose")}
+        if not set(blind) & convs:  # only linear layers: they can be left out
+            advice += " (or kinds without 'linear': --kinds kxk,pointwise)"
+        raise DsrewriteError(f"target_flops needs the FLOPs of every layer it plans, and {len(blind)} of them "
+                             f"{'has' if len(blind) == 1 else 'have'} unknown shapes (first: {blind[0]}): {advice}")
+    others = [n for n in unknown if n not in weighed]
     if not others:
         return flops_before
-    notes.append(f"target_flops applies to the convolutions' FLOPs: {len(others)} MatMul/Gemm nodes have unknown "
-                 f"shapes, so the whole model's FLOPs are not known (first: {others[0]})")
+    notes.append(f"target_flops applies to the convolutions' FLOPs (and the planned linear layers'): {len(others)} "
+                 "MatMul/Gemm nodes have unknown shapes, so the whole model's FLOPs are not known "
+                 f"(first: {others[0]})")
     return None
 
 

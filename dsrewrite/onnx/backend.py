@@ -15,6 +15,13 @@ node ``<name>_depthwise`` / ``<name>_pointwise``, weights ``<weight>.depthwise``
 The pointwise conv writes the original output tensor, so consumers and graph outputs are untouched.
 Ragged ranks (one filter per ``channel_index`` entry) add a ``Gather`` on the channel axis before a
 depthwise conv with ``group`` = filters (node ``<name>_gather``, indices ``<weight>.channel_index``).
+
+A low-rank pair (a 1x1 ``Conv``, a ``Gemm`` or ``MatMul`` with a constant weight) is the same node twice: the
+reduction to ``k`` channels (node ``<name>_reduce``, weight ``<weight>.reduce``), then the expansion to the
+output (``<name>_expand``, ``<weight>.expand``, with the bias). A 1x1 ``Conv``'s reduction keeps its strides and
+pads; a ``Gemm``'s pair uses ``transB=1`` weights ``[k, Cin]`` / ``[Cout, k]`` (``alpha`` is in the factors; the
+expansion keeps ``C`` and ``beta``), its reduction a ``MatMul`` before opset 11 (``C`` required there); a
+``MatMul``'s pair is two ``MatMul`` nodes with ``[Cin, k]`` and ``[k, Cout]`` weights.
 """
 from __future__ import annotations
 
@@ -25,11 +32,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..factorize import Factors
 from ..ir import ConvSpec
 from ..pipeline import Decision
-from .scopes import Scope, scopes, taken_names, value_uses
+from .scopes import DEFAULT_DOMAINS, Scope, scopes, taken_names, value_uses
 
-__all__ = ["apply_decisions", "pair_nodes", "depthwise_attributes", "UniqueNames"]
+__all__ = ["apply_decisions", "pair_nodes", "lowrank_nodes", "lowrank_arrays", "depthwise_attributes", "opset_of",
+           "UniqueNames"]
 
 
 def _numpy(t) -> np.ndarray:
@@ -146,8 +155,73 @@ def pair_nodes(node: onnx.NodeProto, spec: ConvSpec, depthwise: str, pointwise: 
     return new + [dw, pw]
 
 
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's opset of the default ONNX domain."""
+    return next((int(o.version) for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
+
+
+def _layout(node: onnx.NodeProto) -> tuple:
+    """What decides a low-rank pair's stored weights besides the factors: the op and, for ``Gemm``, ``transB`` and
+    ``alpha`` (two nodes sharing one weight share a pair only when these agree)."""
+    from .flops import attribute
+
+    if node.op_type == "Gemm":
+        return ("Gemm", bool(attribute(node, "transB", 0)), float(attribute(node, "alpha", 1.0)))
+    return (node.op_type,)
+
+
+def lowrank_arrays(node: onnx.NodeProto, factors: Factors, opset: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The reduction and expansion weights of a low-rank pair in the layout :func:`lowrank_nodes` reads them:
+    ``[k, Cin, 1...]`` / ``[Cout, k, 1...]`` for a 1x1 ``Conv``, ``[k, Cin]`` / ``[Cout, k]`` for a ``Gemm``
+    (``transB=1``; ``[Cin, k]`` for its ``MatMul`` reduction before opset 11), ``[Cin, k]`` / ``[k, Cout]`` for a
+    ``MatMul``."""
+    r, e = _numpy(factors.depthwise), _numpy(factors.pointwise)
+    if node.op_type == "MatMul":
+        r, e = r.T, e.T
+    elif node.op_type == "Gemm" and opset < 11:
+        r = r.T
+    return np.ascontiguousarray(r), np.ascontiguousarray(e)
+
+
+def lowrank_nodes(node: onnx.NodeProto, spec: ConvSpec, reduce: str, expand: str, bias: Optional[str],
+                  names: Callable[[str], str], base: str, *, opset: int, own_bias: bool = True
+                  ) -> List[onnx.NodeProto]:
+    """The two nodes that replace a 1x1 ``Conv``, a ``Gemm`` or a ``MatMul``: the reduction, then the expansion.
+
+    Args:
+        node: the original node; the pair reads its input and writes its output tensor.
+        reduce / expand: names of the weights (:func:`lowrank_arrays`'s layout); ``bias`` of the bias or ``None``.
+        own_bias: ``bias`` is the node's own (a ``Gemm``'s ``C``, scaled by its ``beta``); ``False``: a ``[Cout]``
+            vector added as it is (a refitted bias).
+        opset: the model's default-domain opset (a ``Gemm`` without ``C`` needs 11).
+    """
+    x, y, op = node.input[0], node.output[0], node.op_type
+    mid = names(f"{base}_reduce_output_0")
+    red_name, exp_name = names(f"{base}_reduce"), names(f"{base}_expand")
+    extra = [bias] if bias is not None else []
+    if op == "Conv":
+        red = helper.make_node("Conv", [x, reduce], [mid], name=red_name, domain=node.domain)
+        red.attribute.extend(depthwise_attributes(node, 1))  # strides, pads / auto_pad, dilations: the original's
+        exp = helper.make_node("Conv", [mid, expand] + extra, [y], name=exp_name, domain=node.domain,
+                               kernel_shape=[1] * len(spec.kernel))
+    elif op == "Gemm":
+        if opset >= 11:
+            red = helper.make_node("Gemm", [x, reduce], [mid], name=red_name, domain=node.domain, transB=1)
+        else:
+            red = helper.make_node("MatMul", [x, reduce], [mid], name=red_name, domain=node.domain)
+        exp = helper.make_node("Gemm", [mid, expand] + extra, [y], name=exp_name, domain=node.domain, transB=1)
+        drop = {"alpha", "transA", "transB"} | ({"beta"} if not (own_bias and bias is not None) else set())
+        exp.attribute.extend(a for a in node.attribute if a.name not in drop)  # beta with its own C
+    elif op == "MatMul":
+        red = helper.make_node("MatMul", [x, reduce], [mid], name=red_name, domain=node.domain)
+        exp = helper.make_node("MatMul", [mid, expand], [y], name=exp_name, domain=node.domain)
+    else:
+        raise ValueError(f"no low-rank pair for a {op} node")
+    return [red, exp]
+
+
 def apply_decisions(model: onnx.ModelProto, decisions: List[Decision]) -> int:
-    """Replace every rewritten decision's node in ``model`` (in place); returns how many convs were replaced.
+    """Replace every rewritten decision's node in ``model`` (in place); returns how many layers were replaced.
 
     The sites' handles must point into ``model`` (:func:`dsrewrite.onnx.frontend.collect_sites` on it).
     """
@@ -157,29 +231,37 @@ def apply_decisions(model: onnx.ModelProto, decisions: List[Decision]) -> int:
     all_scopes = scopes(model.graph)
     names = UniqueNames(taken_names(all_scopes))
     uses = value_uses(all_scopes)
-    pairs: Dict[Tuple[int, int], Tuple[str, str, Optional[str], int]] = {}  # one pair per shared weight and rank
+    opset = opset_of(model)
+    pairs: Dict[tuple, Tuple[str, str, Optional[str], int]] = {}  # one pair per shared weight, rank and layout
     for d in todo:
         h, f = d.site.handle, d.factors
-        key = (id(h.source), f.rank, id(d) if d.calibrated else None)
+        lowrank = f.lowrank
+        key = (id(h.source), f.rank, _layout(h.node) if lowrank else None, id(d) if d.calibrated else None)
+        first, second = ("reduce", "expand") if lowrank else ("depthwise", "pointwise")
         if key not in pairs:
             home = h.source.scope  # where the original weight is defined: visible from every conv that reads it
-            dw_name, pw_name = names(f"{h.weight}.depthwise"), names(f"{h.weight}.pointwise")
-            _add_constant(home, dw_name, _numpy(f.depthwise), model.ir_version)
-            _add_constant(home, pw_name, _numpy(f.pointwise), model.ir_version)
+            a_name, b_name = names(f"{h.weight}.{first}"), names(f"{h.weight}.{second}")
+            a, b = lowrank_arrays(h.node, f, opset) if lowrank else (_numpy(f.depthwise), _numpy(f.pointwise))
+            _add_constant(home, a_name, a, model.ir_version)
+            _add_constant(home, b_name, b, model.ir_version)
             index = None
             if f.channel_index is not None:
                 index = names(f"{h.weight}.channel_index")
                 _add_constant(home, index, _numpy(f.channel_index).astype(np.int64), model.ir_version)
-            pairs[key] = (dw_name, pw_name, index, int(f.depthwise.shape[0]))
+            pairs[key] = (a_name, b_name, index, int(f.depthwise.shape[0]))
         dw_name, pw_name, index, filters = pairs[key]
         bias = h.bias
         if d.calibrated and f.bias is not None and h.bias is not None:  # refitted with the pointwise weights
-            bias = names(f"{h.weight}.pointwise_bias")
+            bias = names(f"{h.weight}.{second}_bias")
             _add_constant(h.source.scope, bias, _numpy(f.bias), model.ir_version)
 
         node, graph = h.node, h.scope.graph
-        new = pair_nodes(node, d.site.spec, dw_name, pw_name, bias, names, h.node_name,
-                         channel_index=index, filters=filters)
+        if lowrank:
+            new = lowrank_nodes(node, d.site.spec, dw_name, pw_name, bias, names, h.node_name, opset=opset,
+                                own_bias=bias == h.bias)
+        else:
+            new = pair_nodes(node, d.site.spec, dw_name, pw_name, bias, names, h.node_name,
+                             channel_index=index, filters=filters)
         position = _index_of(graph, node.output[0])
         _replace(graph, position, new)
         uses[h.weight] -= 1

@@ -1,9 +1,12 @@
 """Data-aware initialisation on the ONNX route: activations from onnxruntime, the PyTorch route's maths.
 
 Each rewritten conv of the main graph is seen as an ``nn.Conv1d`` / ``nn.Conv2d`` holding its weights with no
-padding, its input padded here as the node pads it (``pads`` or ``auto_pad``) (:class:`ConvView`), and handed
-to :class:`dsrewrite.calib_solve.LayerCalibrator`: the patch statistics, whitened SVD, ridge refit and the choice
-of the best candidate are the PyTorch route's, only the activations come from onnxruntime
+padding, its input padded here as the node pads it (``pads`` or ``auto_pad``) (:class:`ConvView`), each rewritten
+``Gemm`` / ``MatMul`` as an ``nn.Linear`` (its weight ``[Cout, Cin]``, ``alpha`` and ``beta * C`` folded as the
+frontend reads them; the input's last dim is its channels), and handed to
+:class:`dsrewrite.calib_solve.LayerCalibrator` (low-rank layers, 1x1 convs included, as low-rank pairs): the
+patch statistics, whitened SVD, ridge refit and the choice of the best candidate are the PyTorch route's, only
+the activations come from onnxruntime
 (:func:`~.calib_data.collect_conv_inputs`, one feed at a time).
 
 Sequential (the default when its estimated time fits :data:`SEQUENTIAL_SECONDS`): layers are refitted in waves in
@@ -31,7 +34,7 @@ from ..modules import tf_same_pad
 from ..pipeline import Decision
 from .calib_data import Feed, collect_conv_inputs
 from .flops import attribute
-from .frontend import CONV_OPS
+from .frontend import WEIGHT_OPS
 from .scopes import reads
 
 __all__ = ["ConvView", "OnnxCalibration", "SEQUENTIAL_SECONDS", "not_calibrated"]
@@ -44,18 +47,28 @@ def not_calibrated(site: ConvSite) -> Optional[str]:
     """Why a conv cannot be refitted on data (it keeps its plain SVD factors), or ``None``."""
     if not site.handle.scope.is_main:
         return "inside a subgraph (its activations cannot be read)"
-    if len(site.spec.kernel) not in (1, 2):
+    if site.spec.kind != "linear" and len(site.spec.kernel) not in (1, 2):
         return f"a {len(site.spec.kernel)}-D conv"
     if site.spec.extra.get("bias"):
-        return "its bias is computed at run time"
+        return "its bias is computed at run time" if site.spec.kind != "linear" else site.spec.extra["bias"]
+    if site.spec.lowrank and _layer_inputs() is None:
+        return "low-rank calibration is not available in this dsrewrite.calib_solve"
     if site.weight is None:
         return "its weight is not a constant"
     return None
 
 
+def _layer_inputs():
+    """:class:`dsrewrite.calib_solve.LayerInputs` (the low-rank statistics), or ``None`` where it is missing."""
+    from .. import calib_solve
+
+    return getattr(calib_solve, "LayerInputs", None)
+
+
 class ConvView:
-    """One main-graph ``Conv`` as the calibration maths sees it: ``conv`` (a torch conv with the node's weights,
-    strides and dilations, no padding) and :meth:`padded` (its input padded as the node pads it)."""
+    """One main-graph ``Conv`` (or ``Gemm`` / ``MatMul`` weight layer) as the calibration maths sees it: ``conv``
+    (a torch conv with the node's weights, strides and dilations, no padding; an ``nn.Linear`` for a linear
+    layer) and :meth:`padded` (its input padded as the node pads it)."""
 
     def __init__(self, site: ConvSite) -> None:
         node, spec = site.handle.node, site.spec
@@ -69,9 +82,12 @@ class ConvView:
         w = torch.from_numpy(np.ascontiguousarray(site.weight))
         self.dtype = w.dtype  # the model's: factors are written back in it
         work = torch.float64 if w.dtype == torch.float64 else torch.float32
-        cls = nn.Conv1d if dims == 1 else nn.Conv2d
-        conv = cls(spec.in_channels, spec.out_channels, spec.kernel, stride=spec.stride, dilation=spec.dilation,
-                   bias=site.bias is not None, dtype=work)
+        if spec.kind == "linear":
+            conv = nn.Linear(spec.in_channels, spec.out_channels, bias=site.bias is not None, dtype=work)
+        else:
+            cls = nn.Conv1d if dims == 1 else nn.Conv2d
+            conv = cls(spec.in_channels, spec.out_channels, spec.kernel, stride=spec.stride,
+                       dilation=spec.dilation, bias=site.bias is not None, dtype=work)
         with torch.no_grad():
             conv.weight.copy_(w.to(work))
             if site.bias is not None:
@@ -84,6 +100,8 @@ class ConvView:
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.conv.weight.dtype)
         s = self.spec
         dims = len(s.kernel)
+        if not dims:  # a linear layer: no padding
+            return t
         if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             amounts = list(tf_same_pad(tuple(t.shape[2:]), s.kernel, s.stride, s.dilation))  # odd pixel at the end
             if self.auto_pad == "SAME_LOWER":
@@ -107,16 +125,22 @@ class OnnxCalibration:
         self.pass_seconds = 0.0  # one run over the data with every conv input read (the original model)
 
     def stats(self, sites: Sequence[ConvSite]) -> Dict[str, torch.Tensor]:
-        """Per-channel patch autocorrelation ``[Cin, K, K]`` of every rewritable conv of the main graph, on the
-        original model's activations (one pass); kept for the refit."""
+        """Per-channel patch autocorrelation ``[Cin, K, K]`` of every rewritable conv of the main graph (``[1, Cin,
+        Cin]``, the input rows', for a low-rank layer), on the original model's activations (one pass); kept for
+        the refit."""
         views = [ConvView(s) for s in sites if why_not(s.spec) is None and not_calibrated(s) is None]
-        patchers = {v.name: patch_conv(v.conv) for v in views}
-        self._stats = {v.name: PatchStats(v.spec.in_channels, int(np.prod(v.spec.kernel))) for v in views}
+        inputs = {v.name: _layer_inputs()(v.conv, True) if v.spec.lowrank else None for v in views}
+        patchers = {v.name: patch_conv(v.conv) for v in views if not v.spec.lowrank}
+        self._stats = {v.name: inputs[v.name].stats if v.spec.lowrank else
+                       PatchStats(v.spec.in_channels, int(np.prod(v.spec.kernel))) for v in views}
         start = time.perf_counter()
         if views:
             for xs in collect_conv_inputs(self.model, self.feeds, [v.x for v in views]):
                 for v in views:
-                    self._stats[v.name].update(patchers[v.name](v.padded(xs[v.x])))
+                    if v.spec.lowrank:
+                        inputs[v.name].update(v.padded(xs[v.x]))
+                    else:
+                        self._stats[v.name].update(patchers[v.name](v.padded(xs[v.x])))
         self.pass_seconds = time.perf_counter() - start
         return {k: s.autocorr() for k, s in self._stats.items() if s.count}
 
@@ -168,7 +192,8 @@ class OnnxCalibration:
         views = {id(d): ConvView(d.site) for d in layers}
         original = student is self.model
         cals = {id(d): LayerCalibrator(views[id(d)].conv, d.factors.rank, plain=d.factors,
-                                       stats=self._stats.get(d.site.spec.name) if original else None)
+                                       stats=self._stats.get(d.site.spec.name) if original else None,
+                                       **({"lowrank": True} if d.site.spec.lowrank else {}))
                 for d in layers}
         xs_names = [views[id(d)].x for d in layers]
         ys_names = [views[id(d)].y for d in layers]
@@ -207,7 +232,8 @@ class OnnxCalibration:
 
 def _in_dtype(f: Factors, dtype: torch.dtype) -> Factors:
     cast = lambda t: None if t is None else t.detach().to(dtype).contiguous()  # noqa: E731
-    return Factors(cast(f.depthwise), cast(f.pointwise), cast(f.bias), f.rank, f.error, f.channel_index)
+    return Factors(cast(f.depthwise), cast(f.pointwise), cast(f.bias), f.rank, f.error, f.channel_index,
+                   lowrank=f.lowrank)
 
 
 def _waves(model: onnx.ModelProto, layers: List[Decision]) -> List[List[Decision]]:
@@ -218,7 +244,7 @@ def _waves(model: onnx.ModelProto, layers: List[Decision]) -> List[List[Decision
     waves: Dict[int, List[Decision]] = {}
     for node in model.graph.node:
         lv = max((level.get(i, 0) for i in reads(node)), default=0)
-        d = at.get(node.output[0]) if node.output and node.op_type in CONV_OPS else None
+        d = at.get(node.output[0]) if node.output and node.op_type in WEIGHT_OPS else None
         if d is not None:
             waves.setdefault(lv, []).append(d)
             lv += 1

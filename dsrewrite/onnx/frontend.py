@@ -1,4 +1,4 @@
-"""ONNX frontend: every convolution node of a model, subgraphs included, becomes a framework-neutral ConvSite.
+"""ONNX frontend: every convolution node and weight layer of a model, subgraphs included, becomes a ConvSite.
 
 ``Conv`` nodes whose weight is a constant (an initializer or a ``Constant`` node of the conv's graph or of a
 graph around it, or either behind ``Identity`` nodes) carry the weight as a numpy array; everything else the
@@ -6,9 +6,17 @@ pass cannot rewrite (``ConvTranspose``, quantised ``QLinearConv``/``ConvInteger`
 time, weights the user can override at run time, odd dtypes) still becomes a site with the reason in
 ``spec.extra["unsupported"]``, so the report lists it. A conv inside an ``If`` / ``Loop`` / ``Scan`` body is
 named with where it lives (``If_0/then_branch/conv``).
+
+Linear layers are ``Gemm`` and ``MatMul`` nodes whose second input (``B``) is a floating-point constant: a site
+with no spatial dims (``kernel=()``), weight ``[Cout, Cin]`` (``B`` or ``B.T`` as ``transB`` says; ``alpha`` folded
+in, ``beta * C`` as the bias when ``C`` is a constant row), one position per row of the output. A ``Gemm`` with
+``transA=1``, a ``B`` that is not 2-D, a constant first input (``W @ x``) stay sites with their reason. A ``MatMul``
+of two run-time values (attention's ``Q @ K^T``) is no weight layer and no site. A 1x1 ``Conv`` is planned as the
+``pointwise`` kind (``spec.kind``), a low-rank pair like the linear layers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -19,7 +27,7 @@ from ..ir import ConvSite, ConvSpec
 from .flops import Shapes, attribute, conv_positions
 from .scopes import DEFAULT_DOMAINS, Definition, Scope, constant_value, scopes
 
-__all__ = ["OnnxHandle", "collect_sites", "CONV_OPS"]
+__all__ = ["OnnxHandle", "collect_sites", "CONV_OPS", "LINEAR_OPS", "WEIGHT_OPS"]
 
 # op type -> (index of the weight input, index of the bias input or None, why it is not rewritten or None)
 CONV_OPS = {
@@ -28,6 +36,8 @@ CONV_OPS = {
     "QLinearConv": (3, 8, "quantised convolution (QLinearConv) is not rewritten"),
     "ConvInteger": (1, None, "quantised convolution (ConvInteger) is not rewritten"),
 }
+LINEAR_OPS = ("Gemm", "MatMul")  # a weight layer when B is a constant: a low-rank pair (kind "linear")
+WEIGHT_OPS = tuple(CONV_OPS) + LINEAR_OPS  # every op a site can come from
 _WEIGHT_DTYPES = (np.float32, np.float16, np.float64)
 
 
@@ -108,14 +118,91 @@ def _site(scope: Scope, node: onnx.NodeProto, index: int, shapes: Shapes) -> Opt
     return ConvSite(spec, weight if unsupported is None else None, bias, handle)
 
 
+def _row_bias(c: np.ndarray, cout: int) -> bool:
+    """Whether a ``Gemm``'s ``C`` adds one value per output (``[Cout]``, ``[1, Cout]`` or a scalar), as a bias."""
+    if c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
+        return False
+    return c.ndim == 0 or c.shape[-1] in (1, cout)
+
+
+def _linear_site(scope: Scope, node: onnx.NodeProto, index: int, shapes: Shapes) -> Optional[ConvSite]:
+    """The site of a ``Gemm`` / ``MatMul`` with a constant weight (``None``: no weight layer). Its weight is
+    ``[Cout, Cin]`` as ``x @ W.T`` uses it, ``alpha`` folded in; its bias ``beta * C`` when ``C`` is a constant row."""
+    if len(node.input) < 2 or not node.input[0] or not node.input[1]:
+        return None
+    op, node_name = node.op_type, node.name or f"{node.op_type}_{index}"
+    a_name, b_name = node.input[0], node.input[1]
+    trans_a = op == "Gemm" and bool(attribute(node, "transA", 0))
+    trans_b = op == "Gemm" and bool(attribute(node, "transB", 0))
+    weight, _, source = constant_value(scope, b_name)
+    unsupported: Optional[str] = None
+    w_name = b_name
+    if weight is None or weight.dtype.type not in _WEIGHT_DTYPES:
+        first, _, source = constant_value(scope, a_name)
+        if weight is not None or first is None or first.dtype.type not in _WEIGHT_DTYPES or first.ndim != 2:
+            return None  # a product of run-time values (attention) or integer arithmetic: no weight layer
+        # W @ x: the weight is the first input; rows of W are outputs (columns with transA)
+        rows, cols = (int(d) for d in first.shape)
+        cin, cout = (rows, cols) if trans_a else (cols, rows)
+        weight, w_name = None, a_name
+        unsupported = f"{op} with its weight as the first input (W @ x) is not rewritten"
+    elif weight.ndim != 2:
+        cin = int(weight.shape[-2]) if weight.ndim >= 2 else int(weight.shape[0])
+        cout = int(weight.shape[-1]) if weight.ndim >= 2 else 1
+        unsupported = f"weight {b_name!r} is {weight.ndim}-D (2-D weights only)"
+        weight = None
+    else:
+        weight = weight if trans_b else weight.T  # [Cout, Cin]
+        cout, cin = (int(d) for d in weight.shape)
+    if unsupported is None and trans_a:
+        unsupported = "Gemm with transA=1 (its input transposed) is not rewritten"
+    a_shape = shapes.get(a_name)
+    if unsupported is None and op == "MatMul" and a_shape is not None and len(a_shape) < 2:
+        unsupported = "a vector product (1-D input) is not rewritten"
+    if unsupported is None:
+        unsupported = _overridable(source)
+    c_name = node.input[2] if op == "Gemm" and len(node.input) > 2 and node.input[2] else None
+    bias, b_why = None, None
+    if unsupported is None:
+        alpha = float(attribute(node, "alpha", 1.0)) if op == "Gemm" else 1.0
+        weight = np.ascontiguousarray(weight * np.asarray(alpha, weight.dtype) if alpha != 1.0 else weight)
+        if c_name is not None:
+            c, c_why, _ = constant_value(scope, c_name)
+            beta = float(attribute(node, "beta", 1.0))
+            if c is None:
+                b_why = f"bias {c_why}"  # kept as it is on the expansion (with its beta)
+            elif not _row_bias(c, cout):
+                b_why = f"bias C of shape {tuple(c.shape)} is not one value per output"
+            else:
+                bias = np.ascontiguousarray(np.broadcast_to(c.reshape(-1) * beta, (cout,)).astype(weight.dtype))
+    y = shapes.get(node.output[0]) if node.output else None
+    rows = math.prod(y[:-1]) if y is not None and len(y) >= 1 else None
+    spec = ConvSpec(
+        name=scope.qualified(node_name), in_channels=cin, out_channels=cout, kernel=(), groups=1, stride=(),
+        dilation=(), bias=c_name is not None, out_spatial=None, batch=int(y[0]) if y is not None and len(y) >= 2 else 1,
+        pixels=rows, origin="onnx", extra={"unsupported": unsupported} if unsupported else {},
+    )
+    if b_why is not None:
+        spec.extra["bias"] = b_why
+    handle = OnnxHandle(scope, node, node_name, w_name, c_name, source)
+    return ConvSite(spec, weight if unsupported is None else None, bias, handle)
+
+
 def collect_sites(model: onnx.ModelProto, shapes: Shapes) -> List[ConvSite]:
-    """Every convolution node of the model (main graph first, then each subgraph), with output shapes from
-    ``shapes``. The sites' handles point into ``model``: the backend edits that ModelProto."""
+    """Every convolution node and weight layer (``Gemm`` / ``MatMul`` with a constant weight) of the model (main
+    graph first, then each subgraph), with output shapes from ``shapes``. The sites' handles point into
+    ``model``: the backend edits that ModelProto."""
     sites = []
     for scope in scopes(model.graph):
         for i, node in enumerate(scope.graph.node):
-            if node.op_type in CONV_OPS and node.domain in DEFAULT_DOMAINS:
+            if node.domain not in DEFAULT_DOMAINS:
+                continue
+            if node.op_type in CONV_OPS:
                 site = _site(scope, node, i, shapes)
-                if site is not None:
-                    sites.append(site)
+            elif node.op_type in LINEAR_OPS:
+                site = _linear_site(scope, node, i, shapes)
+            else:
+                continue
+            if site is not None:
+                sites.append(site)
     return sites

@@ -11,6 +11,7 @@ from typing import Mapping, Optional, Sequence
 
 import onnx_ir as ir
 
+from ..ir import check_kinds
 from ..pipeline import Selector, matcher
 from ..policy import RankArg, check_rank
 from ..report import Report
@@ -26,6 +27,7 @@ class SeparableConvPass(ir.passes.FunctionalPass):
     Args:
         rank: int, ``"auto"`` or ``"full"``.
         include / exclude: glob patterns over node names (``"/layer4/*"``) or a callable ``name -> bool``.
+        kinds: layer kinds to rewrite (``"kxk"``, ``"pointwise"``, ``"linear"`` or ``"all"``; default ``"kxk"``).
         input_shapes: static shapes by input name for the FLOP count in the report.
         progress: show a progress bar while factorising.
         name: model name for the report.
@@ -33,9 +35,10 @@ class SeparableConvPass(ir.passes.FunctionalPass):
 
     def __init__(self, rank: RankArg = "auto", *, include: Selector = None, exclude: Selector = None,
                  input_shapes: Optional[Mapping[str, Sequence[int]]] = None, progress: bool = False,
-                 name: Optional[str] = None) -> None:
+                 name: Optional[str] = None, kinds=None) -> None:
         super().__init__()
         self.rank = check_rank(rank)  # bad arguments fail here, not in the middle of a pipeline
+        self.kinds = None if kinds is None else check_kinds(kinds)
         matcher(include, "include")
         matcher(exclude, "exclude")
         self.include, self.exclude = include, exclude
@@ -49,5 +52,6 @@ class SeparableConvPass(ir.passes.FunctionalPass):
             ir.external_data.load_to_model(inside)
             proto = ir.serde.serialize_model(inside)
         new, self.report = rewrite(proto, rank=self.rank, include=self.include, exclude=self.exclude,
-                                   input_shapes=self.input_shapes, progress=self.progress, name=self.name)
+                                   input_shapes=self.input_shapes, progress=self.progress, name=self.name,
+                                   kinds=self.kinds)
         return ir.passes.PassResult(ir.serde.deserialize_model(new), modified=bool(self.report.rewritten))

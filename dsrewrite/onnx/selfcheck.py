@@ -5,8 +5,10 @@ inputs (fixed seed; the shapes of the report, as :mod:`.measure` makes them), on
 give each rewritten main-graph conv's input ``X`` and output ``Y`` (first batch item only). Each pair is then
 emitted by the backend's own :func:`~.backend.pair_nodes` (so with the same attribute translation) from the
 *exact* factors (:func:`dsrewrite.factorize.exact_factors`: one-hot depthwise filters, the weight as the pointwise
-conv), run alone in onnxruntime on ``X`` in float32 and compared with ``Y``. A mismatch turns the decision into a
-skip with the reason. Cheap: one run of the original, one tiny run per rewritten conv.
+conv; for a low-rank pair, :func:`~.backend.lowrank_nodes` from the identity then the weight), run alone in
+onnxruntime on ``X`` in float32 and compared with ``Y`` (a ``Gemm``'s whole input: its rows are the batch). A
+mismatch turns the decision into a skip with the reason. Cheap: one run of the original, one tiny run per
+rewritten layer.
 
 Convs inside ``If`` / ``Loop`` / ``Scan`` bodies are not checked (their values cannot be graph outputs), nor is
 anything when the model cannot run (symbolic input dims, an op onnxruntime lacks): the note says why, the
@@ -25,7 +27,7 @@ from ..errors import first_line
 from ..factorize import exact_factors
 from ..pipeline import Decision
 from ..selfcheck import Tally, tolerance
-from .backend import UniqueNames, pair_nodes
+from .backend import UniqueNames, lowrank_arrays, lowrank_nodes, opset_of, pair_nodes
 from .model_io import PROTOBUF_LIMIT, model_nbytes
 from .scopes import scopes, taken_names
 
@@ -94,24 +96,25 @@ def _run_original(model: onnx.ModelProto, decisions: List[Decision],
     first = names("selfcheck_first_item")
     g.node.append(helper.make_node("Constant", [], [first], name=names("selfcheck_first_item_node"),
                                    value=numpy_helper.from_array(np.zeros(1, np.int64))))
-    exposed: Dict[str, str] = {}  # tensor -> graph output giving it
+    exposed: Dict[Tuple[str, bool], str] = {}  # (tensor, first item only) -> graph output giving it
 
     def expose(tensor: str, dtype, batched: bool) -> str:
-        if tensor not in exposed:
+        if (tensor, batched) not in exposed:
             out = names(f"{tensor}_selfcheck")
             if batched:  # only the first item of the batch: the conv is per item, and it keeps memory small
                 g.node.append(helper.make_node("Gather", [tensor, first], [out], name=names(f"{out}_gather"), axis=0))
             else:
                 g.node.append(helper.make_node("Identity", [tensor], [out], name=names(f"{out}_identity")))
             g.output.append(helper.make_tensor_value_info(out, helper.np_dtype_to_tensor_dtype(dtype), None))
-            exposed[tensor] = out
-        return exposed[tensor]
+            exposed[tensor, batched] = out
+        return exposed[tensor, batched]
 
     wanted = []
     for d in decisions:
         node, dtype = d.site.handle.node, np.asarray(d.site.weight).dtype
         bias = d.site.handle.bias if d.site.handle.bias is not None and d.site.bias is None else None
-        wanted.append((d, expose(node.input[0], dtype, True), expose(node.output[0], dtype, True),
+        per_item = node.op_type != "Gemm"  # a Gemm's rows are its batch, and its run-time C may be [M, N]
+        wanted.append((d, expose(node.input[0], dtype, per_item), expose(node.output[0], dtype, per_item),
                        None if bias is None else expose(bias, dtype, False)))
     outputs = list(exposed.values())
     try:
@@ -133,13 +136,16 @@ def _compare(model: onnx.ModelProto, d: Decision, probe: _Probe) -> Tuple[Option
     x, y, run_bias = probe
     h, spec = d.site.handle, d.site.spec
     exact = exact_factors(np.asarray(d.site.weight, np.float32),
-                          None if d.site.bias is None else np.asarray(d.site.bias, np.float32))
+                          None if d.site.bias is None else np.asarray(d.site.bias, np.float32), lowrank=spec.lowrank)
     node = h.node
     x_name, y_name = node.input[0], node.output[0]
     names = UniqueNames({x_name, y_name})
     dw, pw = names("depthwise"), names("pointwise")
     bias = names("bias") if h.bias is not None else None
-    init = [numpy_helper.from_array(exact.depthwise.numpy(), dw), numpy_helper.from_array(exact.pointwise.numpy(), pw)]
+    opset = opset_of(model)
+    first, second = (lowrank_arrays(node, exact, opset) if spec.lowrank
+                     else (exact.depthwise.numpy(), exact.pointwise.numpy()))
+    init = [numpy_helper.from_array(first, dw), numpy_helper.from_array(second, pw)]
     graph_inputs = [helper.make_tensor_value_info(x_name, onnx.TensorProto.FLOAT, list(x.shape))]
     feeds = {x_name: x.astype(np.float32)}
     if bias is not None and exact.bias is not None:
@@ -147,7 +153,10 @@ def _compare(model: onnx.ModelProto, d: Decision, probe: _Probe) -> Tuple[Option
     elif bias is not None:
         graph_inputs.append(helper.make_tensor_value_info(bias, onnx.TensorProto.FLOAT, list(run_bias.shape)))
         feeds[bias] = run_bias.astype(np.float32)
-    nodes = pair_nodes(node, spec, dw, pw, bias, names, h.node_name)
+    if spec.lowrank:  # a constant bias is the site's (beta * C as one row); a run-time one keeps its beta
+        nodes = lowrank_nodes(node, spec, dw, pw, bias, names, h.node_name, opset=opset, own_bias=exact.bias is None)
+    else:
+        nodes = pair_nodes(node, spec, dw, pw, bias, names, h.node_name)
     graph = helper.make_graph(nodes, "selfcheck", graph_inputs,
                               [helper.make_tensor_value_info(y_name, onnx.TensorProto.FLOAT, None)], init)
     tiny = helper.make_model(graph, opset_imports=list(model.opset_import))
