@@ -7,8 +7,8 @@ plans ONNX models by onnxruntime milliseconds: each conv shape is built as a one
 with random weights, and timed in sessions made with the options the whole model is timed and deployed with.
 A 1x1 conv's low-rank pair is two 1x1 ``Conv``s (the reduction carrying the stride, the expansion the bias), a
 linear layer's is two ``Gemm``s (``transB=1``, weights ``[k, Cin]`` and ``[Cout, k]``) on an input
-``[rows, Cin]``, its dense form one ``Gemm``: the nodes PyTorch's exporter writes for ``nn.Linear`` on a 2-D
-input. Measurements are cached per kind, shape and session options in the process.
+``[rows, Cin]``, its dense form one ``Gemm`` (what PyTorch's exporter writes for ``nn.Linear`` on a 2-D input):
+the nodes the ONNX backend writes for them. Measurements are cached per kind, shape and session options in the process.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .measure import session
 __all__ = ["OrtLayerTimer", "conv_model", "pair_model", "lowrank_model"]
 
 _CACHE: Dict[Tuple, float] = {}
+OPSET = 17  # the layer models' opset
 
 
 def _attrs(spec: ConvSpec, pads) -> dict:
@@ -77,23 +78,18 @@ def pair_model(spec: ConvSpec, rank: int, rng: np.random.Generator) -> Tuple[onn
 
 
 def lowrank_model(spec: ConvSpec, rank: int, rng: np.random.Generator) -> Tuple[onnx.ModelProto, Tuple[int, ...]]:
-    """The low-rank pair of a 1x1 conv (two 1x1 ``Conv``s, the stride on the reduction) or of a linear layer
-    (two ``Gemm``s, ``transB=1``) at ``rank``, the bias on the second; random weights."""
-    shape, _ = layer_input(spec)
-    cin, cout = spec.in_channels, spec.out_channels
+    """The low-rank pair the ONNX backend writes (:func:`~dsrewrite.onnx.backend.lowrank_nodes`) for the layer's
+    one-node model at ``rank``: two 1x1 ``Conv``s (the reduction with the layer's strides) or two ``Gemm``s
+    (``transB=1``), the bias on the second; random weights."""
+    from .backend import lowrank_nodes
+
+    dense, shape = conv_model(spec, rng)
     ones = [1] * len(spec.kernel)
-    inits = [numpy_helper.from_array(_rand(rng, rank, cin, *ones), "r"),
-             numpy_helper.from_array(_rand(rng, cout, rank, *ones), "e")]
-    second = ["z", "e"]
-    if spec.bias:
-        inits.append(numpy_helper.from_array(_rand(rng, cout), "b"))
-        second.append("b")
-    if spec.kind == LINEAR:
-        nodes = [helper.make_node("Gemm", ["x", "r"], ["z"], transB=1),
-                 helper.make_node("Gemm", second, ["y"], transB=1)]
-    else:
-        nodes = [helper.make_node("Conv", ["x", "r"], ["z"], kernel_shape=ones, strides=list(spec.stride)),
-                 helper.make_node("Conv", second, ["y"], kernel_shape=ones)]
+    inits = [numpy_helper.from_array(_rand(rng, rank, spec.in_channels, *ones), "r"),
+             numpy_helper.from_array(_rand(rng, spec.out_channels, rank, *ones), "e")]
+    inits += [i for i in dense.graph.initializer if i.name == "b"]
+    nodes = lowrank_nodes(dense.graph.node[0], spec, "r", "e", "b" if spec.bias else None, lambda n: n, "layer",
+                          opset=OPSET)
     return _model(nodes, inits, shape, spec), shape
 
 
@@ -101,7 +97,7 @@ def _model(nodes, inits, shape, spec: ConvSpec) -> onnx.ModelProto:
     out = [shape[0], spec.out_channels] if spec.kind == LINEAR else [spec.batch, spec.out_channels, *spec.out_spatial]
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)], initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 class OrtLayerTimer:
