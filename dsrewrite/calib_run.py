@@ -13,9 +13,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .calib_solve import DAMP, RIDGE, CalibResult, LayerCalibrator, PatchStats, patch_conv
+from .calib_solve import DAMP, RIDGE, CalibResult, LayerCalibrator, LayerInputs
+from .ir import KXK, LINEAR, POINTWISE
 
-__all__ = ["as_batches", "collect_patch_stats", "CalibLayer", "calibrate_sequential"]
+__all__ = ["as_batches", "collect_patch_stats", "layer_kind", "CalibLayer", "calibrate_sequential"]
 
 
 def as_batches(calibration: Any, batch_size: int = 16, max_batches: Optional[int] = None,
@@ -89,34 +90,46 @@ def _fit_args(model: nn.Module, batch: tuple, n_inputs: int) -> tuple:
     return tuple(b.to(device) if isinstance(b, torch.Tensor) else b for b in batch)
 
 
+def layer_kind(module: nn.Module) -> Optional[str]:
+    """The layer kind whose input statistics :func:`collect_patch_stats` gathers for ``module``: ``"kxk"`` or
+    ``"pointwise"`` for an ungrouped ``nn.Conv1d/2d``, ``"linear"`` for an ``nn.Linear``; ``None`` otherwise."""
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1:
+        return POINTWISE if math.prod(module.kernel_size) == 1 else KXK
+    return None
+
+
 @torch.no_grad()
-def collect_patch_stats(model: nn.Module, batches: Sequence[tuple], names: Sequence[str],
-                        n_inputs: int = 1) -> Dict[str, torch.Tensor]:
-    """Per-channel patch autocorrelation of the conv modules ``names`` of ``model`` (one pass, hooks)."""
-    stats: Dict[str, PatchStats] = {}
-    patchers: Dict[str, nn.Module] = {}
+def collect_patch_stats(model: nn.Module, batches: Sequence[tuple], names: Sequence[str], n_inputs: int = 1,
+                        kinds: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """Input autocorrelation of the modules ``names`` of ``model`` (one pass, hooks), by name: per-channel patch
+    autocorrelation ``[Cin, K, K]`` of a KxK conv, ``[1, Cin, Cin]`` of a 1x1 conv's or linear layer's input
+    rows (the one-channel view its low-rank pair is planned on). ``kinds``: only layers of these kinds."""
+    inputs: Dict[str, LayerInputs] = {}
     handles = []
     for name in names:
         try:
-            conv = model.get_submodule(name)
+            mod = model.get_submodule(name)
         except AttributeError:
             continue
-        if not isinstance(conv, (nn.Conv1d, nn.Conv2d)) or conv.groups != 1:
+        kind = layer_kind(mod)
+        if kind is None or (kinds is not None and kind not in kinds):
             continue
-        patchers[name] = patch_conv(conv)
-        stats[name] = PatchStats(conv.in_channels, math.prod(conv.kernel_size))
+        inputs[name] = LayerInputs(mod, lowrank=kind != KXK)
 
         def pre(m, a, name=name):
-            stats[name].update(patchers[name](a[0].to(patchers[name].weight.dtype)))
+            if a and isinstance(a[0], torch.Tensor):
+                inputs[name].update(a[0])
 
-        handles.append(conv.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_pre_hook(pre))
     try:
         for b in batches:
             model(*_fit_args(model, b, n_inputs))
     finally:
         for h in handles:
             h.remove()
-    return {k: s.autocorr() for k, s in stats.items() if s.count}
+    return {k: i.stats.autocorr() for k, i in inputs.items() if i.stats.count}
 
 
 @dataclass
@@ -124,9 +137,9 @@ class CalibLayer:
     """One rewritten layer for :func:`calibrate_sequential`."""
 
     name: str
-    student: nn.Module  # the SeparableConv module in the rewritten model
-    conv: nn.Module  # an nn.Conv*d with the original weight and settings
-    teacher: Optional[nn.Module] = None  # the original conv inside the teacher model (hooked for targets)
+    student: nn.Module  # the pair module in the rewritten model (SeparableConv*d, LowRankConv*d, LowRankLinear)
+    conv: nn.Module  # an nn.Conv*d (or nn.Linear) with the original weight and settings
+    teacher: Optional[nn.Module] = None  # the original layer inside the teacher model (hooked for targets)
     calls: int = 1
 
 
@@ -136,9 +149,9 @@ def calibrate_sequential(student: nn.Module, teacher: Optional[nn.Module], layer
                          damp: float = DAMP, ridge: float = RIDGE) -> Dict[str, CalibResult]:
     """Refit every layer in execution order on the activations of the already-rewritten network before it.
 
-    Targets are the teacher's activations at that conv (so earlier errors are compensated) when the teacher
-    conv is known, else the original conv applied to the student's input. Writes the kept factors into the
-    student's depthwise/pointwise weights; returns the per-layer :class:`CalibResult`.
+    Targets are the teacher's activations at that layer (so earlier errors are compensated) when the teacher
+    layer is known, else the original layer applied to the student's input. Writes the kept factors into the
+    student's pair (depthwise/pointwise, or reduce/expand); returns the per-layer :class:`CalibResult`.
     """
     order: List[nn.Module] = []
     handles = [L.student.register_forward_pre_hook(lambda m, a: order.append(m) if m not in order else None)
@@ -154,7 +167,7 @@ def calibrate_sequential(student: nn.Module, teacher: Optional[nn.Module], layer
     if progress and len(todo) > 1:
         from tqdm.auto import tqdm
 
-        it = tqdm(todo, desc="calibrating", unit="conv", leave=False)
+        it = tqdm(todo, desc="calibrating", unit="layer", leave=False)
     results: Dict[str, CalibResult] = {}
     for L in it:
         sep = L.student
@@ -170,7 +183,7 @@ def calibrate_sequential(student: nn.Module, teacher: Optional[nn.Module], layer
                 ys = _run_until(teacher, _fit_args(teacher, b, n_inputs), L.teacher, L.calls, "output")
             else:
                 ys = []
-            if len(ys) != len(xs) or any(y.shape[:2] != (x.shape[0], cal.cout) for x, y in zip(xs, ys)):
+            if len(ys) != len(xs) or not all(cal.matches(x, y) for x, y in zip(xs, ys)):
                 ys = [L.conv(x.to(L.conv.weight.dtype)) for x in xs]
             for x, y in zip(xs, ys):
                 cal.observe(x, y)

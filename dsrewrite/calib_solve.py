@@ -1,4 +1,4 @@
-"""Data-aware initialisation of a separable pair, the maths: patch statistics, whitened SVD, ridge refit.
+"""Data-aware initialisation of a separable or low-rank pair, the maths: patch statistics, whitened SVD, ridge refit.
 
 Pure computation on tensors and one conv's settings; running a model to collect the data is
 :mod:`dsrewrite.calib_run`. Plain per-channel SVD (:mod:`dsrewrite.factorize`) fits the weights; what matters is
@@ -12,22 +12,29 @@ layer's true outputs, shrunk towards the SVD solution. Statistics are Gram matri
 
 Of the candidates (plain SVD, plain depthwise + refit, whitened depthwise + refit) the one with the smallest
 calibration objective ``||Y - f(X)||_F / ||Y||_F`` is kept, so the result is never worse than plain SVD there.
+
+A low-rank pair (1x1 conv, linear layer ``[Cout, Cin]``) is the separable pair of its one-channel view
+(:func:`~dsrewrite.factorize.lowrank_view`), and so is its calibration: the "patches" are the input rows
+``[M, Cin]`` (a 1x1 conv's after its stride and padding), the autocorrelation is ``[1, Cin, Cin]``, the whitened
+SVD is the layer's SVD whitened by its input covariance, and the refit of the expansion (and bias) is the same
+ridge fit with ``d = k`` (:class:`LayerInputs` turns a layer's inputs into either form).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .factorize import (Factors, as_tensor, channel_svd, factorize, ragged_error_curve, ragged_keep, separable_terms,
-                        uniform_error_curve, uniform_keep)
+from .factorize import (Factors, as_lowrank, as_tensor, as_view, channel_svd, factorize, factorize_layer,
+                        lowrank_view, ragged_error_curve, ragged_keep, separable_terms, uniform_error_curve,
+                        uniform_keep)
 
 __all__ = [
-    "PatchStats", "LinearFit", "LayerCalibrator", "CalibResult", "whiten_roots", "whitened_factors",
+    "PatchStats", "LayerInputs", "LinearFit", "LayerCalibrator", "CalibResult", "whiten_roots", "whitened_factors",
     "whitened_rank_errors", "calibrate_conv", "patch_conv", "patch_conv_like", "summary", "DAMP", "RIDGE",
 ]
 
@@ -99,6 +106,52 @@ class PatchStats:
     def autocorr(self) -> torch.Tensor:
         """Mean ``E[p p^T]`` per channel, ``[Cin, K, K]``."""
         return self.gram / max(self.count, 1)
+
+
+class LayerInputs:
+    """A layer's inputs as what its pair's first factor multiplies, and their statistics (pass 1).
+
+    A KxK conv (``lowrank=False``): each input channel's patches (:func:`patch_conv`), ``PatchStats(Cin, K)``.
+    A low-rank layer: the input rows ``[M, Cin]`` (a linear layer's channels are last; a 1x1 conv's are dim 1,
+    taken after its own stride, padding and padding mode by a one-tap :func:`patch_conv`), which are the patches
+    of the one-channel view: ``PatchStats(1, Cin)``.
+    """
+
+    def __init__(self, layer: nn.Module, lowrank: bool = False, stats: Optional[PatchStats] = None) -> None:
+        self.linear = isinstance(layer, nn.Linear)
+        self.lowrank = bool(lowrank) or self.linear
+        self.patcher = None if self.linear else patch_conv(layer)
+        self.dtype = layer.weight.dtype
+        cin = layer.in_features if self.linear else self.patcher.groups
+        taps = 1 if self.lowrank else math.prod(self.patcher.kernel_size)
+        self.stats = stats if stats is not None else (PatchStats(1, cin) if self.lowrank else PatchStats(cin, taps))
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """What :meth:`PatchStats.update` takes: ``[N, Cin*K, *out]``, or (low rank) ``[M, Cin, 1]``."""
+        if self.lowrank:
+            return self.rows(x).unsqueeze(-1)
+        return self.patcher(x.to(self.dtype))
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Low rank: the input rows ``[M, Cin]`` the reduction multiplies (one per output position)."""
+        if self.linear:
+            return x.to(self.dtype).reshape(-1, x.shape[-1])
+        return _rows(self.patcher(x.to(self.dtype)))
+
+    def out_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output as rows ``[M, Cout]`` (channels last for a linear layer, dim 1 for a conv)."""
+        return y.reshape(-1, y.shape[-1]) if self.linear else _rows(y)
+
+    def matches(self, x: torch.Tensor, y: torch.Tensor, cout: int) -> bool:
+        """Whether ``y`` has the shape of this layer's output (``cout`` channels) for input ``x``."""
+        if self.linear:
+            return y.shape[:-1] == x.shape[:-1] and y.shape[-1] == cout
+        return y.dim() == x.dim() and y.shape[:2] == (x.shape[0], cout)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Add the layer's input ``x`` to the statistics."""
+        self.stats.update(self.patches(x))
 
 
 class LinearFit:
@@ -261,87 +314,110 @@ def _pw_matrix(f: Factors) -> torch.Tensor:
 
 
 class LayerCalibrator:
-    """Two passes over calibration data for one conv being replaced by a rank-``rank`` separable pair.
+    """Two passes over calibration data for one layer being replaced by a rank-``rank`` pair.
 
     Pass 1 (:meth:`observe_inputs`): per-channel patch autocorrelation. Pass 2 (:meth:`observe`): Grams of
     the depthwise outputs of the plain and whitened candidates against the true outputs. :meth:`result`
     solves the refits and keeps the best candidate on the calibration objective.
 
+    A low-rank layer (``lowrank``, implied by an ``nn.Linear`` or low-rank ``plain``) is solved as its one-channel
+    view (see the module doc): the same whitening and refit, the result converted back with
+    :func:`~dsrewrite.factorize.as_lowrank`.
+
     Args:
-        conv: an ``nn.Conv1d``/``nn.Conv2d`` carrying the settings (stride, padding, ...) and, unless
-            ``weight`` is given, the original weight and bias.
-        rank: depthwise filters per input channel.
+        conv: an ``nn.Conv1d``/``nn.Conv2d`` (or, low rank, an ``nn.Linear`` or 1x1 conv) carrying the settings
+            (stride, padding, ...) and, unless ``weight`` is given, the original weight and bias.
+        rank: depthwise filters per input channel (low rank: the width ``k`` of the reduction).
         plain: the plain-SVD factors to compare with (computed if ``None``).
         ragged: per-channel ranks (the whitened split is chosen on output energy); implied by ragged ``plain``.
         stats: pass 1 already made (the layer's input statistics gathered elsewhere, e.g. for rank allocation):
             go straight to :meth:`finish_inputs`.
+        lowrank: calibrate the layer's low-rank pair (a 1x1 conv's; implied for a linear layer).
     """
 
     def __init__(self, conv: nn.Module, rank: int, *, weight: Optional[ArrayLike] = None,
                  bias: Optional[ArrayLike] = None, plain: Optional[Factors] = None, damp: float = DAMP,
-                 ridge: float = RIDGE, ragged: bool = False, stats: Optional[PatchStats] = None) -> None:
+                 ridge: float = RIDGE, ragged: bool = False, stats: Optional[PatchStats] = None,
+                 lowrank: bool = False) -> None:
         self.weight = (conv.weight if weight is None else as_tensor(weight)).detach()
         self.bias = (conv.bias if weight is None else (None if bias is None else as_tensor(bias)))
         self.bias = None if self.bias is None else self.bias.detach()
         self.cout, self.cin = self.weight.shape[:2]
-        self.kernel = tuple(self.weight.shape[2:])
+        self.lowrank = bool(lowrank) or isinstance(conv, nn.Linear) or (plain is not None and plain.lowrank)
+        # the weight the solver sees: the conv's own, or the low-rank layer's one-channel view [Cout, 1, Cin]
+        self.view = lowrank_view(self.weight) if self.lowrank else self.weight
+        self.kernel = tuple(self.view.shape[2:])
         self.taps = math.prod(self.kernel)
-        self.ragged = bool(ragged) or (plain is not None and plain.channel_index is not None)
-        self.plain = plain if plain is not None else factorize(self.weight, rank, self.bias, ragged=self.ragged)
+        self.ragged = not self.lowrank and (bool(ragged) or (plain is not None and plain.channel_index is not None))
+        if plain is None:
+            plain = factorize_layer(self.weight, rank, self.bias, lowrank=self.lowrank, ragged=self.ragged)
+        self.plain = plain
         self.rank = self.plain.rank
         self.damp, self.ridge = damp, ridge
-        self.patcher = patch_conv(conv)
-        self.stats = stats if stats is not None else PatchStats(self.cin, self.taps)
-        self.whitened: Optional[Factors] = None
-        d = self.cin * self.rank
+        self.inputs = LayerInputs(conv, self.lowrank, stats)
+        self.patcher, self.stats = self.inputs.patcher, self.inputs.stats
+        self.whitened: Optional[Factors] = None  # of the view, for a low-rank layer
+        d = self.view.shape[1] * self.rank
         self.fits = {"svd": LinearFit(d, self.cout), "whitened": LinearFit(d, self.cout)}
-        self._dw: Dict[str, nn.Module] = {}
+        self._dw: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
-    def _depthwise(self, factors: Factors):
-        """The candidate's depthwise conv as a function of the layer input (ragged: on the gathered channels)."""
+    def _depthwise(self, factors: Factors) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The candidate's first factor as a function of the layer input, giving rows ``[M, d]`` (ragged: the
+        depthwise conv on the gathered channels; low rank: the reduction of the view's ``factors``)."""
+        if self.lowrank:
+            red = factors.depthwise.reshape(factors.depthwise.shape[0], -1).T.to(self.inputs.dtype)
+            return lambda x: self.inputs.rows(x) @ red.to(x.device)
         index = factors.channel_index
         dw = patch_conv_like(self.patcher, self.rank, ragged=index is not None)
         with torch.no_grad():
             dw.weight.copy_(factors.depthwise.to(dw.weight.dtype))
+        dtype = self.patcher.weight.dtype
         if index is None:
-            return dw
+            return lambda x: _rows(dw(x.to(dtype)))
         index = index.to(dw.weight.device)
-        return lambda x: dw(x.index_select(1, index))
+        return lambda x: _rows(dw(x.to(dtype).index_select(1, index)))
 
     @torch.no_grad()
     def observe_inputs(self, x: torch.Tensor) -> None:
-        """Pass 1: add the layer's input ``x`` (``[N, Cin, *spatial]``)."""
-        self.stats.update(self.patcher(x.to(self.patcher.weight.dtype)))
+        """Pass 1: add the layer's input ``x`` (``[N, Cin, *spatial]``; ``[..., Cin]`` for a linear layer)."""
+        self.inputs.update(x)
+
+    def matches(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether ``y`` has the shape of this layer's output for input ``x`` (a usable target)."""
+        return self.inputs.matches(x, y, self.cout)
 
     def finish_inputs(self) -> None:
-        """End pass 1: compute the whitened depthwise filters."""
-        wf = whitened_factors(self.weight, self.rank, self.stats.autocorr(), self.bias, self.damp, ragged=self.ragged)
+        """End pass 1: compute the whitened depthwise filters (low rank: the whitened reduction)."""
+        wf = whitened_factors(self.view, self.rank, self.stats.autocorr(), self.bias, self.damp, ragged=self.ragged)
         self.whitened = wf
-        self._dw = {"svd": self._depthwise(self.plain), "whitened": self._depthwise(wf)}
+        self._dw = {"svd": self._depthwise(as_view(self.plain)), "whitened": self._depthwise(wf)}
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Pass 2: add input ``x`` and the true output ``y`` (``[N, Cout, *out]``)."""
+        """Pass 2: add input ``x`` and the true output ``y`` (``[N, Cout, *out]``; ``[..., Cout]`` for a linear
+        layer)."""
         if not self._dw:
             self.finish_inputs()
-        yr = _rows(y)
+        yr = self.inputs.out_rows(y)
         for key, dw in self._dw.items():
-            self.fits[key].update(_rows(dw(x.to(self.patcher.weight.dtype))), yr)
+            self.fits[key].update(dw(x), yr)
 
     def result(self) -> CalibResult:
         """The best of plain SVD, SVD + refit and whitened + refit on the calibration objective."""
         if not self._dw:
             self.finish_inputs()
         fit_bias = self.bias is not None
-        p0 = _pw_matrix(self.plain)
-        b0 = None if self.plain.bias is None else self.plain.bias.detach().to(torch.float64).cpu()
+        plain = as_view(self.plain)
+        p0 = _pw_matrix(plain)
+        b0 = None if plain.bias is None else plain.bias.detach().to(torch.float64).cpu()
         base = self.fits["svd"].relative_error(p0, b0)
         best = (base, "svd", self.plain)
-        for key, f in (("svd", self.plain), ("whitened", self.whitened)):
+        for key, f in (("svd", plain), ("whitened", self.whitened)):
             p, b = self.fits[key].solve(_pw_matrix(f), fit_bias, self.ridge)
             err = self.fits[key].relative_error(p, b)
             if math.isfinite(err) and err < best[0]:
-                best = (err, f"{'svd' if key == 'svd' else 'whitened'}+refit", _with_pointwise(f, p, b))
+                kept = _with_pointwise(f, p, b)
+                best = (err, f"{key}+refit", as_lowrank(kept, tuple(self.weight.shape)) if self.lowrank else kept)
         return CalibResult(best[2], base, best[0], best[1])
 
 
@@ -354,9 +430,11 @@ def _with_pointwise(f: Factors, p: torch.Tensor, b: Optional[torch.Tensor]) -> F
 
 def calibrate_conv(conv: nn.Module, rank: int, inputs: Iterable[torch.Tensor],
                    targets: Optional[Iterable[torch.Tensor]] = None, **kw: Any) -> CalibResult:
-    """Calibrate one conv on input batches (``targets`` default to ``conv(x)``, the layer's true outputs)."""
+    """Calibrate one conv (or linear layer; ``lowrank=True``: a 1x1 conv's low-rank pair) on input batches
+    (``targets`` default to ``conv(x)``, the layer's true outputs); ``kw`` go to :class:`LayerCalibrator`."""
     xs = list(inputs)
-    ys = [conv(x) for x in xs] if targets is None else list(targets)
+    with torch.no_grad():
+        ys = [conv(x) for x in xs] if targets is None else list(targets)
     cal = LayerCalibrator(conv, rank, **kw)
     with torch.no_grad():
         for x in xs:

@@ -12,6 +12,7 @@ from torch import nn
 from .config import RewriteConfig
 from .errors import DsrewriteError, first_line
 from .frontends.conv_modules import deepcopy_module
+from .ir import LINEAR
 from .measure import eval_mode, input_device
 from .pipeline import Decision
 
@@ -74,10 +75,11 @@ class Planning:
         if self.batches is not None and budget is not None and budget[0] != "energy":
             from .calibrate import collect_patch_stats
 
-            names = [n for n, m in self.teacher.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+            names = [n for n, m in self.teacher.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
             with eval_mode(self.teacher):
                 try:
-                    kw["stats"] = collect_patch_stats(self.teacher, self.batches, names, self.n_inputs)
+                    kw["stats"] = collect_patch_stats(self.teacher, self.batches, names, self.n_inputs,
+                                                      kinds=kw["kinds"])
                 except DsrewriteError:
                     raise
                 except Exception as e:  # noqa: BLE001
@@ -118,8 +120,8 @@ class Planning:
 
 
 def calib_layers(teacher: nn.Module, decisions: List[Decision]) -> tuple:
-    """The separable modules the backends installed, each with its original conv (and the teacher's conv),
-    and the names of the layers the refit cannot take (dynamic padding)."""
+    """The pair modules the backends installed (separable and low-rank), each with its original layer (and the
+    teacher's layer of that name), and the names of the layers the refit cannot take (dynamic padding)."""
     from .calibrate import CalibLayer
 
     layers, plain = [], []
@@ -130,25 +132,35 @@ def calib_layers(teacher: nn.Module, decisions: List[Decision]) -> tuple:
         if h.conv_args.get("dynamic_same"):  # the refit unfolds patches with static padding
             plain.append(spec.name)
             continue
-        if h.kind == "function" or spec.extra.get("folded"):  # a dense conv rebuilt from the effective weight
-            a = h.conv_args
-            cls = nn.Conv1d if spec.spatial_dims == 1 else nn.Conv2d
-            w = d.site.weight.detach()
-            conv = cls(spec.in_channels, spec.out_channels, spec.kernel, stride=a.get("stride", 1),
-                       padding=a.get("padding", 0), dilation=a.get("dilation", 1), bias=d.site.bias is not None,
-                       padding_mode=a.get("padding_mode", "zeros"), device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                conv.weight.copy_(w)
-                if d.site.bias is not None:
-                    conv.bias.copy_(d.site.bias.detach())
-            t = None
+        if h.kind == "function" or spec.extra.get("folded"):  # a dense layer rebuilt from the effective weight
+            conv, t = _dense_layer(d), None
         else:
             conv = h.module
             try:
                 t = teacher.get_submodule(spec.name)
-                if not isinstance(t, (nn.Conv1d, nn.Conv2d)) or t.weight.shape != conv.weight.shape:
+                if not isinstance(t, (nn.Conv1d, nn.Conv2d, nn.Linear)) or t.weight.shape != conv.weight.shape:
                     t = None
             except AttributeError:
                 t = None
         layers.append(CalibLayer(spec.name, d.module, conv, t, max(spec.calls, 1)))
     return layers, plain
+
+
+def _dense_layer(d: Decision) -> nn.Module:
+    """The original layer of a functional or folded site, rebuilt from its effective weight and settings: an
+    ``nn.Linear`` for a linear layer, else an ``nn.Conv1d/2d``."""
+    spec, a = d.site.spec, d.site.handle.conv_args
+    w = d.site.weight.detach()
+    if spec.kind == LINEAR:
+        layer = nn.Linear(spec.in_channels, spec.out_channels, bias=d.site.bias is not None, device=w.device,
+                          dtype=w.dtype)
+    else:
+        cls = nn.Conv1d if spec.spatial_dims == 1 else nn.Conv2d
+        layer = cls(spec.in_channels, spec.out_channels, spec.kernel, stride=a.get("stride", 1),
+                    padding=a.get("padding", 0), dilation=a.get("dilation", 1), bias=d.site.bias is not None,
+                    padding_mode=a.get("padding_mode", "zeros"), device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(w.reshape(layer.weight.shape))
+        if d.site.bias is not None:
+            layer.bias.copy_(d.site.bias.detach().reshape(-1))
+    return layer

@@ -2,7 +2,8 @@
 
 * :class:`Distiller` — forward hooks pairing each rewritten layer with the original (feature MSE), logit
   KL at a temperature, and the task loss; attaches and detaches cleanly; the teacher stays frozen.
-* :func:`select_parameters`, :func:`param_groups` — train only the separable pairs, or everything.
+* :func:`select_parameters`, :func:`param_groups` — train only the new pairs (separable and low-rank), or
+  everything.
 * :func:`fit` — a plain PyTorch loop (tqdm, validation callback, AMP, DDP under ``torchrun``).
 * :func:`progressive` — rewrite and fine-tune in stages, deepest layers first.
 
@@ -10,10 +11,10 @@ See ``docs/finetune.md`` for use in your own loop, PyTorch Lightning and the Hug
 """
 from .distill import DistillOutput, Distiller, kd_loss, layer_weights
 from .loop import History, fit
-from .params import param_groups, select_parameters, separable_layers
+from .params import pair_layers, param_groups, select_parameters, separable_layers
 from .progressive import ProgressiveResult, plan_stages, progressive
 
 __all__ = [
     "Distiller", "DistillOutput", "kd_loss", "layer_weights", "fit", "History", "select_parameters",
-    "param_groups", "separable_layers", "progressive", "ProgressiveResult", "plan_stages",
+    "param_groups", "separable_layers", "pair_layers", "progressive", "ProgressiveResult", "plan_stages",
 ]

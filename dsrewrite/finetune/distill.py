@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import DsrewriteError
 from ._util import OutputFn, call_model, default_output, unwrap
-from .params import separable_layers
+from .params import pair_halves, pair_layers
 
 __all__ = ["Distiller", "DistillOutput", "layer_weights", "kd_loss"]
 
@@ -35,15 +35,15 @@ class DistillOutput:
 def layer_weights(layers: LayersArg, student: Optional[nn.Module] = None) -> Dict[str, float]:
     """Per-layer feature weights from a report, a ``RewriteResult``, names, or a ``{name: weight}`` mapping.
 
-    ``None`` means every separable pair found in ``student``.
+    ``None`` means every pair (separable or low-rank) found in ``student``.
     """
     report = getattr(layers, "report", layers)  # RewriteResult -> Report
     if report is not None and hasattr(report, "rewritten") and hasattr(report, "layers"):
         return {L.name: 1.0 for L in report.rewritten}
     if layers is None:
         if student is None:
-            raise DsrewriteError("layers=None needs the student to find its separable layers")
-        return {name: 1.0 for name in separable_layers(student)}
+            raise DsrewriteError("layers=None needs the student to find its pairs")
+        return {name: 1.0 for name in pair_layers(student)}
     if isinstance(layers, str):
         return {layers: 1.0}
     if isinstance(layers, Mapping):
@@ -75,20 +75,21 @@ def _find(model: nn.Module, name: str, which: str) -> nn.Module:
 
 
 class _Recorder:
-    """Forward hooks on one layer: its output, once per call, even when a separable pair is called in parts.
+    """Forward hooks on one layer: its output, once per call, even when a pair is called in parts.
 
-    After a second rewrite the fx graph calls ``name.depthwise`` and ``name.pointwise`` directly (the parent
-    is no longer called), while an eager ``SeparableConv2d`` on the Triton backend calls neither child: so
-    the hooks sit on the layer and on its ``pointwise`` child, and a tensor already recorded is not repeated.
+    After a second rewrite the fx graph may call a pair's halves (``name.depthwise`` / ``name.pointwise``, or
+    ``name.reduce`` / ``name.expand``) directly (the parent is no longer called), while an eager
+    ``SeparableConv2d`` on the Triton backend calls neither child: so the hooks sit on the layer and on its
+    second half, and a tensor already recorded is not repeated.
     """
 
     def __init__(self, module: nn.Module, detach: bool) -> None:
         self.outputs: List[torch.Tensor] = []
         self.detach = detach
         targets = [module]
-        pw = getattr(module, "pointwise", None)
-        if isinstance(pw, nn.Module):
-            targets.append(pw)
+        halves = pair_halves(module)
+        if halves is not None:
+            targets.append(halves[1][1])
         self.handles = [m.register_forward_hook(self._hook) for m in targets]
 
     def _hook(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -113,7 +114,8 @@ class Distiller:
         teacher: the original model; frozen (``requires_grad=False``) and in eval mode while attached,
             restored on detach, never changed.
         layers: which layers to pair: a ``Report``/``RewriteResult`` (its rewritten layers), names, or
-            ``{name: weight}``; ``None``: every separable pair in the student. ``[]`` turns features off.
+            ``{name: weight}``; ``None``: every pair in the student (separable and low-rank). ``[]`` turns
+            features off.
         feature_weight / logit_weight / task_weight: weights of the three terms (0 switches one off).
         temperature: softmax temperature of the logit term.
         task_loss: ``(logits, labels) -> loss``, used when labels are given (default cross-entropy).

@@ -93,7 +93,8 @@ def fit(student: nn.Module, teacher: nn.Module, loader: Any, *, epochs: Optional
         steps: Optional[int] = None, lr: float = 1e-3, layers: LayersArg = None,
         train: Optional[str] = "separable", optimizer: Optional[torch.optim.Optimizer] = None,
         depthwise_lr: Optional[float] = None, pointwise_lr: Optional[float] = None,
-        rest_lr: Optional[float] = None, weight_decay: float = 0.0, schedule: Optional[str] = "cosine",
+        rest_lr: Optional[float] = None, reduce_lr: Optional[float] = None, expand_lr: Optional[float] = None,
+        weight_decay: float = 0.0, schedule: Optional[str] = "cosine",
         feature_weight: float = 1.0, logit_weight: float = 1.0, task_weight: float = 1.0,
         temperature: float = 4.0, task_loss: Optional[Callable[..., torch.Tensor]] = None,
         output: Optional[OutputFn] = None, batch_fn: Optional[Callable[[Any], Any]] = None,
@@ -109,9 +110,11 @@ def fit(student: nn.Module, teacher: nn.Module, loader: Any, *, epochs: Optional
         loader: an iterable of batches (``(inputs, labels)``, dicts with ``labels``, or bare inputs; see
             ``batch_fn``). Under DDP give it a ``DistributedSampler``: ``set_epoch`` is called every epoch.
         epochs / steps: how long (both: whichever ends first; neither: one epoch).
-        lr: learning rate (AdamW); ``depthwise_lr`` / ``pointwise_lr`` / ``rest_lr`` override it per group.
-        layers: layers for feature distillation (see :class:`Distiller`); default every separable pair.
-        train: ``"separable"`` (only the new pairs), ``"all"``, or ``None`` (keep ``requires_grad`` as is).
+        lr: learning rate (AdamW); ``depthwise_lr`` / ``pointwise_lr`` (separable pairs), ``reduce_lr`` /
+            ``expand_lr`` (low-rank pairs) / ``rest_lr`` override it per group.
+        layers: layers for feature distillation (see :class:`Distiller`); default every pair, separable or low-rank.
+        train: ``"separable"`` (only the new pairs, of both forms), ``"all"``, or ``None`` (keep ``requires_grad``
+            as is).
         optimizer: your own optimiser (then lr, weight_decay and the group lrs are ignored).
         schedule: ``"cosine"`` (decay to 0 over the run, needs a known length) or ``None`` (constant).
         feature_weight / logit_weight / task_weight / temperature / task_loss / output: see :class:`Distiller`.
@@ -146,7 +149,8 @@ def fit(student: nn.Module, teacher: nn.Module, loader: Any, *, epochs: Optional
     model = _wrap_ddp(student, device, train)
     if optimizer is None:
         optimizer = torch.optim.AdamW(param_groups(inner, lr, depthwise_lr=depthwise_lr, pointwise_lr=pointwise_lr,
-                                                   rest_lr=rest_lr, weight_decay=weight_decay))
+                                                   rest_lr=rest_lr, reduce_lr=reduce_lr, expand_lr=expand_lr,
+                                                   weight_decay=weight_decay))
     per_epoch = len(loader) if hasattr(loader, "__len__") else None
     if epochs is None and steps is None:
         epochs = 1

@@ -2,8 +2,8 @@
 
 One-shot low-rank replacement of every layer compounds the error layer after layer; rewriting in stages
 lets fine-tuning absorb each stage's error before the next. Each stage is one ``dsrewrite.rewrite(...,
-include=...)`` call on the previous stage's model: pairs rewritten earlier are skipped there (their
-children are a depthwise and a 1x1 conv), so only the stage's layers change.
+include=...)`` call on the previous stage's model: pairs rewritten earlier (separable or low-rank) are skipped
+there, their halves reported as parts of a pair, so only the stage's layers change.
 """
 from __future__ import annotations
 
@@ -71,12 +71,14 @@ def progressive(model: nn.Module, example_inputs: Any, loader: Any, *, stages: S
                 rank: RankArg = "auto", include: Selector = None, exclude: Selector = None,
                 epochs_per_stage: Optional[int] = None, steps_per_stage: Optional[int] = None,
                 backend: str = "auto", on_stage: Optional[Callable[[int, nn.Module, Report], None]] = None,
-                progress: bool = True, ragged: bool = False, **fit_kwargs: Any) -> ProgressiveResult:
+                progress: bool = True, ragged: bool = False, kinds: Any = None,
+                **fit_kwargs: Any) -> ProgressiveResult:
     """Rewrite and fine-tune ``model`` in stages; the original ``model`` is the teacher and stays unchanged.
 
     Args:
-        model, example_inputs, rank, include, exclude, backend, ragged: as for :func:`dsrewrite.rewrite`
-            (``include``/``exclude`` pick the layers; ``stages`` orders them).
+        model, example_inputs, rank, include, exclude, backend, ragged, kinds: as for :func:`dsrewrite.rewrite`
+            (``include``/``exclude``/``kinds`` pick the layers; ``stages`` orders them; ``kinds="all"`` takes
+            1x1 convs and linear layers too, as low-rank pairs).
         loader: batches for :func:`fit`.
         stages: an int (that many groups of layers, deepest first) or a list of include selectors.
         epochs_per_stage / steps_per_stage: fine-tuning length after each stage (default one epoch).
@@ -86,7 +88,7 @@ def progressive(model: nn.Module, example_inputs: Any, loader: Any, *, stages: S
     from ..api import rewrite
 
     plan = rewrite(model, example_inputs, rank=rank, include=include, exclude=exclude, backend=backend,
-                   measure_time=False, name=fit_kwargs.pop("name", None), ragged=ragged)
+                   measure_time=False, name=fit_kwargs.pop("name", None), ragged=ragged, kinds=kinds)
     groups = plan_stages([L.name for L in plan.report.rewritten], stages)
     if not groups:
         raise DsrewriteError("no layer to rewrite: " + "; ".join(plan.report.notes or ["nothing selected"]))
@@ -98,7 +100,7 @@ def progressive(model: nn.Module, example_inputs: Any, loader: Any, *, stages: S
         if progress:
             print(f"stage {i + 1}/{len(groups)}: rewriting {len(group)} layer(s): {', '.join(group)}", flush=True)
         step = rewrite(student, example_inputs, rank=rank, include=lambda n, s=members: n in s, backend=backend,
-                       measure_time=False, name=plan.report.model, ragged=ragged)
+                       measure_time=False, name=plan.report.model, ragged=ragged, kinds=kinds)
         done = {L.name for L in step.report.rewritten}
         if done != members:
             raise DsrewriteError(f"stage {i + 1} rewrote {sorted(done)} instead of {sorted(members)}")
