@@ -1,20 +1,28 @@
-"""Pareto benchmark (issue 14, item 6): dsrewrite against L1 channel pruning, metric vs measured CPU latency.
+"""Pareto benchmark (issues 14 and 22): dsrewrite, over KxK convs only and over every weight layer, against L1
+channel pruning, metric vs measured CPU latency.
 
-Two models, each as the original (the teacher) and as compressed variants:
+Three models, each as the original (the teacher) and as compressed variants:
 
 - the digits CNN of ``dsrewrite demo`` (:mod:`dsrewrite.demo`, trained here with a fixed seed), timed on the
   whole test set (360 images of 8x8, as ``run_digits`` plans it); metric: test accuracy;
 - facenet-pytorch's MTCNN ONet with its real weights (loaded from the wheel, not installed), timed on a batch
   of 256 crops of 48x48 (it runs on batches of face candidates); metrics: box / landmark / face-probability
-  relative error against the original and face-decision agreement (box error is the plotted one).
+  relative error against the original and face-decision agreement (box error is the plotted one);
+- a small 1x1-heavy network trained here on the digits (:class:`DigitsMBNet`: a 3x3 stem, then inverted-residual
+  blocks -- 1x1 expand, 3x3 depthwise, 1x1 project -- and a 1x1 head: most of its multiply-adds are in 1x1 convs),
+  timed and scored like the digits CNN.
 
 Methods, each followed by the same short distillation from the original (``dsrewrite.finetune.fit``, every parameter
-trained, output terms only: labels + KD on the digits, an output-matching loss on unlabeled crops for ONet):
+trained, output terms only: labels + KD on the digits and DigitsMBNet, an output-matching loss on unlabeled crops for
+ONet):
 
-- dsrewrite: ``rewrite(model, x, target_latency=t, calibration=...)`` for a sweep of ``t`` (a refused target is
-  recorded with its message). When ``dsrewrite.RewriteConfig`` has a ``runtime`` field, each runtime's sweep
-  is planned in that runtime (``--plan-in-each-runtime``, the default then); otherwise every plan is made in
-  PyTorch eager and timed in every runtime (``"planned_in": "eager"`` in the JSON).
+- dsrewrite: ``rewrite(model, x, target_latency=t, kinds=k, calibration=...)`` for a sweep of ``t`` (a refused
+  target is recorded with its message), once per ``k`` in ``--kinds``: ``kxk`` (separable pairs for KxK convs
+  only, the curve of issue 14) and ``all`` (also low-rank pairs for 1x1 convs and linear layers, one budget over
+  all of them; issue 22). Each is its own curve ("dsrewrite kxk", "dsrewrite all"); a point's ``kinds`` is in the
+  JSON (points of runs made before ``--kinds`` existed are KxK-only). When ``dsrewrite.RewriteConfig`` has a
+  ``runtime`` field, each runtime's sweep is planned in that runtime (``--plan-in-each-runtime``, the default
+  then); otherwise every plan is made in PyTorch eager and timed in every runtime (``"planned_in": "eager"``).
 - L1 channel pruning: torch-pruning's ``MagnitudePruner`` with ``MagnitudeImportance(p=1)`` for a sweep of
   ``pruning_ratio`` (output layers keep their channels; on ONet also ``conv4``, whose channels reach
   ``dense5`` through a permute that torch-pruning maps to the wrong columns). Each pruned model is compared
@@ -32,15 +40,18 @@ Setup (benchmark-only dependencies; ``requests`` because facenet_pytorch's packa
     pip install torch-pruning requests
     pip download facenet-pytorch==2.6.0 --no-deps -d /tmp/wheels
 
-Commands (the committed ``benchmarks/pareto.*`` come from the first, 13.4 minutes on 2 cores, every runtime's
-points planned in that runtime; ``--plan-in-eager-for inductor`` plans Inductor's points in eager instead, with the
-first target also planned in Inductor as a probe, should planning there not fit the time budget; ``--render`` rewrites
-the summary, tables and plot from a run's JSON without running anything):
+Commands (the committed ``benchmarks/pareto.*`` come from the first -- the Markdown gives its wall time and the
+machine's load; Inductor and the denser sweeps were left out of it to fit ~30 minutes on 2 shared cores with three
+models and two dsrewrite curves; the issue-14 run with Inductor, 2026-12-01, is ``benchmarks/pareto.md`` at commit
+57b1c9d -- every runtime's points planned in that runtime; ``--plan-in-eager-for inductor`` plans Inductor's points
+in eager instead, with the first target also planned in Inductor as a probe, should planning there not fit the time
+budget; ``--render`` rewrites the summary, tables and plot from a run's JSON without running anything):
 
     python benchmarks/pareto.py --facenet-wheel /tmp/wheels/facenet_pytorch-2.6.0-py3-none-any.whl \\
+        --runtimes eager,onnxruntime --targets 0.8,0.6,0.4 --ratios 0.2,0.4,0.6 \\
         --json benchmarks/pareto.json --markdown benchmarks/pareto.md --plot benchmarks/pareto.png
     python benchmarks/pareto.py --quick --facenet-wheel /tmp/wheels/facenet_pytorch-2.6.0-py3-none-any.whl
-    python benchmarks/pareto.py --runtimes eager,onnxruntime --models digits
+    python benchmarks/pareto.py --runtimes eager,onnxruntime --models digits,mbnet --kinds all
     python benchmarks/pareto.py --render benchmarks/pareto.json --json benchmarks/pareto.json \\
         --markdown benchmarks/pareto.md --plot benchmarks/pareto.png
 """
@@ -102,13 +113,53 @@ class Task:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
-def digits_task(quick: bool, epochs: int, seed: int = 0) -> Task:
-    """The digits CNN of ``dsrewrite demo``, timed on the whole test set like ``run_digits``."""
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, 3x3 depthwise (stride ``stride``), 1x1 project; residual when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, expand: int = 4, stride: int = 1) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid),
+                                nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.dw(self.expand(x)))
+        return x + y if self.residual else y
+
+
+class DigitsMBNet(nn.Module):
+    """A 1x1-heavy network for 1x8x8 digits: a 3x3 stem (32), three inverted-residual blocks (32 -> 32, 32 -> 48
+    at stride 2, 48 -> 48; expansion 4), a 1x1 head (192) and a linear classifier. About 90% of its multiply-adds
+    are in 1x1 convs, which only ``kinds`` beyond ``"kxk"`` reach."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU6())
+        self.blocks = nn.Sequential(InvertedResidual(32, 32), InvertedResidual(32, 48, stride=2),
+                                    InvertedResidual(48, 48))
+        self.head = nn.Sequential(nn.Conv2d(48, 192, 1, bias=False), nn.BatchNorm2d(192), nn.ReLU6())
+        self.fc = nn.Linear(192, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+NETS = {"digits": (DigitsCNN, "digits CNN (dsrewrite.demo.DigitsCNN)"),
+        "mbnet": (DigitsMBNet, "1x1-heavy inverted-residual network on the digits (DigitsMBNet)")}
+
+
+def digits_task(quick: bool, epochs: int, seed: int = 0, name: str = "digits") -> Task:
+    """A network trained on the digits (``name``: the digits CNN of ``dsrewrite demo`` or :class:`DigitsMBNet`),
+    timed on the whole test set like ``run_digits``."""
     torch.manual_seed(seed)
+    make, title = NETS[name]
     x_tr, y_tr, x_te, y_te = load_digits_data(seed)
     t0 = time.perf_counter()
     pre = 5 if quick else 30
-    teacher = train_classifier(DigitsCNN(), x_tr, y_tr, epochs=pre, seed=seed).eval()
+    teacher = train_classifier(make(), x_tr, y_tr, epochs=pre, seed=seed).eval()
     train_s = time.perf_counter() - t0
     with torch.no_grad():
         ref = teacher(x_te)
@@ -125,7 +176,7 @@ def digits_task(quick: bool, epochs: int, seed: int = 0) -> Task:
         student.eval()
         return dict(seconds=time.perf_counter() - t, steps=h.steps, final_loss=h.epochs[-1]["loss"])
 
-    return Task("digits", "digits CNN (dsrewrite.demo.DigitsCNN)", teacher, x_te, x_tr[:512], "accuracy", True,
+    return Task(name, title, teacher, x_te, x_tr[:512], "accuracy", True,
                 evaluate, distill, lambda m: [m.fc],
                 info=dict(train_images=len(x_tr), test_images=len(x_te), calibration_images=min(512, len(x_tr)),
                           pretrain_epochs=pre, pretrain_seconds=train_s, timing_input=list(x_te.shape),
@@ -295,9 +346,12 @@ def has_runtime_option() -> bool:
     return "runtime" in dsrewrite.RewriteConfig.__dataclass_fields__
 
 
-def plan_dsrewrite(task: Task, target: float, runtime: Optional[str]) -> Tuple[Optional[nn.Module], Dict[str, Any]]:
-    """``rewrite(target_latency=target, calibration=...)`` planned in ``runtime`` (``None``: the default, eager)."""
-    opts: Dict[str, Any] = dict(target_latency=target, calibration=task.calibration, measure_time=True)
+def plan_dsrewrite(task: Task, target: float, runtime: Optional[str],
+                   kinds: str = "kxk") -> Tuple[Optional[nn.Module], Dict[str, Any]]:
+    """``rewrite(target_latency=target, kinds=kinds, calibration=...)`` planned in ``runtime`` (``None``: the
+    default, eager)."""
+    opts: Dict[str, Any] = dict(target_latency=target, kinds=tuple(kinds.split("+")) if "+" in kinds else kinds,
+                                calibration=task.calibration, measure_time=True)
     if runtime is not None:
         opts["runtime"] = runtime
         if runtime == "onnxruntime":
@@ -316,8 +370,10 @@ def plan_dsrewrite(task: Task, target: float, runtime: Optional[str]) -> Tuple[O
     rep = res.report
     return res.model, dict(
         plan_seconds=time.perf_counter() - t0, ranks={L.name: L.rank for L in rep.layers},
-        rewritten=len(rep.rewritten), report_time_ratio=rep.time_ratio, report_time_noise=rep.time_noise,
-        report_time_runtime=rep.time_runtime, ort_threads=opts.get("ort_threads"),
+        rewritten=len(rep.rewritten),
+        rewritten_by_kind={k: sum(1 for L in rep.rewritten if getattr(L, "kind", "kxk") == k)
+                           for k in ("kxk", "pointwise", "linear")},
+        report_time_ratio=rep.time_ratio, report_time_noise=rep.time_noise, report_time_runtime=rep.time_runtime, ort_threads=opts.get("ort_threads"),
         latency_rounds=[_plain(r) for r in (rep.latency_rounds or [])])
 
 
@@ -382,19 +438,20 @@ def run_task(task: Task, a: argparse.Namespace, runtimes: List[str], plan_runtim
         for rt in timed_in:
             p["latency"][rt] = timer.time(model, rt)
         lat = ", ".join(f"{rt} {v['ratio']:.2f}x" if "ratio" in v else f"{rt} failed" for rt, v in p["latency"].items())
-        log(f"{task.name}: {p['method']} {p['knob']:g}: FLOPs {p['flops_kept']:.2f}, {task.metric} "
+        log(f"{task.name}: {curve(p)} {p['knob']:g}: FLOPs {p['flops_kept']:.2f}, {task.metric} "
             f"{p['before'][task.metric]:.3f} -> {p['after'][task.metric]:.3f}, {lat}")
 
     # dsrewrite: one sweep per planning runtime, timed in the runtimes that use it; then the probes: the first
     # target planned in a runtime whose sweep was planned in eager, timed there
-    sweeps = [(plan_rt, t, [rt for rt in runtimes if plan_runtimes[rt] == plan_rt], False)
-              for plan_rt in dict.fromkeys(plan_runtimes.values()) for t in a.targets]
-    sweeps += [(rt, a.targets[0], [rt], True) for rt in probes]
-    for plan_rt, t, timed_in, probe in sweeps:
-        log(f"{task.name}: dsrewrite target_latency={t:g}, planned in {plan_rt or 'eager'}"
+    sweeps = [(kinds, plan_rt, t, [rt for rt in runtimes if plan_runtimes[rt] == plan_rt], False)
+              for kinds in a.kinds for plan_rt in dict.fromkeys(plan_runtimes.values()) for t in a.targets]
+    sweeps += [(kinds, rt, a.targets[0], [rt], True) for kinds in a.kinds for rt in probes]
+    for kinds, plan_rt, t, timed_in, probe in sweeps:
+        log(f"{task.name}: dsrewrite kinds={kinds} target_latency={t:g}, planned in {plan_rt or 'eager'}"
             f"{' (probe)' if probe else ''} ...")
-        model, p = plan_dsrewrite(task, t, plan_rt)
-        p.update(method="dsrewrite", knob=t, planned_in=plan_rt or "eager", timed_in=timed_in, probe=probe)
+        model, p = plan_dsrewrite(task, t, plan_rt, kinds)
+        p.update(method="dsrewrite", kinds=kinds, knob=t, planned_in=plan_rt or "eager", timed_in=timed_in,
+                 probe=probe)
         points.append(p)
         if model is None:
             log(f"{task.name}: refused: {p['refused'][:200]}")
@@ -416,8 +473,20 @@ def run_task(task: Task, a: argparse.Namespace, runtimes: List[str], plan_runtim
 
 
 # ---------------------------------------------------------------------------------------------- summary
+def curve(p: Dict[str, Any]) -> str:
+    """The curve a point is on: ``"pruning"``, ``"dsrewrite kxk"`` or ``"dsrewrite all"`` (points of runs made
+    before ``--kinds`` existed were KxK-only)."""
+    return "pruning" if p["method"] == "pruning" else f"dsrewrite {p.get('kinds', 'kxk')}"
+
+
+def curves(res: Dict[str, Any]) -> List[str]:
+    """The dsrewrite curves of a task, in the order they were run."""
+    return list(dict.fromkeys(curve(p) for p in res["points"] if p["method"] == "dsrewrite"))
+
+
 def timed_points(res: Dict[str, Any], method: str, runtime: str) -> List[Dict[str, Any]]:
-    return [p for p in res["points"] if p["method"] == method and "ratio" in p.get("latency", {}).get(runtime, {})]
+    """The points of one curve (``method``: a :func:`curve` label) timed in ``runtime``."""
+    return [p for p in res["points"] if curve(p) == method and "ratio" in p.get("latency", {}).get(runtime, {})]
 
 
 def distinct(points: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -434,7 +503,28 @@ def distinct(points: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def summarise(name: str, res: Dict[str, Any], runtime: str) -> List[str]:
-    """Where each method wins in one runtime, from the measured points (after distillation, and before)."""
+    """Where each dsrewrite curve and pruning win in one runtime, and where all kinds move dsrewrite's lowest
+    measured latency relative to KxK only."""
+    lines: List[str] = []
+    for dc in curves(res):
+        lines += summarise_curve(name, res, runtime, dc)
+    floors = {}
+    for dc in curves(res) + ["pruning"]:
+        pts = distinct(timed_points(res, dc, runtime))
+        if pts:
+            floors[dc] = min(pts, key=lambda p: p["latency"][runtime]["ratio"])
+    if len(floors) > 1:
+        key = res["metric"]
+        fmt = (lambda v: f"{v:.1f}%") if key == "accuracy" else (lambda v: f"{v:.3f}")  # noqa: E731
+        parts = [f"{dc} {p['latency'][runtime]['ratio']:.2f}x (+-{p['latency'][runtime]['noise']:.2f}; "
+                 f"{key} {fmt(p['after'][key])} after distillation)" for dc, p in floors.items()]
+        lines.append(f"{name}, {runtime}: lowest measured latency per curve: " + ", ".join(parts) + ".")
+    return lines
+
+
+def summarise_curve(name: str, res: Dict[str, Any], runtime: str, dcurve: str) -> List[str]:
+    """Where one dsrewrite curve (``dcurve``) and pruning each win in one runtime, from the measured points (after
+    distillation, and before)."""
     key, hib = res["metric"], res["higher_is_better"]
     pct = key == "accuracy"
     fmt = (lambda v: f"{v:.1f}%") if pct else (lambda v: f"{v:.3f}")
@@ -442,22 +532,22 @@ def summarise(name: str, res: Dict[str, Any], runtime: str) -> List[str]:
     # accuracy counts whole test images: a difference of one image or less is a tie
     tol = 100.0 / res["info"]["test_images"] * 1.001 if pct else 0.0
     better = (lambda u, v: u > v + tol) if hib else (lambda u, v: u < v - tol)
-    tried = [p for p in res["points"] if p["method"] == "dsrewrite" and runtime in p.get("timed_in", [])]
+    tried = [p for p in res["points"] if curve(p) == dcurve and runtime in p.get("timed_in", [])]
     refused = sum("refused" in p for p in tried)
-    ds, pr = distinct(timed_points(res, "dsrewrite", runtime)), timed_points(res, "pruning", runtime)
-    head = f"{name}, {runtime}"
+    ds, pr = distinct(timed_points(res, dcurve, runtime)), timed_points(res, "pruning", runtime)
+    head = f"{name}, {runtime}, {dcurve} vs pruning"
     if not ds or not pr:
-        return [f"{head}: no comparison ({len(ds)} dsrewrite and {len(pr)} pruning points timed; {refused} of "
-                f"{len(tried)} dsrewrite targets refused)."]
+        return [f"{head}: no comparison ({len(ds)} {dcurve} and {len(pr)} pruning points timed; {refused} of "
+                f"{len(tried)} {dcurve} targets refused)."]
     t = lambda p: p["latency"][runtime]["ratio"]  # noqa: E731
     fd, fp = min(ds, key=t), min(pr, key=t)
-    faster, slower = ("pruning", fd) if t(fp) < t(fd) else ("dsrewrite", fp)
+    faster, slower = ("pruning", fd) if t(fp) < t(fd) else (dcurve, fp)
     noise = max(fd["latency"][runtime]["noise"], fp["latency"][runtime]["noise"])
     where = (f"within the noise of each other (+-{noise:.2f})" if abs(t(fd) - t(fp)) <= noise
              else f"below {t(slower):.2f}x only {faster} has points")
     lines = [f"{head}: lowest measured latency: pruning {t(fp):.2f}x (ratio {fp['knob']:g}, {key} "
-             f"{fmt(fp['after'][key])} after distillation), dsrewrite {t(fd):.2f}x (target {fd['knob']:g}, "
-             f"{fmt(fd['after'][key])}): {where}. dsrewrite: {refused} of {len(tried)} targets refused, "
+             f"{fmt(fp['after'][key])} after distillation), {dcurve} {t(fd):.2f}x (target {fd['knob']:g}, "
+             f"{fmt(fd['after'][key])}): {where}. {dcurve}: {refused} of {len(tried)} targets refused, "
              f"{len(ds)} distinct plan(s) timed."]
 
     def best_at(points: List[Dict[str, Any]], limit: float, stage: str) -> Optional[Dict[str, Any]]:
@@ -467,7 +557,7 @@ def summarise(name: str, res: Dict[str, Any], runtime: str) -> List[str]:
         return max(ok, key=lambda p: p[stage][key]) if hib else min(ok, key=lambda p: p[stage][key])
 
     for stage, words in (("after", "after distillation"), ("before", "before distillation")):
-        wins: Dict[str, List[Tuple[float, float]]] = {"dsrewrite": [], "pruning": []}
+        wins: Dict[str, List[Tuple[float, float]]] = {dcurve: [], "pruning": []}
         ties = 0
         for mine, other in ((ds, pr), (pr, ds)):  # each point against the other method's best point no slower
             for p in mine:
@@ -476,18 +566,18 @@ def summarise(name: str, res: Dict[str, Any], runtime: str) -> List[str]:
                     continue
                 u, v = p[stage][key], q[stage][key]
                 if better(u, v):
-                    wins[p["method"]].append((t(p), abs(u - v)))
+                    wins[curve(p)].append((t(p), abs(u - v)))
                 elif better(v, u):
-                    wins[q["method"]].append((t(p), abs(u - v)))
+                    wins[curve(q)].append((t(p), abs(u - v)))
                 else:
                     ties += 1
-        nd, npr = len(wins["dsrewrite"]), len(wins["pruning"])
+        nd, npr = len(wins[dcurve]), len(wins["pruning"])
         n = nd + npr + ties
         if n == 0:
             lines.append(f"{head}, {words}: no time ratio where both methods have a point.")
             continue
         parts = []
-        for m in ("dsrewrite", "pruning"):
+        for m in (dcurve, "pruning"):
             if wins[m]:
                 ts = sorted({round(x, 2) for x, _ in wins[m]})
                 span = f"{ts[0]:.2f}x" if len(ts) == 1 else f"{ts[0]:.2f}-{ts[-1]:.2f}x"
@@ -497,7 +587,7 @@ def summarise(name: str, res: Dict[str, Any], runtime: str) -> List[str]:
                 parts.append(f"{m} better at 0")
         if ties:
             parts.append(f"tied at {ties}" + (" (within one test image)" if pct else ""))
-        verdict = ("mostly tied" if ties > nd + npr else "dsrewrite ahead" if nd > npr else "pruning ahead" if npr > nd
+        verdict = ("mostly tied" if ties > nd + npr else f"{dcurve} ahead" if nd > npr else "pruning ahead" if npr > nd
                    else "even")
         lines.append(f"{head}, {words}: each point against the other method's best point at equal or lower measured "
                      f"latency ({n} comparisons): " + ", ".join(parts) + f" -> {verdict}.")
@@ -511,7 +601,7 @@ def _f(v: Optional[float], spec: str = ".3f") -> str:
 
 def markdown(out: Dict[str, Any]) -> str:
     m = out["meta"]
-    L = ["## Pareto: dsrewrite vs L1 channel pruning (issue 14, item 6)", "",
+    L = ["## Pareto: dsrewrite (KxK convs only, and every weight layer) vs L1 channel pruning (issues 14 and 22)", "",
          f"- Date: {m['date']}; machine: {m['machine']}; torch {m['torch']} ({m['torch_threads']} threads), "
          f"torch-pruning {m['torch_pruning']}, onnxruntime {m['onnxruntime']}; dsrewrite {m['dsrewrite_source']}.",
          f"- Command: `{m['command']}` (wall time {m['wall_seconds'] / 60:.1f} min; load average at start / end "
@@ -520,7 +610,10 @@ def markdown(out: Dict[str, Any]) -> str:
          f"- dsrewrite planned in: {out['planned_in']}. {out['planned_in_note']}",
          "- Time ratio: the variant against the original in the same runtime, measured side by side in interleaved "
          "rounds (fastest of each; +- is half the IQR of the per-round ratios). Metrics in PyTorch eager; 'after' is "
-         "after the same short distillation for both methods.", ""]
+         "after the same short distillation for every method.",
+         "- Curves: 'dsrewrite kxk' rewrites KxK convs only (separable pairs); 'dsrewrite all' also 1x1 convs and "
+         "linear layers (low-rank pairs), one target_latency budget over all of them; a dsrewrite knob's "
+         "'(a/b/c)' counts the rewritten KxK / 1x1 / linear layers.", ""]
     for name, res in out["tasks"].items():
         info = res["info"]
         key = res["metric"]
@@ -532,7 +625,7 @@ def markdown(out: Dict[str, Any]) -> str:
                       "test crops; agreement: same face / no-face decision as the original. ")
               + (f"Pruning keeps the output channels of {info['pruning_keeps']}." if info.get("pruning_keeps") else ""),
               ""]
-        if name == "onet":
+        if key != "accuracy":
             cols = "box err before -> after | landmark err after | face-prob err after | agreement before -> after"
             row = lambda p: (f"{p['before']['box_error']:.3f} -> {p['after']['box_error']:.3f} | "  # noqa: E731
                              f"{p['after']['landmark_error']:.3f} | {p['after']['prob_error']:.3f} | "
@@ -552,17 +645,20 @@ def markdown(out: Dict[str, Any]) -> str:
                 if rt not in p.get("timed_in", [rt]):
                     continue
                 knob = (f"target {p['knob']:g}" if p["method"] == "dsrewrite" else f"ratio {p['knob']:g}")
+                rk = p.get("rewritten_by_kind")
+                if rk:
+                    knob += f" ({rk['kxk']}/{rk['pointwise']}/{rk['linear']})"
                 planned = p.get("planned_in", "-") + (" (probe)" if p.get("probe") else "")
                 secs = _f(p.get("plan_seconds"), ".0f")
                 if "refused" in p or "error" in p:
                     msg = (p.get("refused") or p.get("error")).replace("|", "/")[:220]
-                    cells = [p["method"], knob, planned, secs, ("refused: " if "refused" in p else "failed: ") + msg]
+                    cells = [curve(p), knob, planned, secs, ("refused: " if "refused" in p else "failed: ") + msg]
                     L.append("| " + " | ".join(cells + [""] * (4 + ncol)) + " |")
                     continue
                 lat = p["latency"].get(rt, {})
                 tr = (f"{lat['ratio']:.2f} (+-{lat['noise']:.2f})" if "ratio" in lat
                       else "failed: " + lat.get("error", "?").replace("|", "/")[:160])
-                L.append(f"| {p['method']} | {knob} | {planned} | {secs} | {p['flops_kept']:.3f} | "
+                L.append(f"| {curve(p)} | {knob} | {planned} | {secs} | {p['flops_kept']:.3f} | "
                          f"{p['params_kept']:.3f} | {_f(lat.get('before_ms'), '.1f')} | "
                          f"{_f(lat.get('after_ms'), '.1f')} | "
                          f"{tr} | {row(p)} |")
@@ -571,9 +667,9 @@ def markdown(out: Dict[str, Any]) -> str:
         for p in res["points"]:
             for rt, lat in p.get("latency", {}).items():
                 if lat.get("max_rel_vs_eager") is not None:
-                    checks.append((rt, p["method"], lat["max_rel_vs_eager"]))
+                    checks.append((rt, curve(p), lat["max_rel_vs_eager"]))
         for rt in ("onnxruntime", "inductor"):
-            for meth in ("dsrewrite", "pruning"):
+            for meth in curves(res) + ["pruning"]:
                 v = [c for r, mm, c in checks if r == rt and mm == meth]
                 if v:
                     L.append(f"- {rt} outputs vs eager, {meth}: largest relative error {max(v):.1e} over {len(v)} "
@@ -588,7 +684,7 @@ def markdown(out: Dict[str, Any]) -> str:
     if out.get("plot"):
         L += ["", f"Plot: `{out['plot']}` (x: measured time ratio in each runtime, with the noise; y: the digits' test "
               "error (100 - accuracy, symlog) and ONet's box error (log), lower is better; filled: after distillation, "
-              "hollow: before; star: the original, digits only, as ONet's errors are relative to it; lines: each "
+              "hollow: before; star: the original, digits tasks only, as ONet's errors are relative to it; lines: each "
               "method's best error at that time ratio or less)."]
     return "\n".join(L) + "\n"
 
@@ -602,7 +698,8 @@ def plot(out: Dict[str, Any], path: str) -> None:
     tasks = list(out["tasks"].items())
     runtimes = out["runtimes"]
     fig, axes = plt.subplots(len(tasks), len(runtimes), figsize=(4.6 * len(runtimes), 3.8 * len(tasks)), squeeze=False)
-    style = {"dsrewrite": ("tab:blue", "o"), "pruning": ("tab:orange", "s")}
+    legend: Dict[str, Any] = {}
+    style = {"dsrewrite kxk": ("tab:blue", "o"), "dsrewrite all": ("tab:green", "^"), "pruning": ("tab:orange", "s")}
     for i, (name, res) in enumerate(tasks):
         key = res["metric"]
         for j, rt in enumerate(runtimes):
@@ -635,13 +732,14 @@ def plot(out: Dict[str, Any], path: str) -> None:
                 ax.set_ylabel(key.replace("_", " ") + " (relative)")
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-            if i == 0 and j == 0:
-                handles, labels = ax.get_legend_handles_labels()
-    fig.suptitle(f"dsrewrite (target_latency, planned in {out['planned_in']}) vs L1 channel pruning; lines: each "
-                 f"method's best error at that time ratio or less; {out['meta']['date']}, {out['meta']['machine']}",
-                 fontsize=9)
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+            for h, lab in zip(*ax.get_legend_handles_labels()):  # every curve's entry, whichever panel has it
+                legend.setdefault(lab, h)
+    fig.suptitle(f"dsrewrite (target_latency, KxK only / all kinds, planned in {out['planned_in']}) vs L1 channel "
+                 f"pruning\nlines: each method's best error at that time ratio or less; {out['meta']['date']}, "
+                 f"{out['meta']['machine']}", fontsize=9)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 4), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -676,7 +774,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--facenet-wheel",
                     help="facenet_pytorch wheel (ONet's weights are inside); ONet is skipped without it")
-    ap.add_argument("--models", default="digits,onet", help="comma list: digits, onet")
+    ap.add_argument("--models", default="digits,mbnet,onet", help="comma list: digits, mbnet, onet")
+    ap.add_argument("--kinds", default="kxk,all", help="comma list of dsrewrite kinds= values, one curve each "
+                    "(kxk, all, or a '+'-joined list such as pointwise+linear)")
     ap.add_argument("--runtimes", default=None, help="comma list of eager, inductor, onnxruntime "
                     "(default: all three; --quick: eager,onnxruntime)")
     ap.add_argument("--targets", default=None, help="target_latency sweep (default 0.9,0.8,0.7,0.6,0.5,0.4)")
@@ -711,6 +811,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     a.targets = [float(v) for v in (a.targets or ("0.9,0.6" if a.quick else "0.9,0.8,0.7,0.6,0.5,0.4")).split(",")]
     a.ratios = [float(v) for v in (a.ratios or ("0.3" if a.quick else "0.1,0.2,0.3,0.4,0.5,0.6")).split(",")]
     epochs = a.epochs or (1 if a.quick else 3)
+    a.kinds = [k for k in a.kinds.split(",") if k]
     available = has_runtime_option()
     each = available if a.plan_in_each_runtime is None else a.plan_in_each_runtime
     if each and not available:
@@ -739,7 +840,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     log(f"runtimes {runtimes}; dsrewrite planned in {planned_in}; targets {a.targets}; ratios {a.ratios}; "
         f"{epochs} distillation epoch(s)")
     out: Dict[str, Any] = dict(meta=meta, runtimes=runtimes, planned_in=planned_in, planned_in_note=note,
-                               runtime_option_available=available, targets=a.targets, ratios=a.ratios,
+                               runtime_option_available=available, targets=a.targets, ratios=a.ratios, kinds=a.kinds,
                                distill_epochs=epochs, tasks={})
     models = [m for m in a.models.split(",") if m]
     with tempfile.TemporaryDirectory() as folder:
@@ -748,8 +849,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 log("onet skipped: no --facenet-wheel")
                 continue
             torch.manual_seed(0)
-            if name == "digits":
-                task = digits_task(a.quick, epochs)
+            if name in NETS:
+                task = digits_task(a.quick, epochs, name=name)
             elif name == "onet":
                 task = onet_task(a.facenet_wheel, a.quick, epochs)
             else:
