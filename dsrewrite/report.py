@@ -108,9 +108,9 @@ class Report:
     def add_outcome_notes(self) -> None:
         """The notes every route adds: nothing found, nothing rewritten, rewritten layers that cost more."""
         if not self.layers:
-            self.notes.append("no convolution found: nothing to rewrite")
+            self.notes.append("no convolution or linear layer found: nothing to rewrite")
         elif not self.rewritten:
-            self.notes.append("no eligible convolution was rewritten: see the reasons per layer")
+            self.notes.append("no eligible layer was rewritten: see the reasons per layer")
         if any(L.note and "costs more" in L.note for L in self.rewritten):
             self.notes.append("some rewritten layers cost more than the original (rank at or near full rank)")
 
@@ -266,7 +266,7 @@ class Report:
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
         if not rows:
-            out.append("(no convolution found)")
+            out.append("(no convolution or linear layer found)")
         return "\n".join(out + [""] + self._summary_lines())
 
     def to_markdown(self) -> str:

@@ -23,16 +23,16 @@ def test_json_round_trip(report, tmp_path):
     assert back == report
     assert Report.from_json(tmp_path / "r.json") == report
     data = json.loads(text)
-    assert data["schema"] == 1 and data["flops_before"] == report.flops_before
+    assert data["schema"] == 2 and data["flops_before"] == report.flops_before
     assert {"name", "rewritten", "reason", "rank", "in_channels", "out_channels", "kernel", "params_before",
-            "params_after", "flops_before", "flops_after", "error"} <= set(data["layers"][0])
+            "params_after", "flops_before", "flops_after", "error", "kind", "origin"} <= set(data["layers"][0])
 
 
 def test_renderings_show_layers_totals_and_time(report):
     table, md = report.table(), report.to_markdown()
     for L in report.layers:
         assert L.name in table and L.name in md
-    assert "skipped: 1x1 kernel" in table
+    assert "skipped: 1x1 conv: kind 'pointwise' not chosen" in table
     assert "FLOPs (2 x MACs)" in table and "MACs" in md
     assert md.count("\n|") >= len(report.layers) + 2
 
