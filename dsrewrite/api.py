@@ -179,7 +179,7 @@ class _Built:
         timed = [L for L in layers if L.time_before_ms is not None]
         if timed:
             b, a = sum(L.time_before_ms for L in timed), sum(L.time_after_ms for L in timed)
-            report.notes.append(f"layer timings ({plan.runtime.label(plan.memory_format)}): {len(timed)} convs {b:.2f} ms -> "
+            report.notes.append(f"layer timings ({plan.runtime.label(plan.memory_format)}): {len(timed)} layers {b:.2f} ms -> "
                                 f"{a:.2f} ms (whole model before: {plan.kwargs['total_time_ms']:.2f} ms)")
         return report
 

@@ -336,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="example input shape, e.g. 1,3,224,224 (default; detection models: 3,320,320); for an ONNX "
                         "model with several inputs, NAME=SHAPE once per input")
     r.add_argument("--weights", help="state_dict file to load before rewriting")
-    r.add_argument("--include", action="append", help="only rewrite convs matching this glob (repeatable)")
-    r.add_argument("--exclude", action="append", help="never rewrite convs matching this glob (repeatable)")
+    r.add_argument("--include", action="append", help="only rewrite layers matching this glob (repeatable)")
+    r.add_argument("--exclude", action="append", help="never rewrite layers matching this glob (repeatable)")
     r.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="how the separable pairs run (default auto: Triton on CUDA, torch ops otherwise)")
     r.add_argument("--no-time", action="store_true", help="skip the latency measurement")
