@@ -132,7 +132,8 @@ def calib_layers(teacher: nn.Module, decisions: List[Decision]) -> tuple:
         if h.conv_args.get("dynamic_same"):  # the refit unfolds patches with static padding
             plain.append(spec.name)
             continue
-        if h.kind == "function" or spec.extra.get("folded"):  # a dense layer rebuilt from the effective weight
+        if (h.kind == "function" or spec.extra.get("folded")  # a dense layer rebuilt from the effective weight
+                or not isinstance(h.module, (nn.Conv1d, nn.Conv2d, nn.Linear))):  # or from a registered module's
             conv, t = _dense_layer(d), None
         else:
             conv = h.module

@@ -168,3 +168,18 @@ def test_timm_models_exact_at_full_rank_and_meet_half_the_flops(name, size):
         assert rel_err(full.model(x), model(x)) <= 1e-4
     half = dsrewrite.rewrite(model, x, target_flops=0.5, measure_time=False)
     assert _flops(half.model, x) <= 0.5 * _flops(model, x) * (1 + 1e-9)
+
+
+def test_transformers_conv1d_is_a_linear_layer():
+    """GPT-2's layers are transformers' Conv1D (weight stored [Cin, Cout], addmm): registered as linear layers."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50,
+                                                           n_positions=16)).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    r = dsrewrite.rewrite(model, ids, rank="full", kinds="all", measure_time=False)
+    assert {L.name for L in r.report.rewritten} == {f"h.0.{p}" for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                        "mlp.c_proj")}
+    assert isinstance(r.model.h[0].mlp.c_fc, LowRankLinear) and r.model.h[0].mlp.c_fc.nf == 128  # attributes carried
+    with torch.no_grad():
+        assert rel_err(r.model(ids).last_hidden_state, model(ids).last_hidden_state) <= 1e-4

@@ -22,7 +22,8 @@ from ..modules import tf_same_pad
 
 __all__ = ["ConvModuleInfo", "describe", "deepcopy_module", "register_conv_module", "is_known_conv_class",
            "has_unknown_forward", "weight_states", "tf_same_pad",
-           "CONV_MODULE_TYPES", "TRANSPOSED_TYPES", "LINEAR_MODULE_TYPES", "WEIGHT_MODULE_TYPES"]
+           "CONV_MODULE_TYPES", "TRANSPOSED_TYPES", "LINEAR_MODULE_TYPES", "WEIGHT_MODULE_TYPES",
+           "register_linear_module", "is_linear_module", "is_weight_module"]
 
 TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 CONV_MODULE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + TRANSPOSED_TYPES
@@ -59,6 +60,28 @@ _REGISTRY: Dict[str, _Entry] = {}
 
 def _key(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_LINEAR_REGISTRY: Dict[str, Callable[[nn.Module], torch.Tensor]] = {}
+
+
+def register_linear_module(cls_or_name, *, weight: Callable[[nn.Module], torch.Tensor]) -> None:
+    """Declare a module that is not an ``nn.Linear`` but computes ``F.linear(x, weight(m), m.bias)`` over its
+    input's last dim (``weight(m)`` is ``[Cout, Cin]``), e.g. transformers' ``Conv1D`` (GPT-2), whose stored
+    weight is the transpose. It is then rewritten as a linear layer; the self-check compares every rewritten
+    layer with the module itself, so a wrong declaration is caught, not shipped."""
+    key = cls_or_name if isinstance(cls_or_name, str) else _key(cls_or_name)
+    _LINEAR_REGISTRY[key] = weight
+
+
+def is_linear_module(mod: nn.Module) -> bool:
+    """An ``nn.Linear`` (or subclass) or a registered linear module (:func:`register_linear_module`)."""
+    return isinstance(mod, LINEAR_MODULE_TYPES) or _key(type(mod)) in _LINEAR_REGISTRY
+
+
+def is_weight_module(mod: nn.Module) -> bool:
+    """A module frontends make a site of: a conv module or a linear one."""
+    return isinstance(mod, CONV_MODULE_TYPES) or is_linear_module(mod)
 
 
 def register_conv_module(cls_or_name, *, weight: Optional[Callable[[nn.Module], torch.Tensor]] = None,
@@ -107,7 +130,7 @@ def weight_states(model: nn.Module) -> Dict[nn.Module, Tuple[int, int, int]]:
     weights the model's own code assigns or changes in place (re-parametrised blocks do, at every call)."""
     states = {}
     for m in model.modules():
-        w = m._parameters.get("weight") if isinstance(m, WEIGHT_MODULE_TYPES) else None
+        w = m._parameters.get("weight") if is_weight_module(m) else None
         if w is not None:
             states[m] = (id(w), w.data_ptr(), w._version)
     return states
@@ -120,8 +143,8 @@ def has_unknown_forward(mod: nn.Module) -> bool:
 
     cls = type(mod)
     base = cls.__bases__[0] if parametrize.is_parametrized(mod) else cls
-    if isinstance(mod, LINEAR_MODULE_TYPES):
-        return base.forward is not nn.Linear.forward
+    if is_linear_module(mod):
+        return isinstance(mod, LINEAR_MODULE_TYPES) and base.forward is not nn.Linear.forward
     return isinstance(mod, CONV_MODULE_TYPES) and base not in _PLAIN and _key(base) not in _REGISTRY
 
 
@@ -181,7 +204,11 @@ def describe(mod: nn.Module) -> ConvModuleInfo:
         base = cls.__bases__[0]
         param_names = tuple(mod.parametrizations.keys())
     entry = _REGISTRY.get(_key(base))
-    linear = isinstance(mod, LINEAR_MODULE_TYPES)
+    linear = is_linear_module(mod)
+    if linear and _key(base) in _LINEAR_REGISTRY:  # its weight is stored another way (transposed): read it as [Cout, Cin]
+        if _hooks(mod)[1] or param_names:
+            return ConvModuleInfo(None, None, {}, unsupported=f"{cls.__name__} with hooks or parametrizations")
+        return ConvModuleInfo(_LINEAR_REGISTRY[_key(base)](mod), mod.bias, {})
     args = {} if linear else {"stride": tuple(mod.stride), "padding": mod.padding, "dilation": tuple(mod.dilation),
                               "padding_mode": getattr(mod, "padding_mode", "zeros"), "dynamic_same": False}
 
@@ -234,3 +261,6 @@ def describe(mod: nn.Module) -> ConvModuleInfo:
                       "to fold it (inference only)")
     weight = _effective(weight_fn, trainable=any(p.requires_grad for p in mod.parameters(recurse=True)))
     return ConvModuleInfo(weight, mod.bias, args, folded=f"{what[0]}: weight folded (inference only)")
+
+
+register_linear_module("transformers.pytorch_utils.Conv1D", weight=lambda m: m.weight.t())  # GPT-2's layers

@@ -13,8 +13,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..ir import ConvSite, ConvSpec
-from .conv_modules import (CONV_MODULE_TYPES, LINEAR_MODULE_TYPES, TRANSPOSED_TYPES, WEIGHT_MODULE_TYPES, describe,
-                           is_known_conv_class, tf_same_pad)
+from .conv_modules import (CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, is_known_conv_class, is_linear_module,
+                           is_weight_module, tf_same_pad)
 
 __all__ = ["collect_sites", "trace", "FxHandle", "CONV_FUNCTIONS", "CONV_ARGS", "bind_conv_args", "conv_settings",
            "computed_at_run_time", "owner_name", "module_site", "ProbeProp", "first_item", "may_rewrite",
@@ -62,7 +62,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from ..modules import PAIR_TYPES
 
-        return (isinstance(m, PAIR_TYPES) or is_known_conv_class(type(m))
+        return (isinstance(m, PAIR_TYPES) or is_known_conv_class(type(m)) or is_linear_module(m)
                 or super().is_leaf_module(m, module_qualified_name))
 
 
@@ -139,7 +139,7 @@ def module_site(target: str, mod: nn.Module, nodes: List[fx.Node], *, out_shapes
     transposed conv's work is counted over its *input* positions (FlopCounterMode's convention), from the
     nodes' inputs or ``in_shapes``.
     """
-    if isinstance(mod, LINEAR_MODULE_TYPES):
+    if is_linear_module(mod):
         return linear_site(target, mod, nodes, out_shapes=out_shapes)
     dims = len(mod.kernel_size)
     if out_shapes is None:
@@ -188,8 +188,9 @@ def linear_site(target: str, mod: nn.Module, nodes: List[fx.Node], *, out_shapes
         extra["unsupported"] = "not called by the example inputs"
     if info.folded:
         extra["folded"] = info.folded
-    cin = mod.in_features if info.weight is None else int(info.weight.shape[1])
-    spec = ConvSpec(name=target, in_channels=cin, out_channels=mod.out_features, kernel=(), groups=1, stride=(),
+    cin = getattr(mod, "in_features", 0) if info.weight is None else int(info.weight.shape[1])
+    cout = getattr(mod, "out_features", 0) if info.weight is None else int(info.weight.shape[0])
+    spec = ConvSpec(name=target, in_channels=cin, out_channels=cout, kernel=(), groups=1, stride=(),
                     dilation=(), bias=mod.bias is not None, out_spatial=None, batch=batch,
                     calls=len(nodes) if out_shapes is None else len(out_shapes), pixels=total, origin="module",
                     extra=extra)
@@ -299,7 +300,7 @@ class ProbeProp(ShapeProp):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         key = kernel = conv_args = None
-        if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), LINEAR_MODULE_TYPES):
+        if n.op == "call_module" and is_linear_module(self.module.get_submodule(n.target)):
             key, kernel = n.target, ()
         elif n.op == "call_function" and n.target in LINEAR_FUNCTIONS:
             w = bind_conv_args(n).get("weight")
@@ -545,12 +546,13 @@ def collect_sites(gm: fx.GraphModule, probes: Optional[Dict[fx.Node, Probe]] = N
 
     by_target: "OrderedDict[str, List[fx.Node]]" = OrderedDict()
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), WEIGHT_MODULE_TYPES + PAIR_TYPES):
+        if node.op == "call_module" and (is_weight_module(gm.get_submodule(node.target))
+                                         or isinstance(gm.get_submodule(node.target), PAIR_TYPES)):
             by_target.setdefault(node.target, []).append(node)
     sites = []
     for t, nodes in by_target.items():
         mod = gm.get_submodule(t)
-        if isinstance(mod, WEIGHT_MODULE_TYPES):
+        if is_weight_module(mod):
             sites.append(module_site(t, mod, nodes))
             continue
         # a pair from an earlier rewrite: both halves are reported (same output positions), never rewritten

@@ -32,7 +32,7 @@ from ..pipeline import Decision, Selector, plan_sites
 from ..policy import RankArg
 from ..selfcheck import self_check
 from ..snapshot import ModelSnapshot
-from .conv_modules import (LINEAR_MODULE_TYPES, TRANSPOSED_TYPES, WEIGHT_MODULE_TYPES, describe, has_unknown_forward,
+from .conv_modules import (TRANSPOSED_TYPES, describe, has_unknown_forward, is_linear_module, is_weight_module,
                            weight_states)
 from .fx import (CONV_FUNCTIONS, LINEAR_FUNCTIONS, FxHandle, ProbeProp, bounded_probe, collect_sites, conv_settings,
                  linear_probe, may_rewrite, module_site, owner_name, trace)
@@ -75,7 +75,7 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if (func in CONV_FUNCTIONS or func in LINEAR_FUNCTIONS) and self.stack:
             mod, _, first = self.stack[-1]
-            if first and (not isinstance(mod, WEIGHT_MODULE_TYPES + _PAIRS) or has_unknown_forward(mod)):
+            if first and (not (is_weight_module(mod) or isinstance(mod, _PAIRS)) or has_unknown_forward(mod)):
                 call = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args))
                 call.update(kwargs)
                 w = call.get("weight")
@@ -101,11 +101,11 @@ class _Recorder(TorchFunctionMode):
         rec = self.recs[mod]
         if first and rec.functional:  # only conv-function callers keep their inputs: they are traced alone
             rec.args = first_args
-        if isinstance(mod, LINEAR_MODULE_TYPES) and isinstance(out, torch.Tensor):
+        if is_linear_module(mod) and isinstance(out, torch.Tensor):
             rec.out_shapes.append(tuple(out.shape))
             if rec.probe is None and args and isinstance(args[0], torch.Tensor):
                 rec.probe = linear_probe(args[0], out)
-        elif isinstance(mod, WEIGHT_MODULE_TYPES) and isinstance(out, torch.Tensor):
+        elif is_weight_module(mod) and isinstance(out, torch.Tensor):
             rec.out_shapes.append(tuple(out.shape))
             if isinstance(mod, TRANSPOSED_TYPES) and args and isinstance(args[0], torch.Tensor):
                 rec.in_shapes.append(tuple(args[0].shape))  # its FLOPs are counted over its input positions
@@ -119,7 +119,7 @@ def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Rec
     from torch.utils.flop_counter import FlopCounterMode
 
     # describe() before the hooks: it refuses a conv with forward hooks, ours included
-    rec = _Recorder({m: describe(m).conv_args for m in model.modules() if isinstance(m, WEIGHT_MODULE_TYPES)})
+    rec = _Recorder({m: describe(m).conv_args for m in model.modules() if is_weight_module(m)})
     handles = []
     stored = weight_states(model)
     for m in model.modules():
@@ -219,7 +219,7 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
                 keyed.append(((order, 0), site))
             continue
         own_forward = has_unknown_forward(m) and rec is not None and bool(rec.functional)
-        if isinstance(m, WEIGHT_MODULE_TYPES) and not own_forward and id(m) not in halves:
+        if is_weight_module(m) and not own_forward and id(m) not in halves:
             keyed.append(((order, 0), _conv_module_site(q, m, rec)))
         elif rec is not None and rec.functional:
             sites, gm = _caller_sites(q, m, rec, own_forward, names)
