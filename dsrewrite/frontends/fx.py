@@ -151,13 +151,7 @@ def module_site(target: str, mod: nn.Module, nodes: List[fx.Node], *, out_shapes
             in_shapes = [_out_shape(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None for n in nodes]
         total = None if not in_shapes or any(s is None for s in in_shapes) else _pixels_of(in_shapes, dims)[2]
     info = describe(mod)
-    extra = {}
-    if info.unsupported:
-        extra["unsupported"] = info.unsupported
-    elif out_shapes is not None and not out_shapes:
-        extra["unsupported"] = "not called by the example inputs"
-    if info.folded:
-        extra["folded"] = info.folded
+    extra = _module_extra(info, out_shapes)
     spec = ConvSpec(
         name=target, in_channels=mod.in_channels, out_channels=mod.out_channels, kernel=tuple(mod.kernel_size),
         groups=mod.groups, stride=tuple(mod.stride), dilation=tuple(mod.dilation), bias=mod.bias is not None,
@@ -167,6 +161,19 @@ def module_site(target: str, mod: nn.Module, nodes: List[fx.Node], *, out_shapes
     return ConvSite(spec, info.weight, info.bias,
                     FxHandle("module" if out_shapes is None else "swap", target, nodes, module=mod,
                              conv_args=info.conv_args))
+
+
+def _module_extra(info: Any, out_shapes: Optional[list]) -> Dict[str, Any]:
+    """A module site's frontend notes: why it cannot be rewritten (its class, or never called on the module-swap
+    route, which gives ``out_shapes``), and how a run-time weight was folded."""
+    extra = {}
+    if info.unsupported:
+        extra["unsupported"] = info.unsupported
+    elif out_shapes is not None and not out_shapes:
+        extra["unsupported"] = "not called by the example inputs"
+    if info.folded:
+        extra["folded"] = info.folded
+    return extra
 
 
 def _rows_of(shapes: Optional[List[Optional[Tuple[int, ...]]]]) -> Tuple[int, Optional[int]]:
@@ -181,13 +188,7 @@ def linear_site(target: str, mod: nn.Module, nodes: List[fx.Node], *, out_shapes
     row of its input; output shapes from the nodes or, on the module-swap route, ``out_shapes``."""
     batch, total = _rows_of([_out_shape(n) for n in nodes] if out_shapes is None else out_shapes)
     info = describe(mod)
-    extra = {}
-    if info.unsupported:
-        extra["unsupported"] = info.unsupported
-    elif out_shapes is not None and not out_shapes:
-        extra["unsupported"] = "not called by the example inputs"
-    if info.folded:
-        extra["folded"] = info.folded
+    extra = _module_extra(info, out_shapes)
     cin = getattr(mod, "in_features", 0) if info.weight is None else int(info.weight.shape[1])
     cout = getattr(mod, "out_features", 0) if info.weight is None else int(info.weight.shape[0])
     spec = ConvSpec(name=target, in_channels=cin, out_channels=cout, kernel=(), groups=1, stride=(),
