@@ -13,6 +13,7 @@ from .factorize import Factors, factorize
 from .fx_pass import SeparableRewritePass
 from .ir import ConvSite, ConvSpec
 from .modules import SeparableConv1d, SeparableConv2d
+from .plan import Plan, apply_plan
 from .report import LayerReport, Report
 
 __version__ = "0.1.0"
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "rewrite", "RewriteResult", "SeparableRewritePass", "SeparableConv1d", "SeparableConv2d",
     "factorize", "Factors", "Report", "LayerReport", "ConvSpec", "ConvSite", "DsrewriteError",
-    "compile", "RewriteConfig",
+    "compile", "RewriteConfig", "Plan", "apply_plan",
 ]

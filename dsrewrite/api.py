@@ -15,6 +15,7 @@ from .frontends.swap import breaking_swap, rewrite_untraceable
 from .fx_pass import SeparableRewritePass
 from .measure import count_params, eval_mode, input_device, outputs_differ, seeded, time_models
 from .pipeline import Decision, Selector, layer_report, matcher
+from .plan import Plan
 from .planning import Planning
 from .report import Report, build_report
 from .selfcheck import check_runs
@@ -27,12 +28,14 @@ __all__ = ["rewrite", "RewriteResult", "as_args"]
 class RewriteResult:
     """``model``: the rewritten model (a ``GraphModule`` on the fx route); ``report``: what changed;
     ``memory_format``: the layout latency planning timed it in (``"channels_last"`` or ``"contiguous"``;
-    ``None`` without ``target_latency``), the one to deploy it in."""
+    ``None`` without ``target_latency``), the one to deploy it in; ``plan``: what was decided per layer, to save
+    and replay (:class:`~dsrewrite.plan.Plan`, :func:`~dsrewrite.plan.apply_plan`)."""
 
     model: nn.Module
     report: Report
     decisions: Optional[List[Decision]] = None
     memory_format: Optional[str] = None
+    plan: Optional[Plan] = None
 
     def __iter__(self):  # allows ``model, report = rewrite(...)``
         return iter((self.model, self.report))
@@ -138,7 +141,9 @@ def _rewrite(model: nn.Module, args: tuple, cfg: RewriteConfig) -> RewriteResult
             plan.timer.save()
     if plan.timer is not None:
         plan.timer.save()
-    return RewriteResult(built.model, report, built.decisions, plan.memory_format)
+    kept = Plan.from_decisions(built.decisions, route=built.route, config=cfg, memory_format=plan.memory_format,
+                               runtime=plan.runtime.name)
+    return RewriteResult(built.model, report, built.decisions, plan.memory_format, kept)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -16,7 +16,7 @@ from .errors import DsrewriteError
 from .latency import MEMORY_FORMATS
 from .modules import BACKENDS
 from .ir import check_kinds
-from .policy import RankArg, check_rank, plan_kinds
+from .policy import RankArg, RankMap, check_rank, plan_kinds
 from .runtimes import RUNTIMES
 
 __all__ = ["RewriteConfig", "ROUTE_UNSUPPORTED", "COMPILERS"]
@@ -70,7 +70,8 @@ _ROUTE_WORDS = {"torch": "the PyTorch route", "onnx": "the ONNX route", "torch.c
 class RewriteConfig:
     """What to rewrite and how. Every field has the default a route uses when it is not given.
 
-    Selection: ``rank`` (int, ``"auto"``, ``"full"``), ``include`` / ``exclude`` (globs or a callable).
+    Selection: ``rank`` (int, ``"auto"``, ``"full"``, or a mapping ``{glob: rank}``: ranks by layer, first match
+    wins, layers matched by none left alone), ``include`` / ``exclude`` (globs or a callable).
     Budgets (at most one, instead of ``rank``): ``target_flops``, ``target_params``, ``target_latency`` (fractions
     of the whole model), ``energy`` (per layer), or ``budget=(name, fraction)`` for any kind registered with
     :func:`dsrewrite.costs.register_budget`. ``kinds``: the layer kinds to rewrite (``"kxk"`` convs as separable
@@ -236,7 +237,7 @@ class RewriteConfig:
 
     def layer_kinds(self) -> Tuple[str, ...]:
         """The layer kinds this plan rewrites: ``kinds``, or the default for a budget or a rank."""
-        return plan_kinds(self.kinds, self.chosen_budget() is not None)
+        return plan_kinds(self.kinds, self.chosen_budget() is not None, isinstance(self.rank, RankMap))
 
     def plan_key(self) -> Tuple[tuple, list]:
         """What decides ranks and factors, hashable (plans are cached on it); objects compared by identity and
@@ -248,6 +249,8 @@ class RewriteConfig:
                 return v
             if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
                 return tuple(v)
+            if isinstance(v, RankMap):  # ranks by layer: the ordered (glob, rank) pairs
+                return ("rank map",) + tuple(v.items())
             keep.append(v)
             return ("id", id(v))
 

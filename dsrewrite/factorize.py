@@ -29,7 +29,7 @@ import torch
 from .ir import full_rank  # one definition, shared with ConvSpec.full_rank (re-exported here)
 
 __all__ = ["Factors", "factorize", "factorize_layer", "lowrank_view", "as_lowrank", "as_view", "exact_factors", "full_rank", "rank_errors", "uniform_error_curve", "ragged_error_curve",
-           "as_tensor", "channel_svd", "ragged_keep", "uniform_keep", "separable_terms"]
+           "as_tensor", "channel_svd", "ragged_keep", "counts_keep", "uniform_keep", "separable_terms"]
 
 
 @dataclass
@@ -120,7 +120,7 @@ def channel_svd(weight: torch.Tensor, right: Optional[torch.Tensor] = None):
         return torch.linalg.svd(slices, full_matrices=False)
 
 
-def factorize(weight, rank: int, bias=None, *, ragged: bool = False) -> Factors:
+def factorize(weight, rank: int, bias=None, *, ragged: bool = False, channel_ranks=None) -> Factors:
     """Factorise a conv weight ``[Cout, Cin, *kernel]`` (groups=1) into a rank-``rank`` separable pair.
 
     Args:
@@ -128,6 +128,8 @@ def factorize(weight, rank: int, bias=None, *, ragged: bool = False) -> Factors:
         rank: depthwise filters per input channel; values above the full rank are clamped.
         bias: optional bias ``[Cout]``, carried over to the pointwise conv unchanged.
         ragged: spread the ``Cin*rank`` filters over the channels by their spectra (see the module doc).
+        channel_ranks: ragged ranks given, ``[Cin]`` filters per input channel summing to ``Cin*rank`` (a saved
+            plan's, :func:`counts_keep`): each channel keeps its first terms, whatever its spectrum.
 
     Returns:
         :class:`Factors` with tensors of the weight's dtype and device.
@@ -142,8 +144,13 @@ def factorize(weight, rank: int, bias=None, *, ragged: bool = False) -> Factors:
     kernel = tuple(weight.shape[2:])
     r = min(int(rank), full_rank(weight.shape))
     u, s, vh = channel_svd(weight)
-    ragged = ragged and r < s.shape[1]
-    keep = ragged_keep(s ** 2, cin * r) if ragged else uniform_keep(s, r)
+    if channel_ranks is not None:
+        keep, ragged = counts_keep(channel_ranks, s.shape[1], cin * r).to(s.device), True
+        if keep.shape[0] != cin:
+            raise ValueError(f"channel ranks must hold {cin} values (one per input channel), got {keep.shape[0]}")
+    else:
+        ragged = ragged and r < s.shape[1]
+        keep = ragged_keep(s ** 2, cin * r) if ragged else uniform_keep(s, r)
     dw, pw, index = separable_terms(u, s, vh, keep, kernel)
     err = _error_of(s, float((s[~keep] ** 2).sum()))
     return Factors(
@@ -181,12 +188,13 @@ def as_view(factors: Factors) -> Factors:
                    factors.bias, factors.rank, factors.error, None)
 
 
-def factorize_layer(weight, rank: int, bias=None, *, lowrank: bool = False, ragged: bool = False) -> Factors:
+def factorize_layer(weight, rank: int, bias=None, *, lowrank: bool = False, ragged: bool = False,
+                    channel_ranks=None) -> Factors:
     """:func:`factorize` for any layer kind: a KxK conv's separable pair, or (``lowrank``) a 1x1 conv's or
-    linear layer's low-rank pair (the same factorisation of its :func:`lowrank_view`; ``ragged`` is moot there:
-    there is one channel)."""
+    linear layer's low-rank pair (the same factorisation of its :func:`lowrank_view`; ``ragged`` and
+    ``channel_ranks`` are moot there: there is one channel)."""
     if not lowrank:
-        return factorize(weight, rank, bias, ragged=ragged)
+        return factorize(weight, rank, bias, ragged=ragged, channel_ranks=channel_ranks)
     w = as_tensor(weight)
     return as_lowrank(factorize(lowrank_view(w), rank, bias), tuple(w.shape))
 
@@ -201,6 +209,16 @@ def ragged_keep(energy: torch.Tensor, terms: int) -> torch.Tensor:
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[order[:terms]] = True
     return keep.reshape(energy.shape)
+
+
+def counts_keep(counts, q: int, terms: int) -> torch.Tensor:
+    """Mask ``[Cin, q]`` keeping each channel's first ``counts[c]`` terms: ragged ranks given rather than chosen
+    (a saved plan's); ``ValueError`` unless ``counts`` are ``Cin`` values in ``[0, q]`` summing to ``terms``."""
+    c = torch.as_tensor(counts, dtype=torch.int64).reshape(-1).cpu()
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) > q) or int(c.sum()) != terms:
+        raise ValueError(f"channel ranks must be values in [0, {q}] summing to {terms}, got {c.numel()} values "
+                         f"summing to {int(c.sum())}")
+    return torch.arange(q)[None, :] < c[:, None]
 
 
 def uniform_keep(s: torch.Tensor, rank: int) -> torch.Tensor:

@@ -18,8 +18,8 @@ from .costs import budget_kind
 from .eligibility import why_not
 from .errors import DsrewriteError
 from .factorize import Factors, factorize_layer
-from .ir import ConvSite, ConvSpec
-from .policy import RankArg, check_rank, choose_rank, plan_kinds
+from .ir import KINDS, ConvSite, ConvSpec
+from .policy import RankArg, RankMap, check_rank, choose_rank, plan_kinds
 from .report import LayerReport
 
 __all__ = ["Decision", "Selector", "plan_sites", "selected", "matcher", "layer_report", "BUDGET_ARGS", "one_budget"]
@@ -102,7 +102,7 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
                energy: Optional[float] = None, total_flops: Optional[float] = None,
                total_params: Optional[float] = None, total_time_ms: Optional[float] = None,
                timer=None, stats: Optional[dict] = None, ragged: bool = False,
-               budget: Optional[Tuple[str, float]] = None, kinds=None) -> List[Decision]:
+               budget: Optional[Tuple[str, float]] = None, kinds=None, replay=None) -> List[Decision]:
     """Decide and factorise every site. Skipped sites carry their reason; none is dropped silently.
 
     ``kinds``: the layer kinds to rewrite (``"kxk"``, ``"pointwise"``, ``"linear"`` or ``"all"``; default
@@ -118,15 +118,22 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
     autocorrelation ``[Cin, K, K]`` (:func:`dsrewrite.calibrate.collect_patch_stats`): errors then come from
     the whitened spectrum. ``ragged``: spread each layer's ``Cin*rank`` depthwise filters over its channels
     by their spectra (same cost, lower error; see :mod:`dsrewrite.factorize`).
+
+    ``rank`` may be a mapping ``{glob: rank}`` (first match wins; a layer matched by none is left alone).
+    ``replay``: a :class:`dsrewrite.Plan`: every site decided as the plan says (rank, per-channel ranks, depthwise
+    form; no budget, rank or kinds), a site the plan does not know or whose weight shape differs left alone with
+    the reason (the caller checks the fit: :meth:`dsrewrite.Plan.check_fit`).
     """
     rank = check_rank(rank)
     sites = list(sites)
     _mark_tied_weights(sites)
+    if replay is not None:
+        return _plan_replay(sites, replay, include, exclude)
     given = _given_budgets(target_flops, target_params, target_latency, energy)
     if budget is not None:
         given.append(tuple(budget))
     chosen = one_budget(rank, given, timer)
-    kinds = plan_kinds(kinds, chosen is not None)
+    kinds = plan_kinds(kinds, chosen is not None, isinstance(rank, RankMap))
     if chosen is not None:
         totals = {"total_flops": total_flops, "total_params": total_params, "total_time_ms": total_time_ms}
         return _plan_budget(sites, include, exclude, *chosen, totals=totals, timer=timer, stats=stats or {},
@@ -149,6 +156,35 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
             continue
         factors = factorize_layer(site.weight, r, site.bias, lowrank=spec.lowrank, ragged=ragged)
         decisions.append(Decision(site, layer_report(spec, rank=r, factors=factors, policy=policy), factors))
+    return decisions
+
+
+def _plan_replay(sites: List[ConvSite], plan, include: Selector, exclude: Selector) -> List[Decision]:
+    """Decide every site as ``plan`` (a :class:`dsrewrite.plan.Plan`) says; include/exclude still leave layers
+    alone (the module-swap route excludes a layer that breaks the model)."""
+    layers = plan.by_name()
+    decisions = []
+    for site in sites:
+        spec = site.spec
+        lp = layers.get(spec.name)
+        shape = None if site.weight is None else [int(d) for d in site.weight.shape]
+        if lp is None:
+            reason = "not in the plan"
+        elif lp.rank is None:
+            reason = lp.reason or "left alone by the plan"
+        elif shape != lp.weight_shape:
+            reason = f"weight shape {shape} differs from the plan's {lp.weight_shape}"
+        else:
+            reason = _skip_reason(site, include, exclude, KINDS)
+        if reason is not None:
+            decisions.append(Decision(site, layer_report(spec, reason=reason)))
+            continue
+        factors = factorize_layer(site.weight, lp.rank, site.bias, lowrank=spec.lowrank,
+                                  channel_ranks=None if spec.lowrank else lp.channel_ranks)
+        d = Decision(site, layer_report(spec, rank=lp.rank, factors=factors, policy="plan"), factors,
+                     gather_input=bool(lp.gather_input) and not spec.lowrank)
+        d.report.gather_input = d.gather_input
+        decisions.append(d)
     return decisions
 
 
