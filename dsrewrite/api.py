@@ -354,16 +354,16 @@ def _closed_loop(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planni
         report = built.report(model, cfg, plan)
         _measure(model, built.model, args, plan, report)
         return attempt_from_layers((built, report, t), report.layers, plan.kwargs["total_time_ms"],
-                                   report.time_ratio, report.time_noise or 0.0)
+                                   report.time_ratio, report.time_noise or 0.0, report.time_median_ratio)
 
     try:
-        kept, rounds, note = latency_loop(attempt, timer, cfg.target_latency)
+        kept, rounds, note = latency_loop(attempt, timer, cfg.target_latency, strict=cfg.strict)
     finally:
         plan.kwargs["timer"] = timer
     built, report, used = kept.payload
     report.latency_rounds = rounds
     if note:
-        report.notes.append(note)
+        report.notes.insert(0 if "NOT MET" in note else len(report.notes), note)
     if cfg.inplace:  # the rounds ran on copies: write the kept plan into the user's model
         plan.kwargs["timer"] = used
         try:

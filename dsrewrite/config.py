@@ -76,8 +76,9 @@ class RewriteConfig:
     of the whole model), ``energy`` (per layer), or ``budget=(name, fraction)`` for any kind registered with
     :func:`dsrewrite.costs.register_budget`. ``kinds``: the layer kinds to rewrite (``"kxk"`` convs as separable
     pairs, ``"pointwise"`` 1x1 convs and ``"linear"`` layers as low-rank pairs, or ``"all"``; ``None``: all of them
-    under a budget, ``"kxk"`` for a ``rank``, see :func:`dsrewrite.policy.default_kinds`). ``ragged``: per-channel
-    ranks. ``calibration``: data for
+    under a budget, ``"kxk"`` for a ``rank``, see :func:`dsrewrite.policy.default_kinds`). ``strict``: refuse a
+    ``target_latency`` that is not met instead of keeping the fastest plan measured faster than the original (best
+    effort, the default). ``ragged``: per-channel ranks. ``calibration``: data for
     data-aware initialisation (every route; on the ONNX route computed in onnxruntime, ``sequential``
     choosing between the rewritten graph's activations, in execution order, and the original model's; ``None``:
     sequential when it fits in time). ``runtime``: what the model is timed in, for latency planning and
@@ -98,6 +99,7 @@ class RewriteConfig:
     energy: Optional[float] = None
     budget: Optional[Tuple[str, float]] = None
     kinds: Any = None
+    strict: bool = False
     ragged: bool = False
     calibration: Any = field(default=None, compare=False)
     sequential: Optional[bool] = None
@@ -185,7 +187,7 @@ class RewriteConfig:
         return cls(rank=get("rank", "auto"), include=get("include") or None, exclude=get("exclude") or None,
                    target_flops=get("target_flops"), target_params=get("target_params"),
                    target_latency=get("target_latency"), energy=get("energy"), ragged=bool(get("ragged", False)),
-                   kinds=get("kinds") or None,
+                   kinds=get("kinds") or None, strict=bool(get("strict", False)),
                    calibration=get("calibration"), sequential=get("sequential"), device=get("device"),
                    latency_cache=get("latency_cache"),
                    runtime=get("runtime") or ("onnxruntime" if str(get("out") or "").lower().endswith(".onnx")
@@ -247,10 +249,10 @@ class RewriteConfig:
         def freeze(v: Any) -> Any:
             if v is None or isinstance(v, (str, int, float, bool)):
                 return v
-            if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
-                return tuple(v)
             if isinstance(v, RankMap):  # ranks by layer: the ordered (glob, rank) pairs
                 return ("rank map",) + tuple(v.items())
+            if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+                return tuple(v)
             keep.append(v)
             return ("id", id(v))
 

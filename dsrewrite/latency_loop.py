@@ -4,10 +4,15 @@ Layers are timed alone, on random inputs; the whole model can come out slower or
 predicts. A route hands :func:`latency_loop` one function that plans with a given layer timer, builds the model
 and times it against the original side by side (an :class:`Attempt`). While the whole model misses the target
 by more than the measured noise, the pairs' timings (separable and low-rank) are scaled by what the whole model
-showed (:class:`~dsrewrite.latency.ScaledTimer`) and the ranks planned again, up to :data:`LATENCY_ROUNDS` plans. A
-target no plan reaches is refused with the best measured ratio and the noise. A target the layer timings put just
-out of reach (by at most :data:`PLAN_MARGIN`) is not refused on their word: the pairs' timings are scaled down
-until a plan exists, and the whole model decides.
+showed (:class:`~dsrewrite.latency.ScaledTimer`) and the ranks planned again, up to :data:`LATENCY_ROUNDS` plans.
+
+A plan meets the target when the *median* of its per-round time ratios does (a robust central estimate; the
+ratio of the fastest rounds minus the noise let plans through that an independent timing measured slower).
+Best effort by default: a target no plan meets keeps the fastest plan measured faster than the original beyond
+the noise, with a note saying the target was not met and what was reached; only when no plan beats the original
+is it refused (``strict=True``: refused whenever the target is missed). A target the layer timings put out of
+reach is not refused on their word: the pairs' timings are scaled down until a plan exists (within
+:data:`PLAN_MARGIN` under ``strict``; any amount otherwise), and the whole model decides.
 """
 from __future__ import annotations
 
@@ -29,8 +34,9 @@ PLAN_MARGIN = 0.05
 @dataclass
 class Attempt:
     """One plan, built and timed: ``payload`` (what the route keeps), the planned and measured whole-model
-    time ratios, the measurement's noise, how many convs were rewritten, the rewritten layers' summed dense and
-    separable times as planned, and the whole-model time the plan is a fraction of (ms)."""
+    time ratios (``measured``: of the fastest rounds; ``median``: the median per-round ratio, what the target is
+    judged on), the measurement's noise, how many layers were rewritten, the rewritten layers' summed dense and
+    pair times as planned, and the whole-model time the plan is a fraction of (ms)."""
 
     payload: Any
     planned: Optional[float]
@@ -40,9 +46,16 @@ class Attempt:
     dense_ms: float
     separable_ms: float
     total_ms: float
+    median: Optional[float] = None
+
+    @property
+    def central(self) -> float:
+        """The ratio decisions rest on: the median per-round ratio (the ratio of the fastest rounds when unknown)."""
+        return self.median if self.median is not None else self.measured
 
 
-def attempt_from_layers(payload: Any, layers: List[Any], total_ms: float, measured: float, noise: float) -> Attempt:
+def attempt_from_layers(payload: Any, layers: List[Any], total_ms: float, measured: float, noise: float,
+                        median: Optional[float] = None) -> Attempt:
     """An :class:`Attempt` from a plan's layer reports (``time_before_ms`` / ``time_after_ms`` as costed): the
     planned ratio over the same total the allocator used (the model's time, at least its layers' sum)."""
     timed = [L for L in layers if L.time_before_ms is not None]
@@ -51,16 +64,19 @@ def attempt_from_layers(payload: Any, layers: List[Any], total_ms: float, measur
     total = max(total_ms or 0.0, sum(L.time_before_ms for L in timed))
     planned = (total - (dense_ms - sep_ms)) / total if total and timed else None
     return Attempt(payload, planned, measured, noise, len([L for L in layers if L.rewritten]), dense_ms, sep_ms,
-                   total)
+                   total, median)
 
 
-def latency_loop(attempt: Callable[[Any], Attempt], timer: Any,
-                 target: float) -> Tuple[Attempt, List[Dict[str, Any]], Optional[str]]:
-    """Run ``attempt(timer)`` until the measured ratio is within the noise of ``target``.
+def latency_loop(attempt: Callable[[Any], Attempt], timer: Any, target: float, *,
+                 strict: bool = False) -> Tuple[Attempt, List[Dict[str, Any]], Optional[str]]:
+    """Run ``attempt(timer)`` until the median measured ratio meets ``target``.
 
-    Returns the kept attempt (the first that met the target, or nothing to rewrite), one row per plan (``rewritten``, ``planned``, ``measured``,
-    ``noise``, ``scale``; the kept one has ``kept``) and a note when more than one plan was made. Raises
-    :class:`DsrewriteError` when no plan reaches the target, or when the first plan is refused by the planner.
+    Returns the kept attempt (the first that met the target, or nothing to rewrite, or, best effort, the fastest
+    plan measured faster than the original), one row per plan (``rewritten``, ``planned``, ``measured``,
+    ``median``, ``noise``, ``scale``; the kept one has ``kept``) and a note (more than one plan, or the target
+    not met). Raises :class:`DsrewriteError` when no plan is measured faster than the original, when the first
+    plan is refused by the planner beyond what scaling the pairs' timings can reach, or (``strict``) when the
+    target is not met.
     """
     rounds: List[Dict[str, Any]] = []
     best: Optional[Tuple[Attempt, Dict[str, Any]]] = None
@@ -70,7 +86,8 @@ def latency_loop(attempt: Callable[[Any], Attempt], timer: Any,
         try:
             a = attempt(ScaledTimer(timer, scale) if scale != 1.0 else timer)
         except BudgetUnreachable as e:
-            step = e.scale_to_reach(target) if not rounds and e.reachable - target <= PLAN_MARGIN else None
+            near = e.reachable - target <= PLAN_MARGIN or not strict
+            step = e.scale_to_reach(target) if not rounds and near else None
             if step is not None and step > 0:
                 # just out of reach on the layers' word: plan as if the pairs were that much faster, then measure
                 rounds.append(dict(rewritten=None, planned=None, measured=None, noise=None, scale=scale,
@@ -88,17 +105,18 @@ def latency_loop(attempt: Callable[[Any], Attempt], timer: Any,
             rounds.append(dict(rewritten=None, planned=None, measured=None, noise=None, scale=scale,
                                refused=first_line(e, 200)))
             break
-        row = dict(rewritten=a.rewritten, planned=a.planned, measured=a.measured, noise=a.noise, scale=scale)
+        row = dict(rewritten=a.rewritten, planned=a.planned, measured=a.measured, median=a.median, noise=a.noise,
+                   scale=scale)
         rounds.append(row)
-        if best is None or a.measured < best[0].measured:
+        if best is None or a.central < best[0].central:
             best = (a, row)
-        if a.measured <= target + a.noise or not a.rewritten:  # met, or nothing rewritten: nothing to correct
+        if a.central <= target or not a.rewritten:  # met, or nothing rewritten: nothing to correct
             accepted = (a, row)
             break
         if a.planned is None:
             break
         # the separable times that would have predicted the measured ratio: D - f*S = (1 - measured) * total
-        factor = (a.dense_ms - (1.0 - a.measured) * a.total_ms) / a.separable_ms if a.separable_ms > 0 else 0.0
+        factor = (a.dense_ms - (1.0 - a.central) * a.total_ms) / a.separable_ms if a.separable_ms > 0 else 0.0
         if factor <= 1.0:
             break
         scale *= min(factor, MAX_STEP)
@@ -106,17 +124,29 @@ def latency_loop(attempt: Callable[[Any], Attempt], timer: Any,
         raise DsrewriteError(f"target_latency={target:g} is not achievable: " + "; ".join(
             r["refused"] for r in rounds))
     kept, row = accepted or best
-    row["kept"] = True
-    if accepted is None:
-        tried = "; ".join(f"planned {r['planned']:.2f}x, measured {r['measured']:.2f}x" if r["planned"] is not None
-                          else f"measured {r['measured']:.2f}x" if r["measured"] is not None
+    faster = kept.central + kept.noise < 1.0  # measured faster than the original beyond the noise
+    if accepted is None and (strict or not faster):
+        tried = "; ".join(f"planned {r['planned']:.2f}x, measured {_ratio(r)}" if r["planned"] is not None
+                          else f"measured {_ratio(r)}" if r["measured"] is not None
                           else f"no plan: {r['refused']}" for r in rounds)
+        why = "" if strict else ", and no plan was measured faster than the original"
         raise DsrewriteError(
-            f"target_latency={target:g} not reached on the whole model: best measured {kept.measured:.2f}x "
+            f"target_latency={target:g} not reached on the whole model{why}: best measured {kept.central:.2f}x "
             f"(noise +-{kept.noise:.2f}) after {len(rounds)} plan(s) ({tried}); the layers are timed alone, "
             f"on random inputs, and the whole model did not follow")
+    row["kept"] = True
     note = None
-    if len(rounds) > 1:
-        note = (f"target_latency={target:g}: {len(rounds)} plans, the whole model measured {kept.measured:.2f}x "
+    if accepted is None:
+        note = (f"target_latency={target:g} NOT MET: kept the fastest plan measured ({kept.central:.2f}x the "
+                f"original's time, median of interleaved rounds, noise +-{kept.noise:.2f}; {len(rounds)} plan(s) "
+                f"tried; strict=True refuses instead); the layers are timed alone and the whole model did not "
+                f"follow them further")
+    elif len(rounds) > 1:
+        note = (f"target_latency={target:g}: {len(rounds)} plans, the whole model measured {kept.central:.2f}x "
                 f"with the one kept (layer timings scaled by {row['scale']:.2f})")
     return kept, [dict(r) for r in rounds], note
+
+
+def _ratio(row: Dict[str, Any]) -> str:
+    median = row.get("median")
+    return f"{row['measured']:.2f}x" if median is None else f"{median:.2f}x (median)"

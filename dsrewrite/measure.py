@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import dataclasses
 import statistics
 import time
@@ -147,24 +148,70 @@ class Comparison:
     after_ms: float
     noise: float
     rounds: int
+    median_ratio: Optional[float] = None  # the median of the per-round ratios: the robust central estimate
+    load: Optional[float] = None  # the 1-minute load average per core while timing (CPU), when it could be read
 
     @property
     def ratio(self) -> float:
         return self.after_ms / self.before_ms if self.before_ms else float("nan")
+
+    @property
+    def central(self) -> float:
+        """The ratio a decision should rest on: the median per-round ratio (the ratio of minimums when unknown)."""
+        return self.median_ratio if self.median_ratio is not None else self.ratio
+
+    @property
+    def disturbed(self) -> bool:
+        """The machine was busy (more runnable work than cores) or the rounds disagreed by more than 10%."""
+        return (self.load is not None and self.load > 1.0) or self.noise > NOISY * max(self.central, 1e-9)
+
+    def words(self) -> str:
+        """How noisy the timing was, for a report line."""
+        load = f", load {self.load:.1f} per core" if self.load is not None else ""
+        return (f"timing was disturbed ({self.rounds} interleaved rounds, per-round ratios +-{self.noise:.2f} "
+                f"around a median of {self.central:.2f}x{load}): treat the time ratio as approximate")
+
+
+NOISY = 0.1  # per-round ratios spread by more than this fraction of their median: a disturbed measurement
+
+
+def _load_per_core() -> Optional[float]:
+    try:
+        return os.getloadavg()[0] / max(os.cpu_count() or 1, 1)
+    except (AttributeError, OSError):
+        return None
+
+
+def _compared(t0: List[float], t1: List[float], load: Optional[float]) -> Comparison:
+    ratios = sorted(b / a for a, b in zip(t0, t1) if a > 0)
+    noise = 0.0
+    if len(ratios) >= 4:
+        q = statistics.quantiles(ratios, n=4)
+        noise = (q[2] - q[0]) / 2
+    median = statistics.median(ratios) if ratios else None
+    return Comparison(min(t0), min(t1), noise, len(t0), median, load)
 
 
 def compare(before: Callable[..., Any], after: Callable[..., Any], args: Sequence[Any], *, warmup: int = 2,
             reps: int = 15, max_seconds: float = 6.0, min_reps: int = 5,
             device: Optional[torch.device] = None) -> Comparison:
     """Time ``before`` and ``after`` on ``args`` in interleaved rounds (drift on a shared machine hits both
-    alike) and keep the minimum of each, the statistic least moved by other processes."""
+    alike); the minimum of each (the statistic least moved by other processes) and the median per-round ratio.
+    A disturbed measurement (busy machine, rounds that disagree) gets as many rounds again, once."""
+    device = device or input_device(args)
     t0, t1 = _rounds([before, after], args, warmup, reps, max_seconds, device, min_reps)
-    ratios = sorted(b / a for a, b in zip(t0, t1) if a > 0)
-    noise = 0.0
-    if len(ratios) >= 4:
-        q = statistics.quantiles(ratios, n=4)
-        noise = (q[2] - q[0]) / 2
-    return Comparison(min(t0), min(t1), noise, len(t0))
+    cpu = device.type == "cpu"
+    c = _compared(t0, t1, _load_per_core() if cpu else None)
+    if c.disturbed:
+        m0, m1 = _rounds([before, after], args, 0, reps, max_seconds, device, min_reps)
+        c = _compared(t0 + m0, t1 + m1, _load_per_core() if cpu else None)
+    return c
+
+
+def note_disturbed(report: Any, c: Comparison) -> None:
+    """Say on the report that its timing was disturbed (a busy machine, rounds that disagree), once."""
+    if c.disturbed:
+        report.notes = [n for n in report.notes if not n.startswith("timing was disturbed")] + [c.words()]
 
 
 def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report: Any,
@@ -185,6 +232,8 @@ def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report
             before = runtime.prepare(original, args)
         c = compare(before, after, args, device=device)
     report.time_before_ms, report.time_after_ms, report.time_noise = c.before_ms, c.after_ms, c.noise
+    report.time_median_ratio = c.median_ratio
+    note_disturbed(report, c)
     images = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
     if memory_format is None:
         cl = any(not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last) for a in images)

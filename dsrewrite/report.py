@@ -85,6 +85,7 @@ class Report:
     time_backend: Optional[str] = None
     time_runtime: Optional[str] = None  # what ran the models when timed, and in which memory format
     time_noise: Optional[float] = None  # half the interquartile range of the per-round time ratios
+    time_median_ratio: Optional[float] = None  # the median per-round time ratio (what latency targets are judged on)
     latency_rounds: List[Dict[str, Any]] = field(default_factory=list)  # target_latency: planned vs measured
     notes: List[str] = field(default_factory=list)
 
@@ -243,6 +244,8 @@ class Report:
         if self.time_before_ms is not None and self.time_after_ms is not None:
             where = ", ".join(x for x in (self.time_device, self.time_runtime, self.time_backend) if x)
             noise = f", noise +-{self.time_noise:.2f}" if self.time_noise else ""
+            if self.time_median_ratio is not None:
+                noise += f"; median per round {self.time_median_ratio:.2f}x"
             lines.append(
                 f"measured time{f' ({where})' if where else ''}: {self.time_before_ms:.2f} ms -> "
                 f"{self.time_after_ms:.2f} ms ({self.time_ratio:.2f}x the original's time{noise})"

@@ -39,13 +39,15 @@ def test_renderings_show_layers_totals_and_time(report):
 
 def test_measured_time_line_only_when_measured(report):
     timed = dataclasses.replace(report, time_before_ms=2.0, time_after_ms=1.5, time_device="cpu",
-                                time_backend=None, time_runtime=None, time_noise=None)
+                                time_backend=None, time_runtime=None, time_noise=None, time_median_ratio=None)
     untimed = dataclasses.replace(report, time_before_ms=None, time_after_ms=None)
     for text in (timed.table(), timed.to_markdown()):
         assert "measured time (cpu): 2.00 ms -> 1.50 ms (0.75x the original's time)" in text
     where = dataclasses.replace(timed, time_runtime="PyTorch eager, channels_last", time_noise=0.031)
     assert ("measured time (cpu, PyTorch eager, channels_last): 2.00 ms -> 1.50 ms (0.75x the original's time, "
             "noise +-0.03)") in where.table()
+    median = dataclasses.replace(where, time_median_ratio=0.781)
+    assert "(0.75x the original's time, noise +-0.03; median per round 0.78x)" in median.table()
     for text in (untimed.table(), untimed.to_markdown()):
         assert "measured time" not in text and " ms ->" not in text and "time: not measured" in text
 

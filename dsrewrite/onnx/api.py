@@ -135,8 +135,9 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     if budget is not None and budget[0] == "target_latency":
         (new, decisions, done, check_note), timing, rounds, loop_note = _latency_plan(
             model, shapes, plan_and_apply, budget[1], check=cfg.measure_time is not False,
-            large=model_nbytes(model) >= PROTOBUF_LIMIT - (64 << 20), ort_options=ort_options)
-        notes.extend(n for n in (loop_note,) if n)
+            large=model_nbytes(model) >= PROTOBUF_LIMIT - (64 << 20), ort_options=ort_options, strict=cfg.strict)
+        if loop_note:
+            notes.insert(0 if "NOT MET" in loop_note else len(notes), loop_note)
         if shapes.per_sample:
             notes.append("target_latency planned and measured at batch 1 (the model's batch is symbolic): give "
                          "input_shapes (--input-shape) for the batch you deploy with")
@@ -198,7 +199,7 @@ def _rebuilt(model: onnx.ModelProto, shapes: Shapes, decisions: List[Decision]) 
 
 
 def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target: float, *, check: bool = True,
-                  large: bool = False, ort_options: Optional[dict] = None):
+                  large: bool = False, ort_options: Optional[dict] = None, strict: bool = False):
     """``target_latency`` in onnxruntime: layers timed by :class:`~dsrewrite.onnx.latency.OrtLayerTimer`, the
     whole model against the original in one loop (:func:`dsrewrite.latency_loop.latency_loop`; one plan from the
     layer timings alone when ``check`` is False). Returns the kept plan's ``(new, decisions, done, check_note)``,
@@ -239,17 +240,23 @@ def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target
         except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: one line, dsrewrite's type
             raise DsrewriteError(f"target_latency: onnxruntime cannot run the rewritten model ({first_line(e, 160)}): "
                                  "a dsrewrite bug, please report it with the model") from None
-        return attempt_from_layers((out, c), [d.report for d in out[1]], total, c.ratio, c.noise)
+        return attempt_from_layers((out, c), [d.report for d in out[1]], total, c.ratio, c.noise, c.median_ratio)
 
-    kept, rounds, note = latency_loop(attempt, timer, target)
+    kept, rounds, note = latency_loop(attempt, timer, target, strict=strict)
     out, c = kept.payload
-    timing = dict(before=c.before_ms, after=c.after_ms, noise=c.noise, runtime=_runtime(ort_options))
+    timing = dict(before=c.before_ms, after=c.after_ms, noise=c.noise, runtime=_runtime(ort_options), comparison=c)
     return out, timing, rounds, note
 
 
 def _fill_time(report: Report, timing: dict) -> None:
     report.time_before_ms, report.time_after_ms, report.time_noise = timing["before"], timing["after"], timing["noise"]
     report.time_runtime = timing["runtime"]
+    c = timing.get("comparison")
+    if c is not None:
+        from ..measure import note_disturbed
+
+        report.time_median_ratio = c.median_ratio
+        note_disturbed(report, c)
 
 
 def _runtime(ort_options: dict) -> str:
@@ -321,4 +328,5 @@ def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], 
     except Exception as e:  # noqa: BLE001
         report.notes.append(f"latency not measured: onnxruntime failed to run the model ({first_line(e, 120)})")
         return
-    _fill_time(report, dict(before=c.before_ms, after=c.after_ms, noise=c.noise, runtime=_runtime(ort_options)))
+    _fill_time(report, dict(before=c.before_ms, after=c.after_ms, noise=c.noise, runtime=_runtime(ort_options),
+                            comparison=c))
