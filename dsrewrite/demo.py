@@ -116,8 +116,9 @@ def run_digits(seed: int = 0, *, quick: bool = False, pretrain_epochs: Optional[
 
     ``latency`` (the demo's recommended path): instead of a uniform rank, plan for at most that fraction of the
     model's measured time on the whole test set (``target_latency``, checked on the whole model), with ranks and
-    factors from calibration on training images; if that target cannot be met on this machine, fall back to
-    ``target`` of the FLOPs, saying so.
+    factors from calibration on training images. A target this machine does not reach keeps the fastest plan
+    measured faster than the original (best effort, with a note); only when no plan beats the original (twice:
+    a busy machine can spoil one measurement) does it fall back to ``target`` of the FLOPs, saying so.
 
     Returns a dict with the accuracies (``before``, ``rewritten``, ``finetuned``), the ``rank`` (``None`` when
     ranks differ per layer), the achieved ``conv_flops_ratio`` and ``flops_ratio`` (whole model), the ``report``,
@@ -142,11 +143,17 @@ def run_digits(seed: int = 0, *, quick: bool = False, pretrain_epochs: Optional[
 
         log(f"[seed {seed}] rewriting for {latency:g}x of the measured time on the {len(y_te)} test images, "
             f"calibrated on {min(512, len(y_tr))} training images ...")
-        try:
-            res = rewrite(teacher, x_te, target_latency=latency, calibration=x_tr[:512])
-            rank = None
-        except DsrewriteError as e:
-            log(f"[seed {seed}] {e}: falling back to {target:g} of the conv FLOPs")
+        for attempt in (1, 2):
+            try:
+                res = rewrite(teacher, x_te, target_latency=latency, calibration=x_tr[:512])
+                rank = None
+                break
+            except DsrewriteError as e:
+                again = "measuring again" if attempt == 1 else (
+                    f"falling back to {target:g} of the conv FLOPs, which is not faster on this machine now")
+                log(f"[seed {seed}] {e}: {again}")
+        if res is not None and res.report.notes and "NOT MET" in res.report.notes[0]:
+            log(f"[seed {seed}] {res.report.notes[0]}")
     if res is None:
         rank, res = rank_for_flops(teacher, x_te[:1], target)
     student, report = res.model, res.report
