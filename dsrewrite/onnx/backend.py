@@ -3,7 +3,8 @@
 Only the rewritten convs change: each ``Conv`` node is replaced, in its own graph and at its own position, by
 the pair; the weights it no longer needs are removed when nothing else reads them; every other node, value
 info, subgraph and model field is left exactly as it was (no import/export round trip that could drop shapes
-or copy outer-scope weights into subgraphs). The factors are stored where the original weight was defined
+or copy outer-scope weights into subgraphs). Each graph's edits are gathered and made once at the end, one pass
+per field, so the cost grows linearly with the layers rewritten (issue 23). The factors are stored where the original weight was defined
 (the main graph's initializers for a subgraph conv reading a main-graph weight), so a weight shared by
 several convs, in one graph or across ``If`` branches, gets one depthwise/pointwise pair per rank.
 
@@ -60,18 +61,62 @@ class UniqueNames:
         return candidate
 
 
-def _index_of(graph: onnx.GraphProto, output: str) -> Optional[int]:
-    """Position of the node that writes ``output`` in ``graph`` (value names are unique within a graph)."""
-    return next((i for i, n in enumerate(graph.node) if output in n.output), None)
+class _GraphEdits:
+    """The edits of one graph, gathered while the decisions are written and made at the end in one pass per
+    repeated field (:func:`_set_field`): nodes replaced or removed and ``Constant`` nodes put first, found by
+    position in a map built once, initializers, inputs and value infos removed by name. Editing the protobuf per
+    rewritten layer (a search for the node, a ``del`` and ``insert`` that shift the rest) would cost the whole
+    graph per layer."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+        self.replace: Dict[int, List[onnx.NodeProto]] = {}  # position -> the nodes that take its place
+        self.drop_nodes: set = set()  # positions
+        self.first: List[onnx.NodeProto] = []  # Constant nodes of a subgraph before IR 4, ahead of the rest
+        self.drop_names = {"initializer": set(), "input": set(), "value_info": set()}
+        self._position: Optional[Dict[str, int]] = None
+
+    def position(self, output: str) -> Optional[int]:
+        """Where the node that writes ``output`` stands in the unedited graph (value names are unique in a graph)."""
+        if self._position is None:
+            self._position = {o: i for i, n in enumerate(self.scope.graph.node) for o in n.output if o}
+        return self._position.get(output)
+
+    def commit(self) -> None:
+        g = self.scope.graph
+        if self.replace or self.drop_nodes or self.first:
+            nodes: List[onnx.NodeProto] = list(self.first)
+            for i, n in enumerate(g.node):
+                if i in self.replace:
+                    nodes.extend(self.replace[i])
+                elif i not in self.drop_nodes:
+                    nodes.append(n)
+            _set_field(g.node, nodes)
+        for field, names in self.drop_names.items():
+            if names:
+                _set_field(getattr(g, field), [m for m in getattr(g, field) if m.name not in names])
 
 
-def _replace(graph: onnx.GraphProto, index: int, nodes: Sequence[onnx.NodeProto]) -> None:
-    del graph.node[index]
-    for k, n in enumerate(nodes):
-        graph.node.insert(index + k, n)
+def _set_field(field, items: List) -> None:
+    """Make the repeated message field ``field`` hold ``items``, in that order: messages of the field itself (moved,
+    not copied, so the subgraphs and weights they hold are not duplicated) and new ones (copied in). One pass: the
+    new messages appended, a sort by wanted position (the runtime reorders its pointers), the unwanted tail cut."""
+    current = list(field)  # held, so no object id below is reused while this runs
+    own = {id(m) for m in current}
+    start = len(current)
+    field.extend(m for m in items if id(m) not in own)
+    added = iter(field[start:])
+    final = [m if id(m) in own else next(added) for m in items]
+    rank = {id(m): k for k, m in enumerate(final)}
+    field.sort(key=lambda m: rank.get(id(m), len(final)))
+    if len(field) < len(final) or any(a is not b for a, b in zip(field, final)):  # a protobuf runtime that
+        del field[:]  # hands out new objects: copy them back (subgraphs are edited before the graphs holding them)
+        field.extend(final)
+    else:
+        del field[len(final):]
 
 
-def _add_constant(scope: Scope, name: str, value: np.ndarray, ir_version: int) -> None:
+def _add_constant(scope: Scope, name: str, value: np.ndarray, ir_version: int, edits: "_Edits") -> None:
     """Store ``value`` as ``name`` in ``scope``'s graph: an initializer, or before IR 4 (initializers must then
     be graph inputs, and a subgraph's inputs are bound by position) a ``Constant`` node of a subgraph."""
     tensor = numpy_helper.from_array(value, name)
@@ -81,42 +126,53 @@ def _add_constant(scope: Scope, name: str, value: np.ndarray, ir_version: int) -
         scope.graph.initializer.append(tensor)
         scope.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
     else:
-        scope.graph.node.insert(0, helper.make_node("Constant", [], [name], value=tensor))
+        edits(scope).first.append(helper.make_node("Constant", [], [name], value=tensor))
 
 
-def _remove_dead(scope: Scope, name: str, uses: Counter) -> None:
+def _remove_dead(scope: Scope, name: str, uses: Counter, edits: "_Edits") -> None:
     """Remove what defined ``name`` (seen from ``scope``) once nothing reads it: initializers, ``Constant``
     nodes and ``Identity`` chains, following the chain while its values fall out of use."""
     while uses[name] <= 0:
         d = scope.lookup(name)
         if d is None or d.kind == "input":
             return
-        g = d.scope.graph
+        e = edits(d.scope)
         if d.kind == "initializer":
             if d.scope.is_main:
-                inputs = [i for i, vi in enumerate(g.input) if vi.name == name]
-                for i in reversed(inputs):
-                    del g.input[i]
-            elif any(vi.name == name for vi in g.input):
+                e.drop_names["input"].add(name)
+            elif name in d.scope.input_names:
                 return  # a subgraph input (IR < 4): bound by position, keep it
-            i = next((i for i, t in enumerate(g.initializer) if t.name == name), None)
-            if i is not None:
-                del g.initializer[i]
+            e.drop_names["initializer"].add(name)
             nxt = None
         elif d.node.op_type in ("Identity", "Constant") and len(d.node.output) == 1:
-            i = _index_of(g, name)
-            if i is None:
+            i = e.position(name)
+            if i is None or i in e.drop_nodes:
                 return
             nxt = d.node.input[0] if d.node.op_type == "Identity" and d.node.input else None
-            del g.node[i]
+            e.drop_nodes.add(i)
         else:
             return
-        for i in reversed([i for i, vi in enumerate(g.value_info) if vi.name == name]):
-            del g.value_info[i]
+        e.drop_names["value_info"].add(name)
         if nxt is None:
             return
         uses[nxt] -= 1
         scope, name = d.scope, nxt
+
+
+class _Edits(dict):
+    """The :class:`_GraphEdits` of every graph touched, by scope: ``edits(scope)``; made children first."""
+
+    def __call__(self, scope: Scope) -> _GraphEdits:
+        if scope not in self:
+            self[scope] = _GraphEdits(scope)
+        return self[scope]
+
+    def commit(self) -> None:
+        def depth(s: Scope) -> int:
+            return 0 if s.parent is None else 1 + depth(s.parent)
+
+        for e in sorted(self.values(), key=lambda e: -depth(e.scope)):  # a subgraph before the node holding it
+            e.commit()
 
 
 def depthwise_attributes(node: onnx.NodeProto, group: int) -> List[onnx.AttributeProto]:
@@ -232,6 +288,7 @@ def apply_decisions(model: onnx.ModelProto, decisions: List[Decision]) -> int:
     names = UniqueNames(taken_names(all_scopes))
     uses = value_uses(all_scopes)
     opset = opset_of(model)
+    edits = _Edits()
     pairs: Dict[tuple, Tuple[str, str, Optional[str], int]] = {}  # one pair per shared weight, rank and layout
     for d in todo:
         h, f = d.site.handle, d.factors
@@ -242,31 +299,32 @@ def apply_decisions(model: onnx.ModelProto, decisions: List[Decision]) -> int:
             home = h.source.scope  # where the original weight is defined: visible from every conv that reads it
             a_name, b_name = names(f"{h.weight}.{first}"), names(f"{h.weight}.{second}")
             a, b = lowrank_arrays(h.node, f, opset) if lowrank else (_numpy(f.depthwise), _numpy(f.pointwise))
-            _add_constant(home, a_name, a, model.ir_version)
-            _add_constant(home, b_name, b, model.ir_version)
+            _add_constant(home, a_name, a, model.ir_version, edits)
+            _add_constant(home, b_name, b, model.ir_version, edits)
             index = None
             if f.channel_index is not None:
                 index = names(f"{h.weight}.channel_index")
-                _add_constant(home, index, _numpy(f.channel_index).astype(np.int64), model.ir_version)
+                _add_constant(home, index, _numpy(f.channel_index).astype(np.int64), model.ir_version, edits)
             pairs[key] = (a_name, b_name, index, int(f.depthwise.shape[0]))
         dw_name, pw_name, index, filters = pairs[key]
         bias = h.bias
         if d.calibrated and f.bias is not None and h.bias is not None:  # refitted with the pointwise weights
             bias = names(f"{h.weight}.{second}_bias")
-            _add_constant(h.source.scope, bias, _numpy(f.bias), model.ir_version)
+            _add_constant(h.source.scope, bias, _numpy(f.bias), model.ir_version, edits)
 
-        node, graph = h.node, h.scope.graph
+        node = h.node
         if lowrank:
             new = lowrank_nodes(node, d.site.spec, dw_name, pw_name, bias, names, h.node_name, opset=opset,
                                 own_bias=bias == h.bias)
         else:
             new = pair_nodes(node, d.site.spec, dw_name, pw_name, bias, names, h.node_name,
                              channel_index=index, filters=filters)
-        position = _index_of(graph, node.output[0])
-        _replace(graph, position, new)
+        e = edits(h.scope)
+        e.replace[e.position(node.output[0])] = new
         uses[h.weight] -= 1
-        _remove_dead(h.scope, h.weight, uses)
+        _remove_dead(h.scope, h.weight, uses, edits)
         if bias != h.bias:
             uses[h.bias] -= 1
-            _remove_dead(h.scope, h.bias, uses)
+            _remove_dead(h.scope, h.bias, uses, edits)
+    edits.commit()
     return len(todo)

@@ -65,7 +65,7 @@ def _overridable(source: Optional[Definition]) -> Optional[str]:
     an overridable default), and the factors would bake the default in."""
     if source is None or source.kind != "initializer":
         return None
-    if not any(vi.name == source.name for vi in source.scope.graph.input):
+    if source.name not in source.scope.input_names:
         return None
     where = "a graph input" if source.scope.is_main else f"an input of the subgraph {source.scope.where}"
     return f"weight {source.name!r} is also {where} (overridable at run time)"

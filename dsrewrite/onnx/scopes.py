@@ -63,17 +63,22 @@ class Scope:
     graph: onnx.GraphProto
     parent: Optional["Scope"] = None
     where: str = ""
-    _defs: Dict[str, Definition] = field(default_factory=dict, repr=False)
+    _defs: Optional[Dict[str, Definition]] = field(default=None, repr=False)  # by name, built on first lookup
+    _inputs: Optional[frozenset] = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        for t in self.graph.initializer:
-            self._defs[t.name] = Definition(self, "initializer", t.name, tensor=t)
-        for vi in self.graph.input:
-            self._defs.setdefault(vi.name, Definition(self, "input", vi.name))
-        for node in self.graph.node:
-            for out in node.output:
-                if out:
-                    self._defs[out] = Definition(self, "node", out, node=node)
+    def definitions(self) -> Dict[str, Definition]:
+        """What this graph itself defines, by value name (built on first use: walking the graphs of a model does
+        not need it)."""
+        if self._defs is None:
+            self._defs = _own_definitions(self)
+        return self._defs
+
+    @property
+    def input_names(self) -> frozenset:
+        """The names of this graph's inputs (built once)."""
+        if self._inputs is None:
+            self._inputs = frozenset(vi.name for vi in self.graph.input)
+        return self._inputs
 
     @property
     def is_main(self) -> bool:
@@ -83,7 +88,7 @@ class Scope:
         """The definition ``name`` refers to from this graph (own graph first, then the enclosing ones)."""
         scope: Optional[Scope] = self
         while scope is not None:
-            d = scope._defs.get(name)
+            d = scope.definitions().get(name)
             if d is not None:
                 return d
             scope = scope.parent
@@ -92,6 +97,21 @@ class Scope:
     def qualified(self, name: str) -> str:
         """A node name as the report shows it: prefixed with where its graph lives (subgraphs only)."""
         return f"{self.where}/{name.lstrip('/')}" if self.where else name
+
+
+def _own_definitions(scope: Scope) -> Dict[str, Definition]:
+    """The initializers, inputs and node outputs of ``scope``'s graph, by name (an initializer wins over an input
+    of the same name: IR < 4 lists initializers as inputs)."""
+    defs: Dict[str, Definition] = {}
+    for t in scope.graph.initializer:
+        defs[t.name] = Definition(scope, "initializer", t.name, tensor=t)
+    for vi in scope.graph.input:
+        defs.setdefault(vi.name, Definition(scope, "input", vi.name))
+    for node in scope.graph.node:
+        for out in node.output:
+            if out:
+                defs[out] = Definition(scope, "node", out, node=node)
+    return defs
 
 
 def scopes(graph: onnx.GraphProto) -> List[Scope]:
