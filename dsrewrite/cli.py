@@ -47,12 +47,25 @@ def _parse_input_shape(text: str) -> Tuple[Optional[str], Tuple[int, ...]]:
 
 
 def _parse_rank(text: str):
+    """``4``, ``auto``, ``full``, or ranks by layer ``layer4.*=2,*=auto`` (GLOB=RANK items, first match wins)."""
     from .policy import check_rank
 
     try:
-        return check_rank(text)
+        if "=" not in text:
+            try:
+                return check_rank(text)
+            except DsrewriteError as e:
+                raise DsrewriteError(f"{e} (ranks by layer: GLOB=RANK items like 'layer4.*=2,*=auto')") from None
+        mapping = {}
+        for item in text.split(","):
+            glob, sep, value = item.strip().rpartition("=")
+            if not sep or not glob.strip() or not value.strip():
+                raise DsrewriteError(f"--rank takes RANK or GLOB=RANK items separated by commas like "
+                                     f"'layer4.*=2,*=auto', got item {item.strip()!r}")
+            mapping.setdefault(glob.strip(), value.strip())
+        return check_rank(mapping)
     except DsrewriteError as e:
-        raise argparse.ArgumentTypeError(str(e))
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def load_model(src: str, weights: Optional[str] = None):
@@ -163,12 +176,20 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
         given = [flag for flag, key, default in _CALIB_FLAGS if getattr(a, key, default) != default]
         if given:
             raise DsrewriteError(f"{given[0]} applies to calibration: give --calibration too")
-    for path in (a.out, a.report, getattr(a, "markdown", None)):  # fail before the work, not after it
+    # fail before the work, not after it
+    for path in (a.out, a.report, getattr(a, "markdown", None), getattr(a, "save_plan", None)):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             raise DsrewriteError(f"output folder does not exist: {folder}")
+    plan_flags = [flag for flag, given in (("--plan", getattr(a, "plan", None)),
+                                           ("--save-plan", getattr(a, "save_plan", None))) if given]
+    if getattr(a, "plan", None):
+        _check_replay_flags(a)
     if a.src.lower().endswith(".onnx"):
         from . import onnx as ds_onnx  # the ONNX frontend
+
+        if plan_flags and not hasattr(ds_onnx, "apply_plan"):
+            raise DsrewriteError(f"{plan_flags[0]} is not supported yet for ONNX models")
 
         report = ds_onnx.cli_rewrite(a)
         _emit_report(report, a)
@@ -184,9 +205,17 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
     if getattr(a, "calib_layout", "nchw") != "nchw":
         raise DsrewriteError("--calib-layout nhwc is for ONNX models: a PyTorch image model takes NCHW")
     calibration = load_calibration(a.calibration, args, **calib_options(a)) if getattr(a, "calibration", None) else None
-    cfg = RewriteConfig.from_cli(a)
-    cfg.check_route("torch", cli=True)
-    result = rewrite(model, args, cfg, name=a.src, calibration=calibration)
+    if getattr(a, "plan", None):  # replay a saved plan: no layer timed, the plan's ranks
+        from .plan import apply_plan
+
+        result = apply_plan(model, a.plan, args, calibration, name=a.src, backend=a.backend or "auto",
+                            progress=not a.quiet)
+    else:
+        cfg = RewriteConfig.from_cli(a)
+        cfg.check_route("torch", cli=True)
+        result = rewrite(model, args, cfg, name=a.src, calibration=calibration)
+    if getattr(a, "save_plan", None):
+        result.plan.save(a.save_plan)
     if a.out:
         out_model, out_args = result.model, args
         if result.memory_format == "channels_last" and a.out.lower().endswith(".pt2"):
@@ -201,6 +230,23 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
     if a.out and not a.quiet:
         print(f"wrote {a.out}")
     return 0
+
+
+# flags that choose layers, ranks or how they are timed: a replayed plan (--plan) has decided them
+_PLANNING_FLAGS = (("--rank", "rank", "auto"), ("--target-flops", "target_flops", None),
+                   ("--target-params", "target_params", None), ("--target-latency", "target_latency", None),
+                   ("--energy", "energy", None), ("--kinds", "kinds", None), ("--ragged", "ragged", False),
+                   ("--include", "include", None), ("--exclude", "exclude", None), ("--runtime", "runtime", None),
+                   ("--device", "device", None), ("--latency-cache", "latency_cache", None),
+                   ("--strict", "strict", False))
+
+
+def _check_replay_flags(a: argparse.Namespace) -> None:
+    """``--plan`` with a flag that would plan again: one line naming it."""
+    for flag, key, default in _PLANNING_FLAGS:
+        if getattr(a, key, default) not in (default, None):
+            raise DsrewriteError(f"{flag} cannot be combined with --plan: the plan decides the layers and ranks "
+                                 "(and nothing is timed)")
 
 
 def load_calibration(path: str, args: tuple, max_images: int = 64, *, mean=None, std=None, bgr: bool = False,
@@ -329,7 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("src", help="torchvision:NAME | package.module:factory | model.onnx")
     r.add_argument("-o", "--out", help="output: .pt2 (torch.export), .onnx (export) or .pt (pickled module)")
     r.add_argument("--rank", type=_parse_rank, default="auto",
-                   help="int, 'auto' (default: about half of each layer's FLOPs) or 'full' (exact)")
+                   help="int, 'auto' (default: about half of each layer's FLOPs) or 'full' (exact); or ranks by "
+                        "layer, GLOB=RANK items like 'layer4.*=2,*=auto' (first match wins; layers matched by none "
+                        "are left alone, and a mapping considers every layer kind)")
+    r.add_argument("--save-plan", metavar="PATH", help="write the plan (every layer's rank, per-channel ranks and "
+                   "form; options; model fingerprint) as JSON, to rebuild the same rewrite later with --plan")
+    r.add_argument("--plan", metavar="PATH", help="rebuild the rewrite a saved plan describes (--save-plan) "
+                   "without timing anything; factors by SVD, or refitted with --calibration")
     r.add_argument("--report", help="write the report as JSON to this path")
     r.add_argument("--markdown", help="write the report as Markdown to this path")
     r.add_argument("--input-shape", type=_parse_input_shape, action="append", default=None,
