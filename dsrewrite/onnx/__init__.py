@@ -18,14 +18,14 @@ except ImportError as _e:  # one line for the CLI, with the fix
 
     raise DsrewriteError(f"the ONNX route needs the {_e.name!r} package: pip install 'dsrewrite[onnx]'") from None
 
-from .api import OnnxRewriteResult, rewrite
+from .api import OnnxRewriteResult, apply_plan, rewrite
 from .calib_data import as_feeds, image_feeds
 from .cli import cli_rewrite
 from .flops import count_flops, count_params, infer_shapes
 from .frontend import collect_sites
 from .model_io import load_model, save_model
 
-__all__ = ["rewrite", "OnnxRewriteResult", "as_feeds", "image_feeds", "cli_rewrite", "collect_sites", "count_flops",
+__all__ = ["rewrite", "apply_plan", "OnnxRewriteResult", "as_feeds", "image_feeds", "cli_rewrite", "collect_sites", "count_flops",
            "count_params", "infer_shapes", "load_model", "save_model", "SeparableConvPass"]
 
 

@@ -18,6 +18,7 @@ from ..eligibility import why_not
 from ..errors import DsrewriteError, first_line
 from ..ir import ConvSite
 from ..pipeline import Decision, plan_sites
+from ..plan import Plan, _shape  # a site's weight shape as the plan's fingerprint lists it
 from ..report import Report, build_report
 from .backend import apply_decisions
 from .flops import Shapes, count_flops, count_params, infer_shapes, partial_flops, subgraph_note
@@ -25,14 +26,27 @@ from .frontend import CONV_OPS, collect_sites
 from .model_io import PROTOBUF_LIMIT, load_model, model_nbytes, same_file, save_model
 from .selfcheck import self_check
 
-__all__ = ["rewrite", "OnnxRewriteResult"]
+__all__ = ["rewrite", "apply_plan", "OnnxRewriteResult"]
 
 
-class OnnxRewriteResult(NamedTuple):
-    """``(model, report)``: the rewritten ModelProto and what changed."""
-
+class _ModelReport(NamedTuple):
     model: onnx.ModelProto
     report: Report
+
+
+class OnnxRewriteResult(_ModelReport):
+    """``(model, report)``: the rewritten ModelProto and what changed; ``.plan``: what was decided per layer, to
+    save and replay (:class:`dsrewrite.Plan`, :func:`apply_plan`). Unpacks as the pair it always was."""
+
+    plan: Optional[Plan] = None  # set per result (a copy made by ``_replace`` has none)
+
+    def __new__(cls, model: onnx.ModelProto, report: Report, plan: Optional[Plan] = None) -> "OnnxRewriteResult":
+        self = super().__new__(cls, model, report)
+        self.plan = plan
+        return self
+
+    def __getnewargs__(self):
+        return (self.model, self.report, self.plan)
 
 
 def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[None, str, "os.PathLike[str]"] = None,
@@ -77,11 +91,54 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
             (``True``), on the original model's (``False``), or the first when it fits in time (``None``).
 
     Returns:
-        ``(model, report)`` (an :class:`OnnxRewriteResult`).
+        ``(model, report)`` (an :class:`OnnxRewriteResult`), with ``.plan``: the per-layer decisions as a
+        :class:`dsrewrite.Plan` (``.save(path)``; :func:`apply_plan` rebuilds them without timing anything).
     """
     if isinstance(dst, RewriteConfig) and config is None:  # rewrite(src, config): no output file
         dst, config = None, dst
     cfg = RewriteConfig.build(config, options, route="onnx", words=" for dsrewrite.onnx.rewrite")
+    return _rewrite(src, dst, cfg)
+
+
+# what apply_plan takes besides the plan and the data: nothing that chooses layers or ranks, or times them
+_REPLAY_OPTIONS = ("overwrite", "input_shapes", "progress", "name", "measure_time", "sequential", "ort_threads",
+                   "ort_optimization", "ort_provider")
+
+
+def apply_plan(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[None, str, "os.PathLike[str]"],
+               plan: Union[Plan, str, "os.PathLike[str]"], calibration: Any = None,
+               **options: Any) -> OnnxRewriteResult:
+    """Rebuild the rewrite ``plan`` describes (``result.plan`` of :func:`rewrite`, or the path of a saved one) on
+    the ONNX model ``src`` without timing anything: every layer gets the plan's rank and per-channel ranks, its
+    factors by SVD, or refitted on ``calibration`` as :func:`rewrite` does. A plan that does not fit the model
+    (a layer missing or added, another weight shape, a layer that cannot be rewritten here) is refused in one
+    line naming the first mismatch.
+
+    ``options``: ``overwrite``, ``input_shapes`` (default: the plan's), ``progress``, ``name``, ``sequential``,
+    ``measure_time`` (with ``ort_threads`` / ``ort_optimization`` / ``ort_provider``). Returns ``(model, report)``
+    with ``.plan`` (the plan as rebuilt), as :func:`rewrite` does.
+    """
+    if not isinstance(plan, Plan):
+        if not isinstance(plan, (str, os.PathLike)):
+            raise DsrewriteError(f"plan must be a dsrewrite.Plan or the path of a saved one, got {type(plan).__name__}")
+        plan = Plan.load(plan)
+    if plan.route != "onnx":
+        raise DsrewriteError(f"this plan was made on the {plan.route} route for a torch model: apply it with "
+                             "dsrewrite.apply_plan (an ONNX model replays plans made by dsrewrite.onnx.rewrite)")
+    bad = next((k for k in options if k not in _REPLAY_OPTIONS), None)
+    if bad is not None:
+        raise DsrewriteError(f"apply_plan does not take {bad!r}: the plan decides the layers and ranks (options: "
+                             f"{', '.join(_REPLAY_OPTIONS)})")
+    if options.get("input_shapes") is None and plan.options.get("input_shapes"):
+        options["input_shapes"] = plan.options["input_shapes"]  # the shapes it was planned (and checked) at
+    cfg = RewriteConfig.build(None, dict(options, calibration=calibration), route="onnx",
+                              words=" for dsrewrite.onnx.apply_plan")
+    return _rewrite(src, dst, cfg, replay=plan)
+
+
+def _rewrite(src, dst, cfg: RewriteConfig, replay: Optional[Plan] = None) -> OnnxRewriteResult:
+    """:func:`rewrite` once its options are read; ``replay``: every layer decided as this plan says
+    (:func:`apply_plan`), the plan's fit checked before any work."""
     rank, include, exclude, progress, ragged = cfg.rank, cfg.include, cfg.exclude, cfg.progress, cfg.ragged
     overwrite, input_shapes, name, budget = cfg.overwrite, cfg.input_shapes, cfg.name, cfg.chosen_budget()
     kinds = cfg.layer_kinds()
@@ -100,7 +157,10 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
     notes: List[str] = []
     flops_budget = budget is not None and budget[0] == "target_flops"
     # the source model's sites, collected once (their weights are decoded from the protobuf) when needed here
-    source_sites = collect_sites(model, shapes) if flops_budget or cfg.calibration is not None else []
+    needed = flops_budget or cfg.calibration is not None or replay is not None
+    source_sites = collect_sites(model, shapes) if needed else []
+    if replay is not None:
+        replay.check_fit((s.spec.name, _shape(s.weight)) for s in source_sites)
     budget_kw: dict = {}
     if budget is not None:
         budget_kw = {"budget": budget, "total_params": params_before}
@@ -122,7 +182,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         new.CopyFrom(model)  # edited in place by the backend; the source model stays as it was
         sites = collect_sites(new, shapes)
         decisions = plan_sites(sites, rank, include, exclude, progress=progress, ragged=ragged, kinds=kinds,
-                               **budget_kw, **extra)
+                               replay=replay, **budget_kw, **extra)
         for d in decisions:
             if d.rewritten and d.site.spec.extra.get("bias"):
                 where = "the expansion" if d.site.spec.lowrank else "the pointwise conv"
@@ -143,6 +203,8 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
                          "input_shapes (--input-shape) for the batch you deploy with")
     else:
         new, decisions, done, check_note = plan_and_apply({})
+    if replay is not None:
+        _check_replayed(replay, decisions)
     if calib is not None:
         if done:
             notes.append(calib.refit(decisions, lambda ds: _rebuilt(model, shapes, ds)))
@@ -150,6 +212,12 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         else:
             notes.append("calibration: no layer was rewritten")
 
+    made = Plan.from_decisions(decisions, route="onnx", config=cfg,
+                               runtime=timing["runtime"] if timing is not None else None)
+    if replay is not None:  # the plan as rebuilt: its own options, runtime and versions
+        made = dataclasses.replace(replay, layers=made.layers, fingerprint="")
+        notes.append(f"rebuilt from a plan ({replay.fingerprint}, made with dsrewrite "
+                     f"{replay.versions.get('dsrewrite', '?')}): no layer timed")
     large = model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20)
     if done and not large:
         _check_rewritten(new)
@@ -186,7 +254,16 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         report.latency_rounds = rounds
     elif measure_time:
         _measure(model, new, shapes.inputs, report, info.path, dst, large, ort_options)
-    return OnnxRewriteResult(new, report)
+    return OnnxRewriteResult(new, report, made)
+
+
+def _check_replayed(plan: Plan, decisions: List[Decision]) -> None:
+    """Refuse a replay in which a layer the plan rewrites could not be rewritten (the self-check failed, ...)."""
+    wanted = plan.by_name()
+    for d in decisions:
+        if wanted[d.site.spec.name].rewritten and not d.rewritten:
+            raise DsrewriteError(f"the plan does not fit this model: layer {d.site.spec.name!r} cannot be rewritten "
+                                 f"here ({d.report.reason})")
 
 
 def _rebuilt(model: onnx.ModelProto, shapes: Shapes, decisions: List[Decision]) -> onnx.ModelProto:

@@ -3,10 +3,11 @@
 Only the rewritten convs change: each ``Conv`` node is replaced, in its own graph and at its own position, by
 the pair; the weights it no longer needs are removed when nothing else reads them; every other node, value
 info, subgraph and model field is left exactly as it was (no import/export round trip that could drop shapes
-or copy outer-scope weights into subgraphs). Each graph's edits are gathered and made once at the end, one pass
-per field, so the cost grows linearly with the layers rewritten (issue 23). The factors are stored where the original weight was defined
-(the main graph's initializers for a subgraph conv reading a main-graph weight), so a weight shared by
-several convs, in one graph or across ``If`` branches, gets one depthwise/pointwise pair per rank.
+or copy outer-scope weights into subgraphs). Each graph's edits are gathered and made once at the end, one
+pass per field, so the cost grows linearly with the layers rewritten (issue 23). The factors are stored where
+the original weight was defined (the main graph's initializers for a subgraph conv reading a main-graph
+weight), so a weight shared by several convs, in one graph or across ``If`` branches, gets one
+depthwise/pointwise pair per rank.
 
 The depthwise conv (``group=Cin``, ``Cin*r`` outputs) keeps the original's ``strides``, ``dilations``,
 ``pads`` / ``auto_pad`` and ``kernel_shape``, so it does all the padding and the output has the original

@@ -10,11 +10,14 @@ from ..report import Report
 
 __all__ = ["cli_rewrite"]
 
+_TIMING = ("measure_time", "ort_threads", "ort_optimization", "ort_provider")  # --plan times nothing, as for torch
+
 
 def cli_rewrite(a: argparse.Namespace) -> Report:
-    """Run :func:`dsrewrite.onnx.rewrite` for the parsed ``dsrewrite rewrite`` arguments; returns the report
-    (the command line prints and saves it, as for torch models)."""
-    from .api import rewrite
+    """Run :func:`dsrewrite.onnx.rewrite` (or, with ``--plan``, :func:`dsrewrite.onnx.apply_plan`) for the parsed
+    ``dsrewrite rewrite`` arguments, and write the plan with ``--save-plan``; returns the report (the command line
+    prints and saves it, as for torch models)."""
+    from .api import _REPLAY_OPTIONS, apply_plan, rewrite
 
     if not a.out:
         raise DsrewriteError("-o/--out is required for an ONNX model (e.g. -o model_ds.onnx)")
@@ -28,8 +31,14 @@ def cli_rewrite(a: argparse.Namespace) -> Report:
     extra = {}
     if getattr(a, "calibration", None):
         extra["calibration"] = _calibration(a, input_shapes)
-    _, report = rewrite(a.src, a.out, cfg, input_shapes=input_shapes, **extra)
-    return report
+    if getattr(a, "plan", None):  # the command line has refused the flags that would plan again; nothing timed
+        given = {k: v for k, v in cfg.given().items() if k in _REPLAY_OPTIONS and k not in _TIMING}
+        result = apply_plan(a.src, a.out, a.plan, extra.get("calibration"), **dict(given, input_shapes=input_shapes))
+    else:
+        result = rewrite(a.src, a.out, cfg, input_shapes=input_shapes, **extra)
+    if getattr(a, "save_plan", None):
+        result.plan.save(a.save_plan)
+    return result.report
 
 
 def _calibration(a: argparse.Namespace, input_shapes):
