@@ -90,9 +90,9 @@ def test_save_load_round_trip(tiny, tmp_path):
     plan.save(path)
     data = json.loads(path.read_text())  # readable: the fields by name
     assert data["format"] == "dsrewrite.plan" and data["fingerprint"]["hash"] == plan.fingerprint
-    assert data["layers"][1] == {"name": "c1", "kind": "kxk", "rank": 3, "channel_ranks": None, "gather_input": False,
-                                 "in_channels": 16, "out_channels": 24, "kernel": [3, 3], "weight_shape": [24, 16, 3, 3],
-                                 "reason": None}
+    assert data["layers"][1] == {"name": "c1", "kind": "kxk", "rank": 3, "channel_ranks": None,
+                                 "gather_input": False, "in_channels": 16, "out_channels": 24, "kernel": [3, 3],
+                                 "weight_shape": [24, 16, 3, 3], "reason": None}
     assert Plan.load(path) == plan
     # edited or foreign files: one line each
     data["version"] = PLAN_VERSION + 1
@@ -175,6 +175,36 @@ def test_replay_on_the_swap_route_and_in_place(tiny, route):
         assert rel_err(rebuilt.model(x), res.model(x)) < 1e-6
 
 
+def test_per_channel_ranks_and_form_are_taken_from_the_plan(tiny, gen):
+    """A plan's channel ranks are kept as given (each channel's truncated SVD at its own count: numpy reference)
+    and its depthwise form is the one installed."""
+    import numpy as np
+
+    tinynet, seed = tiny
+    model, x = tinynet.make(seed), torch.randn(1, 3, 8, 8)
+    plan = dsrewrite.rewrite(model, x, rank=2, measure_time=False).plan
+    c1, c2 = plan.by_name()["c1"], plan.by_name()["c2"]
+    counts = torch.randint(0, 5, (16,), generator=gen)
+    while int(counts.sum()) != 32:  # 16 channels x rank 2 terms, spread at random
+        i = int(torch.randint(0, 16, (1,), generator=gen))
+        counts[i] = min(9, max(0, int(counts[i]) + (1 if int(counts.sum()) < 32 else -1)))
+    c1.channel_ranks, c2.gather_input = counts.tolist(), True
+    res = dsrewrite.apply_plan(tinynet.make(seed), plan, x)
+    pair = res.model.get_submodule("c1")
+    assert torch.bincount(pair.channel_index, minlength=16).tolist() == counts.tolist()
+    assert res.model.get_submodule("c2").gather_input and res.plan.by_name()["c2"].gather_input
+    w = model.c1.weight.detach().double().numpy()
+    ref = np.zeros_like(w)
+    for c, k in enumerate(counts.tolist()):
+        u, s, vh = np.linalg.svd(w[:, c].reshape(w.shape[0], -1), full_matrices=False)
+        ref[:, c] = ((u[:, :k] * s[:k]) @ vh[:k]).reshape(w.shape[0], 3, 3)
+    # the pair's dense weight, by hand: filter j reads input channel channel_index[j]
+    dw = pair.depthwise.weight.detach().double().reshape(32, 9)
+    pw = pair.pointwise.weight.detach().double().reshape(24, 32)
+    got = torch.zeros(24, 16, 9, dtype=torch.float64).index_add(1, pair.channel_index, pw[:, :, None] * dw[None])
+    np.testing.assert_allclose(got.reshape(w.shape).numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_a_plan_that_does_not_fit_is_refused(tiny):
     tinynet, seed = tiny
     x = torch.randn(1, 3, 8, 8)
@@ -200,7 +230,9 @@ def test_cli_save_plan_then_plan(tiny, tmp_path, monkeypatch, capsys):
                  "--report", "a.json"]) == 0
     assert main([*common, "--plan", "p.json", "--report", "b.json", "-o", "m.pt"]) == 0
     a, b = (json.loads((tmp_path / f).read_text())["layers"] for f in ("a.json", "b.json"))
-    ranks = lambda layers: [(L["name"], L["rank"] if L["rewritten"] else None, L["channel_ranks"]) for L in layers]  # noqa: E731
+    def ranks(layers):
+        return [(L["name"], L["rank"] if L["rewritten"] else None, L["channel_ranks"]) for L in layers]
+
     assert ranks(a) == ranks(b) and any(L["channel_ranks"] for L in a)
     assert Plan.load("p.json").ranks == {L["name"]: L["rank"] if L["rewritten"] else None for L in a}
     capsys.readouterr()
