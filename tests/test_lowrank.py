@@ -183,3 +183,20 @@ def test_transformers_conv1d_is_a_linear_layer():
     assert isinstance(r.model.h[0].mlp.c_fc, LowRankLinear) and r.model.h[0].mlp.c_fc.nf == 128  # attributes carried
     with torch.no_grad():
         assert rel_err(r.model(ids).last_hidden_state, model(ids).last_hidden_state) <= 1e-4
+
+
+class CastLinear(nn.Linear):
+    """A Linear subclass with its own forward (as timm's Linear): traced through, its F.linear rewritten."""
+
+    def forward(self, x):
+        return F.linear(x.contiguous(), self.weight, self.bias)
+
+
+def test_linear_subclass_with_its_own_forward_is_rewritten_through_it(route):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), CastLinear(24, 12)).eval()
+    x = torch.randn(5, 16)
+    r = dsrewrite.rewrite(model, x, rank="full", kinds="all", measure_time=False)
+    assert r.report.route == route and {L.name for L in r.report.rewritten} == {"0", "2"}
+    with torch.no_grad():
+        assert rel_err(r.model(x), model(x)) <= 1e-5

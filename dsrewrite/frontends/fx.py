@@ -13,8 +13,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..ir import ConvSite, ConvSpec
-from .conv_modules import (CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, is_known_conv_class, is_linear_module,
-                           is_weight_module, tf_same_pad)
+from .conv_modules import (CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, has_unknown_forward, is_known_conv_class,
+                           is_linear_module, is_weight_module, tf_same_pad)
 
 __all__ = ["collect_sites", "trace", "FxHandle", "CONV_FUNCTIONS", "CONV_ARGS", "bind_conv_args", "conv_settings",
            "computed_at_run_time", "owner_name", "module_site", "ProbeProp", "first_item", "may_rewrite",
@@ -62,7 +62,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from ..modules import PAIR_TYPES
 
-        return (isinstance(m, PAIR_TYPES) or is_known_conv_class(type(m)) or is_linear_module(m)
+        return (isinstance(m, PAIR_TYPES) or is_known_conv_class(type(m))
+                or (is_linear_module(m) and not has_unknown_forward(m))  # a Linear subclass's own forward: traced
                 or super().is_leaf_module(m, module_qualified_name))
 
 
