@@ -68,7 +68,7 @@ def smallest(model, shape, kinds: str) -> Dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as d:
         try:
-            ds_onnx.rewrite(model, os.path.join(d, "m.onnx"), target_flops=0.01, kinds=kinds,
+            ds_onnx.rewrite(model, os.path.join(d, "m.onnx"), target_flops=0.01, kinds=kinds, strict=True,
                             input_shapes={"x": shape}, progress=False, measure_time=False)
         except BudgetUnreachable as e:
             return dict(kinds=kinds, reachable=round(e.reachable, 4), layers=len(e.layers),

@@ -199,6 +199,7 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
     params_before = count_params(model)
     work = model if inplace else deepcopy_module(model)
     notes: List[str] = list(plan.notes)
+    plan.kwargs["notes"] = notes  # the planner's own notes (a budget not met, best effort) go to this build's report
     # a forward traced by fx may set attributes to proxies (``self.mean = self.mean.type_as(x)``), and the fx pass
     # mirrors its swaps into an in-place model: the module-swap route starts from the model as it was (structure
     # only: tracing runs on proxies; a failed in-place rewrite gets its values back from rewrite()'s snapshot)

@@ -257,5 +257,5 @@ class RewriteConfig:
             return ("id", id(v))
 
         names = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "budget",
-                 "calibration", "sequential", "ragged", "kinds")
+                 "calibration", "sequential", "ragged", "kinds", "strict")
         return tuple((k, freeze(getattr(self, k))) for k in names), keep

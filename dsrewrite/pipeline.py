@@ -16,7 +16,7 @@ from . import cost
 from .budget import Allocation, allocate_budget, check_fraction, energy_allocation
 from .costs import budget_kind
 from .eligibility import why_not
-from .errors import DsrewriteError
+from .errors import BudgetUnreachable, DsrewriteError
 from .factorize import Factors, factorize_layer
 from .ir import KINDS, ConvSite, ConvSpec
 from .policy import RankArg, RankMap, check_rank, choose_rank, plan_kinds
@@ -102,7 +102,8 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
                energy: Optional[float] = None, total_flops: Optional[float] = None,
                total_params: Optional[float] = None, total_time_ms: Optional[float] = None,
                timer=None, stats: Optional[dict] = None, ragged: bool = False,
-               budget: Optional[Tuple[str, float]] = None, kinds=None, replay=None) -> List[Decision]:
+               budget: Optional[Tuple[str, float]] = None, kinds=None, replay=None, strict: bool = False,
+               notes: Optional[List[str]] = None) -> List[Decision]:
     """Decide and factorise every site. Skipped sites carry their reason; none is dropped silently.
 
     ``kinds``: the layer kinds to rewrite (``"kxk"``, ``"pointwise"``, ``"linear"`` or ``"all"``; default
@@ -118,6 +119,11 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
     autocorrelation ``[Cin, K, K]`` (:func:`dsrewrite.calibrate.collect_patch_stats`): errors then come from
     the whitened spectrum. ``ragged``: spread each layer's ``Cin*rank`` depthwise filters over its channels
     by their spectra (same cost, lower error; see :mod:`dsrewrite.factorize`).
+
+    Best effort: a ``target_flops`` / ``target_params`` (or registered) budget below the smallest reachable gets
+    the cheapest plan (every layer at its cheapest rank), with a note in ``notes`` saying it was not met;
+    ``strict`` refuses it (:class:`~dsrewrite.errors.BudgetUnreachable`). ``target_latency`` is always refused here:
+    its closed loop (:mod:`dsrewrite.latency_loop`) decides on the whole model.
 
     ``rank`` may be a mapping ``{glob: rank}`` (first match wins; a layer matched by none is left alone).
     ``replay``: a :class:`dsrewrite.Plan`: every site decided as the plan says (rank, per-channel ranks, depthwise
@@ -137,7 +143,7 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
     if chosen is not None:
         totals = {"total_flops": total_flops, "total_params": total_params, "total_time_ms": total_time_ms}
         return _plan_budget(sites, include, exclude, *chosen, totals=totals, timer=timer, stats=stats or {},
-                            ragged=ragged, kinds=kinds)
+                            ragged=ragged, kinds=kinds, strict=strict, notes=notes)
     decisions = []
     it = sites
     if progress and len(sites) > 1:
@@ -255,8 +261,8 @@ def _site_errors(site: ConvSite, stats: dict, ragged: bool = False) -> List[floa
 
 
 def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, kind: str, value: float, *,
-                 totals: dict, timer, stats: dict, ragged: bool = False, kinds: Sequence[str] = ()
-                 ) -> List[Decision]:
+                 totals: dict, timer, stats: dict, ragged: bool = False, kinds: Sequence[str] = (),
+                 strict: bool = False, notes: Optional[List[str]] = None) -> List[Decision]:
     """Plan under one budget: ``energy`` per layer, any registered cost budget by the one allocator."""
     skips = {i: r for i, r in ((i, _skip_reason(s, include, exclude, kinds)) for i, s in enumerate(sites))
              if r is not None}
@@ -268,9 +274,18 @@ def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, ki
     else:
         registered = budget_kind(kind)
         provider = registered.factory(timer)
-        outcome = allocate_budget([(sites[i].spec, e) for i, e in zip(eligible, errors)], provider, kind=kind,
-                                  target=value, specs=[s.spec for s in sites],
-                                  given_total=totals.get(registered.total_arg))
+        layers = [(sites[i].spec, e) for i, e in zip(eligible, errors)]
+        specs, given_total = [s.spec for s in sites], totals.get(registered.total_arg)
+        try:
+            outcome = allocate_budget(layers, provider, kind=kind, target=value, specs=specs, given_total=given_total)
+        except BudgetUnreachable as e:
+            if strict or kind == "target_latency" or not e.reachable < 1.0:
+                raise
+            outcome = allocate_budget(layers, provider, kind=kind, target=e.reachable * (1 + 1e-9), specs=specs,
+                                      given_total=given_total)
+            if notes is not None:
+                notes.insert(0, f"{kind}={value:g} NOT MET: the smallest reachable is {e.reachable:.4f} of the "
+                                f"model's {provider.quantity}; planned that, the cheapest plan (strict=True refuses)")
     plans = dict(zip(eligible, outcome))
     decisions = []
     for i, site in enumerate(sites):

@@ -39,6 +39,7 @@ class Planning:
             self.teacher = deepcopy_module(model) if inplace else model
         kw: dict = {"ragged": True} if ragged else {}
         kw["kinds"] = cfg.layer_kinds()
+        kw["strict"] = cfg.strict
         if budget is not None:
             kw["budget"] = budget
         from .runtimes import get_runtime

@@ -90,12 +90,16 @@ def test_target_params_met_on_resnet18(resnet18):
 def test_infeasible_budget_states_the_smallest_reachable_value(resnet18):
     x = torch.randn(X64)
     with pytest.raises(DsrewriteError, match=r"target_flops=0.01 is not achievable") as e:
-        dsrewrite.rewrite(resnet18, x, target_flops=0.01, measure_time=False)
+        dsrewrite.rewrite(resnet18, x, target_flops=0.01, measure_time=False, strict=True)
     least = float(re.search(r"smallest reachable is ([0-9.]+)", str(e.value)).group(1))
     # every eligible layer (a budget plans all kinds) at rank 1 is cheaper than dense here: the floor is the
     # rank-1 model of every kind
     floor = dsrewrite.rewrite(resnet18, x, rank=1, kinds="all", measure_time=False)
     assert least == pytest.approx(_flops(floor.model, x) / floor.report.flops_before, abs=1e-4)
+    # best effort (the default): that cheapest plan, with a first note saying the budget was not met
+    cheapest = dsrewrite.rewrite(resnet18, x, target_flops=0.01, measure_time=False)
+    assert cheapest.report.notes[0].startswith(f"target_flops=0.01 NOT MET: the smallest reachable is {least:.4f}")
+    assert _flops(cheapest.model, x) / cheapest.report.flops_before == pytest.approx(least, abs=1e-4)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -35,7 +35,13 @@ def test_a_budget_registered_in_a_test_plans_through_plan_sites(gen, taps):
     least = sum(s.spec.in_channels for s in sites) / total
     with pytest.raises(DsrewriteError, match=rf"target_taps=0\.01 is not achievable: the smallest reachable is "
                                              rf"{least:.4f} of the model's depthwise filters"):
-        plan_sites(sites, budget=(taps, 0.01))
+        plan_sites(sites, budget=(taps, 0.01), strict=True)
+    notes = []  # best effort (the default): the cheapest plan, with a note saying the budget was not met
+    ds = plan_sites(sites, budget=(taps, 0.01), notes=notes)
+    assert sum(s.spec.in_channels * (d.report.rank if d.rewritten else s.spec.out_channels)
+               for s, d in zip(sites, ds)) == pytest.approx(least * total)
+    assert notes == [f"{taps}=0.01 NOT MET: the smallest reachable is {least:.4f} of the model's depthwise filters; "
+                     "planned that, the cheapest plan (strict=True refuses)"]
     with pytest.raises(DsrewriteError, match="give one budget at a time, got target_flops, target_taps"):
         plan_sites(sites, target_flops=0.5, budget=(taps, 0.5))
     with pytest.raises(DsrewriteError, match="either rank or target_taps"):

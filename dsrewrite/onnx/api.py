@@ -182,7 +182,7 @@ def _rewrite(src, dst, cfg: RewriteConfig, replay: Optional[Plan] = None) -> Onn
         new.CopyFrom(model)  # edited in place by the backend; the source model stays as it was
         sites = collect_sites(new, shapes)
         decisions = plan_sites(sites, rank, include, exclude, progress=progress, ragged=ragged, kinds=kinds,
-                               replay=replay, **budget_kw, **extra)
+                               replay=replay, strict=cfg.strict, notes=notes, **budget_kw, **extra)
         for d in decisions:
             if d.rewritten and d.site.spec.extra.get("bias"):
                 where = "the expansion" if d.site.spec.lowrank else "the pointwise conv"
