@@ -122,8 +122,9 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
 
     Best effort: a ``target_flops`` / ``target_params`` (or registered) budget below the smallest reachable gets
     the cheapest plan (every layer at its cheapest rank), with a note in ``notes`` saying it was not met;
-    ``strict`` refuses it (:class:`~dsrewrite.errors.BudgetUnreachable`). ``target_latency`` is always refused here:
-    its closed loop (:mod:`dsrewrite.latency_loop`) decides on the whole model.
+    ``strict`` refuses it (:class:`~dsrewrite.errors.BudgetUnreachable`). A ``target_latency`` the layers would reach
+    if their pairs were timed faster is refused here, for its closed loop (:mod:`dsrewrite.latency_loop`) to try;
+    one out of reach whatever the pairs' timings gets the cheapest plan too, which the loop measures.
 
     ``rank`` may be a mapping ``{glob: rank}`` (first match wins; a layer matched by none is left alone).
     ``replay``: a :class:`dsrewrite.Plan`: every site decided as the plan says (rank, per-channel ranks, depthwise
@@ -279,11 +280,14 @@ def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, ki
         try:
             outcome = allocate_budget(layers, provider, kind=kind, target=value, specs=specs, given_total=given_total)
         except BudgetUnreachable as e:
-            if strict or kind == "target_latency" or not e.reachable < 1.0:
+            latency = kind == "target_latency"
+            # target_latency: a target that pairs timed faster would reach is the closed loop's to try
+            # (latency_loop scales their timings); one no scaling reaches gets the cheapest plan, measured there
+            if strict or not e.reachable < 1.0 or (latency and e.scale_to_reach(value) is not None):
                 raise
             outcome = allocate_budget(layers, provider, kind=kind, target=e.reachable * (1 + 1e-9), specs=specs,
                                       given_total=given_total)
-            if notes is not None:
+            if notes is not None and not latency:  # the closed loop says what the whole model reached
                 notes.insert(0, f"{kind}={value:g} NOT MET: the smallest reachable is {e.reachable:.4f} of the "
                                 f"model's {provider.quantity}; planned that, the cheapest plan (strict=True refuses)")
     plans = dict(zip(eligible, outcome))
