@@ -139,8 +139,7 @@ def latency_loop(attempt: Callable[[Any], Attempt], timer: Any, target: float, *
     if accepted is None:
         note = (f"target_latency={target:g} NOT MET: kept the fastest plan measured ({kept.central:.2f}x the "
                 f"original's time, median of interleaved rounds, noise +-{kept.noise:.2f}; {len(rounds)} plan(s) "
-                f"tried; strict=True refuses instead); the layers are timed alone and the whole model did not "
-                f"follow them further")
+                f"tried; strict=True refuses instead)")
     elif len(rounds) > 1:
         note = (f"target_latency={target:g}: {len(rounds)} plans, the whole model measured {kept.central:.2f}x "
                 f"with the one kept (layer timings scaled by {row['scale']:.2f})")
