@@ -119,7 +119,7 @@ def reach(model: nn.Module, x: torch.Tensor, kinds: str) -> Dict[str, Any]:
     (1e-6: a ViT over all kinds reaches below 0.01, as FlopCounterMode on the CPU leaves attention uncounted)."""
     t0 = time.perf_counter()
     try:
-        dsrewrite.rewrite(model, x, target_flops=1e-6, kinds=kinds, measure_time=False)
+        dsrewrite.rewrite(model, x, target_flops=1e-6, kinds=kinds, measure_time=False, strict=True)
     except BudgetUnreachable as e:
         touch = sum(d for d, _ in e.layers)
         return dict(touchable=round(touch / e.total, 4), reachable=round(e.reachable, 4), layers=len(e.layers),
