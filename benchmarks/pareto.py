@@ -352,6 +352,8 @@ def plan_dsrewrite(task: Task, target: float, runtime: Optional[str],
     default, eager)."""
     opts: Dict[str, Any] = dict(target_latency=target, kinds=tuple(kinds.split("+")) if "+" in kinds else kinds,
                                 calibration=task.calibration, measure_time=True)
+    if "strict" in dsrewrite.RewriteConfig.__dataclass_fields__:
+        opts["strict"] = True  # a target no plan reaches is a refused point, not a best-effort plan
     if runtime is not None:
         opts["runtime"] = runtime
         if runtime == "onnxruntime":
