@@ -12,7 +12,9 @@ Best effort by default: a target no plan meets keeps the fastest plan measured f
 the noise, with a note saying the target was not met and what was reached; only when no plan beats the original
 is it refused (``strict=True``: refused whenever the target is missed). A target the layer timings put out of
 reach is not refused on their word: the pairs' timings are scaled down until a plan exists (within
-:data:`PLAN_MARGIN` under ``strict``; any amount otherwise), and the whole model decides.
+:data:`PLAN_MARGIN` under ``strict``; any amount otherwise), and the whole model decides. A disturbed measurement
+(per-round ratios spread by more than :data:`~dsrewrite.measure.NOISY` of their median) does not correct the
+layer timings: the loop stops there rather than re-plan on noise.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import BudgetUnreachable, DsrewriteError, first_line
 from .latency import ScaledTimer
+from .measure import NOISY
 
 __all__ = ["Attempt", "attempt_from_layers", "latency_loop", "LATENCY_ROUNDS", "PLAN_MARGIN"]
 
@@ -114,6 +117,11 @@ def latency_loop(attempt: Callable[[Any], Attempt], timer: Any, target: float, *
             accepted = (a, row)
             break
         if a.planned is None:
+            break
+        if a.noise > NOISY * max(a.central, 1e-9):
+            # a disturbed measurement is no evidence to correct the layer timings by: re-planning on it can run far
+            # past the target (a plan at 0.40 of the FLOPs for a 0.95 target was seen, reading nothing)
+            row["disturbed"] = True
             break
         # the separable times that would have predicted the measured ratio: D - f*S = (1 - measured) * total
         factor = (a.dense_ms - (1.0 - a.central) * a.total_ms) / a.separable_ms if a.separable_ms > 0 else 0.0
