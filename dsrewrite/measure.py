@@ -162,12 +162,12 @@ class Comparison:
 
     @property
     def disturbed(self) -> bool:
-        """The machine was busy (more runnable work than cores) or the rounds disagreed by more than 10%."""
-        return (self.load is not None and self.load > 1.0) or self.noise > NOISY * max(self.central, 1e-9)
+        """The machine was busy (other runnable tasks on every core) or the rounds disagreed by more than 10%."""
+        return (self.load is not None and self.load >= 1.0) or self.noise > NOISY * max(self.central, 1e-9)
 
     def words(self) -> str:
         """How noisy the timing was, for a report line."""
-        load = f", load {self.load:.1f} per core" if self.load is not None else ""
+        load = f", {self.load:.1f} other runnable tasks per core" if self.load is not None else ""
         return (f"timing was disturbed ({self.rounds} interleaved rounds, per-round ratios +-{self.noise:.2f} "
                 f"around a median of {self.central:.2f}x{load}): treat the time ratio as approximate")
 
@@ -176,8 +176,17 @@ NOISY = 0.1  # per-round ratios spread by more than this fraction of their media
 
 
 def _load_per_core() -> Optional[float]:
+    """Other runnable tasks per core right now (``/proc/loadavg``'s running count, less this reader), where the
+    system says it; the 1-minute load average lags by minutes, so it is only the fallback."""
+    cores = max(os.cpu_count() or 1, 1)
     try:
-        return os.getloadavg()[0] / max(os.cpu_count() or 1, 1)
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        return max(running - 1, 0) / cores
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0] / cores
     except (AttributeError, OSError):
         return None
 

@@ -257,8 +257,10 @@ class Report:
                 lines.append(f"latency plan {i}: none ({r.get('refused')})")
                 continue
             planned = "?" if r.get("planned") is None else f"{r['planned']:.2f}x"
+            measured = (f"{r['measured']:.2f}x" if r.get("median") is None else
+                        f"{r['median']:.2f}x (median; fastest rounds {r['measured']:.2f}x)")
             lines.append(f"latency plan {i}: {r['rewritten']} layers, planned {planned}, measured "
-                         f"{r['measured']:.2f}x (noise +-{r['noise']:.2f})" + (" <- kept" if r.get("kept") else ""))
+                         f"{measured} (noise +-{r['noise']:.2f})" + (" <- kept" if r.get("kept") else ""))
         lines += [f"note: {n}" for n in self.notes]
         return lines
 
