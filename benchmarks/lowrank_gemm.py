@@ -14,7 +14,6 @@ it must move at least (activations in and out, weights, the pair's intermediate 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import List, Optional

@@ -28,7 +28,7 @@ expansion keeps ``C`` and ``beta``), its reduction a ``MatMul`` before opset 11 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
