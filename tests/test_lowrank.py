@@ -200,3 +200,31 @@ def test_linear_subclass_with_its_own_forward_is_rewritten_through_it(route):
     assert r.report.route == route and {L.name for L in r.report.rewritten} == {"0", "2"}
     with torch.no_grad():
         assert rel_err(r.model(x), model(x)) <= 1e-5
+
+
+class WithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc(self.att(x, x, x)[0])
+
+
+def test_multihead_attention_projections_are_reported_not_silently_left(route):
+    """nn.MultiheadAttention computes its projections inside F.multi_head_attention_forward: both are listed, left
+    dense with that reason and their FLOPs (rows from the query), on both routes; the model stays exact."""
+    torch.manual_seed(7)
+    model = WithAttention().eval()
+    x = torch.randn(2, 5, 32)
+    r = dsrewrite.rewrite(model, x, rank="full", kinds="all", measure_time=False)
+    assert r.report.route == route
+    rows = {L.name: L for L in r.report.layers}
+    assert set(rows) == {"att.in_proj", "att.out_proj", "fc"} and rows["fc"].rewritten
+    for name, cout in (("att.in_proj", 96), ("att.out_proj", 32)):
+        L = rows[name]
+        assert not L.rewritten and "F.multi_head_attention_forward" in L.reason and L.kind == "linear"
+        assert L.flops_before == 2 * 10 * 32 * cout  # 10 query rows
+    with torch.no_grad():
+        assert rel_err(r.model(x), model(x)) <= 1e-5

@@ -19,7 +19,7 @@ from .conv_modules import (CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, has_un
 __all__ = ["collect_sites", "trace", "FxHandle", "CONV_FUNCTIONS", "CONV_ARGS", "bind_conv_args", "conv_settings",
            "computed_at_run_time", "owner_name", "module_site", "ProbeProp", "first_item", "may_rewrite",
            "Probe", "Window", "bounded_probe", "PROBE_WINDOW", "LINEAR_FUNCTIONS", "linear_site", "linear_probe",
-           "PROBE_ROWS"]
+           "PROBE_ROWS", "attention_sites"]
 
 # functional convs and their spatial dims
 CONV_FUNCTIONS = {
@@ -539,6 +539,27 @@ def bounded_probe(x: torch.Tensor, y: torch.Tensor, kernel: Tuple[int, ...], con
     return Probe(windows, in_shape, out_shape)
 
 
+def attention_sites(target: str, mod: nn.Module, nodes: List[fx.Node], *,
+                    in_shapes: Optional[List[Optional[Tuple[int, ...]]]] = None) -> List[ConvSite]:
+    """``nn.MultiheadAttention``'s two weight layers, reported and left dense with the reason: its forward computes
+    them inside ``F.multi_head_attention_forward`` (packed or per-projection weights, no module to swap). Rows come
+    from the query's shape (``in_shapes`` on the module-swap route)."""
+    if in_shapes is None:
+        in_shapes = [_out_shape(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None for n in nodes]
+    batch, rows = _rows_of(in_shapes)
+    why = ("nn.MultiheadAttention computes its projections inside F.multi_head_attention_forward (no layer "
+           "module to replace): not rewritten")
+    e = mod.embed_dim
+    sites = []
+    for name, cin, cout, bias in ((f"{target}.in_proj", e, 3 * e, mod.in_proj_bias is not None),
+                                  (f"{target}.out_proj", e, e, mod.out_proj.bias is not None)):
+        spec = ConvSpec(name=name, in_channels=cin, out_channels=cout, kernel=(), groups=1, stride=(), dilation=(),
+                        bias=bias, batch=batch, calls=max(len(in_shapes), 1), pixels=rows, origin="module",
+                        extra={"unsupported": why})
+        sites.append(ConvSite(spec, None, None, FxHandle("module", name, nodes, module=mod)))
+    return sites
+
+
 def collect_sites(gm: fx.GraphModule, probes: Optional[Dict[fx.Node, Probe]] = None) -> List[ConvSite]:
     """Every convolution and linear layer in ``gm`` (shape-propagated with ShapeProp), in graph order, each
     module once.
@@ -549,13 +570,16 @@ def collect_sites(gm: fx.GraphModule, probes: Optional[Dict[fx.Node, Probe]] = N
     by_target: "OrderedDict[str, List[fx.Node]]" = OrderedDict()
     for node in gm.graph.nodes:
         if node.op == "call_module" and (is_weight_module(gm.get_submodule(node.target))
-                                         or isinstance(gm.get_submodule(node.target), PAIR_TYPES)):
+                                         or isinstance(gm.get_submodule(node.target), PAIR_TYPES + (nn.MultiheadAttention,))):
             by_target.setdefault(node.target, []).append(node)
     sites = []
     for t, nodes in by_target.items():
         mod = gm.get_submodule(t)
         if is_weight_module(mod):
             sites.append(module_site(t, mod, nodes))
+            continue
+        if isinstance(mod, nn.MultiheadAttention):
+            sites.extend(attention_sites(t, mod, nodes))
             continue
         # a pair from an earlier rewrite: both halves are reported (same output positions), never rewritten
         for half in (("reduce", "expand") if isinstance(mod, LOWRANK_TYPES) else ("depthwise", "pointwise")):

@@ -34,8 +34,8 @@ from ..selfcheck import self_check
 from ..snapshot import ModelSnapshot
 from .conv_modules import (TRANSPOSED_TYPES, describe, has_unknown_forward, is_linear_module, is_weight_module,
                            weight_states)
-from .fx import (CONV_FUNCTIONS, LINEAR_FUNCTIONS, FxHandle, ProbeProp, bounded_probe, collect_sites, conv_settings,
-                 linear_probe, may_rewrite, module_site, owner_name, trace)
+from .fx import (CONV_FUNCTIONS, LINEAR_FUNCTIONS, FxHandle, ProbeProp, attention_sites, bounded_probe, collect_sites,
+                 conv_settings, linear_probe, may_rewrite, module_site, owner_name, trace)
 
 __all__ = ["rewrite_untraceable", "breaking_swap"]
 
@@ -101,6 +101,8 @@ class _Recorder(TorchFunctionMode):
         rec = self.recs[mod]
         if first and rec.functional:  # only conv-function callers keep their inputs: they are traced alone
             rec.args = first_args
+        if isinstance(mod, nn.MultiheadAttention) and args and isinstance(args[0], torch.Tensor):
+            rec.in_shapes.append(tuple(args[0].shape))  # its projections' rows: reported, not rewritten
         if is_linear_module(mod) and isinstance(out, torch.Tensor):
             rec.out_shapes.append(tuple(out.shape))
             if rec.probe is None and args and isinstance(args[0], torch.Tensor):
@@ -208,6 +210,7 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
     untraced: List[str] = []
     unseen = len(recs) + 1
     halves = {id(getattr(m, h)) for m in paths if isinstance(m, _PAIRS) for h in _halves(m)}
+    halves |= {id(m.out_proj) for m in paths if isinstance(m, nn.MultiheadAttention)}  # reported with its owner
     for m, where in paths.items():
         q = where[0]
         rec = recs.get(m)
@@ -217,6 +220,10 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
                 site = module_site(f"{q}.{half}", getattr(m, half), [], out_shapes=rec.out_shapes if rec else [])
                 site.spec.extra["unsupported"] = "part of a pair from an earlier rewrite"
                 keyed.append(((order, 0), site))
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            keyed.extend(((order, i), s) for i, s in enumerate(attention_sites(q, m, [], in_shapes=rec.in_shapes if rec
+                                                                                       else [])))
             continue
         own_forward = has_unknown_forward(m) and rec is not None and bool(rec.functional)
         if is_weight_module(m) and not own_forward and id(m) not in halves:
