@@ -402,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kinds", type=_parse_kinds, help="layer kinds to rewrite, comma-separated: kxk (KxK convs, "
                    "separable pairs), pointwise (1x1 convs), linear (both as low-rank pairs), or all (default: all "
                    "under a --target-*/--energy budget, kxk with --rank)")
-    r.add_argument("--strict", action="store_true", help="refuse a --target-latency that is not met (default: keep "
-                   "the fastest plan measured faster than the original, with a note)")
+    r.add_argument("--strict", action="store_true", help="refuse a budget that is not met (default, best effort: a "
+                   "missed --target-latency keeps the fastest plan measured faster than the original, a --target-flops "
+                   "/ --target-params below the smallest reachable gets the cheapest plan, each with a note)")
     r.add_argument("--ragged", action="store_true", help="per-channel ranks from each channel's spectrum: same "
                    "cost as the uniform rank, lower error (the depthwise conv gathers its inputs)")
     r.add_argument("--calibration", help="a folder of images, or a .pt tensor file (ONNX: .npy/.npz/.pt): "

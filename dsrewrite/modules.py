@@ -64,9 +64,31 @@ def tf_same_pad(size: Tuple[int, ...], kernel: Tuple[int, ...], stride: Tuple[in
     return tuple(p for pair in reversed(pads) for p in pair)
 
 
-class _SeparableConvNd(nn.Module):
+class _Pair(nn.Module):
+    """What every pair shares: the replaced layer's interface (``_interface``) is read-only, and ``weight`` is the
+    dense weight the pair computes."""
+
+    _interface: frozenset = frozenset()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._interface:
+            raise AttributeError(f"{type(self).__name__}.{name} is read-only: the pair was built for the layer's "
+                                 f"settings; rebuild it (from_factors) to change {name}")
+        super().__setattr__(name, value)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight the pair computes (differentiable; see :class:`ComputedWeight`)."""
+        return self.dense_weight().as_subclass(ComputedWeight)
+
+    def dense_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _SeparableConvNd(_Pair):
     _conv_cls: type = nn.Conv2d
     _dims: int = 2
+    _interface = CONV_INTERFACE
 
     def __init__(
         self,
@@ -174,13 +196,7 @@ class _SeparableConvNd(nn.Module):
 
     # ------------------------------------------------------------------ the replaced conv's interface
     # Code around a conv reads its settings (``conv.stride``, ``conv.kernel_size[0]``, ``conv.weight.dtype``): the
-    # pair answers as the dense conv it computes. They are read-only: a pair cannot honour a new stride or weight.
-    def __setattr__(self, name: str, value) -> None:
-        if name in CONV_INTERFACE:
-            raise AttributeError(f"{type(self).__name__}.{name} is read-only: the pair was built for the conv's "
-                                 f"settings; rebuild it (from_factors) to change {name}")
-        super().__setattr__(name, value)
-
+    # pair answers as the dense conv it computes. They are read-only (``_Pair``): a pair cannot honour a new stride.
     @property
     def in_channels(self) -> int:
         return self._in_channels
@@ -229,11 +245,6 @@ class _SeparableConvNd(nn.Module):
     def bias(self) -> Optional[torch.Tensor]:
         """The replaced conv's bias (carried by the pointwise conv)."""
         return self.pointwise.bias
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense ``[Cout, Cin, *kernel]`` weight the pair computes (differentiable; see :class:`ComputedWeight`)."""
-        return self.dense_weight().as_subclass(ComputedWeight)
 
     # ------------------------------------------------------------------ running
 
@@ -312,19 +323,11 @@ class SeparableConv1d(_SeparableConvNd):
 LINEAR_INTERFACE = frozenset({"in_features", "out_features", "weight", "bias"})
 
 
-class _LowRankPair(nn.Module):
+class _LowRankPair(_Pair):
     """A 1x1 conv or linear layer ``[Cout, Cin]`` as a low-rank pair: ``.reduce`` (``Cin -> k``, no bias), then
     ``.expand`` (``k -> Cout``, the bias), so ``state_dict`` keys read ``blocks.0.mlp.fc1.reduce.weight``. Answers
     the replaced layer's interface read-only (``weight`` is the dense product, a :class:`ComputedWeight`). Runs as
     two GEMMs (cuBLAS on CUDA; why there is no fused kernel: docs/kernels.md)."""
-
-    _interface: frozenset = frozenset()
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in self._interface:
-            raise AttributeError(f"{type(self).__name__}.{name} is read-only: the pair was built for the layer's "
-                                 f"settings; rebuild it (from_factors) to change {name}")
-        super().__setattr__(name, value)
 
     @property
     def rank(self) -> int:
@@ -334,11 +337,6 @@ class _LowRankPair(nn.Module):
     def bias(self) -> Optional[torch.Tensor]:
         """The replaced layer's bias (carried by ``.expand``)."""
         return self.expand.bias
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense weight the pair computes (differentiable; see :class:`ComputedWeight`)."""
-        return self.dense_weight().as_subclass(ComputedWeight)
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight ``expand @ reduce``, in the replaced layer's shape."""

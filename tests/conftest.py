@@ -56,3 +56,17 @@ def route(request, monkeypatch) -> str:
             raise RuntimeError("tracing disabled by the test")
         monkeypatch.setattr(api, "trace", untraceable)
     return "fx" if request.param == "fx" else "fx-submodules+module-swap"
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Each test compiles from scratch (no Dynamo cache entries or plans from another test); scalar C++ kernels
+    (no SIMD) make Inductor's cold CPU compile about 3x faster and change nothing the tests check. The torch.compile
+    test files use it for every test (``pytestmark``)."""
+    from dsrewrite.dynamo_backend import clear_cache
+
+    torch._dynamo.reset()
+    clear_cache()
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        yield
+    torch._dynamo.reset()

@@ -19,21 +19,13 @@ from torch import nn
 import dsrewrite
 import dsrewrite.pipeline
 from dsrewrite import DsrewriteError
-from dsrewrite.dynamo_backend import DsrewriteBackend, clear_cache, last_report
+from dsrewrite.dynamo_backend import DsrewriteBackend, last_report
 from tests.conftest import rel_err
 
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles from scratch (no Dynamo cache entries or plans from another test); scalar C++ kernels
-    (no SIMD) make Inductor's cold CPU compile about 3x faster and change nothing the tests check."""
-    torch._dynamo.reset()
-    clear_cache()
-    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: a fresh Dynamo and plan cache per test
 
 
 def randomise_bn(model: nn.Module, gen: torch.Generator) -> nn.Module:

@@ -22,21 +22,14 @@ from torch import nn
 import dsrewrite
 import dsrewrite.dynamo.backend as dynamo_backend
 import dsrewrite.dynamo.inputs as dynamo_inputs
-from dsrewrite.dynamo_backend import clear_cache, last_report
+from dsrewrite.dynamo_backend import last_report
 from tests.conftest import rel_err
 
 TOL = 1e-4
 NOT_REWRITTEN = "compiled without rewriting"  # the backend's fallback warning
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """A fresh Dynamo and plan cache per test; scalar C++ kernels keep Inductor's cold CPU compile short."""
-    torch._dynamo.reset()
-    clear_cache()
-    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: a fresh Dynamo and plan cache per test
 
 
 def randomise_norms(model: nn.Module, gen: torch.Generator) -> nn.Module:

@@ -13,21 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsrewrite.dynamo_backend import DsrewriteBackend, clear_cache
+from dsrewrite.dynamo_backend import DsrewriteBackend
 from dsrewrite.modules import LowRankConv2d, LowRankLinear
 from tests.conftest import rel_err
 
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles from scratch; scalar C++ kernels make Inductor's cold CPU compile faster."""
-    torch._dynamo.reset()
-    clear_cache()
-    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: a fresh Dynamo and plan cache per test
 
 
 class Net(nn.Module):

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 ort = pytest.importorskip("onnxruntime")
 
+from ._ort import rel, run  # noqa: E402
 from dsrewrite.errors import DsrewriteError  # noqa: E402
 from dsrewrite.onnx import count_params, rewrite  # noqa: E402
 
@@ -27,16 +28,6 @@ def pair_size(rank: int) -> int:
 
 def f32(*shape) -> np.ndarray:
     return np.random.default_rng().standard_normal(shape).astype(np.float32)
-
-
-def run(model, feeds):
-    src = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
 def constant(name: str, value: np.ndarray) -> onnx.NodeProto:

@@ -14,6 +14,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from ._ort import rel, run  # noqa: E402
 from dsrewrite.cli import main  # noqa: E402
 from dsrewrite.onnx import rewrite  # noqa: E402
 
@@ -25,16 +26,6 @@ print(f"random seed: {SEED}")
 
 def f32(*shape):
     return RNG.standard_normal(shape).astype(np.float32)
-
-
-def run(model, feeds):
-    src = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
 def export(model: nn.Module, x: torch.Tensor, path: str) -> str:
