@@ -86,7 +86,7 @@ class OnnxRuntime(Runtime):
             path = os.path.join(d, "model.onnx")
             export_onnx(model, tuple(args), path, dynamic_batch=False)
             sess = session(path, self.ort["threads"], optimization=self.ort["optimization"],
-                           provider=self.ort["provider"])
+                           provider=self.ort["provider"], spinning=False)
         names = [i.name for i in sess.get_inputs()]
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if len(names) != len(tensors):
@@ -101,7 +101,8 @@ class OnnxRuntime(Runtime):
 
         threads = self.ort["threads"]
         return (f"onnxruntime {ort.__version__} ({self.ort['provider']}, graph optimisation "
-                f"{self.ort['optimization']}, {f'{threads} intra-op threads' if threads else 'default threads'})")
+                f"{self.ort['optimization']}, {f'{threads} intra-op threads' if threads else 'default threads'}; timed with idle pool threads "
+                f"sleeping, as two sessions share the cores)")
 
     def how(self, memory_format: Optional[str]) -> Optional[str]:
         return "timed as exported ONNX in onnxruntime with these session options: deploy the .onnx export"

@@ -173,6 +173,36 @@ def test_cli_onnx_target_latency(monkeypatch, tmp_path, capsys):
     assert json.loads(report.read_text())["latency_rounds"][0]["kept"]
 
 
+def test_timed_sessions_sleep_instead_of_spinning(monkeypatch):
+    """Every session the ONNX route times beside another (whole models, layers) has spinning pool threads off:
+    one session's spinning pool takes the cores from the other's run and scatters the per-round ratios."""
+    from dsrewrite.onnx import measure as omeasure
+
+    made = []
+    real = omeasure.session
+
+    def spinning(s) -> str:
+        try:
+            return s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return "default"
+
+    def recording(*args, **kwargs):
+        s = real(*args, **kwargs)
+        made.append((kwargs.get("once", False), spinning(s)))
+        return s
+
+    monkeypatch.setattr(omeasure, "session", recording)
+    monkeypatch.setattr(olat, "session", recording)
+    rep = rewrite(_model(), rank=2, measure_time=True, ort_threads=1).report
+    assert "idle pool threads sleeping" in rep.time_runtime
+    olat.OrtLayerTimer(threads=1, reps=2).dense_ms(ConvSpec(name="c", in_channels=4, out_channels=8, kernel=(3, 3),
+                                                            out_spatial=(6, 6)))
+    timed = [spin for once, spin in made if not once]
+    assert len(timed) >= 3 and all(spin == "0" for spin in timed), made
+    assert spinning(real(_model().SerializeToString())) == "default"  # sessions not timed keep the default
+
+
 def test_onnxruntime_session_options(tmp_path, capsys):
     """The sessions the ONNX route times in follow ort_threads / ort_optimization / ort_provider and the report
     says which; bad values, a provider onnxruntime lacks and the options on the PyTorch route are refused in

@@ -297,7 +297,7 @@ def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target
     ort_options = ort_options or {}
     feeds = random_feeds(model, shapes.inputs)
     try:
-        before = session(model, **ort_options)
+        before = session(model, **ort_options, spinning=False)
         before.run(None, feeds)
     except DsrewriteError:
         raise
@@ -312,7 +312,7 @@ def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target
     def attempt(t) -> Attempt:
         out = plan_and_apply({"timer": t, "total_time_ms": total})
         try:
-            after = session(out[0], **ort_options)
+            after = session(out[0], **ort_options, spinning=False)
             c = compare(before.run, after.run, (None, feeds))
         except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: one line, dsrewrite's type
             raise DsrewriteError(f"target_latency: onnxruntime cannot run the rewritten model ({first_line(e, 160)}): "
@@ -392,8 +392,8 @@ def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], 
         report.notes.append("latency not measured: input shapes are not static")
         return
     try:
-        before = session(src_path if big else model, **ort_options)
-        after = session(dst if big else new, **ort_options)
+        before = session(src_path if big else model, **ort_options, spinning=False)
+        after = session(dst if big else new, **ort_options, spinning=False)
     except DsrewriteError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. an op onnxruntime lacks: keep the rewrite, say why

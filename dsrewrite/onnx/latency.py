@@ -131,7 +131,8 @@ class OrtLayerTimer:
         runs, shape = [], None
         for rank, _ in variants:
             model, shape = conv_model(spec, rng) if rank is None else pair_model(spec, rank, rng)
-            runs.append(session(model, self.threads, optimization=self.optimization, provider=self.provider).run)
+            runs.append(session(model, self.threads, optimization=self.optimization, provider=self.provider,
+                                 spinning=False).run)
         feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
         return time_side_by_side(runs, (None, feeds), warmup=1, reps=self.reps,
                                  max_seconds=self.max_seconds * len(runs), min_reps=2)

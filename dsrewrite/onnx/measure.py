@@ -38,13 +38,15 @@ _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
 
 
 def session(model: Union[str, bytes, onnx.ModelProto], threads: Optional[int] = None, *, once: bool = False,
-            optimization: str = "all", provider: str = "CPUExecutionProvider"):
+            optimization: str = "all", provider: str = "CPUExecutionProvider", spinning: bool = True):
     """An onnxruntime session of a model, a path or serialised bytes (``threads`` intra-op threads;
     onnxruntime's default when ``None``; ``optimization``: graph optimisation level, ``disable``, ``basic``,
     ``extended`` or ``all``; ``provider``: the execution provider, refused in one line when not available).
     ``once=True``: for a session run once (the self-check), basic graph optimisations only (several times
     cheaper to create than all of them), idle pool threads that sleep instead of spinning (numpy and torch
-    work follows in the process), and no error log on stderr (the caller reports the exception)."""
+    work follows in the process), and no error log on stderr (the caller reports the exception).
+    ``spinning=False``: idle pool threads sleep; every session that is *timed* beside another one needs it, since one session's spinning pool takes the cores from the other's run (per-round ratios
+    of resnet18 spread 0.52-0.88 with spinning, 0.56-0.58 without: ``benchmarks/ort_timing_method.py``)."""
     import onnxruntime as ort
 
     from ..errors import DsrewriteError
@@ -56,6 +58,7 @@ def session(model: Union[str, bytes, onnx.ModelProto], threads: Optional[int] = 
     if once:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.log_severity_level = 4  # fatal only
+    if once or not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
