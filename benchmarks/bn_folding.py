@@ -3,7 +3,7 @@
 A rewritten conv keeps the BatchNorm after it, so in PyTorch eager a pair is three ops (depthwise, pointwise,
 BN). Folding the BN into the conv first (``torch.fx.experimental.optimization.fuse``, eval mode) and rewriting
 the folded model gives pairs whose pointwise conv carries the BN (two ops). Timed side by side, interleaved
-(``dsrewrite.measure.compare``), in eager NCHW and channels_last, Inductor and onnxruntime: the original, the
+(``dsrewrite.timing.measure.compare``), in eager NCHW and channels_last, Inductor and onnxruntime: the original, the
 folded original, the rewrite of the original and the rewrite of the folded model, all at the same uniform
 rank, as ratios to the (unfolded) original in that runtime.
 
@@ -31,9 +31,9 @@ def main(argv=None) -> int:
     from torch.fx.experimental.optimization import fuse
 
     import dsrewrite
-    from dsrewrite.latency import to_format
-    from dsrewrite.measure import compare
-    from dsrewrite.runtimes import get_runtime
+    from dsrewrite.timing.layers import to_format
+    from dsrewrite.timing.measure import compare
+    from dsrewrite.timing.runtimes import get_runtime
 
     torch.manual_seed(0)
     rows: List[Dict] = []

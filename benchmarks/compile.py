@@ -3,7 +3,7 @@
 For each model, dtype, batch and compile mode it compiles the original with Inductor (``torch.compile(model,
 mode=...)``) and the rewritten one with the dsrewrite backend at each rank (``dsrewrite.compile(model, rank=...,
 mode=...)``: the separable pairs become the Triton op on CUDA, the rest of the graph goes to Inductor), and times
-both in the same run: ``triton.testing.do_bench`` medians on CUDA, ``dsrewrite.measure.time_call`` on the CPU.
+both in the same run: ``triton.testing.do_bench`` medians on CUDA, ``dsrewrite.timing.measure.time_call`` on the CPU.
 Reported per row: FLOPs kept (FlopCounterMode convention, 2 per multiply-add, from the backend's report), latency
 ratio (rewritten / original; < 1 is faster), both times, compile times, and the compiled rewritten model's
 relative L2 error against ``dsrewrite.rewrite()`` run eagerly (a check that the timed model is the right one).
@@ -49,7 +49,7 @@ def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
         from triton.testing import do_bench
 
         return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    from dsrewrite.measure import time_call
+    from dsrewrite.timing.measure import time_call
 
     return lambda fn: time_call(lambda: fn(), (), warmup=2, reps=10, device=device)
 
@@ -72,7 +72,7 @@ def bench_case(name: str, dtype: str, batch: int, size: int, mode: str, ranks: S
                sep_backend: str) -> List[Dict[str, Any]]:
     """One model, dtype, batch and mode: the compiled original once, then the compiled rewritten one per rank."""
     import dsrewrite
-    from dsrewrite.dynamo_backend import clear_cache
+    from dsrewrite.dynamo.backend import clear_cache
 
     torch.manual_seed(0)
     model = build(name).eval().to(device=device, dtype=DTYPES[dtype])

@@ -43,7 +43,7 @@ def main() -> None:
                       else t for t in args)
             with torch.no_grad():
                 y0, y1 = m(*x), res.model(*x)
-            ys0, ys1 = dsrewrite.measure.tensors_of(y0), dsrewrite.measure.tensors_of(y1)
+            ys0, ys1 = dsrewrite.timing.measure.tensors_of(y0), dsrewrite.timing.measure.tensors_of(y1)
             err = max(float((b.double() - c.double()).norm() / c.double().norm()) for b, c in zip(ys1, ys0))
             rows.append({"model": name, "dtype": str(dtype), "rewritten": len(res.report.rewritten), "rel_error": err})
             print(f"{name:28s} {str(dtype):14s} {len(res.report.rewritten):4d} rewritten  rel. error {err:.2e}")

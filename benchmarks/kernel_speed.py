@@ -96,9 +96,9 @@ def build_cases(suites: List[str], ns: List[int], dtypes: List[str], ranks=RANKS
 
 
 def case_flops(c: Case) -> Dict[str, int]:
-    """FLOPs (2 per multiply-add, :func:`dsrewrite.cost.separable_pair_flops`): depthwise ``2*k^2*C*r*P``,
+    """FLOPs (2 per multiply-add, :func:`dsrewrite.plan.cost_model.separable_pair_flops`): depthwise ``2*k^2*C*r*P``,
     pointwise ``2*C*r*M*P``, P output pixels."""
-    from dsrewrite.cost import separable_pair_flops  # here, like every dsrewrite/torch import of this script
+    from dsrewrite.plan.cost_model import separable_pair_flops  # here, like every dsrewrite/torch import of this script
 
     oh, ow = c.out_hw
     dw, pw = separable_pair_flops(c.c * c.r, c.m, c.k * c.k, c.n * oh * ow)

@@ -21,7 +21,7 @@ from typing import Dict, List
 
 
 def _clear_caches() -> None:
-    from dsrewrite import latency
+    from dsrewrite.timing import layers as latency
     from dsrewrite.onnx import latency as olat
 
     latency._CACHE.clear()
@@ -33,9 +33,9 @@ def run_torch(model_name: str, batch: int, size: int, target: float, runtime: st
     import torchvision
 
     import dsrewrite
-    from dsrewrite.latency import to_format
-    from dsrewrite.measure import compare
-    from dsrewrite.runtimes import get_runtime
+    from dsrewrite.timing.layers import to_format
+    from dsrewrite.timing.measure import compare
+    from dsrewrite.timing.runtimes import get_runtime
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(model_name, weights=None).eval()
@@ -69,7 +69,7 @@ def run_onnx(model_name: str, batch: int, size: int, target: float, folder: str)
 
     import dsrewrite
     import dsrewrite.onnx as ds_onnx
-    from dsrewrite.measure import compare
+    from dsrewrite.timing.measure import compare
     from dsrewrite.onnx.measure import session
 
     src = os.path.join(folder, f"{model_name}_{batch}_{size}.onnx")

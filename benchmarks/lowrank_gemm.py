@@ -4,8 +4,8 @@ two GEMMs at its FLOPs predict, or is there room for a fused kernel (docs/kernel
 For each layer shape (ViT-S MLP and attention projections, ResNet-50 and MobileNetV3 1x1 convs as GEMMs over
 their pixels) and a few ranks ``k`` (fractions of the FLOP break-even rank ``Cin*Cout/(Cin+Cout)``), the dense
 ``nn.Linear`` and the ``LowRankLinear`` pair are timed side by side in interleaved rounds
-(``dsrewrite.measure.compare``: fastest of each, noise = half the IQR of the per-round ratios). The FLOP ratio is
-the cost model's (``dsrewrite.cost``). On CUDA the rows also give each variant's achieved bandwidth from the bytes
+(``dsrewrite.timing.measure.compare``: fastest of each, noise = half the IQR of the per-round ratios). The FLOP ratio is
+the cost model's (``dsrewrite.plan.cost_model``). On CUDA the rows also give each variant's achieved bandwidth from the bytes
 it must move at least (activations in and out, weights, the pair's intermediate twice).
 
     python benchmarks/lowrank_gemm.py --device cpu --out benchmarks/lowrank_gemm_cpu.json
@@ -24,10 +24,10 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _meta import write_json  # noqa: E402
 
-from dsrewrite import cost  # noqa: E402
-from dsrewrite.factorize import factorize_layer  # noqa: E402
+from dsrewrite.plan import cost_model as cost  # noqa: E402
+from dsrewrite.plan.factorize import factorize_layer  # noqa: E402
 from dsrewrite.ir import ConvSpec  # noqa: E402
-from dsrewrite.measure import compare  # noqa: E402
+from dsrewrite.timing.measure import compare  # noqa: E402
 from dsrewrite.modules import LowRankLinear  # noqa: E402
 
 # (name, rows per batch item, Cin, Cout): rows are tokens (ViT-S at 224: 197) or pixels of a 1x1 conv

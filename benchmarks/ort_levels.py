@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     import torchvision
 
     import dsrewrite.onnx as ds_onnx
-    from dsrewrite.measure import compare
+    from dsrewrite.timing.measure import compare
     from dsrewrite.onnx.measure import session
 
     rows = []

@@ -29,9 +29,9 @@ ONet):
   with the original with the removed channels zeroed (the Markdown gives the largest difference).
 
 Latency, per runtime, of every variant against the original in the same runtime, side by side in interleaved
-rounds (``dsrewrite.measure.compare``: fastest of each, noise = half the IQR of the per-round ratios): PyTorch
+rounds (``dsrewrite.timing.measure.compare``: fastest of each, noise = half the IQR of the per-round ratios): PyTorch
 eager and Inductor (``torch.compile`` of both, compiled before timing) each in the memory format faster for the
-original there (``dsrewrite.latency.best_memory_format``); onnxruntime (both exported as the CLI exports,
+original there (``dsrewrite.timing.layers.best_memory_format``); onnxruntime (both exported as the CLI exports,
 sessions with 2 intra-op threads, default graph optimisations). Metrics are measured in eager; the ONNX and
 Inductor outputs are checked against eager. Torch runs with 2 threads.
 
@@ -81,8 +81,8 @@ sys.path.insert(0, HERE)
 import dsrewrite  # noqa: E402
 from dsrewrite.finetune import fit  # noqa: E402
 from dsrewrite.demo import DigitsCNN, accuracy, load_digits_data, loader, train_classifier  # noqa: E402
-from dsrewrite.latency import to_format  # noqa: E402
-from dsrewrite.measure import compare, count_flops, count_params  # noqa: E402
+from dsrewrite.timing.layers import to_format  # noqa: E402
+from dsrewrite.timing.measure import compare, count_flops, count_params  # noqa: E402
 from planning import onet_from_wheel, rel, sample_crops  # noqa: E402
 
 RUNTIMES = ("eager", "inductor", "onnxruntime")
@@ -245,7 +245,7 @@ def onnx_exporter() -> Callable[[nn.Module, tuple, str], None]:
 
         return lambda m, a, path: _export_onnx(m, a, path, True)
     except ImportError:  # moved next to the runtimes
-        from dsrewrite.runtimes import export_onnx
+        from dsrewrite.timing.runtimes import export_onnx
 
         return lambda m, a, path: export_onnx(m, a, path)
 
@@ -260,7 +260,7 @@ def _max_rel(outs: Sequence[Any], refs: Sequence[torch.Tensor]) -> float:
 
 class Timer:
     """The original of one task, prepared once per runtime in the memory format faster for it there (eager and
-    Inductor: ``dsrewrite.latency.best_memory_format`` on the original run in that runtime; onnxruntime: NCHW,
+    Inductor: ``dsrewrite.timing.layers.best_memory_format`` on the original run in that runtime; onnxruntime: NCHW,
     it picks its own layouts); ``time(model, runtime)`` compares a variant with it."""
 
     def __init__(self, task: Task, folder: str) -> None:
@@ -274,7 +274,7 @@ class Timer:
 
     def _original(self, runtime: str) -> Tuple[Callable, tuple, Dict[str, Any]]:
         """The original, ready to run in ``runtime`` in its faster memory format (chosen here, once)."""
-        from dsrewrite.latency import best_memory_format
+        from dsrewrite.timing.layers import best_memory_format
 
         if runtime == "onnxruntime":
             self.fmt[runtime], self.fmt_ms[runtime] = "contiguous", {}

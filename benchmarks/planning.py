@@ -31,8 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dsrewrite  # noqa: E402
-from dsrewrite.latency import to_format  # noqa: E402
-from dsrewrite.measure import time_side_by_side  # noqa: E402
+from dsrewrite.timing.layers import to_format  # noqa: E402
+from dsrewrite.timing.measure import time_side_by_side  # noqa: E402
 
 
 def flops(model, x) -> int:

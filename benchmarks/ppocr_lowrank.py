@@ -20,7 +20,7 @@ Rows per arm, all with ``kinds="all"`` and ``calibration=`` feeds made by RapidO
 
 Time: the original and each rewritten ``.onnx`` in onnxruntime sessions (2 intra-op threads, default graph
 optimisations), side by side in interleaved rounds on one random input of the FLOPs shape
-(``dsrewrite.measure.compare``: fastest of each, noise = half the IQR of the per-round ratios); rec
+(``dsrewrite.timing.measure.compare``: fastest of each, noise = half the IQR of the per-round ratios); rec
 1x3x48x320 (RapidOCR's ``rec_img_shape``), det 1x3x736x1216 (a 480x800 page after RapidOCR's preprocessing).
 The 1-minute load average is recorded with every timing: the 2 cores are shared.
 
@@ -80,7 +80,7 @@ def smallest(model, shape, kinds: str) -> Dict[str, Any]:
 
 def time_onnx(before: str, after: str, shape: Sequence[int]) -> Dict[str, Any]:
     """Both files in onnxruntime, side by side in interleaved rounds on one random input."""
-    from dsrewrite.measure import compare
+    from dsrewrite.timing.measure import compare
     from dsrewrite.onnx.measure import session
 
     s0, s1 = session(before, THREADS), session(after, THREADS)

@@ -26,8 +26,8 @@ import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dsrewrite  # noqa: E402
-from dsrewrite.latency import LayerTimer, to_format  # noqa: E402
-from dsrewrite.measure import time_side_by_side  # noqa: E402
+from dsrewrite.timing.layers import LayerTimer, to_format  # noqa: E402
+from dsrewrite.timing.measure import time_side_by_side  # noqa: E402
 
 CASES = [("resnet18", (4, 3, 112, 112)), ("vgg16", (1, 3, 224, 224))]
 

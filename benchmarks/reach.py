@@ -17,7 +17,7 @@ For each timm architecture (random weights, nothing downloaded, eval mode), at 2
 Then, for a few of them (``--latency-models``), at batch 8 and a lower resolution (``--latency-size``, 160 by
 default: full 224 runs do not fit 2 cores' time), **measured time of ``target_latency`` plans** (eager, planned
 and checked in eager by ``rewrite``'s closed loop), with ``kinds="kxk"`` and ``kinds="all"``: the report's
-side-by-side ratio (``dsrewrite.measure.compare``: fastest of interleaved rounds, noise = half the IQR of the
+side-by-side ratio (``dsrewrite.timing.measure.compare``: fastest of interleaved rounds, noise = half the IQR of the
 per-round ratios), re-measured here with ``compare`` in eager and, with ``--onnxruntime``, in onnxruntime
 (both models exported the CLI's way, 2 intra-op threads). A refused target is recorded with its message.
 The 1-minute load average of the machine is recorded with every timing (other processes share the 2 cores).
@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import dsrewrite  # noqa: E402
 from dsrewrite.errors import BudgetUnreachable, DsrewriteError  # noqa: E402
-from dsrewrite.measure import compare, count_flops  # noqa: E402
+from dsrewrite.timing.measure import compare, count_flops  # noqa: E402
 
 MODELS = ("resnet18", "resnet50", "vgg16", "densenet121", "mobilenetv3_large_100", "efficientnet_b0",
           "regnety_016", "fastvit_t8", "efficientvit_b1", "mobilevit_s", "convnext_tiny",
@@ -156,7 +156,7 @@ def latency_row(name: str, kinds: str, target: float, size: int, batch: int, ort
     row.update(eager=dict(before_ms=round(c.before_ms, 2), after_ms=round(c.after_ms, 2), ratio=round(c.ratio, 3),
                           noise=round(c.noise, 3), rounds=c.rounds, memory_format=str(fmt).split(".")[-1], load=load()))
     if ort:
-        from dsrewrite.runtimes import get_runtime
+        from dsrewrite.timing.runtimes import get_runtime
 
         rt = get_runtime("onnxruntime")
         try:

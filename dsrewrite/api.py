@@ -1,6 +1,8 @@
 """``dsrewrite.rewrite``: the one-call entry point (copy, trace or fall back, plan, rewrite, report)."""
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -13,15 +15,16 @@ from .frontends.conv_modules import deepcopy_module, weight_states
 from .frontends.fx import trace
 from .frontends.swap import breaking_swap, rewrite_untraceable
 from .fx_pass import SeparableRewritePass
-from .measure import count_params, eval_mode, input_device, outputs_differ, seeded, time_models
-from .pipeline import Decision, Selector, layer_report, matcher
-from .plan import Plan
-from .planning import Planning
+from .timing.measure import count_params, eval_mode, input_device, outputs_differ, seeded
+from .timing.runtimes import time_models
+from .plan.planner import Decision, Selector, layer_report, matcher
+from .plan.planfile import Plan, weight_shape
+from .plan.inputs import Planning
 from .report import Report, build_report
-from .selfcheck import check_runs
-from .snapshot import ModelSnapshot
+from .plan.selfcheck import check_runs
+from .frontends.snapshot import ModelSnapshot
 
-__all__ = ["rewrite", "RewriteResult", "as_args"]
+__all__ = ["rewrite", "apply_plan", "RewriteResult", "as_args", "REPLAY_OPTIONS"]
 
 
 @dataclass
@@ -29,7 +32,7 @@ class RewriteResult:
     """``model``: the rewritten model (a ``GraphModule`` on the fx route); ``report``: what changed;
     ``memory_format``: the layout latency planning timed it in (``"channels_last"`` or ``"contiguous"``;
     ``None`` without ``target_latency``), the one to deploy it in; ``plan``: what was decided per layer, to save
-    and replay (:class:`~dsrewrite.plan.Plan`, :func:`~dsrewrite.plan.apply_plan`)."""
+    and replay (:class:`~dsrewrite.plan.Plan`, :func:`~dsrewrite.apply_plan`)."""
 
     model: nn.Module
     report: Report
@@ -77,15 +80,15 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
         progress: show progress bars.
         name: model name for the report.
         target_flops / target_params: keep at most this fraction of the whole model's FLOPs / parameters;
-            ranks are allocated per layer for the least total error (:mod:`dsrewrite.budget`).
+            ranks are allocated per layer for the least total error (:mod:`dsrewrite.plan.allocate`).
         target_latency: keep at most this fraction of the model's measured time; layers are timed on
             ``device`` (original vs separable at candidate ranks, cached) and slower ones left alone. The plan
-            is then checked on the whole model and re-planned while it misses (:mod:`dsrewrite.latency_loop`,
+            is then checked on the whole model and re-planned while it misses (:mod:`dsrewrite.timing.loop`,
             up to 3 plans, listed in ``report.latency_rounds``); a target no plan reaches is refused.
         energy: per layer, the smallest rank keeping this fraction of its spectral energy.
         calibration: a tensor (split into batches) or an iterable of input batches. Ranks under a budget are
             then allocated on whitened spectra, and every rewritten layer is refitted in execution order on
-            the activations of the rewritten network before it (:mod:`dsrewrite.calibrate`).
+            the activations of the rewritten network before it (:mod:`dsrewrite.calib.solve`).
         device: where ``target_latency`` times layers (default: the inputs' device).
         memory_format: layout for latency planning: ``"auto"`` (on CPU the faster of NCHW and channels_last
             for the original model), ``"contiguous"`` or ``"channels_last"``.
@@ -331,7 +334,7 @@ def _measure(model: nn.Module, new_model: nn.Module, args: tuple, plan: Planning
     if plan.memory_format is not None:  # latency planning made the original in its format (and compiled it)
         original, args, prepared = plan.original_in(original, args, plan.memory_format)
         if plan.memory_format == "channels_last":
-            from .latency import to_format
+            from .timing.layers import to_format
 
             new_model, _ = to_format(new_model, args, "channels_last")
             fmt = "channels_last"
@@ -343,9 +346,9 @@ def _measure(model: nn.Module, new_model: nn.Module, args: tuple, plan: Planning
 
 # ------------------------------------------------------------------------------------------ closed loop
 def _closed_loop(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning):
-    """``target_latency`` checked on the whole model (:func:`dsrewrite.latency_loop.latency_loop`): each plan is
+    """``target_latency`` checked on the whole model (:func:`dsrewrite.timing.loop.latency_loop`): each plan is
     built on a copy and timed against the original; the report lists every plan, planned vs measured."""
-    from .latency_loop import Attempt, attempt_from_layers, latency_loop
+    from .timing.loop import Attempt, attempt_from_layers, latency_loop
 
     timer = plan.kwargs["timer"]
 
@@ -375,3 +378,75 @@ def _closed_loop(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planni
     if plan.batches is not None:
         report.notes.append(built.calibrate(plan))
     return built, report
+
+
+REPLAY_OPTIONS = ("inplace", "backend", "progress", "name", "measure_time")  # what apply_plan takes beside the plan
+
+
+def apply_plan(model: Any, plan: "Plan | str | os.PathLike[str]", example_inputs: Any, calibration: Any = None,
+               **options: Any) -> Any:
+    """Rebuild ``plan``'s rewrite of ``model`` (a fresh copy, or the model itself with ``inplace=True``) without
+    timing anything: every layer gets the plan's rank, per-channel ranks and depthwise form, its factors by SVD,
+    or refitted on ``calibration`` as :func:`dsrewrite.rewrite` does. A plan that does not fit the model (a layer
+    missing, another weight shape) is refused in one line naming the first mismatch.
+
+    ``plan``: a :class:`Plan` or the path of a saved one. ``options``: ``inplace``, ``backend``, ``progress``,
+    ``name``, ``measure_time`` (default ``False``; ``True`` times the original and the rebuilt model side by side).
+    Returns a :class:`~dsrewrite.RewriteResult` (``.model``, ``.report``, ``.plan``: the plan as rebuilt). Then
+    ``result.model.load_state_dict(fine_tuned_state_dict)`` gives back a fine-tuned model (docs/plans.md).
+    """
+    if not isinstance(plan, Plan):
+        if not isinstance(plan, (str, os.PathLike)):
+            raise DsrewriteError(f"plan must be a dsrewrite.Plan or the path of a saved one, got {type(plan).__name__}")
+        plan = Plan.load(plan)
+    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        raise DsrewriteError(f"model must be an eager torch.nn.Module, got {type(model).__name__}")
+    if plan.route in ("onnx", "torch.compile"):
+        raise DsrewriteError(f"this plan was made on the {plan.route} route: apply it there "
+                             f"({'dsrewrite.onnx.apply_plan' if plan.route == 'onnx' else 'dsrewrite.compile'})")
+    bad = next((k for k in options if k not in REPLAY_OPTIONS), None)
+    if bad is not None:
+        raise DsrewriteError(f"apply_plan does not take {bad!r}: the plan decides the layers and ranks (options: "
+                             f"{', '.join(REPLAY_OPTIONS)})")
+    options = dict(options, measure_time=bool(options.get("measure_time", False)))
+    cfg = RewriteConfig.build(None, dict(options, calibration=calibration), route="torch",
+                              words=" for dsrewrite.apply_plan")
+    args = as_args(example_inputs)
+    if not cfg.inplace:
+        return _replay(model, args, cfg, plan)
+    before = ModelSnapshot(model)  # inplace: succeed, or leave the model exactly as it was
+    try:
+        return _replay(model, args, cfg, plan)
+    except BaseException:
+        before.restore()
+        raise
+
+
+def _replay(model: Any, args: tuple, cfg: Any, plan: Plan) -> Any:
+    """:func:`apply_plan` after its checks: ``api._build`` with the plan as the planner's decisions (the same
+    frontends and fallback as ``rewrite``), the fit checked on the route that built it, then calibration."""
+    planning = Planning(model, args, cfg)
+    planning.kwargs["replay"] = plan
+    built = _build(model, args, cfg, planning, inplace=cfg.inplace)
+    plan.check_fit((d.site.spec.name, weight_shape(d.site.weight)) for d in built.decisions)
+    wanted = plan.by_name()
+    for d in built.decisions:
+        if wanted[d.site.spec.name].rewritten and not d.rewritten:
+            raise DsrewriteError(f"the plan does not fit this model: layer {d.site.spec.name!r} cannot be rewritten "
+                                 f"here ({d.report.reason})")
+    if built.route != plan.route:
+        built.notes.append(f"plan made on the {plan.route} route, rebuilt on the {built.route} route")
+    if planning.batches is not None:
+        built.calibrate(planning)
+    report = built.report(model, cfg, planning)
+    if cfg.measure_time:
+        _measure(model, built.model, args, planning, report)
+    rebuilt = Plan.from_decisions(built.decisions, route=built.route)
+    moved = [L.name for L in rebuilt.layers if L.channel_ranks != wanted[L.name].channel_ranks]
+    if moved:
+        report.notes.append(f"calibration moved the per-channel ranks of {len(moved)} layer(s) (same shapes): "
+                            + ", ".join(moved[:4]) + (", ..." if len(moved) > 4 else ""))
+    report.notes.append(f"rebuilt from a plan ({plan.fingerprint}, made with dsrewrite "
+                        f"{plan.versions.get('dsrewrite', '?')}): no layer timed")
+    result_plan = dataclasses.replace(plan, layers=rebuilt.layers, route=built.route, fingerprint="")
+    return RewriteResult(built.model, report, built.decisions, plan.memory_format, plan=result_plan)

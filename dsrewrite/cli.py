@@ -18,6 +18,7 @@ import sys
 import warnings
 from typing import Dict, Iterator, NoReturn, Optional, Sequence, Tuple
 
+from .calib.images import CALIB_FLAGS, image_options, load_images, load_tensors
 from .config import RewriteConfig
 from .errors import DsrewriteError, first_line
 
@@ -48,7 +49,7 @@ def _parse_input_shape(text: str) -> Tuple[Optional[str], Tuple[int, ...]]:
 
 def _parse_rank(text: str):
     """``4``, ``auto``, ``full``, or ranks by layer ``layer4.*=2,*=auto`` (GLOB=RANK items, first match wins)."""
-    from .policy import check_rank
+    from .plan.policy import check_rank
 
     try:
         if "=" not in text:
@@ -136,9 +137,9 @@ def _example_inputs(model, shape: Optional[Tuple[int, ...]]) -> tuple:
 
 
 def _export_onnx(model, args: tuple, out: str, quiet: bool) -> None:
-    """ONNX with a dynamic batch axis where the model allows it (:func:`dsrewrite.runtimes.export_onnx`); when it
+    """ONNX with a dynamic batch axis where the model allows it (:func:`dsrewrite.timing.runtimes.export_onnx`); when it
     has the example's fixed shapes instead, a note on stderr says why."""
-    from .runtimes import export_onnx
+    from .timing.runtimes import export_onnx
 
     reason = export_onnx(model, args, out, verbose=not quiet)
     if reason and not quiet:
@@ -165,15 +166,9 @@ def _save(model, args: tuple, out: str, quiet: bool = False) -> None:
         raise DsrewriteError(f"cannot export the rewritten model to {out}: {first_line(e, 200)}") from None
 
 
-_CALIB_FLAGS = (("--calib-size", "calib_size", None), ("--calib-mean", "calib_mean", None),
-                ("--calib-std", "calib_std", None), ("--calib-layout", "calib_layout", "nchw"),
-                ("--calib-bgr", "calib_bgr", False), ("--calib-max-images", "calib_max_images", 64),
-                ("--sequential/--no-sequential", "sequential", None))
-
-
 def _cmd_rewrite(a: argparse.Namespace) -> int:
     if not getattr(a, "calibration", None):
-        given = [flag for flag, key, default in _CALIB_FLAGS if getattr(a, key, default) != default]
+        given = [flag for flag, key, default in CALIB_FLAGS if getattr(a, key, default) != default]
         if given:
             raise DsrewriteError(f"{given[0]} applies to calibration: give --calibration too")
     # fail before the work, not after it
@@ -198,16 +193,14 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
         return 0
     if a.out and os.path.splitext(a.out)[1].lower() not in (".pt2", ".onnx", ".pt", ".pth"):
         raise DsrewriteError(f"output must end in .pt2 (torch.export), .onnx or .pt, got {a.out!r}")
-    from .api import rewrite
+    from .api import apply_plan, rewrite  # torch and the compiler load for a command that runs them, not --help
 
     model = load_model(a.src, a.weights)
     args = _example_inputs(model, _single_shape(a.input_shape))
     if getattr(a, "calib_layout", "nchw") != "nchw":
         raise DsrewriteError("--calib-layout nhwc is for ONNX models: a PyTorch image model takes NCHW")
-    calibration = load_calibration(a.calibration, args, **calib_options(a)) if getattr(a, "calibration", None) else None
+    calibration = load_calibration(a.calibration, args, **image_options(a)) if getattr(a, "calibration", None) else None
     if getattr(a, "plan", None):  # replay a saved plan: no layer timed, the plan's ranks
-        from .plan import apply_plan
-
         result = apply_plan(model, a.plan, args, calibration, name=a.src, backend=a.backend or "auto",
                             progress=not a.quiet)
     else:
@@ -219,7 +212,7 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
     if a.out:
         out_model, out_args = result.model, args
         if result.memory_format == "channels_last" and a.out.lower().endswith(".pt2"):
-            from .latency import to_format  # carry the layout it was planned and timed in
+            from .timing.layers import to_format  # carry the layout it was planned and timed in
 
             out_model, out_args = to_format(result.model, args, "channels_last")
             if not a.quiet:
@@ -251,7 +244,7 @@ def _check_replay_flags(a: argparse.Namespace) -> None:
 
 def load_calibration(path: str, args: tuple, max_images: int = 64, *, mean=None, std=None, bgr: bool = False,
                      size: Optional[Tuple[int, int]] = None):
-    """Calibration inputs: a ``.pt`` tensor file, or a folder of images (:func:`dsrewrite.images.load_images`:
+    """Calibration inputs: a ``.pt`` tensor file, or a folder of images (:func:`dsrewrite.calib.images.load_images`:
     resized to the input's H x W or ``size``, scaled to [0, 1], then ``(x - mean) / std`` when given)."""
     import torch
 
@@ -259,10 +252,7 @@ def load_calibration(path: str, args: tuple, max_images: int = 64, *, mean=None,
         raise DsrewriteError(f"calibration path not found: {path}")
     x0 = args[0] if args and isinstance(args[0], torch.Tensor) else None
     if os.path.isfile(path):
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise DsrewriteError(f"cannot load calibration tensor from {path}: {first_line(e)}") from None
+        data = load_tensors(path)
         if not isinstance(data, torch.Tensor):
             raise DsrewriteError(f"calibration file must hold one tensor, got {type(data).__name__}")
         if x0 is not None and tuple(data.shape[1:]) != tuple(x0.shape[1:]):
@@ -271,17 +261,9 @@ def load_calibration(path: str, args: tuple, max_images: int = 64, *, mean=None,
         return data.to(x0.dtype) if x0 is not None else data
     if x0 is None or x0.dim() != 4:
         raise DsrewriteError("an image folder needs a 4-D image input (N, C, H, W); use a .pt tensor file")
-    from .images import load_images
-
     c, h, w = x0.shape[1:]
     arr = load_images(path, size or (h, w), c, mean=mean, std=std, bgr=bgr, max_images=max_images)
     return torch.from_numpy(arr).to(x0.dtype)
-
-
-def calib_options(a: argparse.Namespace) -> dict:
-    """The image preprocessing flags (``--calib-*``) as keyword arguments of the image loaders."""
-    return {key.replace("calib_", ""): getattr(a, key, default) for _, key, default in _CALIB_FLAGS
-            if key not in ("calib_layout", "sequential")}
 
 
 def _parse_floats(text: str) -> Tuple[float, ...]:

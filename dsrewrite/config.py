@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from .errors import DsrewriteError
-from .latency import MEMORY_FORMATS
+from .timing.layers import MEMORY_FORMATS
 from .modules import BACKENDS
 from .ir import check_kinds
-from .policy import RankArg, RankMap, check_rank, plan_kinds
-from .runtimes import RUNTIMES
+from .plan.policy import RankArg, RankMap, check_rank, plan_kinds
+from .timing.runtimes import RUNTIMES
 
 __all__ = ["RewriteConfig", "ROUTE_UNSUPPORTED", "COMPILERS"]
 
@@ -74,9 +74,9 @@ class RewriteConfig:
     wins, layers matched by none left alone), ``include`` / ``exclude`` (globs or a callable).
     Budgets (at most one, instead of ``rank``): ``target_flops``, ``target_params``, ``target_latency`` (fractions
     of the whole model), ``energy`` (per layer), or ``budget=(name, fraction)`` for any kind registered with
-    :func:`dsrewrite.costs.register_budget`. ``kinds``: the layer kinds to rewrite (``"kxk"`` convs as separable
+    :func:`dsrewrite.plan.cost_providers.register_budget`. ``kinds``: the layer kinds to rewrite (``"kxk"`` convs as separable
     pairs, ``"pointwise"`` 1x1 convs and ``"linear"`` layers as low-rank pairs, or ``"all"``; ``None``: all of them
-    under a budget, ``"kxk"`` for a ``rank``, see :func:`dsrewrite.policy.default_kinds`). ``strict``: refuse a
+    under a budget, ``"kxk"`` for a ``rank``, see :func:`dsrewrite.plan.policy.default_kinds`). ``strict``: refuse a
     ``target_latency`` that is not met instead of keeping the fastest plan measured faster than the original (best
     effort, the default). ``ragged``: per-channel ranks. ``calibration``: data for
     data-aware initialisation (every route; on the ONNX route computed in onnxruntime, ``sequential``
@@ -121,7 +121,7 @@ class RewriteConfig:
     ort_provider: str = "CPUExecutionProvider"
 
     def __post_init__(self) -> None:
-        from .pipeline import BUDGET_ARGS, matcher, one_budget
+        from .plan.planner import BUDGET_ARGS, matcher, one_budget
 
         object.__setattr__(self, "rank", check_rank(self.rank))
         if self.backend not in BACKENDS:

@@ -171,8 +171,8 @@ def run_digits(seed: int = 0, *, quick: bool = False, pretrain_epochs: Optional[
     log(f"[seed {seed}] test accuracy: original {acc_before:.2f}%, after rewrite {acc_rewritten:.2f}%, "
         f"after fine-tuning {acc_finetuned:.2f}% ({acc_finetuned - acc_before:+.2f} points)")
     if not quick:  # time next to FLOPs: the original and the fine-tuned model on the whole test set
-        from .latency import to_format
-        from .measure import time_models
+        from .timing.layers import to_format
+        from .timing.runtimes import time_models
 
         fmt = "channels_last" if "channels_last" in (report.time_runtime or "") else None  # as planned
         m0, args = to_format(teacher, (x_te,), fmt or "contiguous")

@@ -17,11 +17,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .backends.fx import apply_decisions, pair_for
 from .frontends.fx import ProbeProp, collect_sites
-from .measure import count_params, eval_mode, seeded
+from .timing.measure import count_params, eval_mode, seeded
 from .modules import BACKENDS
-from .pipeline import Decision, Selector, plan_sites
-from .policy import RankArg, check_rank
-from .selfcheck import self_check
+from .plan.planner import Decision, Selector, plan_sites
+from .plan.policy import RankArg, check_rank
+from .plan.selfcheck import self_check
 
 __all__ = ["SeparableRewritePass"]
 
@@ -31,11 +31,11 @@ class SeparableRewritePass(PassBase):
 
     Args:
         example_inputs: positional inputs used to propagate shapes (output sizes give the FLOPs).
-        rank: int, ``"auto"`` or ``"full"`` (see :mod:`dsrewrite.policy`).
+        rank: int, ``"auto"`` or ``"full"`` (see :mod:`dsrewrite.plan.policy`).
         include / exclude: glob patterns over qualified names, or a callable ``name -> bool``.
         backend: ``SeparableConv2d`` backend (``"auto"``, ``"triton"``, ``"torch"``).
         mirror: a module tree that gets the same module swaps (``rewrite(..., inplace=True)``).
-        plan_kwargs: extra keyword arguments of :func:`dsrewrite.pipeline.plan_sites` (budgets, timer,
+        plan_kwargs: extra keyword arguments of :func:`dsrewrite.plan.planner.plan_sites` (budgets, timer,
             calibration statistics); the whole-graph FLOPs and parameters are the budget totals.
         kinds: layer kinds to rewrite (``"kxk"``, ``"pointwise"``, ``"linear"``, ``"all"``; default: all under a
             budget, KxK for a rank): 1x1 convs and linear layers become ``LowRank*`` pairs.

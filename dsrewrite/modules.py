@@ -5,7 +5,7 @@ read ``layer1.0.conv1.depthwise.weight``. ``backend`` picks how the pair runs: `
 ``"triton"`` (the fused kernel of ``dsrewrite.kernels``), ``"auto"`` (Triton on CUDA tensors when it can
 run there, torch ops otherwise).
 
-With ragged ranks (``channel_index`` given, see :mod:`dsrewrite.factorize`) the depthwise conv has one
+With ragged ranks (``channel_index`` given, see :mod:`dsrewrite.plan.factorize`) the depthwise conv has one
 filter per entry of the index and reads its input through it (an ``index_select`` with torch ops; the
 Triton kernels read through the index directly).
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .factorize import Factors, factorize
+from .plan.factorize import Factors, factorize
 
 __all__ = ["SeparableConv1d", "SeparableConv2d", "LowRankLinear", "LowRankConv1d", "LowRankConv2d", "LOWRANK_TYPES",
            "PAIR_TYPES", "BACKENDS", "tf_same_pad", "ComputedWeight"]
@@ -162,7 +162,7 @@ class _SeparableConvNd(_Pair):
     def from_factors(cls, factors: Factors, *, stride=1, padding=0, dilation=1, padding_mode: str = "zeros",
                      backend: str = "auto", gather_input: bool = False,
                      dynamic_same: bool = False) -> "_SeparableConvNd":
-        """Build the pair from precomputed :class:`~dsrewrite.factorize.Factors`."""
+        """Build the pair from precomputed :class:`~dsrewrite.plan.factorize.Factors`."""
         dw, pw = factors.depthwise, factors.pointwise
         cin = dw.shape[0] // factors.rank
         mod = cls(
@@ -385,7 +385,7 @@ class LowRankLinear(_LowRankPair):
 
     @classmethod
     def from_factors(cls, factors: Factors) -> "LowRankLinear":
-        """Build the pair from low-rank :class:`~dsrewrite.factorize.Factors`."""
+        """Build the pair from low-rank :class:`~dsrewrite.plan.factorize.Factors`."""
         k, cin = factors.depthwise.shape[:2]
         mod = cls(cin, factors.pointwise.shape[0], k, bias=factors.bias is not None,
                   device=factors.depthwise.device, dtype=factors.depthwise.dtype)
@@ -420,7 +420,7 @@ class _LowRankConvNd(_LowRankPair):
     @classmethod
     def from_factors(cls, factors: Factors, *, stride=1, padding=0, dilation=1,
                      padding_mode: str = "zeros") -> "_LowRankConvNd":
-        """Build the pair from low-rank :class:`~dsrewrite.factorize.Factors` and the 1x1 conv's settings."""
+        """Build the pair from low-rank :class:`~dsrewrite.plan.factorize.Factors` and the 1x1 conv's settings."""
         k, cin = factors.depthwise.shape[:2]
         mod = cls(cin, factors.pointwise.shape[0], k, stride=stride, padding=padding, dilation=dilation,
                   bias=factors.bias is not None, padding_mode=padding_mode, device=factors.depthwise.device,

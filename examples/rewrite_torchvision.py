@@ -16,7 +16,7 @@ import dsrewrite
 
 
 def _rank(text: str):
-    from dsrewrite.policy import check_rank
+    from dsrewrite.plan.policy import check_rank
 
     try:
         return check_rank(text)

@@ -25,7 +25,7 @@ def gen() -> torch.Generator:
 def taps():
     """A toy budget kind registered for one test only: the fraction of depthwise filters kept (a dense conv counts
     as ``Cin*Cout`` of them). Shows that a new kind is one provider and one ``register_budget`` call."""
-    from dsrewrite.costs import BUDGETS, CostProvider, register_budget
+    from dsrewrite.plan.cost_providers import BUDGETS, CostProvider, register_budget
 
     class TapCost(CostProvider):
         name, quantity = "filter", "depthwise filters"
@@ -63,7 +63,7 @@ def fresh_dynamo():
     """Each test compiles from scratch (no Dynamo cache entries or plans from another test); scalar C++ kernels
     (no SIMD) make Inductor's cold CPU compile about 3x faster and change nothing the tests check. The torch.compile
     test files use it for every test (``pytestmark``)."""
-    from dsrewrite.dynamo_backend import clear_cache
+    from dsrewrite.dynamo.backend import clear_cache
 
     torch._dynamo.reset()
     clear_cache()

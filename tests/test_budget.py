@@ -11,13 +11,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dsrewrite
-from dsrewrite import cost
-from dsrewrite.budget import LayerOptions, Option, allocate
+from dsrewrite.plan import cost_model as cost
+from dsrewrite.plan.allocate import LayerOptions, Option, allocate
 from dsrewrite.errors import DsrewriteError
-from dsrewrite.factorize import rank_errors
+from dsrewrite.plan.factorize import rank_errors
 from dsrewrite.ir import ConvSite, ConvSpec
-from dsrewrite.measure import count_params
-from dsrewrite.pipeline import plan_sites
+from dsrewrite.timing.measure import count_params
+from dsrewrite.plan.planner import plan_sites
 
 from .conftest import rel_err
 

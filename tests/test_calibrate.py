@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import dsrewrite
-from dsrewrite.calibrate import (as_batches, calibrate_conv, whiten_roots, whitened_factors,
-                                 whitened_rank_errors)
+from dsrewrite.calib.run import as_batches
+from dsrewrite.calib.solve import calibrate_conv, whiten_roots, whitened_factors, whitened_rank_errors
 from dsrewrite.errors import DsrewriteError
-from dsrewrite.factorize import factorize, rank_errors
+from dsrewrite.plan.factorize import factorize, rank_errors
 
 from .conftest import rel_err
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsrewrite
-from dsrewrite.calibrate import calibrate_conv, collect_patch_stats
-from dsrewrite.factorize import factorize_layer
+from dsrewrite.calib.solve import calibrate_conv
+from dsrewrite.calib.run import collect_patch_stats
+from dsrewrite.plan.factorize import factorize_layer
 from dsrewrite.finetune import Distiller, fit, pair_layers, param_groups, select_parameters
 from dsrewrite.modules import LOWRANK_TYPES
 

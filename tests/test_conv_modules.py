@@ -9,7 +9,7 @@ import dsrewrite
 import dsrewrite.api as api
 from dsrewrite.frontends import conv_modules
 from dsrewrite.modules import SeparableConv2d
-from dsrewrite.selfcheck import check_runs
+from dsrewrite.plan.selfcheck import check_runs
 
 timm_layers = pytest.importorskip("timm.layers")
 

@@ -3,11 +3,11 @@ registered in this test alone plans through plan_sites; the built-in providers p
 import pytest
 import torch
 
-from dsrewrite import cost
-from dsrewrite.costs import FlopCost, LatencyCost, ParamCost
+from dsrewrite.plan import cost_model as cost
+from dsrewrite.plan.cost_providers import FlopCost, LatencyCost, ParamCost
 from dsrewrite.errors import DsrewriteError
 from dsrewrite.ir import ConvSite, ConvSpec
-from dsrewrite.pipeline import plan_sites
+from dsrewrite.plan.planner import plan_sites
 
 
 def _sites(gen, shapes=((8, 16), (16, 32), (32, 32), (32, 4))):

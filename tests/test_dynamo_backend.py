@@ -1,4 +1,4 @@
-"""torch.compile backend (dsrewrite.dynamo_backend): the compiled model equals rewrite() + eager at the same rank
+"""torch.compile backend (dsrewrite.dynamo.backend): the compiled model equals rewrite() + eager at the same rank
 (and the original at full rank), recompiles for new shapes reuse the factors, weights changed after compile are
 refactorised, training is refused, options are checked at once, and backend="dsrewrite" needs no import.
 
@@ -17,9 +17,9 @@ import torchvision
 from torch import nn
 
 import dsrewrite
-import dsrewrite.pipeline
+import dsrewrite.plan.planner
 from dsrewrite import DsrewriteError
-from dsrewrite.dynamo_backend import DsrewriteBackend, last_report
+from dsrewrite.dynamo.backend import DsrewriteBackend, last_report
 from tests.conftest import rel_err
 
 TOL = 1e-4
@@ -102,8 +102,8 @@ def test_compiled_equals_rewrite_and_full_rank_equals_original(name, rank, gen):
 
 def test_new_batch_size_recompiles_without_refactorising(monkeypatch, gen):
     calls = []
-    real = dsrewrite.pipeline.factorize_layer
-    monkeypatch.setattr(dsrewrite.pipeline, "factorize_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dsrewrite.plan.planner.factorize_layer
+    monkeypatch.setattr(dsrewrite.plan.planner, "factorize_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = small(gen)
     x2, x5 = torch.randn(2, 3, 16, 16, generator=gen), torch.randn(5, 3, 16, 16, generator=gen)
     with torch.no_grad():
@@ -237,7 +237,7 @@ def test_registered_backend_needs_no_import(tmp_path):
                 torch.compile(m, backend="dsrewrite", options={"rank": 0})(x)
         except Exception as e:  # Dynamo wraps it: BackendCompilerFailed(inner_exception=DsrewriteError)
             bad = type(getattr(e, "inner_exception", None) or e).__name__
-        from dsrewrite.dynamo_backend import last_report
+        from dsrewrite.dynamo.backend import last_report
         print(len(last_report().rewritten), err, bad)
     """)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=tmp_path)

@@ -22,7 +22,7 @@ from torch import nn
 import dsrewrite
 import dsrewrite.dynamo.backend as dynamo_backend
 import dsrewrite.dynamo.inputs as dynamo_inputs
-from dsrewrite.dynamo_backend import last_report
+from dsrewrite.dynamo.backend import last_report
 from tests.conftest import rel_err
 
 TOL = 1e-4
@@ -277,7 +277,7 @@ def test_user_errors_still_fail_in_one_line():
 def test_calibration_finds_nested_convs_by_their_names(monkeypatch, gen):
     """Calibration looks up patch statistics and the teacher's convs by layer name (``1.0``, not the lifted
     module's path in the graph): the compiled, calibrated model equals rewrite()'s, every layer with its teacher."""
-    import dsrewrite.planning as planning
+    import dsrewrite.plan.inputs as planning
 
     found = []
     real = planning.calib_layers

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsrewrite.factorize import factorize, full_rank, rank_errors
+from dsrewrite.plan.factorize import factorize, full_rank, rank_errors
 from tests.conftest import rel_err
 
 

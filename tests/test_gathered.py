@@ -10,7 +10,7 @@ from torch import nn
 import dsrewrite
 from dsrewrite import SeparableConv1d, SeparableConv2d
 from dsrewrite.ir import ConvSpec
-from dsrewrite.latency import GATHER_MARGIN, LayerTimer
+from dsrewrite.timing.layers import GATHER_MARGIN, LayerTimer
 from dsrewrite.report import Report
 from tests.conftest import rel_err
 from tests.test_conv_settings import conv2d_case
@@ -51,7 +51,7 @@ def test_gathered_conv1d(gen, padding_mode):
 
 
 def test_timer_times_both_forms_on_torch_ops(monkeypatch):
-    from dsrewrite import latency
+    from dsrewrite.timing import layers as latency
 
     monkeypatch.setattr(latency, "_CACHE", {})
     t = LayerTimer("cpu", reps=2, max_seconds=0.02)

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 import dsrewrite.kernels as K  # noqa: E402
 from dsrewrite.errors import DsrewriteError  # noqa: E402
-from dsrewrite.factorize import factorize  # noqa: E402
+from dsrewrite.plan.factorize import factorize  # noqa: E402
 from dsrewrite.modules import SeparableConv2d  # noqa: E402
 
 from ._kernel_ref import assert_matches, reference  # noqa: E402

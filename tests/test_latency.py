@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 import dsrewrite
-from dsrewrite import cost
+from dsrewrite.plan import cost_model as cost
 from dsrewrite.cli import main
 from dsrewrite.errors import DsrewriteError
 from dsrewrite.ir import ConvSite, ConvSpec
-from dsrewrite.latency import LayerTimer, candidate_ranks
-from dsrewrite.pipeline import plan_sites
+from dsrewrite.plan.cost_model import candidate_ranks
+from dsrewrite.timing.layers import LayerTimer
+from dsrewrite.plan.planner import plan_sites
 
 
 def _spec(name, cin, cout, hw=8):
@@ -95,7 +96,7 @@ def _synthetic_device(monkeypatch):
     Wall-clock timing is tested above: a plan from real timings depends on the machine (a CI run once found
     target 0.8 out of reach).
     """
-    from dsrewrite import latency
+    from dsrewrite.timing import layers as latency
 
     monkeypatch.setattr(latency, "_CACHE", {})
 
@@ -354,7 +355,7 @@ def test_a_target_just_out_of_reach_on_layer_timings_is_decided_by_the_whole_mod
     measured. Further than the margin, the planner's refusal stands under strict=True; by default (best effort)
     a target out of reach whatever the pairs' timings gets the cheapest plan, kept when measured faster."""
     from dsrewrite.errors import BudgetUnreachable
-    from dsrewrite.latency_loop import PLAN_MARGIN
+    from dsrewrite.timing.loop import PLAN_MARGIN
 
     m, x, specs, measure = _two_conv_model(monkeypatch)
     _whole_model_device(monkeypatch, specs, measure, optimism=0.5)

@@ -9,9 +9,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dsrewrite
-from dsrewrite import cost
+from dsrewrite.plan import cost_model as cost
 from dsrewrite.errors import DsrewriteError
-from dsrewrite.factorize import exact_factors, factorize_layer, rank_errors
+from dsrewrite.plan.factorize import exact_factors, factorize_layer, rank_errors
 from dsrewrite.ir import ConvSpec
 from dsrewrite.modules import LowRankConv2d, LowRankLinear
 from dsrewrite.report import Report

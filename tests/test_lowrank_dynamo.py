@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsrewrite.dynamo_backend import DsrewriteBackend
+from dsrewrite.dynamo.backend import DsrewriteBackend
 from dsrewrite.modules import LowRankConv2d, LowRankLinear
 from tests.conftest import rel_err
 

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 import dsrewrite
-from dsrewrite import cost
-from dsrewrite.costs import FlopCost, LatencyCost, ParamCost
+from dsrewrite.plan import cost_model as cost
+from dsrewrite.plan.cost_providers import FlopCost, LatencyCost, ParamCost
 from dsrewrite.ir import ConvSpec
-from dsrewrite.latency import LayerTimer, candidate_ranks, layer_input
+from dsrewrite.timing.layers import LayerTimer, candidate_ranks, layer_input
 from dsrewrite.modules import LowRankConv2d, LowRankLinear
 
 
@@ -74,7 +74,7 @@ def test_eager_timer_times_linear_and_pointwise_layers_dense_and_as_pairs():
 def test_inductor_timer_compiles_and_times_a_lowrank_pair():
     """runtime="inductor": the layer and its pair are compiled before they are timed (a rank off the candidate
     list: the pair and the dense layer only, two compiles)."""
-    from dsrewrite.runtimes import get_runtime
+    from dsrewrite.timing.runtimes import get_runtime
 
     t = get_runtime("inductor").layer_timer(torch.device("cpu"), torch.float32, "auto", "contiguous", None, False)
     t.reps, t.max_seconds = 2, 0.02
@@ -146,7 +146,8 @@ def _synthetic(monkeypatch):
     """A deterministic device: time = launch overhead + FLOPs at 10 GFLOP/s; a pair pays two launches (0.2 ms
     against 0.02 ms), so a layer with little work is slower as a pair. Each timed variant is still built (the
     modules the timer would run) and run once."""
-    from dsrewrite import api, latency
+    from dsrewrite import api
+    from dsrewrite.timing import layers as latency
 
     monkeypatch.setattr(latency, "_CACHE", {})
 

@@ -50,7 +50,7 @@ def _node_ms(macs: int) -> float:
 def _synthetic(monkeypatch, optimism=1.0, noise=0.0):
     """Layer times from the shapes; whole-model times from the graph's Conv nodes (depthwise and 1x1 nodes,
     i.e. the pairs, ``optimism`` times slower than the layer timer said)."""
-    from dsrewrite import measure
+    from dsrewrite.timing import measure
 
     monkeypatch.setattr(olat, "_CACHE", {})
 

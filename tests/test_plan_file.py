@@ -13,7 +13,7 @@ import torch
 
 import dsrewrite
 from dsrewrite.cli import main
-from dsrewrite.plan import PLAN_VERSION, Plan
+from dsrewrite.plan.planfile import PLAN_VERSION, Plan
 
 from .conftest import rel_err
 

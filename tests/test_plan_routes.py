@@ -14,7 +14,7 @@ import dsrewrite.api as api
 
 onnx = pytest.importorskip("onnx")
 from dsrewrite.onnx import rewrite as onnx_rewrite  # noqa: E402
-from dsrewrite.dynamo_backend import last_report  # noqa: E402
+from dsrewrite.dynamo.backend import last_report  # noqa: E402
 
 
 class Net(nn.Module):

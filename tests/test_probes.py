@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 import dsrewrite
-from dsrewrite.factorize import exact_factors
+from dsrewrite.plan.factorize import exact_factors
 from dsrewrite.frontends import fx as fx_frontend
 from dsrewrite.frontends.fx import PROBE_WINDOW, Probe, bounded_probe
 from dsrewrite.modules import SeparableConv1d, SeparableConv2d
-from dsrewrite.selfcheck import _compare, tolerance
+from dsrewrite.plan.selfcheck import _compare, tolerance
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 EXACT = 1e-10  # float64 on both sides: only summation order differs

@@ -11,8 +11,8 @@ from torch import nn
 
 import dsrewrite
 from dsrewrite.cli import main
-from dsrewrite.calibrate import PatchStats, calibrate_conv, patch_conv, whitened_factors, whitened_rank_errors
-from dsrewrite.factorize import factorize, full_rank, rank_errors
+from dsrewrite.calib.solve import PatchStats, calibrate_conv, patch_conv, whitened_factors, whitened_rank_errors
+from dsrewrite.plan.factorize import factorize, full_rank, rank_errors
 from dsrewrite.modules import SeparableConv1d, SeparableConv2d
 
 from .conftest import rel_err

@@ -13,7 +13,7 @@ from torch import nn
 
 import dsrewrite
 from dsrewrite.cli import _parse_rank, main
-from dsrewrite.policy import UNMATCHED, RankMap
+from dsrewrite.plan.policy import UNMATCHED, RankMap
 
 from .conftest import rel_err
 
@@ -137,7 +137,7 @@ def test_config_key_is_hashable_and_ordered():
 
 def test_onnx_route_and_compile_backend_take_a_mapping(net, tmp_path):
     pytest.importorskip("onnx")
-    from dsrewrite.dynamo_backend import last_report
+    from dsrewrite.dynamo.backend import last_report
     from dsrewrite.onnx import rewrite as onnx_rewrite
 
     model, x = net

@@ -10,7 +10,7 @@ from torch import nn
 import dsrewrite
 from dsrewrite.config import RewriteConfig
 from dsrewrite.errors import DsrewriteError
-from dsrewrite.runtimes import compiled, get_runtime
+from dsrewrite.timing.runtimes import compiled, get_runtime
 
 
 @pytest.fixture(autouse=True)

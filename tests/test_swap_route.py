@@ -448,7 +448,7 @@ def test_traced_graph_that_differs_from_the_model_falls_back(gen, monkeypatch):
 def test_running_out_of_memory_is_not_a_layer_verdict(gen, monkeypatch):
     """An allocation failure in the self-check is said as one, not a layer left dense as 'failed' (nor a model
     whose inputs do not run)."""
-    import dsrewrite.selfcheck as selfcheck
+    import dsrewrite.plan.selfcheck as selfcheck
 
     def oom(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")

@@ -9,9 +9,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import fx, nn
 
-from ..factorize import Factors
+from ..plan.factorize import Factors
 from ..modules import LowRankConv1d, LowRankConv2d, LowRankLinear, SeparableConv1d, SeparableConv2d
-from ..pipeline import Decision
+from ..plan.planner import Decision
 
 __all__ = ["apply_decisions", "set_submodule", "pair_for", "GraphForward", "carry_attributes"]
 

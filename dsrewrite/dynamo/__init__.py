@@ -1,4 +1,4 @@
-"""The ``torch.compile`` backend's parts; :mod:`dsrewrite.dynamo_backend` is the public façade.
+"""The ``torch.compile`` backend's parts; :mod:`dsrewrite.dynamo.backend` is the public façade.
 
 - :mod:`.inputs`: the captured graph's inputs, and lifting functional convs on parameter inputs into conv
   modules the shared fx frontend plans (and back, for the convs left dense).

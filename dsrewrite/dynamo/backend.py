@@ -3,7 +3,7 @@ compile with Inductor, guard the weights. Convs and linear layers are lifted ali
 become pairs: KxK convs separable, 1x1 convs and linear layers low rank).
 
 Planning is the shared middle (:func:`~dsrewrite.frontends.fx.collect_sites`,
-:func:`~dsrewrite.pipeline.plan_sites`, :func:`~dsrewrite.backends.fx.apply_decisions`), so ranks and factors
+:func:`~dsrewrite.plan.planner.plan_sites`, :func:`~dsrewrite.backends.fx.apply_decisions`), so ranks and factors
 equal ``rewrite()``'s. Each :class:`DsrewriteBackend` owns its plan cache; the registered entry point
 :func:`dsrewrite_backend`, built afresh by every ``torch.compile(backend="dsrewrite")`` graph, shares one.
 """
@@ -21,12 +21,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..backends.fx import apply_decisions, set_submodule
 from ..config import COMPILERS, ROUTE_UNSUPPORTED, RewriteConfig
-from ..eligibility import why_not
+from ..plan.eligibility import why_not
 from ..errors import DsrewriteError, first_line
 from ..frontends.fx import bind_conv_args, collect_sites
 from ..ir import ConvSite
-from ..pipeline import Decision, plan_sites, selected
-from ..planning import Planning
+from ..plan.planner import Decision, plan_sites, selected
+from ..plan.inputs import Planning
 from ..report import Report, build_report
 from .guards import Guarded, Watch, weight_getter
 from .inputs import (GraphInputs, LiftedConv, Unlifted, conv_module_path, declare_params, hint, lift_convs,
@@ -47,7 +47,7 @@ def _check_options(options: Dict[str, Any], base: Optional[RewriteConfig] = None
     cfg = RewriteConfig.build(base, options, route="torch.compile", words=" for the dsrewrite backend")
     _check_mode(cfg.mode)
     if cfg.calibration is not None and "calibration" in options:
-        from ..calibrate import as_batches
+        from ..calib.run import as_batches
 
         cfg = dataclasses.replace(cfg, calibration=as_batches(cfg.calibration))
     return cfg
@@ -456,7 +456,7 @@ def compile(model: Callable, *, mode: Optional[str] = None, dynamic: Optional[bo
 
     Options are checked now. The result is what ``torch.compile`` returns, with ``.dsrewrite_reports``: one
     :class:`~dsrewrite.report.Report` per compiled graph (filled on the first call). ``mode`` (e.g.
-    ``"max-autotune"``) goes to Inductor. Inference only: see :mod:`dsrewrite.dynamo_backend`.
+    ``"max-autotune"``) goes to Inductor. Inference only: see :mod:`dsrewrite.dynamo.backend`.
     """
     _check_mode(mode)
     backend = DsrewriteBackend(**options)

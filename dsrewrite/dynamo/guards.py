@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import DsrewriteError
-from ..factorize import factorize_layer
+from ..plan.factorize import factorize_layer
 from ..ir import ConvSite
 from ..modules import LOWRANK_TYPES
 from .inputs import LiftedConv

@@ -14,9 +14,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..factorize import Factors
+from ..plan.factorize import Factors
 from ..ir import ConvSite
-from ..pipeline import Decision, layer_report
+from ..plan.planner import Decision, layer_report
 from .guards import WeightGuard
 
 __all__ = ["Plan", "PlanCache", "clear_all", "replay"]

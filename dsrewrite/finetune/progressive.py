@@ -13,8 +13,8 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 from torch import nn
 
 from ..errors import DsrewriteError
-from ..pipeline import Selector, selected
-from ..policy import RankArg
+from ..plan.planner import Selector, selected
+from ..plan.policy import RankArg
 from ..report import Report
 from .loop import History, fit
 

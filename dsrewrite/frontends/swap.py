@@ -26,12 +26,12 @@ from torch.overrides import TorchFunctionMode
 from ..backends.fx import GraphForward, apply_decisions, carry_attributes, pair_for, set_submodule
 from ..errors import first_line
 from ..ir import ConvSite, ConvSpec
-from ..measure import count_params, eval_mode
+from ..timing.measure import count_params, eval_mode
 from ..modules import LOWRANK_TYPES, PAIR_TYPES
-from ..pipeline import Decision, Selector, plan_sites
-from ..policy import RankArg
-from ..selfcheck import self_check
-from ..snapshot import ModelSnapshot
+from ..plan.planner import Decision, Selector, plan_sites
+from ..plan.policy import RankArg
+from ..plan.selfcheck import self_check
+from .snapshot import ModelSnapshot
 from .conv_modules import (TRANSPOSED_TYPES, describe, has_unknown_forward, is_linear_module, is_weight_module,
                            weight_states)
 from .fx import (CONV_FUNCTIONS, LINEAR_FUNCTIONS, FxHandle, ProbeProp, attention_sites, bounded_probe, collect_sites,
@@ -199,7 +199,7 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
                         ) -> Tuple[nn.Module, List[Decision], int, List[str]]:
     """Rewrite ``model`` in place: conv modules swapped, conv-function callers given a rewritten forward.
 
-    ``plan_kwargs`` go to :func:`~dsrewrite.pipeline.plan_sites` (budgets: the whole model is the total).
+    ``plan_kwargs`` go to :func:`~dsrewrite.plan.planner.plan_sites` (budgets: the whole model is the total).
     Returns ``(model, decisions, whole-model FLOPs of the original, notes)``.
     """
     recs, flops = _record(model, args)

@@ -2,7 +2,7 @@
 editing the protobuf.
 
 The frontend (:mod:`.frontend`) turns convolution nodes and weight layers, subgraphs included (:mod:`.scopes`),
-into framework-neutral :class:`~dsrewrite.ir.ConvSite` objects, the shared :func:`dsrewrite.pipeline.plan_sites`
+into framework-neutral :class:`~dsrewrite.ir.ConvSite` objects, the shared :func:`dsrewrite.plan.planner.plan_sites`
 chooses ranks and factorises, the backend (:mod:`.backend`) replaces just those nodes by depthwise + pointwise
 ``Conv`` pairs or low-rank pairs (two ``Conv`` / ``Gemm`` / ``MatMul`` nodes), and :mod:`.flops` counts
 whole-model FLOPs and parameters with the torch report's conventions.

@@ -14,16 +14,17 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Union
 import onnx
 
 from ..config import RewriteConfig
-from ..eligibility import why_not
+from ..plan.eligibility import why_not
 from ..errors import DsrewriteError, first_line
 from ..ir import ConvSite
-from ..pipeline import Decision, plan_sites
-from ..plan import Plan, _shape  # a site's weight shape as the plan's fingerprint lists it
+from ..plan.planner import Decision, plan_sites
+from ..plan.planfile import Plan, weight_shape
 from ..report import Report, build_report
 from .backend import apply_decisions
 from .flops import Shapes, count_flops, count_params, infer_shapes, partial_flops, subgraph_note
 from .frontend import CONV_OPS, collect_sites
 from .model_io import PROTOBUF_LIMIT, load_model, model_nbytes, same_file, save_model
+from .runtime import OnnxRuntime
 from .selfcheck import self_check
 
 __all__ = ["rewrite", "apply_plan", "OnnxRewriteResult"]
@@ -66,7 +67,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         include / exclude: glob patterns over node names (``"/layer4/*"``) or a callable ``name -> bool``.
         kinds: the layer kinds to rewrite: ``"kxk"`` convs (separable pairs), ``"pointwise"`` 1x1 convs and
             ``"linear"`` ``Gemm`` / ``MatMul`` nodes with a constant weight (low-rank pairs), or ``"all"``; by
-            default all kinds under a budget, ``"kxk"`` for a rank (:func:`dsrewrite.policy.default_kinds`).
+            default all kinds under a budget, ``"kxk"`` for a rank (:func:`dsrewrite.plan.policy.default_kinds`).
         overwrite: allow ``dst`` to be the source file.
         input_shapes: static shapes by input name for the FLOP count; by default the model's own, with a
             symbolic batch set to 1 (FLOPs then per sample).
@@ -77,7 +78,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
         target_flops / target_params / energy: budgets instead of a rank, as for :func:`dsrewrite.rewrite`
             (fractions of the whole graph's FLOPs / parameters; per-layer spectral energy).
         target_latency: keep at most this fraction of the model's onnxruntime time (static input shapes): layers timed in onnxruntime, the whole model checked against the
-            original in the closed loop of :mod:`dsrewrite.latency_loop` (refused with the best measured ratio).
+            original in the closed loop of :mod:`dsrewrite.timing.loop` (refused with the best measured ratio).
         ort_threads / ort_optimization / ort_provider: the onnxruntime sessions models and layers are timed in
             (intra-op threads, default onnxruntime's; graph optimisation ``disable``/``basic``/``extended``/``all``;
             execution provider, default ``CPUExecutionProvider``): time in what you deploy with.
@@ -101,7 +102,7 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
 
 
 # what apply_plan takes besides the plan and the data: nothing that chooses layers or ranks, or times them
-_REPLAY_OPTIONS = ("overwrite", "input_shapes", "progress", "name", "measure_time", "sequential", "ort_threads",
+REPLAY_OPTIONS = ("overwrite", "input_shapes", "progress", "name", "measure_time", "sequential", "ort_threads",
                    "ort_optimization", "ort_provider")
 
 
@@ -125,10 +126,10 @@ def apply_plan(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[
     if plan.route != "onnx":
         raise DsrewriteError(f"this plan was made on the {plan.route} route for a torch model: apply it with "
                              "dsrewrite.apply_plan (an ONNX model replays plans made by dsrewrite.onnx.rewrite)")
-    bad = next((k for k in options if k not in _REPLAY_OPTIONS), None)
+    bad = next((k for k in options if k not in REPLAY_OPTIONS), None)
     if bad is not None:
         raise DsrewriteError(f"apply_plan does not take {bad!r}: the plan decides the layers and ranks (options: "
-                             f"{', '.join(_REPLAY_OPTIONS)})")
+                             f"{', '.join(REPLAY_OPTIONS)})")
     if options.get("input_shapes") is None and plan.options.get("input_shapes"):
         options["input_shapes"] = plan.options["input_shapes"]  # the shapes it was planned (and checked) at
     cfg = RewriteConfig.build(None, dict(options, calibration=calibration), route="onnx",
@@ -160,7 +161,7 @@ def _rewrite(src, dst, cfg: RewriteConfig, replay: Optional[Plan] = None) -> Onn
     needed = flops_budget or cfg.calibration is not None or replay is not None
     source_sites = collect_sites(model, shapes) if needed else []
     if replay is not None:
-        replay.check_fit((s.spec.name, _shape(s.weight)) for s in source_sites)
+        replay.check_fit((s.spec.name, weight_shape(s.weight)) for s in source_sites)
     budget_kw: dict = {}
     if budget is not None:
         budget_kw = {"budget": budget, "total_params": params_before}
@@ -278,11 +279,11 @@ def _rebuilt(model: onnx.ModelProto, shapes: Shapes, decisions: List[Decision]) 
 def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target: float, *, check: bool = True,
                   large: bool = False, ort_options: Optional[dict] = None, strict: bool = False):
     """``target_latency`` in onnxruntime: layers timed by :class:`~dsrewrite.onnx.latency.OrtLayerTimer`, the
-    whole model against the original in one loop (:func:`dsrewrite.latency_loop.latency_loop`; one plan from the
+    whole model against the original in one loop (:func:`dsrewrite.timing.loop.latency_loop`; one plan from the
     layer timings alone when ``check`` is False). Returns the kept plan's ``(new, decisions, done, check_note)``,
     its timing (``None`` unchecked), the rounds and a note."""
-    from ..latency_loop import Attempt, attempt_from_layers, latency_loop
-    from ..measure import compare, time_call
+    from ..timing.loop import Attempt, attempt_from_layers, latency_loop
+    from ..timing.measure import compare, time_call
     from .latency import OrtLayerTimer
     from .measure import random_feeds, session
 
@@ -330,7 +331,7 @@ def _fill_time(report: Report, timing: dict) -> None:
     report.time_runtime = timing["runtime"]
     c = timing.get("comparison")
     if c is not None:
-        from ..measure import note_disturbed
+        from ..timing.measure import note_disturbed
 
         report.time_median_ratio = c.median_ratio
         note_disturbed(report, c)
@@ -338,9 +339,7 @@ def _fill_time(report: Report, timing: dict) -> None:
 
 def _runtime(ort_options: dict) -> str:
     """What the report's time column means on the ONNX route: the onnxruntime runtime's own words."""
-    from ..runtimes import get_runtime
-
-    return get_runtime("onnxruntime", **{f"ort_{k}": v for k, v in ort_options.items()}).label(None)
+    return OnnxRuntime(**{f"ort_{k}": v for k, v in ort_options.items()}).label(None)
 
 
 def _check_rewritten(model: Union[str, onnx.ModelProto]) -> None:
@@ -380,9 +379,9 @@ def _flops_total(sites: List[ConvSite], flops_before: int, unknown: List[str], s
 
 def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], dst: Optional[str],
              big: bool, ort_options: dict) -> None:
-    """Time both models with onnxruntime, side by side in interleaved rounds (:func:`dsrewrite.measure.compare`),
+    """Time both models with onnxruntime, side by side in interleaved rounds (:func:`dsrewrite.timing.measure.compare`),
     in the sessions ``ort_options`` describe; ``big``: over the protobuf limit, so loaded from their files."""
-    from ..measure import compare
+    from ..timing.measure import compare
     from .measure import random_feeds, session
 
     if big and not (src_path and dst):

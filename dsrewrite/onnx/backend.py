@@ -34,9 +34,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..factorize import Factors
+from ..plan.factorize import Factors
 from ..ir import ConvSpec
-from ..pipeline import Decision
+from ..plan.planner import Decision
 from .scopes import DEFAULT_DOMAINS, Scope, scopes, taken_names, value_uses
 
 __all__ = ["apply_decisions", "pair_nodes", "lowrank_nodes", "lowrank_arrays", "depthwise_attributes", "opset_of",

@@ -3,7 +3,7 @@
 Data-aware initialisation needs what each conv sees on real data. For an ONNX model that data is a feed per
 batch (``{input name: array}``), checked against the model's inputs here, and the conv inputs are read by
 running a copy of the model in onnxruntime with those tensors exposed as extra graph outputs. The maths that
-turns them into factors is :mod:`dsrewrite.calib_solve`, the same as on the PyTorch route.
+turns them into factors is :mod:`dsrewrite.calib.solve`, the same as on the PyTorch route.
 """
 from __future__ import annotations
 
@@ -120,10 +120,10 @@ def image_feeds(folder: str, model: onnx.ModelProto, *, size: Optional[Tuple[int
                 layout: str = "nchw", bgr: bool = False, preprocess: Optional[Callable] = None,
                 batch_size: int = 16, max_images: Optional[int] = 64,
                 input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> List[Feed]:
-    """A folder of images as feeds of a one-input image model (:func:`dsrewrite.images.load_images`: resized to
+    """A folder of images as feeds of a one-input image model (:func:`dsrewrite.calib.images.load_images`: resized to
     ``size`` ``(H, W)``, by default the model's own, scaled to [0, 1], ``(x - mean) / std``, ``layout`` NCHW or
     NHWC, ``bgr`` channel order; or ``preprocess(PIL.Image) -> array`` per image)."""
-    from ..images import LAYOUTS, load_images
+    from ..calib.images import LAYOUTS, load_images
 
     inputs = _graph_inputs(model)
     if len(inputs) != 1:

@@ -4,7 +4,7 @@ Each rewritten conv of the main graph is seen as an ``nn.Conv1d`` / ``nn.Conv2d`
 padding, its input padded here as the node pads it (``pads`` or ``auto_pad``) (:class:`ConvView`), each rewritten
 ``Gemm`` / ``MatMul`` as an ``nn.Linear`` (its weight ``[Cout, Cin]``, ``alpha`` and ``beta * C`` folded as the
 frontend reads them; the input's last dim is its channels), and handed to
-:class:`dsrewrite.calib_solve.LayerCalibrator` (low-rank layers, 1x1 convs included, as low-rank pairs): the
+:class:`dsrewrite.calib.solve.LayerCalibrator` (low-rank layers, 1x1 convs included, as low-rank pairs): the
 patch statistics, whitened SVD, ridge refit and the choice of the best candidate are the PyTorch route's, only
 the activations come from onnxruntime
 (:func:`~.calib_data.collect_conv_inputs`, one feed at a time).
@@ -12,7 +12,7 @@ the activations come from onnxruntime
 Sequential (the default when its estimated time fits :data:`SEQUENTIAL_SECONDS`): layers are refitted in waves in
 execution order. A wave is every layer whose input depends on no layer still to refit; it reads its inputs from
 the rewritten graph with the earlier refits in place and fits them to the original model's output at that conv,
-so a layer compensates the errors before it (as :func:`dsrewrite.calib_run.calibrate_sequential` does).
+so a layer compensates the errors before it (as :func:`dsrewrite.calib.run.calibrate_sequential` does).
 Otherwise every layer is refitted on the original model's activations in one pass, and the report says so.
 """
 from __future__ import annotations
@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calib_solve import CalibResult, LayerCalibrator, PatchStats, patch_conv, summary
-from ..eligibility import why_not
-from ..factorize import Factors
+from ..calib.solve import CalibResult, LayerCalibrator, PatchStats, patch_conv, summary
+from ..plan.eligibility import why_not
+from ..plan.factorize import Factors
 from ..ir import ConvSite
 from ..modules import tf_same_pad
-from ..pipeline import Decision
+from ..plan.planner import Decision
 from .calib_data import Feed, collect_conv_inputs
 from .flops import attribute
 from .frontend import WEIGHT_OPS
@@ -52,15 +52,15 @@ def not_calibrated(site: ConvSite) -> Optional[str]:
     if site.spec.extra.get("bias"):
         return "its bias is computed at run time" if site.spec.kind != "linear" else site.spec.extra["bias"]
     if site.spec.lowrank and _layer_inputs() is None:
-        return "low-rank calibration is not available in this dsrewrite.calib_solve"
+        return "low-rank calibration is not available in this dsrewrite.calib.solve"
     if site.weight is None:
         return "its weight is not a constant"
     return None
 
 
 def _layer_inputs():
-    """:class:`dsrewrite.calib_solve.LayerInputs` (the low-rank statistics), or ``None`` where it is missing."""
-    from .. import calib_solve
+    """:class:`dsrewrite.calib.solve.LayerInputs` (the low-rank statistics), or ``None`` where it is missing."""
+    from ..calib import solve as calib_solve
 
     return getattr(calib_solve, "LayerInputs", None)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict, Optional, Tuple
 
+from ..calib.images import image_options, load_tensors
 from ..config import RewriteConfig
 from ..errors import DsrewriteError
 from ..report import Report
@@ -17,7 +18,7 @@ def cli_rewrite(a: argparse.Namespace) -> Report:
     """Run :func:`dsrewrite.onnx.rewrite` (or, with ``--plan``, :func:`dsrewrite.onnx.apply_plan`) for the parsed
     ``dsrewrite rewrite`` arguments, and write the plan with ``--save-plan``; returns the report (the command line
     prints and saves it, as for torch models)."""
-    from .api import _REPLAY_OPTIONS, apply_plan, rewrite
+    from .api import REPLAY_OPTIONS, apply_plan, rewrite
 
     if not a.out:
         raise DsrewriteError("-o/--out is required for an ONNX model (e.g. -o model_ds.onnx)")
@@ -32,7 +33,7 @@ def cli_rewrite(a: argparse.Namespace) -> Report:
     if getattr(a, "calibration", None):
         extra["calibration"] = _calibration(a, input_shapes)
     if getattr(a, "plan", None):  # the command line has refused the flags that would plan again; nothing timed
-        given = {k: v for k, v in cfg.given().items() if k in _REPLAY_OPTIONS and k not in _TIMING}
+        given = {k: v for k, v in cfg.given().items() if k in REPLAY_OPTIONS and k not in _TIMING}
         result = apply_plan(a.src, a.out, a.plan, extra.get("calibration"), **dict(given, input_shapes=input_shapes))
     else:
         result = rewrite(a.src, a.out, cfg, input_shapes=input_shapes, **extra)
@@ -56,19 +57,12 @@ def _calibration(a: argparse.Namespace, input_shapes):
             header = onnx.load(a.src, load_external_data=False)
         except Exception:  # noqa: BLE001 - rewrite() gives the one-line error for a bad file
             return path
-        from ..cli import calib_options
-
         return image_feeds(path, header, layout=getattr(a, "calib_layout", "nchw"), input_shapes=input_shapes,
-                           **calib_options(a))
+                           **image_options(a))
     if path.lower().endswith((".pt", ".pth")) and os.path.isfile(path):
-        import torch
+        import torch  # .pt files are torch's; the ONNX route imports torch only for them
 
-        from ..errors import first_line
-
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise DsrewriteError(f"cannot load calibration tensors from {path}: {first_line(e)}") from None
+        data = load_tensors(path)
         if isinstance(data, torch.Tensor):
             return data.numpy()
         if isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):

@@ -12,8 +12,8 @@ from typing import Mapping, Optional, Sequence
 import onnx_ir as ir
 
 from ..ir import check_kinds
-from ..pipeline import Selector, matcher
-from ..policy import RankArg, check_rank
+from ..plan.planner import Selector, matcher
+from ..plan.policy import RankArg, check_rank
 from ..report import Report
 from .api import rewrite
 from .model_io import uses_external_data

@@ -1,7 +1,7 @@
 """Per-layer latency in onnxruntime: the ONNX route's layer timer for ``target_latency``.
 
-The same contract as :class:`dsrewrite.latency.LayerTimer` (``dense_ms(spec)``, ``separable_ms(spec, rank)``),
-so the one allocator (:func:`dsrewrite.budget.allocate_budget` through :class:`dsrewrite.costs.LatencyCost`)
+The same contract as :class:`dsrewrite.timing.layers.LayerTimer` (``dense_ms(spec)``, ``separable_ms(spec, rank)``),
+so the one allocator (:func:`dsrewrite.plan.allocate.allocate_budget` through :class:`dsrewrite.plan.cost_providers.LatencyCost`)
 plans ONNX models by onnxruntime milliseconds: each conv shape is built as a one-node model (the dense
 ``Conv``) and a two-node model (the grouped depthwise ``Conv`` at a candidate rank, then the 1x1 ``Conv``),
 with random weights, and timed in sessions made with the options the whole model is timed and deployed with.
@@ -19,7 +19,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..ir import LINEAR, ConvSpec
-from ..latency import cached_ms, candidate_ranks, layer_input
+from ..plan.cost_model import candidate_ranks
+from ..timing.layers import cached_ms, layer_input
 from .measure import session
 
 __all__ = ["OrtLayerTimer", "conv_model", "pair_model", "lowrank_model"]
@@ -125,7 +126,7 @@ class OrtLayerTimer:
 
     def _measure_variants(self, spec: ConvSpec, variants) -> List[float]:
         """One call's time (ms) of the dense ``Conv`` / the pair at each ``(rank, _)`` variant, side by side."""
-        from ..measure import time_side_by_side
+        from ..timing.measure import time_side_by_side
 
         rng = np.random.default_rng(0)
         runs, shape = [], None

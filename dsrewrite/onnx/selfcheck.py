@@ -1,10 +1,10 @@
 """The ONNX route's per-layer self-check: a rewritten conv ships only if its pair, made exact, reproduces it.
 
-As on the torch routes (:mod:`dsrewrite.selfcheck`): the original model runs once in onnxruntime (CPU) on random
+As on the torch routes (:mod:`dsrewrite.plan.selfcheck`): the original model runs once in onnxruntime (CPU) on random
 inputs (fixed seed; the shapes of the report, as :mod:`.measure` makes them), on a copy whose graph outputs also
 give each rewritten main-graph conv's input ``X`` and output ``Y`` (first batch item only). Each pair is then
 emitted by the backend's own :func:`~.backend.pair_nodes` (so with the same attribute translation) from the
-*exact* factors (:func:`dsrewrite.factorize.exact_factors`: one-hot depthwise filters, the weight as the pointwise
+*exact* factors (:func:`dsrewrite.plan.factorize.exact_factors`: one-hot depthwise filters, the weight as the pointwise
 conv; for a low-rank pair, :func:`~.backend.lowrank_nodes` from the identity then the weight), run alone in
 onnxruntime on ``X`` in float32 and compared with ``Y`` (a ``Gemm``'s whole input: its rows are the batch). A
 mismatch turns the decision into a skip with the reason. Cheap: one run of the original, one tiny run per
@@ -24,9 +24,9 @@ import torch
 from onnx import helper, numpy_helper
 
 from ..errors import first_line
-from ..factorize import exact_factors
-from ..pipeline import Decision
-from ..selfcheck import Tally, tolerance
+from ..plan.factorize import exact_factors
+from ..plan.planner import Decision
+from ..plan.selfcheck import Tally, tolerance
 from .backend import UniqueNames, lowrank_arrays, lowrank_nodes, opset_of, pair_nodes
 from .model_io import PROTOBUF_LIMIT, model_nbytes
 from .scopes import scopes, taken_names

@@ -4,7 +4,7 @@ Layers are timed alone, on random inputs; the whole model can come out slower or
 predicts. A route hands :func:`latency_loop` one function that plans with a given layer timer, builds the model
 and times it against the original side by side (an :class:`Attempt`). While the whole model misses the target
 by more than the measured noise, the pairs' timings (separable and low-rank) are scaled by what the whole model
-showed (:class:`~dsrewrite.latency.ScaledTimer`) and the ranks planned again, up to :data:`LATENCY_ROUNDS` plans.
+showed (:class:`~dsrewrite.timing.layers.ScaledTimer`) and the ranks planned again, up to :data:`LATENCY_ROUNDS` plans.
 
 A plan meets the target when the *median* of its per-round time ratios does (a robust central estimate; the
 ratio of the fastest rounds minus the noise let plans through that an independent timing measured slower).
@@ -13,7 +13,7 @@ median per-round ratio below 1), with a note saying the target was not met, what
 is it refused (``strict=True``: refused whenever the target is missed). A target the layer timings put out of
 reach is not refused on their word: the pairs' timings are scaled down until a plan exists (within
 :data:`PLAN_MARGIN` under ``strict``; any amount otherwise), and the whole model decides. A disturbed measurement
-(per-round ratios spread by more than :data:`~dsrewrite.measure.NOISY` of their median) does not correct the
+(per-round ratios spread by more than :data:`~dsrewrite.timing.measure.NOISY` of their median) does not correct the
 layer timings: the loop stops there rather than re-plan on noise.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import BudgetUnreachable, DsrewriteError, first_line
-from .latency import ScaledTimer
+from ..errors import BudgetUnreachable, DsrewriteError, first_line
+from .layers import ScaledTimer
 from .measure import NOISY
 
 __all__ = ["Attempt", "attempt_from_layers", "latency_loop", "LATENCY_ROUNDS", "PLAN_MARGIN"]

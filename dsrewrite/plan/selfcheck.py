@@ -1,7 +1,7 @@
 """The per-layer self-check: a rewritten layer ships only if its pair, made exact, reproduces the original.
 
 For each rewritten decision, the pair is rebuilt with the same settings (stride, padding, dilation, padding
-mode, dynamic 'same' padding) from the *exact* factorisation (:func:`~dsrewrite.factorize.exact_factors`),
+mode, dynamic 'same' padding) from the *exact* factorisation (:func:`~dsrewrite.plan.factorize.exact_factors`),
 run in float64 on the input the original layer saw in the example forward, and compared with the output the
 original layer gave there. A mismatch means the frontend misread the layer (a subclass, a run-time weight, a
 padding rule): the layer is then skipped with the reason, never shipped. Cheap: the torch routes keep a
@@ -16,10 +16,10 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import RewrittenModelFails, first_line, raise_if_out_of_memory
+from ..errors import RewrittenModelFails, first_line, raise_if_out_of_memory
 from .factorize import Factors, exact_factors
-from .frontends.fx import Probe
-from .pipeline import Decision, layer_report
+from ..frontends.fx import Probe
+from .planner import Decision, layer_report
 
 __all__ = ["self_check", "check_runs", "tolerance", "Tally"]
 

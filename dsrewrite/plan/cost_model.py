@@ -8,9 +8,10 @@ or linear layer's low-rank pair is the separable pair of its :meth:`~dsrewrite.i
 """
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import List, Tuple
 
-from .ir import ConvSpec
+from ..ir import ConvSpec
 
 __all__ = [
     "dense_params",
@@ -19,7 +20,12 @@ __all__ = [
     "separable_flops",
     "breakeven_rank",
     "separable_pair_flops",
+    "candidate_ranks",
+    "LOWRANK_RANKS",
 ]
+
+LOWRANK_RANKS = 7  # low-rank candidates timed per layer: the top rank, then steps of 1/sqrt(2) (multiples of 8
+# from 32 up)
 
 
 def dense_params(spec: ConvSpec) -> int:
@@ -66,3 +72,36 @@ def breakeven_rank(spec: ConvSpec) -> float:
     spec = spec.pair_view()
     k = spec.kernel_area
     return spec.out_channels * k / (k + spec.out_channels)
+
+
+def candidate_ranks(spec: ConvSpec, count: int = 5) -> List[int]:
+    """Ranks worth timing: the largest rank with fewer FLOPs than the conv, then halving down to 1. A low-rank
+    pair's ranks run to the hundreds: the largest below its break-even rank, then :data:`LOWRANK_RANKS` steps
+    of ``1/sqrt(2)`` (multiples of 8 from 32 up, the widths GEMM kernels like)."""
+    if spec.out_pixels == 0:
+        return []
+    dense = dense_flops(spec)
+    if spec.lowrank:
+        return _lowrank_ranks(spec, dense)
+    top = 0
+    for r in range(1, spec.full_rank + 1):
+        if separable_flops(spec, r) < dense:
+            top = r
+    ranks: List[int] = []
+    r = top
+    while r >= 1 and len(ranks) < count:
+        ranks.append(r)
+        r = r // 2 if r > 2 else r - 1
+    return sorted(set(ranks))
+
+
+def _lowrank_ranks(spec: ConvSpec, dense: int) -> List[int]:
+    top = min(spec.full_rank, max(math.ceil(breakeven_rank(spec)) - 1, 0))
+    while top >= 1 and separable_flops(spec, top) >= dense:  # float rounding at the break-even rank
+        top -= 1
+    ranks, r = [], float(top)
+    while r >= 1 and len(ranks) < LOWRANK_RANKS:
+        k = int(r)
+        ranks.append(8 * round(k / 8) if k >= 32 and ranks else k)  # never the top: it stays below break-even
+        r /= math.sqrt(2)
+    return sorted(set(ranks))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["seeded", "tensors_of", "outputs_differ", "count_params", "count_flops", "time_call", "time_side_by_side", "time_models", "compare",
+__all__ = ["seeded", "tensors_of", "outputs_differ", "count_params", "count_flops", "time_call", "time_side_by_side", "compare",
            "Comparison", "eval_mode", "input_device"]
 
 
@@ -221,38 +221,3 @@ def note_disturbed(report: Any, c: Comparison) -> None:
     """Say on the report that its timing was disturbed (a busy machine, rounds that disagree), once."""
     if c.disturbed:
         report.notes = [n for n in report.notes if not n.startswith("timing was disturbed")] + [c.words()]
-
-
-def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report: Any,
-                memory_format: Optional[str] = None, runtime: Any = None,
-                before: Optional[Callable[..., Any]] = None) -> None:
-    """Time ``original`` and ``new`` side by side on ``args`` (eval mode, interleaved rounds; :func:`compare`)
-    in ``runtime`` (a :class:`dsrewrite.runtimes.Runtime`; eager by default) and fill the report's time fields,
-    the noise of the ratio included. ``memory_format`` names the layout the caller put the models in
-    (``"channels_last"``); by default it is read from the inputs' strides. ``before``: ``original`` already
-    prepared for the runtime (compiled once, reused)."""
-    from .runtimes import get_runtime
-
-    runtime = runtime or get_runtime("eager")
-    device = input_device(args)
-    with eval_mode(original), eval_mode(new):
-        after = runtime.prepare(new, args)
-        if before is None:
-            before = runtime.prepare(original, args)
-        c = compare(before, after, args, device=device)
-    report.time_before_ms, report.time_after_ms, report.time_noise = c.before_ms, c.after_ms, c.noise
-    report.time_median_ratio = c.median_ratio
-    note_disturbed(report, c)
-    images = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
-    if memory_format is None:
-        cl = any(not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last) for a in images)
-        memory_format = ("channels_last" if cl else "NCHW") if images else None
-    elif memory_format == "contiguous":
-        memory_format = "NCHW"
-    ort = runtime.name == "onnxruntime"
-    report.time_runtime = runtime.label(memory_format)
-    report.time_device = (torch.cuda.get_device_name(device) if device.type == "cuda" and not ort
-                          else "cpu" if ort else f"cpu ({torch.get_num_threads()} threads)")
-    backends = {getattr(m, "backend", None) for m in new.modules() if hasattr(m, "rank") and hasattr(m, "pointwise")}
-    backends.discard(None)
-    report.time_backend = "backend=" + ",".join(sorted(backends)) if backends and not ort else None

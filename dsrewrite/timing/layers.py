@@ -25,20 +25,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .cost import breakeven_rank, dense_flops, separable_flops
-from .frontends.conv_modules import deepcopy_module
-from .ir import LINEAR, ConvSpec
+from ..plan.cost_model import candidate_ranks
+from ..frontends.conv_modules import deepcopy_module
+from ..ir import LINEAR, ConvSpec
 from .measure import time_call, time_side_by_side
 
-__all__ = ["LayerTimer", "ScaledTimer", "layer_input", "calls_scale", "cached_ms", "candidate_ranks", "time_fn",
-           "best_memory_format", "timeable", "linear_rows", "MEMORY_FORMATS", "GATHER_MARGIN", "LOWRANK_RANKS"]
+__all__ = ["LayerTimer", "ScaledTimer", "layer_input", "calls_scale", "cached_ms", "time_fn",
+           "best_memory_format", "timeable", "linear_rows", "MEMORY_FORMATS", "GATHER_MARGIN"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 # the gathered depthwise form must take less than this fraction of the grouped form's time: it copies the
 # input `rank` times (memory), and a single timing of a large layer on a shared CPU is noisy
 GATHER_MARGIN = 0.9
-LOWRANK_RANKS = 7  # low-rank candidates timed per layer: the top rank, then steps of 1/sqrt(2) (multiples of 8
-# from 32 up)
 _CACHE: Dict[str, float] = {}  # process-wide: the same layer shape is timed once
 
 
@@ -104,39 +102,6 @@ def cached_ms(timer: Any, cache: Dict, spec: ConvSpec, want: Variant, variants: 
     return cache[key(want)] * calls_scale(spec)
 
 
-def candidate_ranks(spec: ConvSpec, count: int = 5) -> List[int]:
-    """Ranks worth timing: the largest rank with fewer FLOPs than the conv, then halving down to 1. A low-rank
-    pair's ranks run to the hundreds: the largest below its break-even rank, then :data:`LOWRANK_RANKS` steps
-    of ``1/sqrt(2)`` (multiples of 8 from 32 up, the widths GEMM kernels like)."""
-    if spec.out_pixels == 0:
-        return []
-    dense = dense_flops(spec)
-    if spec.lowrank:
-        return _lowrank_ranks(spec, dense)
-    top = 0
-    for r in range(1, spec.full_rank + 1):
-        if separable_flops(spec, r) < dense:
-            top = r
-    ranks: List[int] = []
-    r = top
-    while r >= 1 and len(ranks) < count:
-        ranks.append(r)
-        r = r // 2 if r > 2 else r - 1
-    return sorted(set(ranks))
-
-
-def _lowrank_ranks(spec: ConvSpec, dense: int) -> List[int]:
-    top = min(spec.full_rank, max(math.ceil(breakeven_rank(spec)) - 1, 0))
-    while top >= 1 and separable_flops(spec, top) >= dense:  # float rounding at the break-even rank
-        top -= 1
-    ranks, r = [], float(top)
-    while r >= 1 and len(ranks) < LOWRANK_RANKS:
-        k = int(r)
-        ranks.append(8 * round(k / 8) if k >= 32 and ranks else k)  # never the top: it stays below break-even
-        r /= math.sqrt(2)
-    return sorted(set(ranks))
-
-
 class LayerTimer:
     """Measure convs and separable pairs of a :class:`~dsrewrite.ir.ConvSpec`'s shape (1x1 convs and linear
     layers: the layer and its low-rank pair).
@@ -149,19 +114,21 @@ class LayerTimer:
         reps / max_seconds: repetitions and time budget per measurement (the fastest is kept).
         cache_file: optional JSON file read at start and written after new measurements.
         ragged: time ragged pairs (torch ops gather the input channels first; Triton reads through the index).
-        runtime: a :class:`dsrewrite.runtimes.Runtime` the layers run in (eager by default; Inductor compiles
+        runtime: a :class:`dsrewrite.timing.runtimes.Runtime` the layers run in (eager by default; Inductor compiles
             each layer before timing it).
 
     ``gathered(spec, rank)`` says whether the pair should run with ``gather_input=True`` (measured faster).
     """
 
+    @property
+    def runtime_name(self) -> str:
+        return self.runtime.name if self.runtime is not None else "eager"
+
     def __init__(self, device: Any = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto",
                  memory_format: str = "contiguous", reps: int = 5, max_seconds: float = 0.25,
                  cache_file: Optional[str] = None, ragged: bool = False, runtime: Any = None) -> None:
-        from .runtimes import get_runtime
-
         self.device = torch.device(device)
-        self.runtime = runtime if runtime is not None else get_runtime("eager")
+        self.runtime = runtime  # None: eager, each layer called as it is
         self.dtype = dtype
         self.backend = backend
         self.memory_format = "contiguous" if memory_format == "auto" else memory_format
@@ -195,7 +162,7 @@ class LayerTimer:
         return "|".join(str(x) for x in (
             what, spec.kind, spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.dilation,
             spec.bias, spec.batch, spec.out_spatial, shape, str(self.dtype), self._where(), self.backend,
-            self.memory_format, self.runtime.name))
+            self.memory_format, self.runtime_name))
 
     def _two_forms(self, spec: ConvSpec) -> bool:
         """Whether the pair of ``spec`` has two depthwise forms to choose from (a low-rank pair has one)."""
@@ -204,7 +171,7 @@ class LayerTimer:
     # ------------------------------------------------------------------ measuring
     def _build(self, spec: ConvSpec, rank: Optional[int], gathered: bool = False) -> Tuple[nn.Module, torch.Tensor]:
         """A layer of ``spec``'s shape (dense, or separable at ``rank``) with random weights, and its input."""
-        from .modules import LowRankConv1d, LowRankConv2d, LowRankLinear, SeparableConv1d, SeparableConv2d
+        from ..modules import LowRankConv1d, LowRankConv2d, LowRankLinear, SeparableConv1d, SeparableConv2d
 
         shape, pads = layer_input(spec)
         dims = spec.spatial_dims
@@ -243,13 +210,13 @@ class LayerTimer:
         """One call's time (ms) of each ``(rank, gathered)`` variant, timed side by side round by round."""
         built = [self._build(spec, r, g) for r, g in variants]
         x = built[0][1]
-        fns = [self.runtime.prepare(m, (x,)) for m, _ in built]
+        fns = [self.runtime.prepare(m, (x,)) if self.runtime is not None else m for m, _ in built]
         return time_side_by_side(fns, (x,), device=self.device, reps=self.reps,
                                  max_seconds=self.max_seconds * len(fns), warmup=self._warmup)
 
     @property
     def _warmup(self) -> int:  # a compiled layer's first call compiles it, and the next may still settle
-        return 1 if self.runtime.name == "eager" else 2
+        return 1 if self.runtime_name == "eager" else 2
 
     def _get(self, spec: ConvSpec, rank: Optional[int], gathered: bool = False) -> Optional[float]:
         variants = self._variants(spec)

@@ -1,7 +1,7 @@
 """Data-aware initialisation on a torch model: calibration batches, hook-driven capture, sequential refit.
 
 Runs the model (forward hooks, early stop) to feed the per-layer statistics and solvers of
-:mod:`dsrewrite.calib_solve`; :func:`calibrate_sequential` calibrates a rewritten model in execution order, each
+:mod:`dsrewrite.calib.solve`; :func:`calibrate_sequential` calibrates a rewritten model in execution order, each
 layer seeing the activations of the already-rewritten network before it.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .calib_solve import DAMP, RIDGE, CalibResult, LayerCalibrator, LayerInputs
-from .ir import KXK, LINEAR, POINTWISE
+from .solve import DAMP, RIDGE, CalibResult, LayerCalibrator, LayerInputs
+from ..ir import KXK, LINEAR, POINTWISE
 
 __all__ = ["as_batches", "collect_patch_stats", "layer_kind", "CalibLayer", "calibrate_sequential"]
 
@@ -28,7 +28,7 @@ def as_batches(calibration: Any, batch_size: int = 16, max_batches: Optional[int
     when the model takes one input). When the example's first input is itself a list (detection models take
     a list of images), a list batch is that one input.
     """
-    from .errors import DsrewriteError
+    from ..errors import DsrewriteError
 
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() == 0 or calibration.shape[0] == 0:

@@ -1,7 +1,7 @@
 """Data-aware initialisation of a separable or low-rank pair, the maths: patch statistics, whitened SVD, ridge refit.
 
 Pure computation on tensors and one conv's settings; running a model to collect the data is
-:mod:`dsrewrite.calib_run`. Plain per-channel SVD (:mod:`dsrewrite.factorize`) fits the weights; what matters is
+:mod:`dsrewrite.calib.run`. Plain per-channel SVD (:mod:`dsrewrite.plan.factorize`) fits the weights; what matters is
 the layer's output on the data it sees. For input channel ``c`` with patch autocorrelation ``A_c = E[p p^T]``
 (``K x K``, ``K`` taps), the channel's output error is ``||(W_c - W'_c) A_c^{1/2}||``, so the best rank-``r``
 depthwise filters come from the SVD of ``W_c A_c^{1/2}`` (whitened SVD). ``A_c`` is damped relative to the layer
@@ -14,7 +14,7 @@ Of the candidates (plain SVD, plain depthwise + refit, whitened depthwise + refi
 calibration objective ``||Y - f(X)||_F / ||Y||_F`` is kept, so the result is never worse than plain SVD there.
 
 A low-rank pair (1x1 conv, linear layer ``[Cout, Cin]``) is the separable pair of its one-channel view
-(:func:`~dsrewrite.factorize.lowrank_view`), and so is its calibration: the "patches" are the input rows
+(:func:`~dsrewrite.plan.factorize.lowrank_view`), and so is its calibration: the "patches" are the input rows
 ``[M, Cin]`` (a 1x1 conv's after its stride and padding), the autocorrelation is ``[1, Cin, Cin]``, the whitened
 SVD is the layer's SVD whitened by its input covariance, and the refit of the expansion (and bias) is the same
 ridge fit with ``d = k`` (:class:`LayerInputs` turns a layer's inputs into either form).
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .factorize import (Factors, as_lowrank, as_tensor, as_view, channel_svd, factorize, factorize_layer,
+from ..plan.factorize import (Factors, as_lowrank, as_tensor, as_view, channel_svd, factorize, factorize_layer,
                         lowrank_view, ragged_error_curve, ragged_keep, separable_terms, uniform_error_curve,
                         uniform_keep)
 
@@ -322,7 +322,7 @@ class LayerCalibrator:
 
     A low-rank layer (``lowrank``, implied by an ``nn.Linear`` or low-rank ``plain``) is solved as its one-channel
     view (see the module doc): the same whitening and refit, the result converted back with
-    :func:`~dsrewrite.factorize.as_lowrank`.
+    :func:`~dsrewrite.plan.factorize.as_lowrank`.
 
     Args:
         conv: an ``nn.Conv1d``/``nn.Conv2d`` (or, low rank, an ``nn.Linear`` or 1x1 conv) carrying the settings

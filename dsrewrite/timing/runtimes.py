@@ -8,18 +8,29 @@ A :class:`Runtime` gives the three things every route needs: a callable that run
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from typing import Any, Callable, Optional, Sequence
+import importlib
+from typing import Any, Callable, Dict, Optional, Sequence, Type
 
 import torch
 from torch import nn
 
-from .errors import DsrewriteError, first_line
+from ..errors import DsrewriteError, first_line
+from .layers import LayerTimer
+from .measure import compare, eval_mode, input_device, note_disturbed
 
-__all__ = ["RUNTIMES", "Runtime", "get_runtime", "compiled", "export_onnx"]
+__all__ = ["RUNTIMES", "Runtime", "get_runtime", "register_runtime", "time_models", "compiled", "export_onnx"]
 
 RUNTIMES = ("eager", "inductor", "onnxruntime")
+_RUNTIMES: Dict[str, Type["Runtime"]] = {}
+# runtimes a route provides, by the module that registers them: loaded the first time one is asked for, so the
+# core never imports a route (and onnxruntime stays an optional dependency)
+PROVIDED_BY = {"onnxruntime": "dsrewrite.onnx.runtime"}
+
+
+def register_runtime(cls: Type["Runtime"]) -> Type["Runtime"]:
+    """Make ``cls`` the runtime called ``cls.name`` (a route registers the runtime it provides); a decorator."""
+    _RUNTIMES[cls.name] = cls
+    return cls
 
 
 class Runtime:
@@ -27,6 +38,7 @@ class Runtime:
 
     name = "eager"
     memory_formats = True  # whether NCHW vs channels_last is the runtime's to choose (not onnxruntime's)
+    runs_torch = True  # runs the torch modules themselves (their device and SeparableConv backend are reported)
 
     def __init__(self, *, ort_threads: Optional[int] = None, ort_optimization: str = "all",
                  ort_provider: str = "CPUExecutionProvider") -> None:
@@ -38,7 +50,7 @@ class Runtime:
 
     def label(self, memory_format: Optional[str]) -> str:
         """The report's words for where the time was measured."""
-        return "PyTorch eager" + _layout(memory_format)
+        return "PyTorch eager" + layout_words(memory_format)
 
     def how(self, memory_format: Optional[str]) -> Optional[str]:
         """How to run the model as it was timed (``None``: as it is)."""
@@ -49,12 +61,11 @@ class Runtime:
     def layer_timer(self, device: torch.device, dtype: torch.dtype, backend: str, memory_format: str,
                     cache_file: Optional[str], ragged: bool) -> Any:
         """The layer timer latency planning uses in this runtime."""
-        from .latency import LayerTimer
-
         return LayerTimer(device, dtype, backend, memory_format, cache_file=cache_file, ragged=ragged,
                           runtime=self)
 
 
+@register_runtime
 class InductorRuntime(Runtime):
     """``torch.compile`` with Inductor: layers and whole models are compiled before they are timed."""
 
@@ -64,7 +75,7 @@ class InductorRuntime(Runtime):
         return compiled(model, len(args))
 
     def label(self, memory_format: Optional[str]) -> str:
-        return "torch.compile (Inductor)" + _layout(memory_format)
+        return "torch.compile (Inductor)" + layout_words(memory_format)
 
     def how(self, memory_format: Optional[str]) -> Optional[str]:
         fmt = " in channels_last (model and inputs .to(memory_format=torch.channels_last))" \
@@ -72,59 +83,18 @@ class InductorRuntime(Runtime):
         return f"timed compiled: run it as torch.compile(model){fmt}"
 
 
-class OnnxRuntime(Runtime):
-    """onnxruntime: models are exported to ONNX and run in sessions with the ``ort_*`` options; layers are
-    timed as the one-``Conv`` and depthwise + pointwise models the export produces."""
-
-    name = "onnxruntime"
-    memory_formats = False
-
-    def prepare(self, model: nn.Module, args: Sequence[Any]) -> Callable[..., Any]:
-        from .onnx.measure import session
-
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "model.onnx")
-            export_onnx(model, tuple(args), path, dynamic_batch=False)
-            sess = session(path, self.ort["threads"], optimization=self.ort["optimization"],
-                           provider=self.ort["provider"], spinning=False)
-        names = [i.name for i in sess.get_inputs()]
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if len(names) != len(tensors):
-            raise DsrewriteError(f"the ONNX export takes {len(names)} input(s) and the example has {len(tensors)} "
-                                 f"tensor(s): runtime='onnxruntime' needs tensor inputs")
-        feeds = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, tensors)}
-        return lambda *_: sess.run(None, feeds)
-
-    def label(self, memory_format: Optional[str]) -> str:
-        """The onnxruntime version and session options (the words of both routes' time line)."""
-        import onnxruntime as ort
-
-        threads = self.ort["threads"]
-        return (f"onnxruntime {ort.__version__} ({self.ort['provider']}, graph optimisation "
-                f"{self.ort['optimization']}, {f'{threads} intra-op threads' if threads else 'default threads'}; timed with idle pool threads "
-                f"sleeping, as two sessions share the cores)")
-
-    def how(self, memory_format: Optional[str]) -> Optional[str]:
-        return "timed as exported ONNX in onnxruntime with these session options: deploy the .onnx export"
-
-    def layer_timer(self, device: torch.device, dtype: torch.dtype, backend: str, memory_format: str,
-                    cache_file: Optional[str], ragged: bool) -> Any:
-        from .onnx.latency import OrtLayerTimer
-
-        return OrtLayerTimer(self.ort["threads"], optimization=self.ort["optimization"],
-                             provider=self.ort["provider"])
+register_runtime(Runtime)
 
 
-def _layout(memory_format: Optional[str]) -> str:
+def layout_words(memory_format: Optional[str]) -> str:
     return f", {'NCHW' if memory_format == 'contiguous' else memory_format}" if memory_format else ""
-
-
-_RUNTIMES = {"eager": Runtime, "inductor": InductorRuntime, "onnxruntime": OnnxRuntime}
 
 
 def get_runtime(name: Optional[str], **ort: Any) -> Runtime:
     """The runtime called ``name`` (``None``: eager), with the onnxruntime session options ``ort_*``."""
     name = name or "eager"
+    if name not in _RUNTIMES and name in PROVIDED_BY:
+        importlib.import_module(PROVIDED_BY[name])  # the route registers it on import
     if name not in _RUNTIMES:
         raise DsrewriteError(f"runtime must be one of {', '.join(RUNTIMES)}, got {name!r}")
     return _RUNTIMES[name](**ort)
@@ -168,3 +138,35 @@ def export_onnx(model: nn.Module, args: tuple, out: str, *, dynamic_batch: bool 
         raise DsrewriteError(f"the model cannot be exported to ONNX: {first_line(e, 200)}") from None
     return reason
 
+
+def time_models(original: nn.Module, new: nn.Module, args: Sequence[Any], report: Any,
+                memory_format: Optional[str] = None, runtime: Any = None,
+                before: Optional[Callable[..., Any]] = None) -> None:
+    """Time ``original`` and ``new`` side by side on ``args`` (eval mode, interleaved rounds; :func:`compare`)
+    in ``runtime`` (a :class:`dsrewrite.timing.runtimes.Runtime`; eager by default) and fill the report's time fields,
+    the noise of the ratio included. ``memory_format`` names the layout the caller put the models in
+    (``"channels_last"``); by default it is read from the inputs' strides. ``before``: ``original`` already
+    prepared for the runtime (compiled once, reused)."""
+    runtime = runtime or get_runtime("eager")
+    device = input_device(args)
+    with eval_mode(original), eval_mode(new):
+        after = runtime.prepare(new, args)
+        if before is None:
+            before = runtime.prepare(original, args)
+        c = compare(before, after, args, device=device)
+    report.time_before_ms, report.time_after_ms, report.time_noise = c.before_ms, c.after_ms, c.noise
+    report.time_median_ratio = c.median_ratio
+    note_disturbed(report, c)
+    images = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
+    if memory_format is None:
+        cl = any(not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last) for a in images)
+        memory_format = ("channels_last" if cl else "NCHW") if images else None
+    elif memory_format == "contiguous":
+        memory_format = "NCHW"
+    report.time_runtime = runtime.label(memory_format)
+    report.time_device = (("cpu" if device.type != "cuda" else "cuda") if not runtime.runs_torch
+                          else torch.cuda.get_device_name(device) if device.type == "cuda"
+                          else f"cpu ({torch.get_num_threads()} threads)")
+    backends = {getattr(m, "backend", None) for m in new.modules() if hasattr(m, "rank") and hasattr(m, "pointwise")}
+    backends.discard(None)
+    report.time_backend = "backend=" + ",".join(sorted(backends)) if backends and runtime.runs_torch else None

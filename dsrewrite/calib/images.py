@@ -1,4 +1,5 @@
-"""A folder of images as a calibration array, for every route: read with PIL, resized, scaled, normalised.
+"""Calibration data from files, for every route: a folder of images as an array (read with PIL, resized, scaled,
+normalised) and a ``.pt`` file of tensors.
 
 The command line's ``--calibration DIR`` (and :func:`dsrewrite.onnx.calib_data.image_feeds`) go through
 :func:`load_images`, so images mean the same preprocessing on the PyTorch and ONNX routes: converted to the
@@ -8,16 +9,39 @@ input's channel count (grayscale, RGB or BGR), resized to its height and width, 
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import DsrewriteError, first_line
+from ..errors import DsrewriteError, first_line
 
-__all__ = ["IMAGE_EXTS", "LAYOUTS", "load_images", "image_files"]
+__all__ = ["IMAGE_EXTS", "LAYOUTS", "CALIB_FLAGS", "load_images", "image_files", "image_options", "load_tensors"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LAYOUTS = ("nchw", "nhwc")
+# the command line's calibration flags (flag, attribute, default): image preprocessing and sequential refits
+CALIB_FLAGS = (("--calib-size", "calib_size", None), ("--calib-mean", "calib_mean", None),
+               ("--calib-std", "calib_std", None), ("--calib-layout", "calib_layout", "nchw"),
+               ("--calib-bgr", "calib_bgr", False), ("--calib-max-images", "calib_max_images", 64),
+               ("--sequential/--no-sequential", "sequential", None))
+
+
+def image_options(args: Any) -> Dict[str, Any]:
+    """The image preprocessing flags (``--calib-*`` on a parsed command line) as keyword arguments of the image
+    loaders (``size``, ``mean``, ``std``, ``bgr``, ``max_images``)."""
+    return {key.replace("calib_", ""): getattr(args, key, default) for _, key, default in CALIB_FLAGS
+            if key not in ("calib_layout", "sequential")}
+
+
+def load_tensors(path: str) -> Any:
+    """What a ``.pt`` calibration file holds (a tensor, or a dict of tensors by input name), loaded on the CPU
+    without running code (``weights_only``); one line naming the file when it cannot be read."""
+    import torch  # the ONNX route reads .pt files too, and imports torch only then
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a bad or foreign file: one line
+        raise DsrewriteError(f"cannot load calibration tensors from {path}: {first_line(e)}") from None
 
 
 def image_files(folder: str, max_images: Optional[int] = None) -> list:

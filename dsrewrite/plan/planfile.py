@@ -1,5 +1,6 @@
 """A rewrite you can keep: :class:`Plan` (what was decided for every layer, as a versioned JSON file) and
-:func:`apply_plan` (rebuild exactly that rewrite on a fresh copy of the model, without timing anything).
+:func:`dsrewrite.apply_plan` / :func:`dsrewrite.onnx.apply_plan` (rebuild exactly that rewrite on a fresh copy of
+the model, without timing anything).
 
 A plan lists every layer the frontend found (rewritten or left alone, with the reason), per layer its kind,
 rank, per-channel ranks (ragged) and depthwise form (``gather_input``), plus the options, runtime, memory format
@@ -20,9 +21,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import DsrewriteError, first_line
+import torch
 
-__all__ = ["Plan", "LayerPlan", "apply_plan", "fingerprint", "PLAN_VERSION", "PLAN_FORMAT"]
+from ..errors import DsrewriteError, first_line
+from ..version import __version__
+
+__all__ = ["Plan", "LayerPlan", "fingerprint", "weight_shape", "PLAN_VERSION", "PLAN_FORMAT"]
 
 PLAN_FORMAT = "dsrewrite.plan"  # the "format" field of a plan file
 PLAN_VERSION = 1  # bumped when a field changes meaning; older files are read, newer ones refused
@@ -57,7 +61,8 @@ def fingerprint(layers: Iterable[Tuple[str, Optional[Sequence[int]]]]) -> str:
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def _shape(t: Any) -> Optional[List[int]]:
+def weight_shape(t: Any) -> Optional[List[int]]:
+    """A weight's shape as a plan's fingerprint lists it (``None`` when the weight is not constant)."""
     return None if t is None else [int(d) for d in t.shape]
 
 
@@ -163,7 +168,7 @@ class Plan:
                 name=spec.name, kind=spec.kind, rank=int(d.factors.rank) if d.factors is not None else None,
                 channel_ranks=counts, gather_input=bool(d.gather_input) if d.factors is not None else False,
                 in_channels=int(spec.in_channels), out_channels=int(spec.out_channels),
-                kernel=[int(k) for k in spec.kernel], weight_shape=_shape(d.site.weight),
+                kernel=[int(k) for k in spec.kernel], weight_shape=weight_shape(d.site.weight),
                 reason=None if d.factors is not None else rep.reason))
         return cls(layers, route, _options(config), runtime, memory_format, _versions())
 
@@ -251,90 +256,4 @@ def _check_layer(L: LayerPlan, where: str) -> None:
 
 
 def _versions() -> Dict[str, str]:
-    import torch
-
-    from . import __version__
-
     return {"dsrewrite": __version__, "torch": torch.__version__}
-
-
-_REPLAY_OPTIONS = ("inplace", "backend", "progress", "name", "measure_time")
-
-
-def apply_plan(model: Any, plan: "Plan | str | os.PathLike[str]", example_inputs: Any, calibration: Any = None,
-               **options: Any) -> Any:
-    """Rebuild ``plan``'s rewrite of ``model`` (a fresh copy, or the model itself with ``inplace=True``) without
-    timing anything: every layer gets the plan's rank, per-channel ranks and depthwise form, its factors by SVD,
-    or refitted on ``calibration`` as :func:`dsrewrite.rewrite` does. A plan that does not fit the model (a layer
-    missing, another weight shape) is refused in one line naming the first mismatch.
-
-    ``plan``: a :class:`Plan` or the path of a saved one. ``options``: ``inplace``, ``backend``, ``progress``,
-    ``name``, ``measure_time`` (default ``False``; ``True`` times the original and the rebuilt model side by side).
-    Returns a :class:`~dsrewrite.RewriteResult` (``.model``, ``.report``, ``.plan``: the plan as rebuilt). Then
-    ``result.model.load_state_dict(fine_tuned_state_dict)`` gives back a fine-tuned model (docs/plans.md).
-    """
-    import torch
-    from torch import nn
-
-    from .api import as_args
-    from .config import RewriteConfig
-    from .snapshot import ModelSnapshot
-
-    if not isinstance(plan, Plan):
-        if not isinstance(plan, (str, os.PathLike)):
-            raise DsrewriteError(f"plan must be a dsrewrite.Plan or the path of a saved one, got {type(plan).__name__}")
-        plan = Plan.load(plan)
-    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
-        raise DsrewriteError(f"model must be an eager torch.nn.Module, got {type(model).__name__}")
-    if plan.route in ("onnx", "torch.compile"):
-        raise DsrewriteError(f"this plan was made on the {plan.route} route: apply it there "
-                             f"({'dsrewrite.onnx.apply_plan' if plan.route == 'onnx' else 'dsrewrite.compile'})")
-    bad = next((k for k in options if k not in _REPLAY_OPTIONS), None)
-    if bad is not None:
-        raise DsrewriteError(f"apply_plan does not take {bad!r}: the plan decides the layers and ranks (options: "
-                             f"{', '.join(_REPLAY_OPTIONS)})")
-    options = dict(options, measure_time=bool(options.get("measure_time", False)))
-    cfg = RewriteConfig.build(None, dict(options, calibration=calibration), route="torch",
-                              words=" for dsrewrite.apply_plan")
-    args = as_args(example_inputs)
-    if not cfg.inplace:
-        return _replay(model, args, cfg, plan)
-    before = ModelSnapshot(model)  # inplace: succeed, or leave the model exactly as it was
-    try:
-        return _replay(model, args, cfg, plan)
-    except BaseException:
-        before.restore()
-        raise
-
-
-def _replay(model: Any, args: tuple, cfg: Any, plan: Plan) -> Any:
-    """:func:`apply_plan` after its checks: ``api._build`` with the plan as the planner's decisions (the same
-    frontends and fallback as ``rewrite``), the fit checked on the route that built it, then calibration."""
-    from .api import RewriteResult, _build, _measure
-    from .planning import Planning
-
-    planning = Planning(model, args, cfg)
-    planning.kwargs["replay"] = plan
-    built = _build(model, args, cfg, planning, inplace=cfg.inplace)
-    plan.check_fit((d.site.spec.name, _shape(d.site.weight)) for d in built.decisions)
-    wanted = plan.by_name()
-    for d in built.decisions:
-        if wanted[d.site.spec.name].rewritten and not d.rewritten:
-            raise DsrewriteError(f"the plan does not fit this model: layer {d.site.spec.name!r} cannot be rewritten "
-                                 f"here ({d.report.reason})")
-    if built.route != plan.route:
-        built.notes.append(f"plan made on the {plan.route} route, rebuilt on the {built.route} route")
-    if planning.batches is not None:
-        built.calibrate(planning)
-    report = built.report(model, cfg, planning)
-    if cfg.measure_time:
-        _measure(model, built.model, args, planning, report)
-    rebuilt = Plan.from_decisions(built.decisions, route=built.route)
-    moved = [L.name for L in rebuilt.layers if L.channel_ranks != wanted[L.name].channel_ranks]
-    if moved:
-        report.notes.append(f"calibration moved the per-channel ranks of {len(moved)} layer(s) (same shapes): "
-                            + ", ".join(moved[:4]) + (", ..." if len(moved) > 4 else ""))
-    report.notes.append(f"rebuilt from a plan ({plan.fingerprint}, made with dsrewrite "
-                        f"{plan.versions.get('dsrewrite', '?')}): no layer timed")
-    result_plan = dataclasses.replace(plan, layers=rebuilt.layers, route=built.route, fingerprint="")
-    return RewriteResult(built.model, report, built.decisions, plan.memory_format, plan=result_plan)

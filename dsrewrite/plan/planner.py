@@ -12,15 +12,15 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import cost
-from .budget import Allocation, allocate_budget, check_fraction, energy_allocation
-from .costs import budget_kind
+from . import cost_model as cost
+from .allocate import Allocation, allocate_budget, check_fraction, energy_allocation
+from .cost_providers import budget_kind
 from .eligibility import why_not
-from .errors import BudgetUnreachable, DsrewriteError
+from ..errors import BudgetUnreachable, DsrewriteError
 from .factorize import Factors, factorize_layer
-from .ir import KINDS, ConvSite, ConvSpec
+from ..ir import KINDS, ConvSite, ConvSpec
 from .policy import RankArg, RankMap, check_rank, choose_rank, plan_kinds
-from .report import LayerReport
+from ..report import LayerReport
 
 __all__ = ["Decision", "Selector", "plan_sites", "selected", "matcher", "layer_report", "BUDGET_ARGS", "one_budget"]
 
@@ -107,23 +107,23 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
     """Decide and factorise every site. Skipped sites carry their reason; none is dropped silently.
 
     ``kinds``: the layer kinds to rewrite (``"kxk"``, ``"pointwise"``, ``"linear"`` or ``"all"``; default
-    :func:`dsrewrite.policy.default_kinds`: all under a budget, KxK for a ``rank``).
+    :func:`dsrewrite.plan.policy.default_kinds`: all under a budget, KxK for a ``rank``).
 
-    Budgets (allocated over all sites at once, see :mod:`dsrewrite.budget`; give at most one, instead of
+    Budgets (allocated over all sites at once, see :mod:`dsrewrite.plan.allocate`; give at most one, instead of
     ``rank``): ``target_flops`` / ``target_params`` are fractions of ``total_flops`` / ``total_params`` (the
     whole model's; default: the sum over the sites); ``target_latency`` a fraction of ``total_time_ms``,
-    with ``timer`` (a :class:`dsrewrite.latency.LayerTimer` or anything with ``dense_ms(spec)`` and
+    with ``timer`` (a :class:`dsrewrite.timing.layers.LayerTimer` or anything with ``dense_ms(spec)`` and
     ``separable_ms(spec, rank)``) timing the layers. ``budget=(name, fraction)`` names any budget registered
-    in :data:`dsrewrite.costs.BUDGETS` (the keywords above are the built-in ones). ``energy`` keeps that
+    in :data:`dsrewrite.plan.cost_providers.BUDGETS` (the keywords above are the built-in ones). ``energy`` keeps that
     fraction of each layer's spectral energy. ``stats`` maps a site name to its per-channel patch
-    autocorrelation ``[Cin, K, K]`` (:func:`dsrewrite.calibrate.collect_patch_stats`): errors then come from
+    autocorrelation ``[Cin, K, K]`` (:func:`dsrewrite.calib.solve.collect_patch_stats`): errors then come from
     the whitened spectrum. ``ragged``: spread each layer's ``Cin*rank`` depthwise filters over its channels
-    by their spectra (same cost, lower error; see :mod:`dsrewrite.factorize`).
+    by their spectra (same cost, lower error; see :mod:`dsrewrite.plan.factorize`).
 
     Best effort: a ``target_flops`` / ``target_params`` (or registered) budget below the smallest reachable gets
     the cheapest plan (every layer at its cheapest rank), with a note in ``notes`` saying it was not met;
     ``strict`` refuses it (:class:`~dsrewrite.errors.BudgetUnreachable`). A ``target_latency`` the layers would reach
-    if their pairs were timed faster is refused here, for its closed loop (:mod:`dsrewrite.latency_loop`) to try;
+    if their pairs were timed faster is refused here, for its closed loop (:mod:`dsrewrite.timing.loop`) to try;
     one out of reach whatever the pairs' timings gets the cheapest plan too, which the loop measures.
 
     ``rank`` may be a mapping ``{glob: rank}`` (first match wins; a layer matched by none is left alone).
@@ -230,7 +230,7 @@ def _given_budgets(target_flops, target_params, target_latency, energy) -> List[
 
 def one_budget(rank, given: List[Tuple[str, float]], timer) -> Optional[Tuple[str, float]]:
     """The one budget among ``given`` (name, value) pairs, checked, or ``None`` when there is none (any kind
-    registered in :mod:`dsrewrite.costs`, or ``energy``); ``timer`` truthy when a layer timer will exist."""
+    registered in :mod:`dsrewrite.plan.cost_providers`, or ``energy``); ``timer`` truthy when a layer timer will exist."""
     if not given:
         return None
     if len(given) > 1:
@@ -251,7 +251,7 @@ def _site_errors(site: ConvSite, stats: dict, ragged: bool = False) -> List[floa
     lowrank = site.spec.lowrank
     a = stats.get(site.spec.name)
     if a is not None:
-        from .calibrate import whitened_rank_errors
+        from ..calib.solve import whitened_rank_errors
         from .factorize import lowrank_view
 
         try:

@@ -20,9 +20,9 @@ import fnmatch
 import math
 from typing import Any, Iterator, Mapping, Optional, Tuple, Union
 
-from .cost import breakeven_rank
-from .errors import DsrewriteError
-from .ir import KINDS, KXK, ConvSpec, check_kinds
+from .cost_model import breakeven_rank
+from ..errors import DsrewriteError
+from ..ir import KINDS, KXK, ConvSpec, check_kinds
 
 __all__ = ["RankArg", "RankMap", "check_rank", "choose_rank", "AUTO_FRACTION", "default_kinds", "plan_kinds",
            "UNMATCHED"]

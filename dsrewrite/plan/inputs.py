@@ -9,12 +9,12 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .config import RewriteConfig
-from .errors import DsrewriteError, first_line
-from .frontends.conv_modules import deepcopy_module
-from .ir import LINEAR
-from .measure import eval_mode, input_device
-from .pipeline import Decision
+from ..config import RewriteConfig
+from ..errors import DsrewriteError, first_line
+from ..frontends.conv_modules import deepcopy_module
+from ..ir import LINEAR
+from ..timing.measure import eval_mode, input_device
+from .planner import Decision
 
 __all__ = ["Planning", "calib_layers"]
 
@@ -32,7 +32,7 @@ class Planning:
         inplace, ragged, device = cfg.inplace, cfg.ragged, cfg.device
         self.teacher: Optional[nn.Module] = None
         if cfg.calibration is not None:
-            from .calibrate import as_batches
+            from ..calib.run import as_batches
 
             self.batches = as_batches(cfg.calibration, example_args=args)
             # the original model gives the true outputs; keep a copy when the user's model will be changed
@@ -42,14 +42,14 @@ class Planning:
         kw["strict"] = cfg.strict
         if budget is not None:
             kw["budget"] = budget
-        from .runtimes import get_runtime
+        from ..timing.runtimes import get_runtime
 
         self.runtime = get_runtime(cfg.runtime, ort_threads=cfg.ort_threads, ort_optimization=cfg.ort_optimization,
                                    ort_provider=cfg.ort_provider)
         self.memory_format: Optional[str] = None  # the layout models are timed in (None: as given)
         self._originals: dict = {}  # memory format -> (original in it, args in it, what runs it in the runtime)
         if budget is not None and budget[0] == "target_latency":
-            from .latency import best_memory_format, time_fn
+            from ..timing.layers import best_memory_format, time_fn
 
             dev = torch.device(device) if device is not None else input_device(args)
             ref = model if self.teacher is None else self.teacher
@@ -74,7 +74,7 @@ class Planning:
             if self.teacher is None:
                 self.teacher = model
         if self.batches is not None and budget is not None and budget[0] != "energy":
-            from .calibrate import collect_patch_stats
+            from ..calib.run import collect_patch_stats
 
             names = [n for n, m in self.teacher.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
             with eval_mode(self.teacher):
@@ -91,7 +91,7 @@ class Planning:
         """``(model, args, fn)``: the original in ``memory_format`` (a copy for channels_last), its inputs in it,
         and what runs it in the runtime, made once per format (a compiled or exported original is reused by
         every whole-model timing)."""
-        from .latency import to_format
+        from ..timing.layers import to_format
 
         if memory_format not in self._originals:
             m, a = to_format(model, args, memory_format)
@@ -100,8 +100,8 @@ class Planning:
 
     def calibrate(self, new_model: nn.Module, decisions: List[Decision]) -> str:
         """Refit the rewritten layers sequentially; fill ``calib_error_*`` in the reports; return a note."""
-        from .calib_solve import summary
-        from .calibrate import calibrate_sequential
+        from ..calib.solve import summary
+        from ..calib.run import calibrate_sequential
 
         layers, plain = calib_layers(self.teacher, decisions)
         with eval_mode(new_model), eval_mode(self.teacher):
@@ -123,7 +123,7 @@ class Planning:
 def calib_layers(teacher: nn.Module, decisions: List[Decision]) -> tuple:
     """The pair modules the backends installed (separable and low-rank), each with its original layer (and the
     teacher's layer of that name), and the names of the layers the refit cannot take (dynamic padding)."""
-    from .calibrate import CalibLayer
+    from ..calib.run import CalibLayer
 
     layers, plain = [], []
     for d in decisions:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .ir import KINDS, LINEAR, ConvSpec
+from ..ir import KINDS, LINEAR, ConvSpec
 
 __all__ = ["why_not"]
 

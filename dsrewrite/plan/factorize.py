@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .ir import full_rank  # one definition, shared with ConvSpec.full_rank (re-exported here)
+from ..ir import full_rank  # one definition, shared with ConvSpec.full_rank (re-exported here)
 
 __all__ = ["Factors", "factorize", "factorize_layer", "lowrank_view", "as_lowrank", "as_view", "exact_factors", "full_rank", "rank_errors", "uniform_error_curve", "ragged_error_curve",
            "as_tensor", "channel_svd", "ragged_keep", "counts_keep", "uniform_keep", "separable_terms"]

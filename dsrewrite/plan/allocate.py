@@ -6,7 +6,7 @@ calibration data, the whitened spectrum). Minimising ``sum e^2`` subject to ``su
 multiple-choice knapsack; :func:`allocate` solves it greedily on the lower convex hull of each layer's
 (cost, error) points, always taking the step with the least error added per unit of cost saved, then gives
 back rank where the budget still holds. Cost is FLOPs, parameters or measured milliseconds alike: any
-:class:`~dsrewrite.costs.CostProvider` prices the layers for :func:`allocate_budget`, the one allocator.
+:class:`~dsrewrite.plan.cost_providers.CostProvider` prices the layers for :func:`allocate_budget`, the one allocator.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import cost
-from .costs import CostProvider
-from .errors import BudgetUnreachable, DsrewriteError
-from .ir import ConvSpec
+from . import cost_model as cost
+from .cost_providers import CostProvider
+from ..errors import BudgetUnreachable, DsrewriteError
+from ..ir import ConvSpec
 
 __all__ = ["Option", "LayerOptions", "allocate", "smallest_cost", "energy_rank", "check_fraction",
            "budget_ranks", "BudgetEntry", "Allocation", "allocate_budget", "energy_allocation"]

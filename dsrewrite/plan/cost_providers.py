@@ -2,7 +2,7 @@
 
 A budget (``target_flops=0.5``) is a fraction of the whole model's cost in some unit. A
 :class:`CostProvider` prices a conv dense and as a separable pair at the ranks it can cost;
-:func:`dsrewrite.budget.allocate_budget` turns any provider's prices and the layers' error curves into ranks.
+:func:`dsrewrite.plan.allocate.allocate_budget` turns any provider's prices and the layers' error curves into ranks.
 :data:`BUDGETS` maps a budget name to its provider factory: a new budget kind is one provider class and one
 :func:`register_budget` call (here, or in the caller's code).
 """
@@ -12,10 +12,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from . import cost
-from .errors import DsrewriteError
-from .ir import ConvSpec
-from .report import LayerReport
+from . import cost_model as cost
+from ..errors import DsrewriteError
+from ..ir import ConvSpec
+from ..report import LayerReport
 
 __all__ = ["CostProvider", "FlopCost", "ParamCost", "LatencyCost", "BudgetKind", "BUDGETS", "register_budget",
            "budget_kind", "pair_words"]
@@ -79,7 +79,7 @@ def _all_ranks(spec: ConvSpec) -> List[int]:
 
 
 class FlopCost(CostProvider):
-    """FLOPs over all calls (:func:`dsrewrite.cost.dense_flops`); layers of unknown output shape are skipped."""
+    """FLOPs over all calls (:func:`dsrewrite.plan.cost_model.dense_flops`); layers of unknown output shape are skipped."""
 
     name, quantity = "FLOP", "FLOPs"
 
@@ -112,11 +112,11 @@ class ParamCost(CostProvider):
 
 
 class LatencyCost(CostProvider):
-    """Measured milliseconds from a layer timer (:class:`dsrewrite.latency.LayerTimer`, or anything with
+    """Measured milliseconds from a layer timer (:class:`dsrewrite.timing.layers.LayerTimer`, or anything with
     ``dense_ms(spec)`` and ``separable_ms(spec, rank)``; an optional ``gathered(spec, rank)`` picks the
     depthwise form). Layers measured slower at every candidate rank are left dense, saying so. 1x1 convs and
     linear layers are timed as their low-rank pairs (``separable_ms`` of a low-rank spec), at
-    :func:`~dsrewrite.latency.candidate_ranks`' geometric ranks below the break-even rank."""
+    :func:`~dsrewrite.plan.cost_model.candidate_ranks`' geometric ranks below the break-even rank."""
 
     name, quantity = "millisecond", "measured time"
 
@@ -132,9 +132,7 @@ class LatencyCost(CostProvider):
         return "output shape unknown: cannot time the layer"
 
     def candidates(self, spec: ConvSpec) -> List[int]:
-        from .latency import candidate_ranks
-
-        return candidate_ranks(spec)
+        return cost.candidate_ranks(spec)
 
     def separable(self, spec: ConvSpec, rank: int) -> Optional[float]:
         return self.timer.separable_ms(spec, rank)
@@ -169,7 +167,7 @@ class LatencyCost(CostProvider):
 @dataclass(frozen=True)
 class BudgetKind:
     """A budget the planner knows: its provider factory (called with the plan's layer timer, or ``None``),
-    the :func:`~dsrewrite.pipeline.plan_sites` keyword holding the whole model's total, if any, and whether
+    the :func:`~dsrewrite.plan.planner.plan_sites` keyword holding the whole model's total, if any, and whether
     it cannot work without a timer."""
 
     factory: Callable[[Any], CostProvider]
