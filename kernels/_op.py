@@ -13,14 +13,14 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..cost import separable_pair_flops  # plain integer maths; dsrewrite.cost imports no torch
+from ..plan.cost_model import separable_pair_flops  # plain integer maths; dsrewrite.plan.cost_model imports no torch
 from ._shapes import out_size, output_memory_format
 
 __all__ = ["separable_conv2d_op", "separable_conv2d_backward_op", "separable_flops"]
 
 
 def separable_flops(x_shape, dw_shape, pw_shape, out_shape) -> int:
-    """FLOPs (2 per multiply-add) of the op from its shapes (:func:`dsrewrite.cost.separable_pair_flops`);
+    """FLOPs (2 per multiply-add) of the op from its shapes (:func:`dsrewrite.plan.cost_model.separable_pair_flops`);
     bias and activation not counted, as ``FlopCounterMode`` counts ``aten.convolution``."""
     n, m, oh, ow = out_shape
     cr, _, kh, kw = dw_shape
