@@ -17,7 +17,7 @@ from .frontends.swap import breaking_swap, rewrite_untraceable
 from .fx_pass import SeparableRewritePass
 from .timing.measure import count_params, eval_mode, input_device, outputs_differ, seeded
 from .timing.runtimes import time_models
-from .plan.planner import Decision, Selector, layer_report, matcher
+from .plan.planner import Decision, PlanInputs, Selector, layer_report, matcher
 from .plan.planfile import Plan, weight_shape
 from .plan.inputs import Planning
 from .report import Report, build_report
@@ -188,12 +188,13 @@ class _Built:
         if timed:
             b, a = sum(L.time_before_ms for L in timed), sum(L.time_after_ms for L in timed)
             report.notes.append(f"layer timings ({plan.runtime.label(plan.memory_format)}): {len(timed)} layers {b:.2f} ms -> "
-                                f"{a:.2f} ms (whole model before: {plan.kwargs['total_time_ms']:.2f} ms)")
+                                f"{a:.2f} ms (whole model before: {plan.inputs.totals.time_ms:.2f} ms)")
         return report
 
 
-def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *, inplace: bool) -> _Built:
-    """Trace (or fall back), plan with ``plan``'s arguments, write the plan back, check that it runs.
+def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *, inplace: bool,
+           inputs: Optional[PlanInputs] = None) -> _Built:
+    """Trace (or fall back), plan with ``inputs`` (default ``plan.inputs``), write the plan back, check that it runs.
 
     The fx route is tried first; a model it cannot trace, whose traced graph does not run, or whose rewritten
     graph fails its checks goes to the module-swap route (the report says why). On that route a layer whose
@@ -201,8 +202,8 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
     """
     params_before = count_params(model)
     work = model if inplace else deepcopy_module(model)
-    notes: List[str] = list(plan.notes)
-    plan.kwargs["notes"] = notes  # the planner's own notes (a budget not met, best effort) go to this build's report
+    notes: List[str] = list(plan.notes)  # the planner's own notes (a budget not met, best effort) are added here
+    inputs = inputs if inputs is not None else plan.inputs
     # a forward traced by fx may set attributes to proxies (``self.mean = self.mean.type_as(x)``), and the fx pass
     # mirrors its swaps into an in-place model: the module-swap route starts from the model as it was (structure
     # only: tracing runs on proxies; a failed in-place rewrite gets its values back from rewrite()'s snapshot)
@@ -216,12 +217,12 @@ def _build(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, *,
     if gm is not None:
         reference, why = _reference(work, args)
         if why is None:
-            built, why = _fx_route(gm, model if inplace else None, args, cfg, plan, notes, reference)
+            built, why = _fx_route(gm, model if inplace else None, args, cfg, inputs, notes, reference)
         del gm, reference
         if built is None:
             undo.restore()
     if built is None:
-        built = _swap_route(work, args, cfg, plan, notes, why, undo)
+        built = _swap_route(work, args, cfg, inputs, notes, why, undo)
     built.params_before = params_before
     return built
 
@@ -246,13 +247,12 @@ def _reference(model: nn.Module, args: tuple):
     return out, None
 
 
-def _fx_route(gm, mirror: Optional[nn.Module], args: tuple, cfg: RewriteConfig, plan: Planning,
+def _fx_route(gm, mirror: Optional[nn.Module], args: tuple, cfg: RewriteConfig, inputs: PlanInputs,
               notes: List[str], reference: Any):
     """``(built, None)`` on the fx route, or ``(None, why the module-swap route must do it)``. ``reference``: the
     model's own output, which the traced graph must reproduce before it is trusted."""
     gm.training = (mirror or gm).training
-    p = SeparableRewritePass(args, cfg.rank, cfg.include, cfg.exclude, cfg.backend, mirror=mirror,
-                             progress=cfg.progress, plan_kwargs=plan.kwargs)
+    p = SeparableRewritePass(args, inputs=inputs, backend=cfg.backend, mirror=mirror, notes=notes)
     try:
         p(gm)
     except DsrewriteError:
@@ -279,17 +279,16 @@ def _fx_route(gm, mirror: Optional[nn.Module], args: tuple, cfg: RewriteConfig, 
 _MAX_LEFT_DENSE = 3  # layers the swap route leaves dense, one rebuild each, before it gives up
 
 
-def _swap_route(work: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning, notes: List[str],
+def _swap_route(work: nn.Module, args: tuple, cfg: RewriteConfig, inputs: PlanInputs, notes: List[str],
                 why: str, undo: ModelSnapshot) -> _Built:
     """The module-swap route on ``work`` (rewritten in place, ``undo`` its structure before); rebuilt without a
     layer whose pair fails."""
     failed: Dict[str, str] = {}
     while True:
-        exclude = _also_excluding(cfg.exclude, failed)
+        exclude = _also_excluding(inputs.exclude, failed)
         try:
             new_model, decisions, flops_before, route_notes = rewrite_untraceable(
-                work, args, rank=cfg.rank, include=cfg.include, exclude=exclude, backend=cfg.backend,
-                progress=cfg.progress, **plan.kwargs)
+                work, args, inputs.replace(exclude=exclude), backend=cfg.backend, notes=notes)
         except DsrewriteError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -350,30 +349,20 @@ def _closed_loop(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planni
     built on a copy and timed against the original; the report lists every plan, planned vs measured."""
     from .timing.loop import Attempt, attempt_from_layers, latency_loop
 
-    timer = plan.kwargs["timer"]
-
     def attempt(t) -> Attempt:
-        plan.kwargs["timer"] = t
-        built = _build(model, args, cfg, plan, inplace=False)
+        built = _build(model, args, cfg, plan, inplace=False, inputs=plan.inputs.replace(timer=t))
         report = built.report(model, cfg, plan)
         _measure(model, built.model, args, plan, report)
-        return attempt_from_layers((built, report, t), report.layers, plan.kwargs["total_time_ms"],
+        return attempt_from_layers((built, report, t), report.layers, plan.inputs.totals.time_ms,
                                    report.time_ratio, report.time_noise or 0.0, report.time_median_ratio)
 
-    try:
-        kept, rounds, note = latency_loop(attempt, timer, cfg.target_latency, strict=cfg.strict)
-    finally:
-        plan.kwargs["timer"] = timer
+    kept, rounds, note = latency_loop(attempt, plan.timer, cfg.target_latency, strict=cfg.strict)
     built, report, used = kept.payload
     report.latency_rounds = rounds
     if note:
         report.notes.insert(0 if "NOT MET" in note else len(report.notes), note)
     if cfg.inplace:  # the rounds ran on copies: write the kept plan into the user's model
-        plan.kwargs["timer"] = used
-        try:
-            built = _build(model, args, cfg, plan, inplace=True)
-        finally:
-            plan.kwargs["timer"] = timer
+        built = _build(model, args, cfg, plan, inplace=True, inputs=plan.inputs.replace(timer=used))
         report.layers = [d.report for d in built.decisions]
     if plan.batches is not None:
         report.notes.append(built.calibrate(plan))
@@ -426,8 +415,7 @@ def _replay(model: Any, args: tuple, cfg: Any, plan: Plan) -> Any:
     """:func:`apply_plan` after its checks: ``api._build`` with the plan as the planner's decisions (the same
     frontends and fallback as ``rewrite``), the fit checked on the route that built it, then calibration."""
     planning = Planning(model, args, cfg)
-    planning.kwargs["replay"] = plan
-    built = _build(model, args, cfg, planning, inplace=cfg.inplace)
+    built = _build(model, args, cfg, planning, inplace=cfg.inplace, inputs=planning.inputs.replace(replay=plan))
     plan.check_fit((d.site.spec.name, weight_shape(d.site.weight)) for d in built.decisions)
     wanted = plan.by_name()
     for d in built.decisions:

@@ -24,6 +24,7 @@ __all__ = ["RewriteConfig", "ROUTE_UNSUPPORTED", "COMPILERS"]
 COMPILERS = ("inductor", "eager")  # torch.compile backend: "eager" runs the rewritten graph without Inductor
 
 _LATENCY_ONLY = "it only serves target_latency, which the backend does not support"
+_LATENCY_ONLY_PASS = "it only serves target_latency, which the pass alone does not support"
 _ORT_OPTIONS = ("ort_threads", "ort_optimization", "ort_provider")
 ORT_OPTIMIZATIONS = ("disable", "basic", "extended", "all")  # onnxruntime graph optimisation levels
 # options a route cannot honour, with the reason given when one is set (a value other than the default)
@@ -41,6 +42,24 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "latency_cache": "the ONNX route caches its onnxruntime layer timings in the process only",
         "inplace": "the source model is never changed: the result is a new model",
         "backend": "the ONNX model runs in the user's runtime",
+        "compiler": "it is an option of the torch.compile backend",
+        "mode": "it is an option of the torch.compile backend",
+    },
+    "fx pass": {
+        "calibration": "the pass plans from the weights alone: calibrate with dsrewrite.rewrite(model, x, calibration=...)",
+        "target_latency": "the pass cannot time the whole model: use dsrewrite.rewrite(model, x, target_latency=...)",
+        "measure_time": "the pass times nothing: dsrewrite.rewrite times the models",
+        "inplace": "the pass always rewrites the GraphModule it is given",
+        "device": _LATENCY_ONLY_PASS,
+        "memory_format": _LATENCY_ONLY_PASS,
+        "latency_cache": _LATENCY_ONLY_PASS,
+        "runtime": _LATENCY_ONLY_PASS,
+        "ort_threads": _LATENCY_ONLY_PASS,
+        "ort_optimization": _LATENCY_ONLY_PASS,
+        "ort_provider": _LATENCY_ONLY_PASS,
+        "sequential": "the pass does not calibrate",
+        "input_shapes": "the example inputs give the shapes",
+        "overwrite": "the pass writes no file",
         "compiler": "it is an option of the torch.compile backend",
         "mode": "it is an option of the torch.compile backend",
     },
@@ -62,8 +81,9 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "sequential": "the backend always calibrates in execution order on the rewritten graph",
     },
 }
-_CLI_WORDS = {"torch": "PyTorch", "onnx": "ONNX", "torch.compile": "torch.compile"}
-_ROUTE_WORDS = {"torch": "the PyTorch route", "onnx": "the ONNX route", "torch.compile": "the torch.compile backend"}
+_CLI_WORDS = {"torch": "PyTorch", "onnx": "ONNX", "torch.compile": "torch.compile", "fx pass": "the fx pass"}
+_ROUTE_WORDS = {"torch": "the PyTorch route", "onnx": "the ONNX route", "torch.compile": "the torch.compile backend",
+                "fx pass": "SeparableRewritePass"}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The torch.fx pass: ``SeparableRewritePass(example_inputs, rank=...)(gm) -> PassResult``.
+"""The torch.fx pass: ``SeparableRewritePass(example_inputs, config=None, **options)(gm) -> PassResult``.
 
 Usable on its own or inside ``torch.fx.passes.infra.pass_manager.PassManager``. After it runs,
 ``pass.decisions`` holds one decision (with its report entry) per convolution found.
@@ -6,6 +6,7 @@ Usable on its own or inside ``torch.fx.passes.infra.pass_manager.PassManager``. 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import sys
 from typing import Any, List, Optional, Sequence
@@ -18,49 +19,39 @@ from torch.utils.flop_counter import FlopCounterMode
 from .backends.fx import apply_decisions, pair_for
 from .frontends.fx import ProbeProp, collect_sites
 from .timing.measure import count_params, eval_mode, seeded
-from .modules import BACKENDS
-from .plan.planner import Decision, Selector, plan_sites
-from .plan.policy import RankArg, check_rank
+from .config import RewriteConfig
+from .plan.planner import Decision, PlanInputs, plan_sites
 from .plan.selfcheck import self_check
 
 __all__ = ["SeparableRewritePass"]
 
 
 class SeparableRewritePass(PassBase):
-    """Replace eligible convs of a GraphModule by rank-``rank`` depthwise-separable pairs.
+    """Replace eligible convs of a GraphModule by depthwise-separable (and low-rank) pairs.
 
     Args:
         example_inputs: positional inputs used to propagate shapes (output sizes give the FLOPs).
-        rank: int, ``"auto"`` or ``"full"`` (see :mod:`dsrewrite.plan.policy`).
-        include / exclude: glob patterns over qualified names, or a callable ``name -> bool``.
-        backend: ``SeparableConv2d`` backend (``"auto"``, ``"triton"``, ``"torch"``).
+        config: a :class:`~dsrewrite.RewriteConfig`; ``**options`` are its fields, applied on top (``rank``,
+            ``include`` / ``exclude``, ``kinds``, ``ragged``, ``backend``, a budget: ``target_flops``,
+            ``target_params``, ``energy``, ...). Options that need the whole model (``target_latency``,
+            ``calibration``, ``measure_time``) are :func:`dsrewrite.rewrite`'s and refused here by name.
+        inputs: the planner's inputs as :func:`dsrewrite.rewrite` made them (its layer timer, calibration
+            statistics); instead of planning from ``config`` alone.
         mirror: a module tree that gets the same module swaps (``rewrite(..., inplace=True)``).
-        plan_kwargs: extra keyword arguments of :func:`dsrewrite.plan.planner.plan_sites` (budgets, timer,
-            calibration statistics); the whole-graph FLOPs and parameters are the budget totals.
-        kinds: layer kinds to rewrite (``"kxk"``, ``"pointwise"``, ``"linear"``, ``"all"``; default: all under a
-            budget, KxK for a rank): 1x1 convs and linear layers become ``LowRank*`` pairs.
+        notes: a list the planner's notes (a budget not met) are appended to.
     """
 
-    def __init__(self, example_inputs: Sequence[Any], rank: RankArg = "auto", include: Selector = None,
-                 exclude: Selector = None, backend: str = "auto", mirror: Optional[nn.Module] = None,
-                 progress: bool = False, plan_kwargs: Optional[dict] = None, kinds=None) -> None:
+    def __init__(self, example_inputs: Sequence[Any], config: Optional[RewriteConfig] = None, *,
+                 inputs: Optional[PlanInputs] = None, mirror: Optional[nn.Module] = None,
+                 notes: Optional[List[str]] = None, **options: Any) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            from .errors import DsrewriteError
-
-            raise DsrewriteError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        cfg = RewriteConfig.build(config, options, route=None if inputs is not None else "fx pass",
+                                  words=" for SeparableRewritePass")
         self.example_inputs = tuple(example_inputs)
-        self.rank = check_rank(rank)
-        self.include, self.exclude = include, exclude
-        self.backend = backend
+        self.inputs = inputs if inputs is not None else PlanInputs.from_config(cfg)
+        self.backend = cfg.backend
         self.mirror = mirror
-        self.progress = progress
-        # budgets etc. for plan_sites (target_flops=..., timer=..., stats=...); whole-model totals filled in call()
-        self.plan_kwargs = dict(plan_kwargs or {})
-        if kinds is not None:
-            from .ir import check_kinds
-
-            self.plan_kwargs["kinds"] = check_kinds(kinds)
+        self.notes = notes
         self.decisions: List[Decision] = []
         self.flops_before: int = 0
         self.self_check_note: Optional[str] = None  # what the per-layer self-check found
@@ -90,10 +81,10 @@ class SeparableRewritePass(PassBase):
         self.flops_before = int(counter.get_total_flops())
         sites = collect_sites(graph_module, prop.probes)
         del prop  # its probe dict and last values: the sites now hold the probes, and self_check drops them
-        kw = dict(self.plan_kwargs)  # budgets are fractions of the whole model (plan_sites ignores these without one)
-        kw.setdefault("total_flops", self.flops_before)
-        kw.setdefault("total_params", count_params(graph_module))
-        self.decisions = plan_sites(sites, self.rank, self.include, self.exclude, progress=self.progress, **kw)
+        # budgets are fractions of the whole graph (the planner ignores the totals without one)
+        totals = dataclasses.replace(self.inputs.totals, flops=self.inputs.totals.flops or self.flops_before,
+                                     params=self.inputs.totals.params or count_params(graph_module))
+        self.decisions = plan_sites(sites, self.inputs.replace(totals=totals), self.notes)
         self.self_check_note = self_check(self.decisions, lambda d, f: pair_for(d, backend="torch", factors=f))
         modified = apply_decisions(graph_module, self.decisions, backend=self.backend, also=self.mirror)
         return PassResult(graph_module, modified)

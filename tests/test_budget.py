@@ -17,7 +17,7 @@ from dsrewrite.errors import DsrewriteError
 from dsrewrite.plan.factorize import rank_errors
 from dsrewrite.ir import ConvSite, ConvSpec
 from dsrewrite.timing.measure import count_params
-from dsrewrite.plan.planner import plan_sites
+from dsrewrite.plan.planner import PlanInputs, Totals, plan_sites
 
 from .conftest import rel_err
 
@@ -148,7 +148,7 @@ def test_plan_sites_budget_on_framework_neutral_sites(gen):
                         origin="onnx")
         sites.append(ConvSite(spec, w, None, handle=i))
     total = sum(cost.dense_flops(s.spec) for s in sites) * 1.2  # 20% in other ops
-    ds = plan_sites(sites, "auto", None, None, target_flops=0.6, total_flops=total)
+    ds = plan_sites(sites, PlanInputs(budget=("target_flops", 0.6), totals=Totals(flops=total)))
     after = total - sum(d.report.flops_before - d.report.flops_after for d in ds if d.rewritten)
     assert after / total <= 0.6 + 1e-12
     for d in ds:
@@ -160,7 +160,7 @@ def test_plan_sites_budget_on_framework_neutral_sites(gen):
             w = torch.as_tensor(np.asarray(d.site.weight)).double().reshape(dense.shape)
             assert rel_err(dense, w) == pytest.approx(rank_errors(d.site.weight)[d.factors.rank], rel=1e-4)
     # the old positional call keeps working
-    assert [d.report.policy for d in plan_sites(sites, 2, None, None)] == ["uniform"] * 3
+    assert [d.report.policy for d in plan_sites(sites, PlanInputs(rank=2))] == ["uniform"] * 3
 
 
 def test_data_aware_allocation_uses_calibration_statistics(gen):

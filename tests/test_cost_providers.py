@@ -7,7 +7,8 @@ from dsrewrite.plan import cost_model as cost
 from dsrewrite.plan.cost_providers import FlopCost, LatencyCost, ParamCost
 from dsrewrite.errors import DsrewriteError
 from dsrewrite.ir import ConvSite, ConvSpec
-from dsrewrite.plan.planner import plan_sites
+from dsrewrite.config import RewriteConfig
+from dsrewrite.plan.planner import PlanInputs, plan_sites
 
 
 def _sites(gen, shapes=((8, 16), (16, 32), (32, 32), (32, 4))):
@@ -21,7 +22,7 @@ def _sites(gen, shapes=((8, 16), (16, 32), (32, 32), (32, 4))):
 def test_a_budget_registered_in_a_test_plans_through_plan_sites(gen, taps):
     sites = _sites(gen)
     total = sum(s.spec.in_channels * s.spec.out_channels for s in sites)
-    ds = plan_sites(sites, budget=(taps, 0.3))
+    ds = plan_sites(sites, PlanInputs(budget=(taps, 0.3)))
     after = sum(s.spec.in_channels * (d.report.rank if d.rewritten else s.spec.out_channels)
                 for s, d in zip(sites, ds))
     assert after <= 0.3 * total
@@ -35,28 +36,28 @@ def test_a_budget_registered_in_a_test_plans_through_plan_sites(gen, taps):
     least = sum(s.spec.in_channels for s in sites) / total
     with pytest.raises(DsrewriteError, match=rf"target_taps=0\.01 is not achievable: the smallest reachable is "
                                              rf"{least:.4f} of the model's depthwise filters"):
-        plan_sites(sites, budget=(taps, 0.01), strict=True)
+        plan_sites(sites, PlanInputs(budget=(taps, 0.01), strict=True))
     notes = []  # best effort (the default): the cheapest plan, with a note saying the budget was not met
-    ds = plan_sites(sites, budget=(taps, 0.01), notes=notes)
+    ds = plan_sites(sites, PlanInputs(budget=(taps, 0.01)), notes)
     assert sum(s.spec.in_channels * (d.report.rank if d.rewritten else s.spec.out_channels)
                for s, d in zip(sites, ds)) == pytest.approx(least * total)
     assert notes == [f"{taps}=0.01 NOT MET: the smallest reachable is {least:.4f} of the model's depthwise filters; "
                      "planned that, the cheapest plan (strict=True refuses)"]
     with pytest.raises(DsrewriteError, match="give one budget at a time, got target_flops, target_taps"):
-        plan_sites(sites, target_flops=0.5, budget=(taps, 0.5))
+        RewriteConfig(target_flops=0.5, budget=(taps, 0.5))
     with pytest.raises(DsrewriteError, match="either rank or target_taps"):
-        plan_sites(sites, 2, budget=(taps, 0.5))
+        plan_sites(sites, PlanInputs(rank=2, budget=(taps, 0.5)))
 
 
 def test_unknown_budget_names_the_known_ones(gen):
     with pytest.raises(DsrewriteError, match=r"unknown budget 'target_joules' \(known: .*target_flops"):
-        plan_sites(_sites(gen), budget=("target_joules", 0.5))
+        plan_sites(_sites(gen), PlanInputs(budget=("target_joules", 0.5)))
 
 
 def test_generic_budget_equals_the_keyword(gen):
     sites = _sites(gen)
-    a = plan_sites(sites, target_params=0.5)
-    b = plan_sites(sites, budget=("target_params", 0.5))
+    a = plan_sites(sites, PlanInputs.from_config(RewriteConfig(target_params=0.5)))
+    b = plan_sites(sites, PlanInputs(budget=("target_params", 0.5)))
     assert [(d.report.rank, d.report.reason, d.report.policy) for d in a] == \
            [(d.report.rank, d.report.reason, d.report.policy) for d in b]
 

@@ -141,6 +141,28 @@ def test_pass_works_in_pass_manager(gen):
     assert len(p.decisions) == 2 and p.flops_before == flops(model, x)
 
 
+def test_pass_takes_the_options_object_and_refuses_whole_model_options(gen):
+    """SeparableRewritePass takes a RewriteConfig (or its fields): the same plan as rewrite() on the same options,
+    budgets included; what needs the whole model (calibration, target_latency) is refused in one line."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3)).eval()
+    x = torch.randn(2, 3, 12, 12, generator=gen)
+    cfg = dsrewrite.RewriteConfig(target_flops=0.5, kinds="kxk")
+    p = SeparableRewritePass((x,), cfg)
+    gm = p(fx.symbolic_trace(copy.deepcopy(model))).graph_module
+    ref = dsrewrite.rewrite(model, x, cfg, measure_time=False)
+    assert [d.report.rank for d in p.decisions] == [L.rank for L in ref.report.layers]
+    assert sum(d.report.flops_after for d in p.decisions) <= 0.5 * flops(model, x)
+    assert rel_err(gm(x), ref.model(x)) < 1e-6  # the same factors
+    q = SeparableRewritePass((x,), rank="full", backend="torch")  # keyword options build the config
+    assert rel_err(q(fx.symbolic_trace(copy.deepcopy(model))).graph_module(x), model(x)) < 1e-5
+    for bad, word in ((dict(calibration=x), "calibration"), (dict(target_latency=0.5), "target_latency")):
+        with pytest.raises(DsrewriteError, match=f"option '{word}' is not supported by SeparableRewritePass"):
+            SeparableRewritePass((x,), **bad)
+    with pytest.raises(DsrewriteError, match="unknown option 'rnak' for SeparableRewritePass"):
+        SeparableRewritePass((x,), rnak=2)
+
+
 def test_rewritten_model_can_be_rewritten_again(gen):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
     x = torch.randn(1, 3, 10, 10, generator=gen)

@@ -1,4 +1,4 @@
-"""Latency-aware planning (dsrewrite/latency.py, plan_sites(target_latency=...)): slower layers left alone,
+"""Latency-aware planning (dsrewrite/timing/layers.py, plan_sites with a target_latency budget): slower layers left alone,
 times filled per layer and in total, measurements cached (memory and JSON), CLI flags."""
 import json
 
@@ -13,7 +13,7 @@ from dsrewrite.errors import DsrewriteError
 from dsrewrite.ir import ConvSite, ConvSpec
 from dsrewrite.plan.cost_model import candidate_ranks
 from dsrewrite.timing.layers import LayerTimer
-from dsrewrite.plan.planner import plan_sites
+from dsrewrite.plan.planner import PlanInputs, Totals, plan_sites
 
 
 def _spec(name, cin, cout, hw=8):
@@ -46,7 +46,7 @@ class _FakeTimer:
 def test_layers_measured_slower_are_left_alone(gen):
     sites = [ConvSite(_spec(n, 16, 32), torch.randn(32, 16, 3, 3, generator=gen), None, handle=n)
              for n in ("slow0", "fast1", "fast2", "slow3")]
-    ds = plan_sites(sites, target_latency=0.75, total_time_ms=4.0, timer=_FakeTimer())
+    ds = plan_sites(sites, PlanInputs(budget=("target_latency", 0.75), totals=Totals(time_ms=4.0), timer=_FakeTimer()))
     by = {d.report.name: d for d in ds}
     for n in ("slow0", "slow3"):
         assert not by[n].rewritten and "measured slower than the original" in by[n].report.reason
@@ -59,12 +59,14 @@ def test_layers_measured_slower_are_left_alone(gen):
     # the least reachable: the slow layers kept (1.0 each) and the fast ones at rank 1 (0.15 each): 2.3 of 4.0
     with pytest.raises(DsrewriteError, match=r"target_latency=0\.2 is not achievable: the smallest reachable is "
                                              r"0\.5750 of the model's"):
-        plan_sites(sites, target_latency=0.2, total_time_ms=4.0, timer=_FakeTimer(), strict=True)
+        plan_sites(sites, PlanInputs(budget=("target_latency", 0.2), totals=Totals(time_ms=4.0), timer=_FakeTimer(),
+                                      strict=True))
     # best effort: out of reach whatever the pairs' timings (the slow layers alone hold 0.5): the cheapest plan
-    cheapest = plan_sites(sites, target_latency=0.2, total_time_ms=4.0, timer=_FakeTimer())
+    cheapest = plan_sites(sites, PlanInputs(budget=("target_latency", 0.2), totals=Totals(time_ms=4.0),
+                                            timer=_FakeTimer()))
     assert sum(d.report.time_after_ms for d in cheapest) == pytest.approx(0.575 * 4.0)
     with pytest.raises(DsrewriteError, match="needs a layer timer"):
-        plan_sites(sites, target_latency=0.5)
+        plan_sites(sites, PlanInputs(budget=("target_latency", 0.5)))
 
 
 def test_timer_caches_in_memory_and_json(tmp_path):

@@ -17,7 +17,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def module_padding(module) -> Optional[Tuple[int, int]]:
     """The depthwise conv's padding as symmetric ``(pad_h, pad_w)``, or ``None`` when asymmetric."""
-    from ..kernels._shapes import resolve_padding  # no Triton import
+    from ..kernels.shapes import resolve_padding  # no Triton import
 
     dw = module.depthwise
     return resolve_padding(dw.padding, dw.kernel_size, dw.dilation)

@@ -25,7 +25,7 @@ from ..plan.eligibility import why_not
 from ..errors import DsrewriteError, first_line
 from ..frontends.fx import bind_conv_args, collect_sites
 from ..ir import ConvSite
-from ..plan.planner import Decision, plan_sites, selected
+from ..plan.planner import Decision, PlanInputs, plan_sites, selected
 from ..plan.inputs import Planning
 from ..report import Report, build_report
 from .guards import Guarded, Watch, weight_getter
@@ -188,7 +188,7 @@ def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: GraphInputs, 
     kinds = opts.layer_kinds()
     if not any(s.weight is not None and not why_not(s.spec, kinds)
                and not selected(s.spec.name, opts.include, opts.exclude) for s in sites):
-        return plan_sites(sites, "full", opts.include, opts.exclude, kinds=kinds), False
+        return plan_sites(sites, PlanInputs(rank="full", include=opts.include, exclude=opts.exclude, kinds=kinds)), False
     teacher = student = None
     batches = None
     if opts.calibration is not None:
@@ -196,8 +196,8 @@ def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: GraphInputs, 
         batches = _calibration_batches(opts.calibration, inputs, teacher)
     planning = Planning(teacher if teacher is not None else gm, (inputs.values[inputs.data[0]],) if batches else (),
                         dataclasses.replace(opts, calibration=batches))
-    kw = dict(planning.kwargs, total_flops=flops, total_params=params)
-    decisions = plan_sites(sites, opts.rank, opts.include, opts.exclude, progress=opts.progress, **kw)
+    inputs = planning.inputs.replace(totals=dataclasses.replace(planning.inputs.totals, flops=flops, params=params))
+    decisions = plan_sites(sites, inputs, notes)  # a budget not met says so in this graph's report
     apply_decisions(gm, decisions, backend=opts.backend)
     for d in decisions:
         if d.rewritten and d.site.handle.kind == "module":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DsrewriteError
-from ._util import OutputFn, call_model, default_output, unwrap
+from .common import OutputFn, call_model, default_output, unwrap
 from .params import pair_halves, pair_layers
 
 __all__ = ["Distiller", "DistillOutput", "layer_weights", "kd_loss"]

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import DsrewriteError
 from ..modules import LOWRANK_TYPES, PAIR_TYPES
-from ._util import unwrap
+from .common import unwrap
 
 __all__ = ["pair_layers", "separable_layers", "pair_halves", "select_parameters", "param_groups", "TRAIN_CHOICES",
            "ROLES"]

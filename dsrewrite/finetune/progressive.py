@@ -8,10 +8,11 @@ there, their halves reported as parts of a pair, so only the stage's layers chan
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 from torch import nn
 
+from ..api import rewrite
 from ..errors import DsrewriteError
 from ..plan.planner import Selector, selected
 from ..plan.policy import RankArg
@@ -34,7 +35,8 @@ class ProgressiveResult:
     histories: List[History] = field(default_factory=list)
     stages: List[List[str]] = field(default_factory=list)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
+        """``model, report = progressive(...)``."""
         return iter((self.model, self.report))
 
 
@@ -83,10 +85,9 @@ def progressive(model: nn.Module, example_inputs: Any, loader: Any, *, stages: S
         stages: an int (that many groups of layers, deepest first) or a list of include selectors.
         epochs_per_stage / steps_per_stage: fine-tuning length after each stage (default one epoch).
         on_stage: called as ``on_stage(i, student, stage_report)`` after stage ``i`` is fine-tuned.
-        **fit_kwargs: passed to :func:`fit` (lr, train, validate, device, ...).
+        **fit_kwargs: passed to :func:`fit` (lr, train, validate, device, ..., or ``config=`` a
+            :class:`FitConfig`); ``progress`` and the bar's ``desc`` are this function's own.
     """
-    from ..api import rewrite
-
     plan = rewrite(model, example_inputs, rank=rank, include=include, exclude=exclude, backend=backend,
                    measure_time=False, name=fit_kwargs.pop("name", None), ragged=ragged, kinds=kinds)
     groups = plan_stages([L.name for L in plan.report.rewritten], stages)
@@ -95,6 +96,8 @@ def progressive(model: nn.Module, example_inputs: Any, loader: Any, *, stages: S
     student: nn.Module = model
     result = ProgressiveResult(model=model, report=plan.report, stages=groups)
     by_name = {}
+    # the stage length where given (otherwise a config's, or one epoch)
+    length = {k: v for k, v in (("epochs", epochs_per_stage), ("steps", steps_per_stage)) if v is not None}
     for i, group in enumerate(groups):
         members = set(group)
         if progress:
@@ -107,8 +110,7 @@ def progressive(model: nn.Module, example_inputs: Any, loader: Any, *, stages: S
         by_name.update({L.name: L for L in step.report.rewritten})
         student = step.model
         result.stage_reports.append(step.report)
-        history = fit(student, model, loader, epochs=epochs_per_stage, steps=steps_per_stage, progress=progress,
-                      desc=f"stage {i + 1}", **fit_kwargs)
+        history = fit(student, model, loader, **length, progress=progress, desc=f"stage {i + 1}", **fit_kwargs)
         result.histories.append(history)
         if on_stage is not None:
             on_stage(i, student, step.report)

@@ -15,6 +15,7 @@ one forward's memory. Ranks are planned over all sites at once, the same as on t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -28,8 +29,7 @@ from ..errors import first_line
 from ..ir import ConvSite, ConvSpec
 from ..timing.measure import count_params, eval_mode
 from ..modules import LOWRANK_TYPES, PAIR_TYPES
-from ..plan.planner import Decision, Selector, plan_sites
-from ..plan.policy import RankArg
+from ..plan.planner import Decision, PlanInputs, plan_sites
 from ..plan.selfcheck import self_check
 from .snapshot import ModelSnapshot
 from .conv_modules import (TRANSPOSED_TYPES, describe, has_unknown_forward, is_linear_module, is_weight_module,
@@ -194,12 +194,12 @@ def _paths(model: nn.Module) -> Dict[nn.Module, List[str]]:
     return paths
 
 
-def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg, include: Selector,
-                        exclude: Selector, backend: str, progress: bool = False, **plan_kwargs: Any
-                        ) -> Tuple[nn.Module, List[Decision], int, List[str]]:
+def rewrite_untraceable(model: nn.Module, args: Sequence[Any], inputs: PlanInputs, *, backend: str,
+                        notes: Optional[List[str]] = None) -> Tuple[nn.Module, List[Decision], int, List[str]]:
     """Rewrite ``model`` in place: conv modules swapped, conv-function callers given a rewritten forward.
 
-    ``plan_kwargs`` go to :func:`~dsrewrite.plan.planner.plan_sites` (budgets: the whole model is the total).
+    ``inputs`` are the planner's (:class:`~dsrewrite.plan.planner.PlanInputs`; budgets are fractions of the whole
+    model, whose FLOPs and parameters are counted here); its notes go to ``notes``.
     Returns ``(model, decisions, whole-model FLOPs of the original, notes)``.
     """
     recs, flops = _record(model, args)
@@ -237,9 +237,9 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], *, rank: RankArg,
                 traced.append((m, gm, sites))
     ordered = [s for _, s in sorted(keyed, key=lambda t: t[0])]
 
-    plan_kwargs.setdefault("total_flops", flops)  # budgets are fractions of the whole model
-    plan_kwargs.setdefault("total_params", count_params(model))
-    decisions = plan_sites(ordered, rank, include, exclude, progress=progress, **plan_kwargs)
+    totals = dataclasses.replace(inputs.totals, flops=inputs.totals.flops or flops,  # fractions of the whole model
+                                 params=inputs.totals.params or count_params(model))
+    decisions = plan_sites(ordered, inputs.replace(totals=totals), notes)
     check_note = self_check(decisions, lambda d, f: pair_for(d, backend="torch", factors=f))
     by_site = {id(d.site): d for d in decisions}
 

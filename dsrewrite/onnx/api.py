@@ -8,7 +8,9 @@ opsets) is kept exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from dataclasses import dataclass, field
 from typing import Any, List, NamedTuple, Optional, Sequence, Union
 
 import onnx
@@ -17,13 +19,15 @@ from ..config import RewriteConfig
 from ..plan.eligibility import why_not
 from ..errors import DsrewriteError, first_line
 from ..ir import ConvSite
-from ..plan.planner import Decision, plan_sites
+from ..plan.planner import Decision, PlanInputs, Totals, plan_sites
 from ..plan.planfile import Plan, weight_shape
 from ..report import Report, build_report
 from .backend import apply_decisions
+from .calib_data import as_feeds
+from .calibrate import OnnxCalibration
 from .flops import Shapes, count_flops, count_params, infer_shapes, partial_flops, subgraph_note
 from .frontend import CONV_OPS, collect_sites
-from .model_io import PROTOBUF_LIMIT, load_model, model_nbytes, same_file, save_model
+from .model_io import LARGE, load_model, model_nbytes, same_file, save_model
 from .runtime import OnnxRuntime
 from .selfcheck import self_check
 
@@ -137,99 +141,154 @@ def apply_plan(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[
     return _rewrite(src, dst, cfg, replay=plan)
 
 
+@dataclass
+class _Source:
+    """The source model as read once: the ModelProto, where it came from, its shapes, FLOPs and parameters, and
+    the notes its reading left (symbolic shapes, unknown nodes)."""
+
+    model: onnx.ModelProto
+    info: Any
+    shapes: Shapes
+    flops_before: int
+    unknown: List[str]
+    params_before: int
+    notes: List[str] = field(default_factory=list)
+
+
 def _rewrite(src, dst, cfg: RewriteConfig, replay: Optional[Plan] = None) -> OnnxRewriteResult:
     """:func:`rewrite` once its options are read; ``replay``: every layer decided as this plan says
     (:func:`apply_plan`), the plan's fit checked before any work."""
-    rank, include, exclude, progress, ragged = cfg.rank, cfg.include, cfg.exclude, cfg.progress, cfg.ragged
-    overwrite, input_shapes, name, budget = cfg.overwrite, cfg.input_shapes, cfg.name, cfg.chosen_budget()
-    kinds = cfg.layer_kinds()
-    measure_time = bool(cfg.measure_time)  # off unless asked: it runs both models in onnxruntime
-    src_path = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
-    if dst is not None:
-        dst = os.fspath(dst)
-        if src_path is not None and same_file(src_path, dst) and not overwrite:
-            raise DsrewriteError(f"refusing to overwrite the source model {dst}: pass overwrite=True (--overwrite) "
-                                 "or choose another output")
-    model, info = load_model(src)
-
-    shapes = infer_shapes(model, input_shapes)
-    flops_before, unknown = count_flops(model, shapes)
-    params_before = count_params(model)
-    notes: List[str] = []
-    flops_budget = budget is not None and budget[0] == "target_flops"
-    # the source model's sites, collected once (their weights are decoded from the protobuf) when needed here
-    needed = flops_budget or cfg.calibration is not None or replay is not None
-    source_sites = collect_sites(model, shapes) if needed else []
-    if replay is not None:
-        replay.check_fit((s.spec.name, weight_shape(s.weight)) for s in source_sites)
-    budget_kw: dict = {}
-    if budget is not None:
-        budget_kw = {"budget": budget, "total_params": params_before}
-        if flops_budget:
-            budget_kw["total_flops"] = _flops_total(source_sites, flops_before, unknown, shapes, notes, kinds)
-    calib = None
-    if cfg.calibration is not None:
-        from .calib_data import as_feeds
-        from .calibrate import OnnxCalibration
-
-        calib = OnnxCalibration(model, as_feeds(cfg.calibration, model), sequential=cfg.sequential,
-                                progress=progress)
-        stats = calib.stats(source_sites)  # the original model's activations, one pass
-        if budget is not None and budget[0] != "energy":  # ranks allocated by data-aware (whitened) errors
-            budget_kw["stats"] = stats
-
-    def plan_and_apply(extra: dict):
-        new = onnx.ModelProto()
-        new.CopyFrom(model)  # edited in place by the backend; the source model stays as it was
-        sites = collect_sites(new, shapes)
-        decisions = plan_sites(sites, rank, include, exclude, progress=progress, ragged=ragged, kinds=kinds,
-                               replay=replay, strict=cfg.strict, notes=notes, **budget_kw, **extra)
-        for d in decisions:
-            if d.rewritten and d.site.spec.extra.get("bias"):
-                where = "the expansion" if d.site.spec.lowrank else "the pointwise conv"
-                d.report.note = f"{d.site.spec.extra['bias']}, kept on {where}"
-        check_note = self_check(model, decisions, shapes.inputs)  # failing layers become skips before the edit
-        return new, decisions, apply_decisions(new, decisions), check_note
-
+    dst = _check_output(src, dst, cfg)
+    source = _read(src, cfg)
+    inputs, calib = _plan_inputs(source, cfg, replay)
+    plan_and_apply = functools.partial(_plan_and_apply, source, cfg, inputs)
     timing, rounds = None, []
+    budget = cfg.chosen_budget()
     ort_options = dict(threads=cfg.ort_threads, optimization=cfg.ort_optimization, provider=cfg.ort_provider)
     if budget is not None and budget[0] == "target_latency":
         (new, decisions, done, check_note), timing, rounds, loop_note = _latency_plan(
-            model, shapes, plan_and_apply, budget[1], check=cfg.measure_time is not False,
-            large=model_nbytes(model) >= PROTOBUF_LIMIT - (64 << 20), ort_options=ort_options, strict=cfg.strict)
+            source.model, source.shapes, plan_and_apply, budget[1], check=cfg.measure_time is not False,
+            large=model_nbytes(source.model) >= LARGE, ort_options=ort_options, strict=cfg.strict)
         if loop_note:
-            notes.insert(0 if "NOT MET" in loop_note else len(notes), loop_note)
-        if shapes.per_sample:
-            notes.append("target_latency planned and measured at batch 1 (the model's batch is symbolic): give "
-                         "input_shapes (--input-shape) for the batch you deploy with")
+            source.notes.insert(0 if "NOT MET" in loop_note else len(source.notes), loop_note)
+        if source.shapes.per_sample:
+            source.notes.append("target_latency planned and measured at batch 1 (the model's batch is symbolic): "
+                                "give input_shapes (--input-shape) for the batch you deploy with")
     else:
-        new, decisions, done, check_note = plan_and_apply({})
+        new, decisions, done, check_note = plan_and_apply()
     if replay is not None:
         _check_replayed(replay, decisions)
     if calib is not None:
         if done:
-            notes.append(calib.refit(decisions, lambda ds: _rebuilt(model, shapes, ds)))
-            new = _rebuilt(model, shapes, decisions)
+            source.notes.append(calib.refit(decisions, lambda ds: _rebuilt(source.model, source.shapes, ds)))
+            new = _rebuilt(source.model, source.shapes, decisions)
         else:
-            notes.append("calibration: no layer was rewritten")
-
-    made = Plan.from_decisions(decisions, route="onnx", config=cfg,
-                               runtime=timing["runtime"] if timing is not None else None)
-    if replay is not None:  # the plan as rebuilt: its own options, runtime and versions
-        made = dataclasses.replace(replay, layers=made.layers, fingerprint="")
-        notes.append(f"rebuilt from a plan ({replay.fingerprint}, made with dsrewrite "
-                     f"{replay.versions.get('dsrewrite', '?')}): no layer timed")
-    large = model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20)
+            source.notes.append("calibration: no layer was rewritten")
+    made = _made_plan(decisions, cfg, replay, timing, source.notes)
+    large = model_nbytes(new) >= LARGE
     if done and not large:
         _check_rewritten(new)
-    shapes_after = infer_shapes(new, input_shapes) if done else shapes  # the same user shapes
+    report = _report(source, new, decisions, done, check_note, cfg)
+    if dst is not None:
+        save_model(new, dst, external_data=source.info.external_data, threshold=source.info.threshold)
+        if done and large:
+            _check_rewritten(dst)
+    if timing is not None:  # target_latency: the kept plan's side-by-side measurement
+        _fill_time(report, timing)
+        report.latency_rounds = rounds
+    elif cfg.measure_time:  # off unless asked: it runs both models in onnxruntime
+        _measure(source.model, new, source.shapes.inputs, report, source.info.path, dst, large, ort_options)
+    return OnnxRewriteResult(new, report, made)
+
+
+def _check_output(src, dst, cfg: RewriteConfig) -> Optional[str]:
+    """``dst`` as a path, refused when it is the source and ``overwrite`` is not given."""
+    if dst is None:
+        return None
+    dst = os.fspath(dst)
+    src_path = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
+    if src_path is not None and same_file(src_path, dst) and not cfg.overwrite:
+        raise DsrewriteError(f"refusing to overwrite the source model {dst}: pass overwrite=True (--overwrite) "
+                             "or choose another output")
+    return dst
+
+
+def _read(src, cfg: RewriteConfig) -> _Source:
+    """Load the model and count what it is before the rewrite."""
+    model, info = load_model(src)
+    shapes = infer_shapes(model, cfg.input_shapes)
+    flops_before, unknown = count_flops(model, shapes)
+    return _Source(model, info, shapes, flops_before, unknown, count_params(model))
+
+
+def _plan_inputs(source: _Source, cfg: RewriteConfig, replay: Optional[Plan]):
+    """The planner's inputs (budget totals, calibration statistics, the plan to replay) and the calibration
+    runner (``None`` without calibration data); the replayed plan's fit is checked here, before any work."""
+    budget, kinds = cfg.chosen_budget(), cfg.layer_kinds()
+    flops_budget = budget is not None and budget[0] == "target_flops"
+    # the source model's sites, collected once (their weights are decoded from the protobuf) when needed here
+    needed = flops_budget or cfg.calibration is not None or replay is not None
+    source_sites = collect_sites(source.model, source.shapes) if needed else []
+    if replay is not None:
+        replay.check_fit((s.spec.name, weight_shape(s.weight)) for s in source_sites)
+    totals = Totals()
+    if budget is not None:
+        totals = Totals(params=source.params_before, flops=_flops_total(
+            source_sites, source.flops_before, source.unknown, source.shapes, source.notes, kinds)
+            if flops_budget else None)
+    calib, stats = None, None
+    if cfg.calibration is not None:
+        calib = OnnxCalibration(source.model, as_feeds(cfg.calibration, source.model), sequential=cfg.sequential,
+                                progress=cfg.progress)
+        stats_now = calib.stats(source_sites)  # the original model's activations, one pass
+        if budget is not None and budget[0] != "energy":  # ranks allocated by data-aware (whitened) errors
+            stats = stats_now
+    return PlanInputs.from_config(cfg, totals=totals, stats=stats, replay=replay), calib
+
+
+def _plan_and_apply(source: _Source, cfg: RewriteConfig, inputs: PlanInputs, timer: Any = None,
+                    total_time_ms: Optional[float] = None):
+    """One plan written into a copy of the source model (``timer``: a latency plan's layer timer):
+    ``(new model, decisions, whether anything was rewritten, the self-check's note)``."""
+    if timer is not None:
+        inputs = inputs.replace(timer=timer, totals=dataclasses.replace(inputs.totals, time_ms=total_time_ms))
+    new = onnx.ModelProto()
+    new.CopyFrom(source.model)  # edited in place by the backend; the source model stays as it was
+    sites = collect_sites(new, source.shapes)
+    decisions = plan_sites(sites, inputs, source.notes)
+    for d in decisions:
+        if d.rewritten and d.site.spec.extra.get("bias"):
+            where = "the expansion" if d.site.spec.lowrank else "the pointwise conv"
+            d.report.note = f"{d.site.spec.extra['bias']}, kept on {where}"
+    check_note = self_check(source.model, decisions, source.shapes.inputs)  # failing layers become skips first
+    return new, decisions, apply_decisions(new, decisions), check_note
+
+
+def _made_plan(decisions: List[Decision], cfg: RewriteConfig, replay: Optional[Plan], timing: Optional[dict],
+               notes: List[str]) -> Plan:
+    """The plan of this rewrite; a replay keeps the replayed plan's options, runtime and versions."""
+    made = Plan.from_decisions(decisions, route="onnx", config=cfg,
+                               runtime=timing["runtime"] if timing is not None else None)
+    if replay is None:
+        return made
+    notes.append(f"rebuilt from a plan ({replay.fingerprint}, made with dsrewrite "
+                 f"{replay.versions.get('dsrewrite', '?')}): no layer timed")
+    return dataclasses.replace(replay, layers=made.layers, fingerprint="")
+
+
+def _report(source: _Source, new: onnx.ModelProto, decisions: List[Decision], done: bool,
+            check_note: Optional[str], cfg: RewriteConfig) -> Report:
+    """The report: counts after, and the notes of every stage (shapes, unknown nodes, the self-check, subgraphs
+    and functions the rewrite does not enter)."""
+    model, shapes, notes = source.model, source.shapes, source.notes
+    shapes_after = infer_shapes(new, cfg.input_shapes) if done else shapes  # the same user shapes
     flops_after, _ = count_flops(new, shapes_after)
     if shapes.per_sample:
         notes.append("the model has a symbolic batch size: FLOPs are per sample (batch 1)")
     notes.extend(shapes.notes)
-    if unknown:
-        notes.append(f"{len(unknown)} conv/matmul nodes have unknown shapes and are not counted "
-                     f"(first: {unknown[0]})")
+    if source.unknown:
+        notes.append(f"{len(source.unknown)} conv/matmul nodes have unknown shapes and are not counted "
+                     f"(first: {source.unknown[0]})")
     if check_note:
         notes.append(check_note)
     inner = subgraph_note(model, shapes)
@@ -239,23 +298,12 @@ def _rewrite(src, dst, cfg: RewriteConfig, replay: Optional[Plan] = None) -> Onn
     if in_functions:
         notes.append(f"{len(in_functions)} convolutions inside model-local functions are not rewritten "
                      f"(first: {in_functions[0]})")
-    report = build_report(
-        [d.report for d in decisions], model=name or info.name or model.graph.name, route="onnx",
-        input_shapes=[list(s) for s in shapes.inputs.values()], params_before=params_before,
-        params_after=count_params(new) if done else params_before, flops_before=flops_before,
+    return build_report(
+        [d.report for d in decisions], model=cfg.name or source.info.name or model.graph.name, route="onnx",
+        input_shapes=[list(s) for s in shapes.inputs.values()], params_before=source.params_before,
+        params_after=count_params(new) if done else source.params_before, flops_before=source.flops_before,
         flops_after=flops_after, flops_per_sample=shapes.per_sample,
-        flops_partial=partial_flops(model, shapes, unknown), notes=notes)
-
-    if dst is not None:
-        save_model(new, dst, external_data=info.external_data, threshold=info.threshold)
-        if done and large:
-            _check_rewritten(dst)
-    if timing is not None:  # target_latency: the kept plan's side-by-side measurement
-        _fill_time(report, timing)
-        report.latency_rounds = rounds
-    elif measure_time:
-        _measure(model, new, shapes.inputs, report, info.path, dst, large, ort_options)
-    return OnnxRewriteResult(new, report, made)
+        flops_partial=partial_flops(model, shapes, source.unknown), notes=notes)
 
 
 def _check_replayed(plan: Plan, decisions: List[Decision]) -> None:
@@ -307,11 +355,11 @@ def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target
     timer = OrtLayerTimer(**ort_options)
     total = time_call(before.run, (None, feeds), warmup=2, reps=10, max_seconds=3.0, reduce=min)
     if not check:
-        out = plan_and_apply({"timer": timer, "total_time_ms": total})
+        out = plan_and_apply(timer, total)
         return out, None, [], "target_latency not checked on the whole model (measure_time=False)"
 
     def attempt(t) -> Attempt:
-        out = plan_and_apply({"timer": t, "total_time_ms": total})
+        out = plan_and_apply(t, total)
         try:
             after = session(out[0], **ort_options, spinning=False)
             c = compare(before.run, after.run, (None, feeds))

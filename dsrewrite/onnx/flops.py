@@ -186,9 +186,9 @@ def _runtime_shapes(model: onnx.ModelProto, out: Shapes) -> None:
         return
     from .calib_data import with_outputs
     from .measure import random_feeds, session
-    from .model_io import PROTOBUF_LIMIT, model_nbytes
+    from .model_io import LARGE, model_nbytes
 
-    if model_nbytes(model) >= PROTOBUF_LIMIT - (64 << 20):
+    if model_nbytes(model) >= LARGE:
         return
     names = list(dict.fromkeys(names))
     try:

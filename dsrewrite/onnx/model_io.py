@@ -21,12 +21,13 @@ from ..errors import DsrewriteError, first_line
 from .scopes import stored_tensors
 
 __all__ = ["SourceInfo", "load_model", "check_model", "save_model", "same_file", "model_nbytes",
-           "uses_external_data", "PROTOBUF_LIMIT"]
+           "uses_external_data", "PROTOBUF_LIMIT", "LARGE"]
 
 # An error's message in a DsrewriteError: all its lines (onnx.checker's span several), at most 300 characters.
 _message = functools.partial(first_line, limit=300, joined=True, cut_mark="...")
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialised ModelProto must stay below 2 GB
+LARGE = PROTOBUF_LIMIT - (64 << 20)  # at or above this many bytes a model is handled through its files (margin for edits)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -113,7 +114,7 @@ def check_model(model: onnx.ModelProto, info: Optional[SourceInfo] = None) -> No
             f"ai.onnx opset {default[0]}{where} cannot be expressed with the installed onnx "
             f"(opsets 1..{newest}): upgrade onnx or convert the model with onnx.version_converter")
     try:
-        if model_nbytes(model) < PROTOBUF_LIMIT - (64 << 20):
+        if model_nbytes(model) < LARGE:
             onnx.checker.check_model(model)
         elif info is not None and info.path:
             onnx.checker.check_model(info.path)  # > 2 GB: the checker reads the file and its side data
@@ -141,7 +142,7 @@ def save_model(model: onnx.ModelProto, dst: PathLike, *, external_data: bool = F
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise DsrewriteError(f"output folder does not exist: {folder}")
-    external = external_data or model_nbytes(model) >= PROTOBUF_LIMIT - (64 << 20)
+    external = external_data or model_nbytes(model) >= LARGE
     base = os.path.basename(dst)
     tmpdir = tempfile.mkdtemp(prefix=f".{base}.", dir=folder)
     try:

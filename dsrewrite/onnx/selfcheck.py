@@ -28,7 +28,7 @@ from ..plan.factorize import exact_factors
 from ..plan.planner import Decision
 from ..plan.selfcheck import Tally, tolerance
 from .backend import UniqueNames, lowrank_arrays, lowrank_nodes, opset_of, pair_nodes
-from .model_io import PROTOBUF_LIMIT, model_nbytes
+from .model_io import LARGE, model_nbytes
 from .scopes import scopes, taken_names
 
 __all__ = ["self_check"]
@@ -76,7 +76,7 @@ def _why_not_runnable(model: onnx.ModelProto, inputs: Mapping[str, Tuple[int, ..
             return f"input {vi.name!r} is not a tensor of known rank"
         if 0 in shape:
             return f"input {vi.name!r} has symbolic dims: give input_shapes (--input-shape)"
-    if model_nbytes(model) >= PROTOBUF_LIMIT - (64 << 20):
+    if model_nbytes(model) >= LARGE:
         return "the model is over the 2 GB protobuf limit"
     return None
 

@@ -9,12 +9,16 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from ..calib.run import CalibLayer, as_batches, calibrate_sequential, collect_patch_stats
+from ..calib.solve import summary
 from ..config import RewriteConfig
 from ..errors import DsrewriteError, first_line
 from ..frontends.conv_modules import deepcopy_module
 from ..ir import LINEAR
+from ..timing.layers import best_memory_format, time_fn, to_format
 from ..timing.measure import eval_mode, input_device
-from .planner import Decision
+from ..timing.runtimes import get_runtime
+from .planner import Decision, PlanInputs, Totals
 
 __all__ = ["Planning", "calib_layers"]
 
@@ -32,25 +36,15 @@ class Planning:
         inplace, ragged, device = cfg.inplace, cfg.ragged, cfg.device
         self.teacher: Optional[nn.Module] = None
         if cfg.calibration is not None:
-            from ..calib.run import as_batches
-
             self.batches = as_batches(cfg.calibration, example_args=args)
             # the original model gives the true outputs; keep a copy when the user's model will be changed
             self.teacher = deepcopy_module(model) if inplace else model
-        kw: dict = {"ragged": True} if ragged else {}
-        kw["kinds"] = cfg.layer_kinds()
-        kw["strict"] = cfg.strict
-        if budget is not None:
-            kw["budget"] = budget
-        from ..timing.runtimes import get_runtime
-
+        total_time_ms, stats = None, None
         self.runtime = get_runtime(cfg.runtime, ort_threads=cfg.ort_threads, ort_optimization=cfg.ort_optimization,
                                    ort_provider=cfg.ort_provider)
         self.memory_format: Optional[str] = None  # the layout models are timed in (None: as given)
         self._originals: dict = {}  # memory format -> (original in it, args in it, what runs it in the runtime)
         if budget is not None and budget[0] == "target_latency":
-            from ..timing.layers import best_memory_format, time_fn
-
             dev = torch.device(device) if device is not None else input_device(args)
             ref = model if self.teacher is None else self.teacher
             p0 = next(ref.parameters(), None)
@@ -69,30 +63,25 @@ class Planning:
                 self.timer = self.runtime.layer_timer(dev, p0.dtype if p0 is not None else torch.float32,
                                                       cfg.backend, fmt, cfg.latency_cache, ragged)
                 _, a, fn = self.original_in(ref, args, fmt)
-                kw["total_time_ms"] = time_fn(fn, a, device=dev, reps=7, warmup=2, max_seconds=2.0)
-            kw["timer"] = self.timer
+                total_time_ms = time_fn(fn, a, device=dev, reps=7, warmup=2, max_seconds=2.0)
             if self.teacher is None:
                 self.teacher = model
         if self.batches is not None and budget is not None and budget[0] != "energy":
-            from ..calib.run import collect_patch_stats
-
             names = [n for n, m in self.teacher.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
             with eval_mode(self.teacher):
                 try:
-                    kw["stats"] = collect_patch_stats(self.teacher, self.batches, names, self.n_inputs,
-                                                      kinds=kw["kinds"])
+                    stats = collect_patch_stats(self.teacher, self.batches, names, self.n_inputs,
+                                                kinds=cfg.layer_kinds())
                 except DsrewriteError:
                     raise
                 except Exception as e:  # noqa: BLE001
                     raise DsrewriteError(f"calibration batches do not run through the model: {first_line(e, typed=True)}") from None
-        self.kwargs = kw
+        self.inputs = PlanInputs.from_config(cfg, totals=Totals(time_ms=total_time_ms), timer=self.timer, stats=stats)
 
     def original_in(self, model: nn.Module, args: tuple, memory_format: str) -> tuple:
         """``(model, args, fn)``: the original in ``memory_format`` (a copy for channels_last), its inputs in it,
         and what runs it in the runtime, made once per format (a compiled or exported original is reused by
         every whole-model timing)."""
-        from ..timing.layers import to_format
-
         if memory_format not in self._originals:
             m, a = to_format(model, args, memory_format)
             self._originals[memory_format] = (m, a, self.runtime.prepare(m, a))
@@ -100,9 +89,6 @@ class Planning:
 
     def calibrate(self, new_model: nn.Module, decisions: List[Decision]) -> str:
         """Refit the rewritten layers sequentially; fill ``calib_error_*`` in the reports; return a note."""
-        from ..calib.solve import summary
-        from ..calib.run import calibrate_sequential
-
         layers, plain = calib_layers(self.teacher, decisions)
         with eval_mode(new_model), eval_mode(self.teacher):
             results = calibrate_sequential(new_model, self.teacher, layers, self.batches,
@@ -123,8 +109,6 @@ class Planning:
 def calib_layers(teacher: nn.Module, decisions: List[Decision]) -> tuple:
     """The pair modules the backends installed (separable and low-rank), each with its original layer (and the
     teacher's layer of that name), and the names of the layers the refit cannot take (dynamic padding)."""
-    from ..calib.run import CalibLayer
-
     layers, plain = [], []
     for d in decisions:
         if d.module is None:

@@ -6,9 +6,10 @@ A frontend hands over :class:`~dsrewrite.ir.ConvSite` objects; :func:`plan_sites
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -22,7 +23,7 @@ from ..ir import KINDS, ConvSite, ConvSpec
 from .policy import RankArg, RankMap, check_rank, choose_rank, plan_kinds
 from ..report import LayerReport
 
-__all__ = ["Decision", "Selector", "plan_sites", "selected", "matcher", "layer_report", "BUDGET_ARGS", "one_budget"]
+__all__ = ["Decision", "Selector", "PlanInputs", "Totals", "plan_sites", "selected", "matcher", "layer_report", "BUDGET_ARGS", "one_budget"]
 
 Selector = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -96,64 +97,92 @@ def layer_report(spec: ConvSpec, *, rank: Optional[int] = None, factors: Optiona
     return rep
 
 
-def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selector = None,
-               exclude: Selector = None, progress: bool = False, *, target_flops: Optional[float] = None,
-               target_params: Optional[float] = None, target_latency: Optional[float] = None,
-               energy: Optional[float] = None, total_flops: Optional[float] = None,
-               total_params: Optional[float] = None, total_time_ms: Optional[float] = None,
-               timer=None, stats: Optional[dict] = None, ragged: bool = False,
-               budget: Optional[Tuple[str, float]] = None, kinds=None, replay=None, strict: bool = False,
-               notes: Optional[List[str]] = None) -> List[Decision]:
-    """Decide and factorise every site. Skipped sites carry their reason; none is dropped silently.
+@dataclass(frozen=True)
+class Totals:
+    """What whole-model budgets are fractions of (``None``: the sum over the planned layers)."""
 
-    ``kinds``: the layer kinds to rewrite (``"kxk"``, ``"pointwise"``, ``"linear"`` or ``"all"``; default
-    :func:`dsrewrite.plan.policy.default_kinds`: all under a budget, KxK for a ``rank``).
+    flops: Optional[float] = None
+    params: Optional[float] = None
+    time_ms: Optional[float] = None
 
-    Budgets (allocated over all sites at once, see :mod:`dsrewrite.plan.allocate`; give at most one, instead of
-    ``rank``): ``target_flops`` / ``target_params`` are fractions of ``total_flops`` / ``total_params`` (the
-    whole model's; default: the sum over the sites); ``target_latency`` a fraction of ``total_time_ms``,
-    with ``timer`` (a :class:`dsrewrite.timing.layers.LayerTimer` or anything with ``dense_ms(spec)`` and
-    ``separable_ms(spec, rank)``) timing the layers. ``budget=(name, fraction)`` names any budget registered
-    in :data:`dsrewrite.plan.cost_providers.BUDGETS` (the keywords above are the built-in ones). ``energy`` keeps that
-    fraction of each layer's spectral energy. ``stats`` maps a site name to its per-channel patch
-    autocorrelation ``[Cin, K, K]`` (:func:`dsrewrite.calib.solve.collect_patch_stats`): errors then come from
-    the whitened spectrum. ``ragged``: spread each layer's ``Cin*rank`` depthwise filters over its channels
-    by their spectra (same cost, lower error; see :mod:`dsrewrite.plan.factorize`).
+    def of(self, total_arg: Optional[str]) -> Optional[float]:
+        """The total a registered budget names (``"total_flops"``, ``"total_params"``, ``"total_time_ms"``)."""
+        return getattr(self, total_arg[len("total_"):], None) if total_arg else None
 
-    Best effort: a ``target_flops`` / ``target_params`` (or registered) budget below the smallest reachable gets
-    the cheapest plan (every layer at its cheapest rank), with a note in ``notes`` saying it was not met;
-    ``strict`` refuses it (:class:`~dsrewrite.errors.BudgetUnreachable`). A ``target_latency`` the layers would reach
-    if their pairs were timed faster is refused here, for its closed loop (:mod:`dsrewrite.timing.loop`) to try;
-    one out of reach whatever the pairs' timings gets the cheapest plan too, which the loop measures.
 
-    ``rank`` may be a mapping ``{glob: rank}`` (first match wins; a layer matched by none is left alone).
-    ``replay``: a :class:`dsrewrite.Plan`: every site decided as the plan says (rank, per-channel ranks, depthwise
-    form; no budget, rank or kinds), a site the plan does not know or whose weight shape differs left alone with
-    the reason (the caller checks the fit: :meth:`dsrewrite.Plan.check_fit`).
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything :func:`plan_sites` decides from beside the sites, passed explicitly and never changed by it.
+
+    What to do: ``rank`` (int, ``"auto"``, ``"full"`` or a mapping ``{glob: rank}``: first match wins, a layer matched
+    by none left alone) or one ``budget`` (``(name, fraction)``: ``target_flops``, ``target_params``,
+    ``target_latency``, any kind registered in :data:`dsrewrite.plan.cost_providers.BUDGETS`, or ``energy``), the
+    layer ``kinds`` (default :func:`dsrewrite.plan.policy.default_kinds`), ``include`` / ``exclude``, ``ragged``
+    (spread each layer's depthwise filters over its channels by their spectra), ``strict`` (refuse a budget below
+    the smallest reachable instead of planning the cheapest plan). What budgets are fractions of: ``totals``.
+    What plans rest on: ``timer`` (a layer timer: ``dense_ms(spec)``, ``separable_ms(spec, rank)``; latency
+    budgets), ``stats`` (a site name -> its patch autocorrelation, :func:`dsrewrite.calib.run.collect_patch_stats`:
+    errors from the whitened spectrum), ``replay`` (a :class:`dsrewrite.Plan` deciding every site).
     """
-    rank = check_rank(rank)
+
+    rank: RankArg = "auto"
+    budget: Optional[Tuple[str, float]] = None
+    kinds: Optional[Sequence[str]] = None
+    include: Selector = None
+    exclude: Selector = None
+    ragged: bool = False
+    strict: bool = False
+    progress: bool = False
+    totals: Totals = field(default_factory=Totals)
+    timer: Any = None
+    stats: Optional[Dict[str, Any]] = None
+    replay: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, **measured: Any) -> "PlanInputs":
+        """The choices a :class:`~dsrewrite.config.RewriteConfig` makes, plus what a route measured (``totals``,
+        ``timer``, ``stats``, ``replay``)."""
+        return cls(rank=cfg.rank, budget=cfg.chosen_budget(), kinds=cfg.layer_kinds(), include=cfg.include,
+                   exclude=cfg.exclude, ragged=cfg.ragged, strict=cfg.strict, progress=cfg.progress, **measured)
+
+    def replace(self, **changes: Any) -> "PlanInputs":
+        """A copy with ``changes`` (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def plan_sites(sites: Iterable[ConvSite], inputs: Optional[PlanInputs] = None,
+               notes: Optional[List[str]] = None) -> List[Decision]:
+    """Decide and factorise every site (one :class:`Decision` each, a skipped site with its reason: none is dropped
+    silently), as ``inputs`` say (:class:`PlanInputs`; default: rank ``"auto"`` on KxK convs).
+
+    Budgets are allocated over all sites at once (:mod:`dsrewrite.plan.allocate`). Best effort: a cost budget
+    below the smallest reachable gets the cheapest plan (every layer at its cheapest rank) with a note appended to
+    ``notes`` saying it was not met; ``inputs.strict`` refuses it (:class:`~dsrewrite.errors.BudgetUnreachable`). A
+    ``target_latency`` the layers would reach if their pairs were timed faster is refused here, for its closed
+    loop (:mod:`dsrewrite.timing.loop`) to try; one out of reach whatever the pairs' timings gets the cheapest
+    plan, which the loop measures. A ``replay`` plan decides every site (rank, per-channel ranks, depthwise form;
+    no budget, rank or kinds); a site it does not know or whose weight shape differs is left alone with the
+    reason (the caller checks the fit: :meth:`dsrewrite.Plan.check_fit`).
+    """
+    inputs = inputs or PlanInputs()
+    rank = check_rank(inputs.rank)
     sites = list(sites)
     _mark_tied_weights(sites)
-    if replay is not None:
-        return _plan_replay(sites, replay, include, exclude)
-    given = _given_budgets(target_flops, target_params, target_latency, energy)
-    if budget is not None:
-        given.append(tuple(budget))
-    chosen = one_budget(rank, given, timer)
-    kinds = plan_kinds(kinds, chosen is not None, isinstance(rank, RankMap))
+    if inputs.replay is not None:
+        return _plan_replay(sites, inputs.replay, inputs.include, inputs.exclude)
+    chosen = one_budget(rank, [tuple(inputs.budget)] if inputs.budget is not None else [], inputs.timer)
+    kinds = plan_kinds(inputs.kinds, chosen is not None, isinstance(rank, RankMap))
     if chosen is not None:
-        totals = {"total_flops": total_flops, "total_params": total_params, "total_time_ms": total_time_ms}
-        return _plan_budget(sites, include, exclude, *chosen, totals=totals, timer=timer, stats=stats or {},
-                            ragged=ragged, kinds=kinds, strict=strict, notes=notes)
+        return _plan_budget(sites, inputs, *chosen, kinds=kinds, notes=notes)
     decisions = []
     it = sites
-    if progress and len(sites) > 1:
-        from tqdm.auto import tqdm
+    if inputs.progress and len(sites) > 1:
+        from tqdm.auto import tqdm  # progress bars only when asked for
 
         it = tqdm(sites, desc="factorising", unit="conv", leave=False)
     for site in it:
         spec = site.spec
-        reason = _skip_reason(site, include, exclude, kinds)
+        reason = _skip_reason(site, inputs.include, inputs.exclude, kinds)
         if reason is not None:
             decisions.append(Decision(site, layer_report(spec, reason=reason)))
             continue
@@ -161,7 +190,7 @@ def plan_sites(sites: Iterable[ConvSite], rank: RankArg = "auto", include: Selec
         if r is None:
             decisions.append(Decision(site, layer_report(spec, reason=policy)))
             continue
-        factors = factorize_layer(site.weight, r, site.bias, lowrank=spec.lowrank, ragged=ragged)
+        factors = factorize_layer(site.weight, r, site.bias, lowrank=spec.lowrank, ragged=inputs.ragged)
         decisions.append(Decision(site, layer_report(spec, rank=r, factors=factors, policy=policy), factors))
     return decisions
 
@@ -223,11 +252,6 @@ BUDGET_ARGS = ("target_flops", "target_params", "target_latency", "energy")
 ENERGY = "energy"  # a per-layer policy, not a cost budget: it has no provider (see budget.energy_allocation)
 
 
-def _given_budgets(target_flops, target_params, target_latency, energy) -> List[Tuple[str, float]]:
-    return [(k, v) for k, v in zip(BUDGET_ARGS, (target_flops, target_params, target_latency, energy))
-            if v is not None]
-
-
 def one_budget(rank, given: List[Tuple[str, float]], timer) -> Optional[Tuple[str, float]]:
     """The one budget among ``given`` (name, value) pairs, checked, or ``None`` when there is none (any kind
     registered in :mod:`dsrewrite.plan.cost_providers`, or ``energy``); ``timer`` truthy when a layer timer will exist."""
@@ -262,22 +286,22 @@ def _site_errors(site: ConvSite, stats: dict, ragged: bool = False) -> List[floa
     return rank_errors(site.weight, ragged=ragged, lowrank=lowrank)
 
 
-def _plan_budget(sites: List[ConvSite], include: Selector, exclude: Selector, kind: str, value: float, *,
-                 totals: dict, timer, stats: dict, ragged: bool = False, kinds: Sequence[str] = (),
-                 strict: bool = False, notes: Optional[List[str]] = None) -> List[Decision]:
+def _plan_budget(sites: List[ConvSite], inputs: PlanInputs, kind: str, value: float, *, kinds: Sequence[str] = (),
+                 notes: Optional[List[str]] = None) -> List[Decision]:
     """Plan under one budget: ``energy`` per layer, any registered cost budget by the one allocator."""
-    skips = {i: r for i, r in ((i, _skip_reason(s, include, exclude, kinds)) for i, s in enumerate(sites))
-             if r is not None}
+    ragged, strict = inputs.ragged, inputs.strict
+    skips = {i: r for i, r in ((i, _skip_reason(s, inputs.include, inputs.exclude, kinds))
+                               for i, s in enumerate(sites)) if r is not None}
     eligible = [i for i in range(len(sites)) if i not in skips]
-    errors = [_site_errors(sites[i], stats, ragged) for i in eligible]
+    errors = [_site_errors(sites[i], inputs.stats or {}, ragged) for i in eligible]
     provider = None
     if kind == ENERGY:  # not a cost budget: see budget.energy_allocation
         outcome = [energy_allocation(sites[i].spec, e, value) for i, e in zip(eligible, errors)]
     else:
         registered = budget_kind(kind)
-        provider = registered.factory(timer)
+        provider = registered.factory(inputs.timer)
         layers = [(sites[i].spec, e) for i, e in zip(eligible, errors)]
-        specs, given_total = [s.spec for s in sites], totals.get(registered.total_arg)
+        specs, given_total = [s.spec for s in sites], inputs.totals.of(registered.total_arg)
         try:
             outcome = allocate_budget(layers, provider, kind=kind, target=value, specs=specs, given_total=given_total)
         except BudgetUnreachable as e:

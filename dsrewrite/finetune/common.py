@@ -1,4 +1,5 @@
-"""Small helpers shared by the fine-tuning modules: unwrapping DDP, moving batches, reading outputs."""
+"""Helpers shared by the fine-tuning modules (``distill``, ``params``, ``loop``): unwrapping DDP, moving and
+splitting batches, reading logits from model outputs, the process group's rank."""
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -8,7 +9,8 @@ from torch import nn
 
 from ..errors import DsrewriteError
 
-__all__ = ["unwrap", "to_device", "call_model", "split_batch", "default_output", "is_distributed", "rank"]
+__all__ = ["unwrap", "to_device", "call_model", "split_batch", "default_output", "is_distributed", "rank",
+           "OutputFn", "LayerWeights"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -70,10 +72,12 @@ def default_output(out: Any) -> torch.Tensor:
 
 
 def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised (``torchrun``): then ``fit`` trains under DDP."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def rank() -> int:
+    """This process's rank in the process group (0 without one): only rank 0 shows progress."""
     return torch.distributed.get_rank() if is_distributed() else 0
 
 
