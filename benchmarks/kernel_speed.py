@@ -268,7 +268,7 @@ def check_configs() -> int:
 
     from dsrewrite.kernels.depthwise import DEPTHWISE_CONFIGS, depthwise_conv2d_forward
     from dsrewrite.kernels.pointwise import POINTWISE_CONFIGS, pointwise_conv2d_forward
-    from dsrewrite.kernels._common import shared_memory_limit
+    from dsrewrite.kernels.common import shared_memory_limit
     from dsrewrite.kernels.separable_conv2d import fused_configs_for, separable_conv2d_forward
 
     bad = 0

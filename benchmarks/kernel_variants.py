@@ -10,7 +10,7 @@ Forward only, stride and dilation as constexprs, no ragged index; not used by th
 import triton
 import triton.language as tl
 
-from dsrewrite.kernels._common import epilogue_store, tile_ids
+from dsrewrite.kernels.common import epilogue_store, tile_ids
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List
 
-from dsrewrite.kernels._aot import SHARED_LIMIT, compile_case, dw_fma_ratio, fused_case
+from dsrewrite.kernels.aot import SHARED_LIMIT, compile_case, dw_fma_ratio, fused_case
 from dsrewrite.kernels.depthwise import DEPTHWISE_CONFIGS
 from dsrewrite.kernels.pointwise import POINTWISE_CONFIGS
 from dsrewrite.kernels.separable_backward import BWD_FUSED_CONFIGS, BWD_INPUT_CONFIGS

@@ -7,8 +7,15 @@
 * :func:`depthwise_conv2d`, :func:`pointwise_conv2d`: the two halves alone (forward only).
 
 Importing this package registers the custom op (schema, fake implementation, autograd, FLOP formula;
-:mod:`._op`) but not the kernels: they load on the op's first call, so the import needs no GPU and works
-without Triton (``import dsrewrite`` does not import this package). Note: ``dsrewrite.kernels.separable_conv2d``
+:mod:`.library`) but not the kernels: they load on the op's first call, so the import needs no GPU and works
+without Triton (``import dsrewrite`` does not import this package).
+
+Modules: :mod:`.env` (is Triton installed, is it interpreting; no Triton import), :mod:`.shapes` (shape
+arithmetic; no Triton import), :mod:`.library` (the ``torch.library`` custom ops), :mod:`.ops` (the public
+functions: argument checks, then the op), :mod:`.dispatch` (the op's implementation: the fused-vs-split
+dispatcher and the kernel launches), :mod:`.common` (pieces shared by the kernel files), the kernel files
+:mod:`.separable_conv2d`, :mod:`.depthwise`, :mod:`.pointwise`, :mod:`.separable_backward`, and :mod:`.aot`
+(compiles them for a GPU on a machine without one). Note: ``dsrewrite.kernels.separable_conv2d``
 is the function; the module of the same name is reached with
 ``from dsrewrite.kernels.separable_conv2d import separable_conv2d_forward``.
 
@@ -20,6 +27,7 @@ import path (Hugging Face's ``kernels`` distribution) or, when there is none, to
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -35,8 +43,6 @@ def _yield_top_level_name() -> None:
     submodules) takes it: transformers reads that as "not installed", and ``from kernels import x`` raises
     ``ImportError``. Either way ``sys.modules["kernels"]`` is the replacement, which the import returns.
     """
-    import importlib.machinery
-
     name = __name__
     here = os.path.dirname(os.path.realpath(__file__))
     root = os.path.dirname(here)
@@ -66,20 +72,9 @@ if _TOP_LEVEL:
 else:
     import torch
 
+    from .env import interpreting, is_available  # no Triton import
+
 __all__ = ["separable_conv2d", "depthwise_conv2d", "pointwise_conv2d", "choose_path", "is_available", "interpreting"]
-
-
-_TRITON_FOUND = importlib.util.find_spec("triton") is not None  # looked up once, not on every forward
-
-
-def is_available() -> bool:
-    """Whether Triton can be imported (it is not imported here)."""
-    return _TRITON_FOUND
-
-
-def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``): one small config, no tuning."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
@@ -104,7 +99,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
         check_index: check the index values (on CUDA a device-side assert, no sync); callers that validated
             the index once (``SeparableConv2d``) pass False. The kernels mask an out-of-range index either way.
     """
-    from .ops import separable_conv2d as impl
+    from .ops import separable_conv2d as impl  # lazily: .ops imports Triton and the kernels
 
     return impl(x, dw_weight, pw_weight, bias, stride=stride, padding=padding, dilation=dilation,
                 activation=activation, path=path, precision=precision, channel_index=channel_index,
@@ -115,7 +110,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding
                      channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Depthwise conv2d (``weight [C*r, 1, kh, kw]``) with the standalone Triton kernel (forward only);
     ``channel_index``: the input channel of each filter (ragged ranks)."""
-    from .ops import depthwise_conv2d as impl
+    from .ops import depthwise_conv2d as impl  # lazily: .ops imports Triton and the kernels
 
     return impl(x, weight, stride=stride, padding=padding, dilation=dilation, channel_index=channel_index)
 
@@ -123,14 +118,14 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                      activation: Optional[str] = None, precision: Optional[str] = None) -> torch.Tensor:
     """1x1 conv2d + bias + activation with the Triton GEMM kernel (forward only)."""
-    from .ops import pointwise_conv2d as impl
+    from .ops import pointwise_conv2d as impl  # lazily: .ops imports Triton and the kernels
 
     return impl(x, weight, bias, activation=activation, precision=precision)
 
 
 def choose_path(cr: int, m: int, kh: int, kw: int, itemsize: int) -> str:
-    """``"fused"`` or ``"split"``: the dispatcher's heuristic (documented in :func:`ops.choose_path`)."""
-    from .ops import choose_path as impl
+    """``"fused"`` or ``"split"``: the dispatcher's heuristic (documented in :func:`.dispatch.choose_path`)."""
+    from .dispatch import choose_path as impl  # lazily: .dispatch imports Triton and the kernels
 
     return impl(cr, m, kh, kw, itemsize)
 
@@ -147,4 +142,4 @@ class _Package(types.ModuleType):
 
 if not _TOP_LEVEL:
     sys.modules[__name__].__class__ = _Package
-    from . import _op  # noqa: E402,F401 - registers torch.ops.dsrewrite.separable_conv2d (no Triton import)
+    from . import library  # noqa: E402,F401 - registers torch.ops.dsrewrite.separable_conv2d (no Triton import)

@@ -7,11 +7,13 @@ config that would fail to compile or launch on an A100/H100 fails here first.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional
 
@@ -19,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import interpreting
+from .env import interpreting
 
 __all__ = ["CompiledInfo", "compile_for", "compile_case", "compile_many", "sass_loop_counts", "fused_case", "dw_fma_ratio",
            "FUSED_LAYOUTS", "SHARED_LIMIT", "DTYPES"]
@@ -101,8 +103,6 @@ def sass_loop_counts(sass: str, element_bits: int) -> Dict[str, int]:
 
 def _cubin_tools(cubin: bytes, element_bits: int) -> dict:
     """Registers, spills and loop counts from the cubin with the cuobjdump Triton ships (empty when missing)."""
-    import tempfile
-
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         return {}
@@ -214,8 +214,8 @@ def dw_fma_ratio(case: dict, info: dict) -> Optional[float]:
 
 
 def compile_case(case: dict) -> dict:
-    import importlib
-
+    """Compile one :func:`compile_many` case; the kernel is looked up by module and name (the module is imported
+    here: any ``module:name`` may be given, e.g. a benchmark's variant)."""
     mod, name = _KERNELS[case["kernel"]] if case["kernel"] in _KERNELS else case["kernel"].split(":")
     kernel = getattr(importlib.import_module(mod), name)
     kw = {k: case[k] for k in ("dtype", "arch", "num_warps", "num_stages", "ones", "pointer_dtypes", "divisible")
@@ -232,7 +232,7 @@ def compile_many(cases: List[dict]) -> List[dict]:
     if not interpreting():
         return [compile_case(c) for c in cases]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "dsrewrite.kernels._aot"], input=json.dumps(cases), env=env,
+    proc = subprocess.run([sys.executable, "-m", "dsrewrite.kernels.aot"], input=json.dumps(cases), env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"AOT compile failed: {proc.stderr.strip()[-2000:]}")

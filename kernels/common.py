@@ -1,18 +1,17 @@
 """Shared pieces of the Triton kernels: pixel indexing, the depthwise tile, the activation epilogue, autotune helpers.
 
-Imported only by the kernel files (never by ``dsrewrite`` itself), so importing ``dsrewrite`` does not
-import Triton.
+Imported only by the kernel files and the modules that import them (never by ``dsrewrite`` itself, nor by
+``dsrewrite.kernels`` on import), so importing either does not import these kernels.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+import torch
 import triton
 import triton.language as tl
 
-from . import interpreting  # noqa: F401 - re-exported for the kernel files
-
-__all__ = ["ACTIVATIONS", "interpreting", "next_pow2", "prune_by_size", "shared_memory_limit", "pixel_origin",
+__all__ = ["ACTIVATIONS", "next_pow2", "prune_by_size", "shared_memory_limit", "pixel_origin",
            "depthwise_tile", "epilogue_store", "input_channel", "tile_ids", "gemm_config", "launch"]
 
 # activation name -> the ACT constexpr of the kernels
@@ -56,8 +55,6 @@ def launch(kernel, tuned, args: tuple, meta: dict, config: Optional[dict], grid_
 
 def shared_memory_limit(device) -> int:
     """Largest shared memory one block may use on ``device`` (bytes; opt-in limit, e.g. 227 KB on H100)."""
-    import torch
-
     try:
         return int(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
     except Exception:  # noqa: BLE001 - older torch, or no CUDA device: the smallest of recent NVIDIA parts

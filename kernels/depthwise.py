@@ -2,7 +2,7 @@
 
 Each program computes a ``[BLOCK_P, BLOCK_C]`` tile (output pixels x depthwise channels) in fp32 and stores
 it in the input's dtype and memory format. Used when the fused kernel would recompute the depthwise tile
-for too many output-channel blocks (see ``ops.choose_path``).
+for too many output-channel blocks (see ``dispatch.choose_path``).
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import depthwise_tile, input_channel, interpreting, launch, pixel_origin, prune_by_size, tile_ids
-from ._shapes import conv_output, depthwise_operands
+from .common import depthwise_tile, input_channel, launch, pixel_origin, prune_by_size, tile_ids
+from .env import interpreting
+from .shapes import conv_output, depthwise_operands
 
 __all__ = ["depthwise_conv2d_forward", "DEPTHWISE_CONFIGS", "DEPTHWISE_TUNING_KEY"]
 

@@ -3,8 +3,10 @@ and its backward, ``torch.ops.dsrewrite.separable_conv2d_backward`` (Triton kern
 
 Registered when ``dsrewrite.kernels`` is imported, so ``torch.ops.dsrewrite.separable_conv2d`` exists (for
 ``torch.library.opcheck``, ``torch.export``/``torch.load`` of a graph that calls it) before any call. This
-module imports none of the kernels and needs no GPU: the real implementation imports them on its first
-call (torch's own ``torch.utils.flop_counter``, imported for the FLOP formula, imports Triton if installed).
+module imports none of the kernels and needs no GPU: the real implementation (:func:`.dispatch.run_kernels`)
+and the backward kernels are imported on their first call (torch's own ``torch.utils.flop_counter``,
+imported for the FLOP formula, imports Triton if installed). The public entry points, which check the
+arguments and call these ops, are in :mod:`.ops`.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..plan.cost_model import separable_pair_flops  # plain integer maths; dsrewrite.plan.cost_model imports no torch
-from ._shapes import out_size, output_memory_format
+from .env import interpreting
+from .shapes import out_size, output_memory_format
 
 __all__ = ["separable_conv2d_op", "separable_conv2d_backward_op", "separable_flops"]
 
@@ -33,10 +36,10 @@ def separable_conv2d_op(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: tor
                         dilation: List[int], activation: str, path: str, precision: str,
                         channel_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``torch.ops.dsrewrite.separable_conv2d``; the public entry point is :func:`dsrewrite.kernels.separable_conv2d`."""
-    from . import ops  # Triton and the kernels load on the first call, not at registration
+    from . import dispatch  # lazily: Triton and the kernels load on the first call, not at registration
 
-    return ops.run_kernels(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path, precision,
-                           channel_index)
+    return dispatch.run_kernels(x, dw_weight, pw_weight, bias, stride, padding, dilation, activation, path,
+                                precision, channel_index)
 
 
 @separable_conv2d_op.register_fake
@@ -57,7 +60,7 @@ def separable_conv2d_backward_op(grad: torch.Tensor, x: torch.Tensor, dw_weight:
                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op's backward with the Triton kernels: ``(gx, gdw, gpw, gb)``, an empty tensor for each one ``needs``
     does not ask for. An op of its own so ``torch.compile`` traces the backward through its fake implementation."""
-    from .separable_backward import separable_conv2d_backward  # Triton loads on the first backward
+    from .separable_backward import separable_conv2d_backward  # lazily: Triton loads on the first backward
 
     outs = separable_conv2d_backward(grad, x, dw_weight, pw_weight, bias, y, stride, padding, dilation, activation,
                                      channel_index, needs, precision=precision)
@@ -93,8 +96,6 @@ def _triton_backward(x: torch.Tensor) -> bool:
     """Whether the backward runs the Triton kernels: on CUDA, or on the CPU under the interpreter. Not while
     building a graph of the backward itself (``create_graph=True``, double backward): the torch-ops formula
     below is differentiable, the kernels are not."""
-    from . import interpreting
-
     if torch.is_grad_enabled():
         return False
     return x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())

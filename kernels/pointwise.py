@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACTIVATIONS, epilogue_store, gemm_config, interpreting, launch, pixel_origin, prune_by_size,
-                      tile_ids)
-from ._shapes import output_memory_format
+from .common import ACTIVATIONS, epilogue_store, gemm_config, launch, pixel_origin, prune_by_size, tile_ids
+from .env import interpreting
+from .shapes import output_memory_format
 
 __all__ = ["pointwise_conv2d_forward", "POINTWISE_CONFIGS", "POINTWISE_TUNING_KEY"]
 

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (depthwise_tile, gemm_config, input_channel, interpreting, launch, pixel_origin, prune_by_size,
-                      tile_ids)
-from ._shapes import depthwise_operands, out_size, output_memory_format
+from .common import depthwise_tile, gemm_config, input_channel, launch, pixel_origin, prune_by_size, tile_ids
+from .env import interpreting
+from .shapes import depthwise_operands, out_size, output_memory_format
 
 __all__ = ["separable_conv2d_backward", "BWD_FUSED_CONFIGS", "BWD_INPUT_CONFIGS", "BWD_FUSED_TUNING_KEY",
            "BWD_INPUT_TUNING_KEY", "activation_grad"]

@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ACTIVATIONS, epilogue_store, interpreting, launch, next_pow2, shared_memory_limit, tile_ids
-from ._shapes import conv_output, out_size
+from .common import ACTIVATIONS, epilogue_store, launch, next_pow2, shared_memory_limit, tile_ids
+from .env import interpreting
+from .shapes import conv_output, out_size
 
 __all__ = ["separable_conv2d_forward", "FUSED_CONFIGS", "FUSED_BLOCK_M_MAX", "fused_block_m", "fused_shared_bytes",
            "fused_configs_for", "fused_traffic", "nchw_input_copy", "tuned_config", "FUSED_TUNING_KEY", "fused_operands"]

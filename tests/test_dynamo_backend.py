@@ -171,7 +171,7 @@ def test_budgets_and_calibration_match_rewrite(gen):
 
 def test_triton_op_inside_inductor_graph(monkeypatch, gen):
     """backend="triton" emits torch.ops.dsrewrite.separable_conv2d (what "auto" does on CUDA); Inductor keeps it."""
-    import dsrewrite.kernels.ops as ops
+    import dsrewrite.kernels.dispatch as ops
 
     ran = []
     real = ops.run_kernels

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("triton.backends.nvidia")
 
-from dsrewrite.kernels._aot import SHARED_LIMIT, compile_many, fused_case, sass_loop_counts  # noqa: E402
+from dsrewrite.kernels.aot import SHARED_LIMIT, compile_many, fused_case, sass_loop_counts  # noqa: E402
 from dsrewrite.kernels.depthwise import DEPTHWISE_CONFIGS  # noqa: E402
 from dsrewrite.kernels.pointwise import POINTWISE_CONFIGS  # noqa: E402
 from dsrewrite.kernels.separable_conv2d import FUSED_CONFIGS, fused_configs_for, fused_shared_bytes  # noqa: E402
@@ -64,7 +64,7 @@ def compiled():
 
 
 def _ratio(case, info):
-    from dsrewrite.kernels._aot import dw_fma_ratio
+    from dsrewrite.kernels.aot import dw_fma_ratio
 
     return dw_fma_ratio(case, info)
 

@@ -252,7 +252,7 @@ def test_backward_op_opcheck_and_tuning_keys(gen):
 _AOT_CHILD = r"""
 import json, sys
 from dataclasses import asdict
-from dsrewrite.kernels._aot import compile_for
+from dsrewrite.kernels.aot import compile_for
 from dsrewrite.kernels import separable_backward as SB
 out = {}
 for name, case in json.loads(sys.stdin.read()).items():

@@ -102,17 +102,17 @@ def test_flop_counter_counts_depthwise_plus_pointwise(gen):
 def test_dispatcher_picks_each_path(gen, monkeypatch):
     """Small M fuses; a 7x7 kernel with M = 600 (3 blocks of 256: 2 depthwise recomputes) splits, one with
     M = 300 (one recompute) still fuses, and the op really runs the kernels the dispatcher names."""
-    import dsrewrite.kernels.ops as ops
+    import dsrewrite.kernels.dispatch as dispatch
 
     assert K.choose_path(48, 24, 3, 3, 2) == "fused"
     assert K.choose_path(48, 300, 7, 7, 4) == "fused"
     assert K.choose_path(48, 600, 7, 7, 4) == "split"
-    assert K.choose_path(48, 600, 7, 7, 4) == ops.choose_path(48, 600, 7, 7, 4)
+    assert K.choose_path(48, 600, 7, 7, 4) == dispatch.choose_path(48, 600, 7, 7, 4)
     assert K.choose_path(48, 2048, 3, 3, 2) == "split"
     calls = []
     for name in ("separable_conv2d_forward", "depthwise_conv2d_forward", "pointwise_conv2d_forward"):
-        real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        real = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     for m, k, want in ((24, (3, 3), ["separable_conv2d_forward"]),
                        (600, (7, 7), ["depthwise_conv2d_forward", "pointwise_conv2d_forward"])):
         calls.clear()
