@@ -1,4 +1,6 @@
-"""Fine-tuning: distillation hooks, parameter selection, fit, progressive rewriting."""
+"""Fine-tuning: distillation hooks, parameter selection, fit and its config, progressive rewriting."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +8,7 @@ from torch import nn
 
 import dsrewrite
 from dsrewrite.errors import DsrewriteError
-from dsrewrite.finetune import (Distiller, fit, kd_loss, param_groups, plan_stages, progressive,
+from dsrewrite.finetune import (Distiller, FitConfig, fit, kd_loss, param_groups, plan_stages, progressive,
                                 select_parameters, separable_layers)
 
 
@@ -181,6 +183,62 @@ def test_fit_with_bf16_autocast_on_cpu(gen):
     teacher, result, x = make(gen)
     h = fit(result.model, teacher, [(x, None)] * 2, epochs=1, amp=True, progress=False)
     assert h.steps == 2 and all(torch.isfinite(torch.tensor(h.losses)))
+
+
+def _fit_once(seed, config=None, **options):
+    """Models, data and fit's randomness all from ``seed``: the student's weights and history after fit."""
+    torch.manual_seed(seed)
+    teacher = Net().eval()
+    x = torch.randn(6, 3, 8, 8)
+    student = dsrewrite.rewrite(teacher, x, rank=2, measure_time=False).model
+    data = [(torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))) for _ in range(3)]
+    h = fit(student, teacher, data, config, **options)
+    return snapshot(student), h
+
+
+def test_fit_config_equals_keywords(gen):
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    opts = dict(epochs=2, train="all", lr=5e-3, depthwise_lr=1e-2, weight_decay=0.01, temperature=2.0,
+                max_grad_norm=1.0, validate=lambda m: {"acc": 0.5}, progress=False)
+    p_kw, h_kw = _fit_once(seed, **opts)
+    p_cfg, h_cfg = _fit_once(seed, FitConfig(**opts))
+    # the same ops in the same order on the CPU: identical in practice; 1e-6 leaves room for nothing else
+    assert h_cfg.steps == h_kw.steps == 6 and h_cfg.metric("acc") == [0.5, 0.5]
+    torch.testing.assert_close(h_cfg.losses, h_kw.losses, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(p_cfg, p_kw, rtol=1e-6, atol=1e-6)
+    # keywords override the config's values (as RewriteConfig.build does); the config itself is unchanged
+    cfg = FitConfig(epochs=3, progress=False)
+    p_over, h_over = _fit_once(seed, cfg, epochs=2, train="all", lr=5e-3, depthwise_lr=1e-2, weight_decay=0.01,
+                               temperature=2.0, max_grad_norm=1.0, validate=lambda m: {"acc": 0.5})
+    assert cfg.epochs == 3 and len(h_over.epochs) == 2
+    torch.testing.assert_close(p_over, p_kw, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("config, options, message", [
+    (None, {"epoch": 2}, "unknown option 'epoch' for fit"),
+    ("epochs=2", {}, "config must be a dsrewrite.finetune.FitConfig, got str"),
+    (FitConfig(epochs=2), {"steps": 0}, "steps must be a positive int, got 0"),
+    (None, {"train": "some"}, "train must be one of separable, all or None"),
+    (None, {"schedule": "linear"}, "schedule must be 'cosine' or None"),
+    (None, {"temperature": -1.0}, "temperature must be > 0"),
+])
+def test_fit_config_errors_are_one_line(gen, config, options, message):
+    teacher, result, x = make(gen)
+    before = snapshot(result.model)
+    with pytest.raises(DsrewriteError, match=message) as e:
+        fit(result.model, teacher, [(x, None)], config, **options)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in result.model.state_dict().items())  # nothing trained
+    assert all(p.requires_grad for p in result.model.parameters())  # refused before choosing what trains
+
+
+def test_fit_config_is_frozen_and_checked_when_built():
+    with pytest.raises(DsrewriteError, match="epochs must be a positive int, got 0"):
+        FitConfig(epochs=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FitConfig().lr = 1.0
+    assert FitConfig(device="cpu") == FitConfig(device=torch.device("cpu"))
+    assert FitConfig.build(FitConfig(lr=1.0, epochs=2), {"lr": 2.0}) == FitConfig(lr=2.0, epochs=2)
 
 
 def test_progressive_rewrites_deepest_first_and_rewrites_again(gen):
