@@ -340,20 +340,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"dsrewrite: error: {' '.join(str(message).splitlines())}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="dsrewrite",
-        description="Rewrite standard convolutions into low-rank depthwise-separable pairs and report the savings.",
-    )
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    # --debug is also accepted after the command; SUPPRESS keeps a command's default from overriding the top level's
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-
-    r = sub.add_parser("rewrite", parents=[debug], help="rewrite a model", description=(
-        "Rewrite the standard convolutions of a model. SRC is torchvision:NAME, package.module:factory "
-        "or a .onnx file. Without --weights the model has random weights (weights=None)."))
+def _model_flags(r: argparse.ArgumentParser) -> None:
+    """The model, what to write (model, plan, report) and which layers: ``dsrewrite rewrite``'s own flags."""
     r.add_argument("src", help="torchvision:NAME | package.module:factory | model.onnx")
     r.add_argument("-o", "--out", help="output: .pt2 (torch.export), .onnx (export) or .pt (pickled module)")
     r.add_argument("--rank", type=_parse_rank, default="auto",
@@ -375,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="how the separable pairs run (default auto: Triton on CUDA, torch ops otherwise)")
     r.add_argument("--no-time", action="store_true", help="skip the latency measurement")
+
+
+def _budget_flags(r: argparse.ArgumentParser) -> None:
+    """Budgets and how ranks are planned under them."""
     r.add_argument("--target-flops", type=_parse_fraction, help="keep at most this fraction of the model's FLOPs "
                    "(ranks allocated per layer for the least error)")
     r.add_argument("--target-params", type=_parse_fraction, help="keep at most this fraction of the parameters")
@@ -389,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "/ --target-params below the smallest reachable gets the cheapest plan, each with a note)")
     r.add_argument("--ragged", action="store_true", help="per-channel ranks from each channel's spectrum: same "
                    "cost as the uniform rank, lower error (the depthwise conv gathers its inputs)")
+
+
+def _calibration_flags(r: argparse.ArgumentParser) -> None:
+    """Calibration data and its preprocessing (both routes; ``--calib-layout``, ``--sequential``: ONNX)."""
     r.add_argument("--calibration", help="a folder of images, or a .pt tensor file (ONNX: .npy/.npz/.pt): "
                    "data-aware initialisation (and data-aware allocation under a budget)")
     r.add_argument("--calib-size", type=_parse_size, help="calibration images: resize to HxW (default: the "
@@ -406,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="ONNX calibration: refit in execution order on the rewritten graph (default: when it "
                         "fits in time) or, with --no-sequential, on the original model's activations")
+
+
+def _timing_flags(r: argparse.ArgumentParser) -> None:
+    """Where models are timed: the runtime, the device, onnxruntime's session options."""
     r.add_argument("--runtime", choices=("eager", "inductor", "onnxruntime"),
                    help="what the model is timed in, for --target-latency and the report: PyTorch eager, "
                         "torch.compile (Inductor) or onnxruntime (default: onnxruntime for an .onnx model or "
@@ -419,6 +419,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime runtime: graph optimisation level for timing (default: all)")
     r.add_argument("--ort-provider", help="onnxruntime runtime: execution provider for timing "
                    "(default: CPUExecutionProvider)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="dsrewrite",
+        description="Rewrite standard convolutions into low-rank depthwise-separable pairs and report the savings.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    # --debug is also accepted after the command; SUPPRESS keeps a command's default from overriding the top level's
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
+    r = sub.add_parser("rewrite", parents=[debug], help="rewrite a model", description=(
+        "Rewrite the standard convolutions of a model. SRC is torchvision:NAME, package.module:factory "
+        "or a .onnx file. Without --weights the model has random weights (weights=None)."))
+    for add in (_model_flags, _budget_flags, _calibration_flags, _timing_flags):
+        add(r)
     r.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (third-party warnings "
                    "and logs silenced too)")
     r.set_defaults(func=_cmd_rewrite)

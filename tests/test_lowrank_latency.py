@@ -19,7 +19,8 @@ import dsrewrite
 from dsrewrite.plan import cost_model as cost
 from dsrewrite.plan.cost_providers import FlopCost, LatencyCost, ParamCost
 from dsrewrite.ir import ConvSpec
-from dsrewrite.timing.layers import LayerTimer, candidate_ranks, layer_input
+from dsrewrite.plan.cost_model import candidate_ranks
+from dsrewrite.timing.layers import LayerTimer, layer_input
 from dsrewrite.modules import LowRankConv2d, LowRankLinear
 
 
@@ -147,6 +148,7 @@ def _synthetic(monkeypatch):
     against 0.02 ms), so a layer with little work is slower as a pair. Each timed variant is still built (the
     modules the timer would run) and run once."""
     from dsrewrite import api
+    from dsrewrite.plan import inputs as plan_inputs
     from dsrewrite.timing import layers as latency
 
     monkeypatch.setattr(latency, "_CACHE", {})
@@ -179,7 +181,7 @@ def _synthetic(monkeypatch):
         report.time_noise = 0.0
 
     monkeypatch.setattr(latency.LayerTimer, "_measure_variants", measure)
-    monkeypatch.setattr(latency, "time_fn", lambda fn, args, **kw: 0.3 + sum(ms(s, None) for s in specs.values()))
+    monkeypatch.setattr(plan_inputs, "time_fn", lambda fn, args, **kw: 0.3 + sum(ms(s, None) for s in specs.values()))
     monkeypatch.setattr(api, "time_models", fake_time_models)
     return specs, built
 

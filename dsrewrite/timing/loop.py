@@ -89,28 +89,13 @@ def latency_loop(attempt: Callable[[Any], Attempt], timer: Any, target: float, *
     for _ in range(LATENCY_ROUNDS):
         try:
             a = attempt(ScaledTimer(timer, scale) if scale != 1.0 else timer)
-        except BudgetUnreachable as e:
-            near = e.reachable - target <= PLAN_MARGIN or not strict
-            step = e.scale_to_reach(target) if not rounds and near else None
-            if step is not None and step > 0:
-                # just out of reach on the layers' word: plan as if the pairs were that much faster, then measure
-                rounds.append(dict(rewritten=None, planned=None, measured=None, noise=None, scale=scale,
-                                   refused=first_line(e, 200), optimistic=True))
-                # a little beyond just reachable: at the floor every layer would sit at its cheapest rank, the
-                # ones that save next to nothing too (a 128->10 classifier at rank 1 was seen); the slack lets the
-                # allocator give those back
+        except DsrewriteError as e:
+            step = _optimism(e, rounds, target, strict)
+            rounds.append(dict(rewritten=None, planned=None, measured=None, noise=None, scale=scale,
+                               refused=first_line(e, 200), **({"optimistic": True} if step else {})))
+            if step:  # just out of reach on the layers' word: plan as if the pairs were that much faster, measure
                 scale *= step * SLACK
                 continue
-            if not rounds:
-                raise
-            rounds.append(dict(rewritten=None, planned=None, measured=None, noise=None, scale=scale,
-                               refused=first_line(e, 200)))
-            break
-        except DsrewriteError as e:
-            if not rounds:
-                raise
-            rounds.append(dict(rewritten=None, planned=None, measured=None, noise=None, scale=scale,
-                               refused=first_line(e, 200)))
             break
         row = dict(rewritten=a.rewritten, planned=a.planned, measured=a.measured, median=a.median, noise=a.noise,
                    scale=scale)
@@ -120,18 +105,45 @@ def latency_loop(attempt: Callable[[Any], Attempt], timer: Any, target: float, *
         if a.central <= target or not a.rewritten:  # met, or nothing rewritten: nothing to correct
             accepted = (a, row)
             break
-        if a.planned is None:
+        factor = _correction(a, row)
+        if factor is None:
             break
-        if a.noise > NOISY * max(a.central, 1e-9):
-            # a disturbed measurement is no evidence to correct the layer timings by: re-planning on it can run far
-            # past the target (a plan at 0.40 of the FLOPs for a 0.95 target was seen, reading nothing)
-            row["disturbed"] = True
-            break
-        # the separable times that would have predicted the measured ratio: D - f*S = (1 - measured) * total
-        factor = (a.dense_ms - (1.0 - a.central) * a.total_ms) / a.separable_ms if a.separable_ms > 0 else 0.0
-        if factor <= 1.0:
-            break
-        scale *= min(factor, MAX_STEP)
+        scale *= factor
+    return _outcome(best, accepted, rounds, target, strict)
+
+
+def _optimism(e: DsrewriteError, rounds: List[Dict[str, Any]], target: float, strict: bool) -> Optional[float]:
+    """The scale that makes a target the first plan's layer timings put just out of reach reachable (``None``:
+    refused for good). A refusal of a later plan ends the loop; of the first one with no way to scale, it is raised.
+    A little beyond just reachable (:data:`SLACK`): at the floor every layer would sit at its cheapest rank, the
+    ones that save next to nothing too (a 128->10 classifier at rank 1 was seen); the slack lets the allocator
+    give those back."""
+    if rounds:
+        return None
+    if isinstance(e, BudgetUnreachable) and (e.reachable - target <= PLAN_MARGIN or not strict):
+        step = e.scale_to_reach(target)
+        if step is not None and step > 0:
+            return step
+    raise e
+
+
+def _correction(a: Attempt, row: Dict[str, Any]) -> Optional[float]:
+    """How much faster to plan the pairs after a whole model that missed (``None``: stop). A disturbed measurement
+    is no evidence to correct the layer timings by: re-planning on it can run far past the target (a plan at 0.40 of
+    the FLOPs for a 0.95 target was seen, reading nothing)."""
+    if a.planned is None:
+        return None
+    if a.noise > NOISY * max(a.central, 1e-9):
+        row["disturbed"] = True
+        return None
+    # the separable times that would have predicted the measured ratio: D - f*S = (1 - measured) * total
+    factor = (a.dense_ms - (1.0 - a.central) * a.total_ms) / a.separable_ms if a.separable_ms > 0 else 0.0
+    return min(factor, MAX_STEP) if factor > 1.0 else None
+
+
+def _outcome(best, accepted, rounds: List[Dict[str, Any]], target: float,
+             strict: bool) -> Tuple[Attempt, List[Dict[str, Any]], Optional[str]]:
+    """The kept attempt, the rounds and the note; or the one-line refusal (nothing faster, or strict)."""
     if best is None:  # the one plan made after a near miss was refused too
         raise DsrewriteError(f"target_latency={target:g} is not achievable: " + "; ".join(
             r["refused"] for r in rounds))
