@@ -14,6 +14,7 @@ rewriter = pytest.importorskip("onnxscript.rewriter")
 from onnx_ir.passes.common import RemoveUnusedNodesPass  # noqa: E402
 from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule  # noqa: E402
 
+import dsrewrite  # noqa: E402
 from dsrewrite import DsrewriteError  # noqa: E402
 from dsrewrite.onnx import SeparableConvPass, rewrite  # noqa: E402
 
@@ -109,9 +110,18 @@ def test_pass_contract_and_bad_arguments():
     untouched = SeparableConvPass(rank=3, include="/nothing/*")(ir.serde.deserialize_model(build(0)))
     assert not untouched.modified
     for kwargs, match in (({"rank": 0}, "rank must be >= 1"), ({"rank": "half"}, "rank must be"),
-                          ({"include": 5}, "include must be")):
+                          ({"include": 5}, "include must be"), ({"device": "cuda"}, "option 'device' is not supported"),
+                          ({"rnak": 2}, "unknown option 'rnak' for SeparableConvPass")):
         with pytest.raises(DsrewriteError, match=match):
             SeparableConvPass(**kwargs)
+    # the options object: the same plan as dsrewrite.onnx.rewrite with it, a budget included
+    cfg = dsrewrite.RewriteConfig(target_flops=0.6, kinds="all")
+    q = SeparableConvPass(cfg)
+    got = ir.serde.serialize_model(q(ir.serde.deserialize_model(build(0))).model)
+    want, rep = rewrite(build(0), None, cfg)
+    assert [(L.name, L.rank) for L in q.report.layers] == [(L.name, L.rank) for L in rep.layers]
+    (g_nodes, g_inits), (w_nodes, w_inits) = graph_of(got), graph_of(want)
+    assert g_nodes == w_nodes and all(np.array_equal(g_inits[k], w_inits[k]) for k in w_inits)
 
 
 def test_external_data_model(tmp_path):

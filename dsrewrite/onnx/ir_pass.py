@@ -7,13 +7,11 @@ the function give the same graph (one implementation). It is a functional pass: 
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import onnx_ir as ir
 
-from ..ir import check_kinds
-from ..plan.planner import Selector, matcher
-from ..plan.policy import RankArg, check_rank
+from ..config import RewriteConfig
 from ..report import Report
 from .api import rewrite
 from .model_io import uses_external_data
@@ -22,27 +20,20 @@ __all__ = ["SeparableConvPass"]
 
 
 class SeparableConvPass(ir.passes.FunctionalPass):
-    """Replace eligible ``Conv`` nodes by low-rank depthwise + pointwise ``Conv`` pairs (:func:`dsrewrite.onnx.rewrite`).
+    """Replace eligible ``Conv`` nodes by low-rank depthwise + pointwise ``Conv`` pairs (:func:`dsrewrite.onnx.rewrite`;
+    with ``kinds``, 1x1 ``Conv``, ``Gemm`` and ``MatMul`` weight layers by low-rank pairs).
 
     Args:
-        rank: int, ``"auto"`` or ``"full"``.
-        include / exclude: glob patterns over node names (``"/layer4/*"``) or a callable ``name -> bool``.
-        kinds: layer kinds to rewrite (``"kxk"``, ``"pointwise"``, ``"linear"`` or ``"all"``; default ``"kxk"``).
-        input_shapes: static shapes by input name for the FLOP count in the report.
-        progress: show a progress bar while factorising.
-        name: model name for the report.
+        config: a :class:`~dsrewrite.RewriteConfig`; ``**options`` are its fields, applied on top, with the
+            meaning :func:`dsrewrite.onnx.rewrite` gives them (``rank``, ``include`` / ``exclude`` over node names
+            such as ``"/layer4/*"``, ``kinds``, budgets, ``calibration``, ``input_shapes``, ``name``, ...). Options
+            the ONNX route cannot honour are refused here, by name, before the pass runs in a pipeline.
     """
 
-    def __init__(self, rank: RankArg = "auto", *, include: Selector = None, exclude: Selector = None,
-                 input_shapes: Optional[Mapping[str, Sequence[int]]] = None, progress: bool = False,
-                 name: Optional[str] = None, kinds=None) -> None:
+    def __init__(self, config: Optional[RewriteConfig] = None, **options: Any) -> None:
         super().__init__()
-        self.rank = check_rank(rank)  # bad arguments fail here, not in the middle of a pipeline
-        self.kinds = None if kinds is None else check_kinds(kinds)
-        matcher(include, "include")
-        matcher(exclude, "exclude")
-        self.include, self.exclude = include, exclude
-        self.input_shapes, self.progress, self.name = input_shapes, progress, name
+        # bad options fail here, not in the middle of a pipeline
+        self.config = RewriteConfig.build(config, options, route="onnx", words=" for SeparableConvPass")
         self.report: Optional[Report] = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -51,7 +42,5 @@ class SeparableConvPass(ir.passes.FunctionalPass):
             inside = model.clone()
             ir.external_data.load_to_model(inside)
             proto = ir.serde.serialize_model(inside)
-        new, self.report = rewrite(proto, rank=self.rank, include=self.include, exclude=self.exclude,
-                                   input_shapes=self.input_shapes, progress=self.progress, name=self.name,
-                                   kinds=self.kinds)
+        new, self.report = rewrite(proto, None, self.config)
         return ir.passes.PassResult(ir.serde.deserialize_model(new), modified=bool(self.report.rewritten))
