@@ -15,6 +15,8 @@ from .frontends.conv_modules import deepcopy_module, weight_states
 from .frontends.fx import trace
 from .frontends.swap import breaking_swap, rewrite_untraceable
 from .fx_pass import SeparableRewritePass
+from .timing.layers import to_format
+from .timing.loop import Attempt, attempt_from_layers, latency_loop
 from .timing.measure import count_params, eval_mode, input_device, outputs_differ, seeded
 from .timing.runtimes import time_models
 from .plan.planner import Decision, PlanInputs, Selector, layer_report, matcher
@@ -333,8 +335,6 @@ def _measure(model: nn.Module, new_model: nn.Module, args: tuple, plan: Planning
     if plan.memory_format is not None:  # latency planning made the original in its format (and compiled it)
         original, args, prepared = plan.original_in(original, args, plan.memory_format)
         if plan.memory_format == "channels_last":
-            from .timing.layers import to_format
-
             new_model, _ = to_format(new_model, args, "channels_last")
             fmt = "channels_last"
     time_models(original, new_model, args, report, memory_format=fmt, runtime=plan.runtime, before=prepared)
@@ -347,8 +347,6 @@ def _measure(model: nn.Module, new_model: nn.Module, args: tuple, plan: Planning
 def _closed_loop(model: nn.Module, args: tuple, cfg: RewriteConfig, plan: Planning):
     """``target_latency`` checked on the whole model (:func:`dsrewrite.timing.loop.latency_loop`): each plan is
     built on a copy and timed against the original; the report lists every plan, planned vs measured."""
-    from .timing.loop import Attempt, attempt_from_layers, latency_loop
-
     def attempt(t) -> Attempt:
         built = _build(model, args, cfg, plan, inplace=False, inputs=plan.inputs.replace(timer=t))
         report = built.report(model, cfg, plan)

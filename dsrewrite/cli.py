@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import logging
 import os
@@ -18,9 +19,18 @@ import sys
 import warnings
 from typing import Dict, Iterator, NoReturn, Optional, Sequence, Tuple
 
+import torch
+
+from .api import apply_plan, rewrite
 from .calib.images import CALIB_FLAGS, image_options, load_images, load_tensors
 from .config import RewriteConfig
+from .demo import run_demo
 from .errors import DsrewriteError, first_line
+from .ir import check_kinds
+from .plan.policy import check_rank
+from .report import Report
+from .timing.layers import to_format
+from .timing.runtimes import export_onnx
 
 __all__ = ["main", "load_model", "build_parser"]
 
@@ -49,8 +59,6 @@ def _parse_input_shape(text: str) -> Tuple[Optional[str], Tuple[int, ...]]:
 
 def _parse_rank(text: str):
     """``4``, ``auto``, ``full``, or ranks by layer ``layer4.*=2,*=auto`` (GLOB=RANK items, first match wins)."""
-    from .plan.policy import check_rank
-
     try:
         if "=" not in text:
             try:
@@ -71,20 +79,16 @@ def _parse_rank(text: str):
 
 def load_model(src: str, weights: Optional[str] = None):
     """Build a model from ``torchvision:NAME`` or ``package.module:factory`` (weights=None unless a file is given)."""
-    import torch
-
     if ":" not in src:
         raise DsrewriteError(f"model source must be torchvision:NAME, package.module:factory or a .onnx file, got {src!r}")
     mod_name, _, attr = src.partition(":")
     if mod_name == "torchvision":
         try:
-            import torchvision
+            import torchvision  # optional dependency (the vision extra): only torchvision:NAME sources need it
         except ImportError:
             raise DsrewriteError("torchvision is not installed (pip install torchvision)") from None
         names = torchvision.models.list_models()
         if attr not in names:
-            import difflib
-
             close = difflib.get_close_matches(attr, names, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise DsrewriteError(f"unknown torchvision model {attr!r}{hint}")
@@ -125,8 +129,6 @@ def _single_shape(given) -> Optional[Tuple[int, ...]]:
 
 
 def _example_inputs(model, shape: Optional[Tuple[int, ...]]) -> tuple:
-    import torch
-
     detection = type(model).__module__.startswith(DETECTION_HINT)
     if detection:
         shape = shape or (3, 320, 320)
@@ -139,16 +141,12 @@ def _example_inputs(model, shape: Optional[Tuple[int, ...]]) -> tuple:
 def _export_onnx(model, args: tuple, out: str, quiet: bool) -> None:
     """ONNX with a dynamic batch axis where the model allows it (:func:`dsrewrite.timing.runtimes.export_onnx`); when it
     has the example's fixed shapes instead, a note on stderr says why."""
-    from .timing.runtimes import export_onnx
-
     reason = export_onnx(model, args, out, verbose=not quiet)
     if reason and not quiet:
         print(f"note: {out} has the example's fixed input shape (no dynamic batch axis: {reason})", file=sys.stderr)
 
 
 def _save(model, args: tuple, out: str, quiet: bool = False) -> None:
-    import torch
-
     ext = os.path.splitext(out)[1].lower()
     try:
         if ext == ".pt2":
@@ -181,7 +179,7 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
     if getattr(a, "plan", None):
         _check_replay_flags(a)
     if a.src.lower().endswith(".onnx"):
-        from . import onnx as ds_onnx  # the ONNX frontend
+        from . import onnx as ds_onnx  # optional dependency (the onnx extra): only .onnx sources need the ONNX route
 
         if plan_flags and not hasattr(ds_onnx, "apply_plan"):
             raise DsrewriteError(f"{plan_flags[0]} is not supported yet for ONNX models")
@@ -193,8 +191,6 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
         return 0
     if a.out and os.path.splitext(a.out)[1].lower() not in (".pt2", ".onnx", ".pt", ".pth"):
         raise DsrewriteError(f"output must end in .pt2 (torch.export), .onnx or .pt, got {a.out!r}")
-    from .api import apply_plan, rewrite  # torch and the compiler load for a command that runs them, not --help
-
     model = load_model(a.src, a.weights)
     args = _example_inputs(model, _single_shape(a.input_shape))
     if getattr(a, "calib_layout", "nchw") != "nchw":
@@ -212,8 +208,6 @@ def _cmd_rewrite(a: argparse.Namespace) -> int:
     if a.out:
         out_model, out_args = result.model, args
         if result.memory_format == "channels_last" and a.out.lower().endswith(".pt2"):
-            from .timing.layers import to_format  # carry the layout it was planned and timed in
-
             out_model, out_args = to_format(result.model, args, "channels_last")
             if not a.quiet:
                 print(f"note: {a.out} is exported in channels_last, the layout it was timed in: feed it "
@@ -246,8 +240,6 @@ def load_calibration(path: str, args: tuple, max_images: int = 64, *, mean=None,
                      size: Optional[Tuple[int, int]] = None):
     """Calibration inputs: a ``.pt`` tensor file, or a folder of images (:func:`dsrewrite.calib.images.load_images`:
     resized to the input's H x W or ``size``, scaled to [0, 1], then ``(x - mean) / std`` when given)."""
-    import torch
-
     if not os.path.exists(path):
         raise DsrewriteError(f"calibration path not found: {path}")
     x0 = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -283,8 +275,6 @@ def _parse_size(text: str) -> Tuple[int, int]:
 
 def _parse_kinds(text: str) -> tuple:
     """``--kinds kxk,linear`` / ``all``; argparse reports the one-line error."""
-    from .ir import check_kinds
-
     try:
         return check_kinds([t.strip() for t in text.split(",") if t.strip()])
     except DsrewriteError as e:
@@ -312,8 +302,6 @@ def _emit_report(report, a: argparse.Namespace) -> None:
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
-    from .report import Report
-
     report = Report.from_json(a.path)
     if a.format == "json":
         print(report.to_json())
@@ -325,8 +313,6 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     return run_demo(quick=a.quick)
 
 
@@ -467,11 +453,11 @@ def quiet_third_party(onnx: bool = False) -> Iterator[None]:
     gs_logger = ort = None
     if onnx:
         try:
-            from onnx_graphsurgeon.logger import G_LOGGER as gs_logger
+            from onnx_graphsurgeon.logger import G_LOGGER as gs_logger  # optional dependency: may be absent
         except ImportError:
             pass
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # optional dependency (the onnx extra): may be absent
         except ImportError:
             pass
     old_disable = logging.root.manager.disable

@@ -16,6 +16,7 @@ from .errors import DsrewriteError
 from .timing.layers import MEMORY_FORMATS
 from .modules import BACKENDS
 from .ir import check_kinds
+from .plan.planner import BUDGET_ARGS, matcher, one_budget
 from .plan.policy import RankArg, RankMap, check_rank, plan_kinds
 from .timing.runtimes import RUNTIMES
 
@@ -141,8 +142,6 @@ class RewriteConfig:
     ort_provider: str = "CPUExecutionProvider"
 
     def __post_init__(self) -> None:
-        from .plan.planner import BUDGET_ARGS, matcher, one_budget
-
         object.__setattr__(self, "rank", check_rank(self.rank))
         if self.backend not in BACKENDS:
             raise DsrewriteError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")

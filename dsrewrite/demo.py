@@ -13,6 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .api import rewrite
+from .errors import DsrewriteError
+from .finetune import fit
+from .timing.layers import to_format
+from .timing.runtimes import time_models
+
 __all__ = ["DigitsCNN", "load_digits_data", "train_classifier", "accuracy", "rank_for_flops", "run_digits",
            "run_demo"]
 
@@ -39,6 +45,7 @@ class DigitsCNN(nn.Module):
 
 def load_digits_data(seed: int = 0, test_fraction: float = 0.2) -> Data:
     """scikit-learn's digits as ``(x_train, y_train, x_test, y_test)``: ``[N, 1, 8, 8]`` in [0, 1], stratified split."""
+    # optional dependency (scikit-learn, the demo extra): only the digits data needs it
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -88,8 +95,6 @@ def rank_for_flops(model: nn.Module, example: torch.Tensor, target: float = 0.5,
 
     Returns ``(rank, RewriteResult)``. The ratio counts conv layers only (the per-layer report entries).
     """
-    from .api import rewrite
-
     best = None
     for r in range(1, max_rank + 1):
         res = rewrite(model, example, rank=r, measure_time=False)
@@ -124,8 +129,6 @@ def run_digits(seed: int = 0, *, quick: bool = False, pretrain_epochs: Optional[
     ranks differ per layer), the achieved ``conv_flops_ratio`` and ``flops_ratio`` (whole model), the ``report``,
     ``history``, the fine-tuned model's ``time_ratio`` (when measured) and timings.
     """
-    from .finetune import fit
-
     torch.manual_seed(seed)
     pretrain_epochs = pretrain_epochs if pretrain_epochs is not None else (3 if quick else 30)
     finetune_epochs = finetune_epochs if finetune_epochs is not None else (1 if quick else 10)
@@ -138,9 +141,6 @@ def run_digits(seed: int = 0, *, quick: bool = False, pretrain_epochs: Optional[
 
     res = None
     if latency is not None:
-        from .api import rewrite
-        from .errors import DsrewriteError
-
         log(f"[seed {seed}] rewriting for {latency:g}x of the measured time on the {len(y_te)} test images, "
             f"calibrated on {min(512, len(y_tr))} training images ...")
         for attempt in (1, 2):
@@ -171,9 +171,6 @@ def run_digits(seed: int = 0, *, quick: bool = False, pretrain_epochs: Optional[
     log(f"[seed {seed}] test accuracy: original {acc_before:.2f}%, after rewrite {acc_rewritten:.2f}%, "
         f"after fine-tuning {acc_finetuned:.2f}% ({acc_finetuned - acc_before:+.2f} points)")
     if not quick:  # time next to FLOPs: the original and the fine-tuned model on the whole test set
-        from .timing.layers import to_format
-        from .timing.runtimes import time_models
-
         fmt = "channels_last" if "channels_last" in (report.time_runtime or "") else None  # as planned
         m0, args = to_format(teacher, (x_te,), fmt or "contiguous")
         m1, _ = to_format(student, (x_te,), fmt or "contiguous")
@@ -189,8 +186,6 @@ def run_digits(seed: int = 0, *, quick: bool = False, pretrain_epochs: Optional[
 
 def run_demo(model_name: str = "digits", quick: bool = False) -> int:
     """``dsrewrite demo``: the digits pipeline (default) or a torchvision model's report. Returns an exit code."""
-    from .errors import DsrewriteError
-
     if model_name == "digits":
         out = run_digits(0, quick=quick, latency=None if quick else 0.6)
         print()
@@ -203,12 +198,11 @@ def run_demo(model_name: str = "digits", quick: bool = False) -> int:
               f"({out['seconds']:.0f} s)")
         return 0
     try:
-        import torchvision
+        import torchvision  # optional dependency (the demo and vision extras): only a torchvision model needs it
     except ImportError:
         raise DsrewriteError("torchvision is not installed (pip install torchvision)") from None
     if model_name not in torchvision.models.list_models():
         raise DsrewriteError(f"unknown demo model {model_name!r}: 'digits' or a torchvision model name")
-    from .api import rewrite
 
     size = 64 if quick else 224
     print(f"building torchvision {model_name} (weights=None) and rewriting it at 1x3x{size}x{size} ...", flush=True)

@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
+from .errors import DsrewriteError
+
 __all__ = ["ConvSpec", "ConvSite", "full_rank", "KINDS", "KXK", "POINTWISE", "LINEAR", "LOWRANK_KINDS", "check_kinds"]
 
 KXK, POINTWISE, LINEAR = "kxk", "pointwise", "linear"
@@ -14,8 +16,6 @@ LOWRANK_KINDS = frozenset({POINTWISE, LINEAR})
 
 def check_kinds(kinds) -> tuple:
     """``kinds=`` as a tuple of known layer kinds: ``"all"``, one kind, or a sequence of them (one-line error)."""
-    from .errors import DsrewriteError
-
     if kinds == "all":
         return KINDS
     items = [kinds] if isinstance(kinds, str) else kinds

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import backends
 from .plan.factorize import Factors, factorize
 
 __all__ = ["SeparableConv1d", "SeparableConv2d", "LowRankLinear", "LowRankConv1d", "LowRankConv2d", "LOWRANK_TYPES",
@@ -267,8 +268,6 @@ class _SeparableConvNd(_Pair):
         return torch.einsum("ocr,crk->ock", pw, dw).reshape(cout, cin, *k)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        from . import backends
-
         ok, why = backends.triton_supports(self, x)
         if self.backend == "triton" and not ok:
             raise RuntimeError(f"backend='triton' cannot run this SeparableConv2d: {why}")
@@ -279,9 +278,7 @@ class _SeparableConvNd(_Pair):
             dw = self.depthwise
             x = F.pad(x, tf_same_pad(tuple(x.shape[-self._dims:]), dw.kernel_size, dw.stride, dw.dilation))
         if self.backend != "torch" and self._use_triton(x):
-            from .backends import triton_forward
-
-            return triton_forward(self, x)
+            return backends.triton_forward(self, x)
         if self.channel_index is not None:
             x = x.index_select(1, self.channel_index)
         elif self.gather_input and self.rank > 1:

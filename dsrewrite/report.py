@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from .errors import DsrewriteError
+
 __all__ = ["LayerReport", "Report", "flops_known", "build_report"]
 
 SCHEMA_VERSION = 2  # 2: LayerReport.kind is the layer kind (kxk/pointwise/linear), origin where it came from
@@ -174,8 +176,6 @@ class Report:
         """Load a report from a JSON string or a path to a JSON file."""
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
-            from .errors import DsrewriteError
-
             if not os.path.exists(text):
                 raise DsrewriteError(f"report file not found: {text}")
             with open(text) as f:
@@ -183,12 +183,8 @@ class Report:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            from .errors import DsrewriteError
-
             raise DsrewriteError(f"report is not valid JSON: {e.msg} at line {e.lineno}") from None
         if not isinstance(data, dict) or "layers" not in data:
-            from .errors import DsrewriteError
-
             raise DsrewriteError("report JSON has no 'layers': not a dsrewrite report")
         return cls.from_dict(data)
 

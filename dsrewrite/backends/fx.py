@@ -10,7 +10,8 @@ import torch
 from torch import fx, nn
 
 from ..plan.factorize import Factors
-from ..modules import LowRankConv1d, LowRankConv2d, LowRankLinear, SeparableConv1d, SeparableConv2d
+from ..modules import (CONV_INTERFACE, LINEAR_INTERFACE, LowRankConv1d, LowRankConv2d, LowRankLinear, SeparableConv1d,
+                       SeparableConv2d)
 from ..plan.planner import Decision
 
 __all__ = ["apply_decisions", "set_submodule", "pair_for", "GraphForward", "carry_attributes"]
@@ -100,8 +101,6 @@ _CONV_OWN = (frozenset(nn.Conv2d(1, 1, 1).__dict__) | frozenset(nn.Conv1d(1, 1, 
 def carry_attributes(conv: nn.Module, pair: nn.Module) -> nn.Module:
     """Copy the plain attributes user code set on a conv instance (``conv.is_stem = True``) onto its pair, so
     code that reads them still finds them; torch's own conv attributes are answered by the pair itself."""
-    from ..modules import CONV_INTERFACE, LINEAR_INTERFACE
-
     for k, v in conv.__dict__.items():
         if (k not in _CONV_OWN and k not in CONV_INTERFACE and k not in LINEAR_INTERFACE and k not in pair.__dict__ and not isinstance(v, nn.Module)):
             object.__setattr__(pair, k, v)

@@ -3,6 +3,8 @@
 ``triton_supports`` says whether the kernels can run a module on an input (and why not); it imports
 neither Triton nor the kernels, so ``backend="auto"`` on CPU costs nothing. ``backend="auto"`` runs Triton
 only on CUDA tensors; ``backend="triton"`` also accepts CPU tensors when ``TRITON_INTERPRET=1`` (tests).
+``dsrewrite.kernels`` is imported on first use: its import registers the custom op
+``torch.ops.dsrewrite.separable_conv2d``, which ``import dsrewrite`` does not do.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def module_padding(module) -> Optional[Tuple[int, int]]:
     """The depthwise conv's padding as symmetric ``(pad_h, pad_w)``, or ``None`` when asymmetric."""
-    from ..kernels.shapes import resolve_padding  # no Triton import
+    from ..kernels.shapes import resolve_padding  # optional Triton path: its import registers the custom op
 
     dw = module.depthwise
     return resolve_padding(dw.padding, dw.kernel_size, dw.dilation)
@@ -25,7 +27,7 @@ def module_padding(module) -> Optional[Tuple[int, int]]:
 
 def triton_supports(module, x: torch.Tensor) -> Tuple[bool, str]:
     """Whether the Triton kernels can run ``module`` (a ``SeparableConv2d``) on ``x``, and if not, why."""
-    from ..kernels import interpreting, is_available  # no Triton import
+    from ..kernels import interpreting, is_available  # optional Triton path: its import registers the custom op
 
     if getattr(module, "_dims", 2) != 2:
         return False, "only SeparableConv2d has Triton kernels"
@@ -55,7 +57,7 @@ def triton_supports(module, x: torch.Tensor) -> Tuple[bool, str]:
 
 def triton_forward(module, x: torch.Tensor) -> torch.Tensor:
     """Run ``module`` with ``dsrewrite.kernels.separable_conv2d`` (call ``triton_supports`` first)."""
-    from ..kernels import separable_conv2d
+    from ..kernels import separable_conv2d  # optional Triton path: its import registers the custom op
 
     dw, pw = module.depthwise, module.pointwise
     return separable_conv2d(x, dw.weight, pw.weight, pw.bias, stride=dw.stride, padding=module_padding(module),

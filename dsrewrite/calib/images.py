@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from ..errors import DsrewriteError, first_line
 
@@ -36,8 +37,6 @@ def image_options(args: Any) -> Dict[str, Any]:
 def load_tensors(path: str) -> Any:
     """What a ``.pt`` calibration file holds (a tensor, or a dict of tensors by input name), loaded on the CPU
     without running code (``weights_only``); one line naming the file when it cannot be read."""
-    import torch  # the ONNX route reads .pt files too, and imports torch only then
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a bad or foreign file: one line
@@ -76,7 +75,7 @@ def load_images(folder: str, size: Tuple[int, int], channels: int, *, mean: Opti
     per channel (or one value) on the [0, 1] scale. ``preprocess(PIL.Image) -> array`` replaces all of that
     for one image (its arrays are stacked as they are).
     """
-    from PIL import Image
+    from PIL import Image  # optional dependency (Pillow, which torchvision brings): only image folders need it
 
     if layout not in LAYOUTS:
         raise DsrewriteError(f"calibration layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")

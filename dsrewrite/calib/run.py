@@ -12,8 +12,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .solve import DAMP, RIDGE, CalibResult, LayerCalibrator, LayerInputs
+from ..errors import DsrewriteError
 from ..ir import KXK, LINEAR, POINTWISE
 
 __all__ = ["as_batches", "collect_patch_stats", "layer_kind", "CalibLayer", "calibrate_sequential"]
@@ -28,8 +30,6 @@ def as_batches(calibration: Any, batch_size: int = 16, max_batches: Optional[int
     when the model takes one input). When the example's first input is itself a list (detection models take
     a list of images), a list batch is that one input.
     """
-    from ..errors import DsrewriteError
-
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() == 0 or calibration.shape[0] == 0:
             raise DsrewriteError("calibration tensor is empty")
@@ -165,8 +165,6 @@ def calibrate_sequential(student: nn.Module, teacher: Optional[nn.Module], layer
     todo = sorted([L for L in layers if id(L.student) in rank_of], key=lambda L: rank_of[id(L.student)])
     it = todo
     if progress and len(todo) > 1:
-        from tqdm.auto import tqdm
-
         it = tqdm(todo, desc="calibrating", unit="layer", leave=False)
     results: Dict[str, CalibResult] = {}
     for L in it:

@@ -16,10 +16,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..backends.fx import apply_decisions, set_submodule
+from ..calib.run import as_batches
 from ..config import COMPILERS, ROUTE_UNSUPPORTED, RewriteConfig
 from ..plan.eligibility import why_not
 from ..errors import DsrewriteError, first_line
@@ -47,8 +49,6 @@ def _check_options(options: Dict[str, Any], base: Optional[RewriteConfig] = None
     cfg = RewriteConfig.build(base, options, route="torch.compile", words=" for the dsrewrite backend")
     _check_mode(cfg.mode)
     if cfg.calibration is not None and "calibration" in options:
-        from ..calib.run import as_batches
-
         cfg = dataclasses.replace(cfg, calibration=as_batches(cfg.calibration))
     return cfg
 
@@ -57,7 +57,7 @@ def _check_mode(mode: Optional[str]) -> None:
     """Inductor's compile modes (``torch.compile`` refuses ``mode=`` next to ``options=``: give it as an option)."""
     if mode is None:
         return
-    from torch._inductor import list_mode_options
+    from torch._inductor import list_mode_options  # heavy: Inductor loads only to check a mode= option
 
     try:
         list_mode_options(mode)
@@ -168,8 +168,6 @@ def _check_inference(sites: List[ConvSite], opts: RewriteConfig) -> None:
 
 def _propagate(gm: fx.GraphModule, values: List[Any]) -> int:
     """Output shapes on every node (fake tensors: no side effect on buffers) and the graph's FLOPs."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     try:
         with FlopCounterMode(display=False) as counter:
             ShapeProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*values)
@@ -212,6 +210,7 @@ def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: GraphInputs, 
 def _inner_compiler(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: str, mode: Optional[str]) -> Callable:
     if compiler == "eager":
         return gm.forward
+    # heavy: Inductor loads only when a graph is compiled with it
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 

@@ -37,6 +37,7 @@ _STATE_ATTRS = {"_modules", "_parameters", "_buffers", "__dict__"}  # links of a
 def hint(a: Any) -> Any:
     """A concrete value for a graph input: SymInts become their hint (no guard is added)."""
     if isinstance(a, torch.SymInt):
+        # heavy: Dynamo's modules load with torch.compile, not with import dsrewrite
         from torch.fx.experimental.symbolic_shapes import optimization_hint
 
         return optimization_hint(a)
@@ -107,7 +108,7 @@ def conv_module_path(node: fx.Node) -> Optional[str]:
 def _is_module_wrapper(src: Any) -> bool:
     """Dynamo's ``NNModuleSource`` kinds: the same object as their base, marked as a module."""
     try:
-        from torch._dynamo.source import NNModuleSource
+        from torch._dynamo.source import NNModuleSource  # heavy: loads with torch.compile, not import dsrewrite
     except ImportError:  # pragma: no cover - older torch
         return False
     return isinstance(src, NNModuleSource)
@@ -317,7 +318,7 @@ def declare_params(gm: fx.GraphModule) -> None:
     table = getattr(gm, "_param_name_to_source", None)
     if table is None:
         return
-    from torch._dynamo.source import ConstantSource
+    from torch._dynamo.source import ConstantSource  # heavy: Dynamo loads with torch.compile, not with import dsrewrite
 
     named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     for name, _ in named:

@@ -11,12 +11,16 @@ layer is refused, because the pair would freeze what the original recomputes at 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..modules import tf_same_pad
 
@@ -139,8 +143,6 @@ def weight_states(model: nn.Module) -> Dict[nn.Module, Tuple[int, int, int]]:
 def has_unknown_forward(mod: nn.Module) -> bool:
     """A conv subclass with its own, unregistered ``forward`` (e.g. one padding through a child module first): the
     module-swap route then treats it as any module calling a conv function (traced alone), not as a conv."""
-    from torch.nn.utils import parametrize
-
     cls = type(mod)
     base = cls.__bases__[0] if parametrize.is_parametrized(mod) else cls
     if is_linear_module(mod):
@@ -155,9 +157,6 @@ def is_known_conv_class(cls: type) -> bool:
 
 def _hooks(mod: nn.Module) -> Tuple[list, list]:
     """(weight hooks we can fold: old-style weight_norm / spectral_norm, every other forward hook)."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
     foldable, other = [], []
     for h in mod._forward_pre_hooks.values():
         (foldable if isinstance(h, (WeightNorm, SpectralNorm)) and h.name == "weight" else other).append(h)
@@ -176,8 +175,6 @@ def deepcopy_module(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, also for models with hook-based ``weight_norm`` / ``spectral_norm`` after a
     forward with gradients (their cached weight is then not a graph leaf, which deepcopy refuses): the caches
     are detached for the copy and restored; the hooks recompute them at the next forward anyway."""
-    import copy
-
     stash = []
     for m in model.modules():
         for h in _hooks(m)[0]:
@@ -195,8 +192,6 @@ def deepcopy_module(model: nn.Module) -> nn.Module:
 def describe(mod: nn.Module) -> ConvModuleInfo:
     """What ``mod`` (an ``nn.Conv*d`` or ``nn.Linear`` instance or subclass) computes, or why the pass must leave
     it alone."""
-    from torch.nn.utils import parametrize
-
     cls = type(mod)
     base = cls
     param_names: Tuple[str, ...] = ()

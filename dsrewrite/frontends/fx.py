@@ -13,6 +13,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..ir import ConvSite, ConvSpec
+from ..modules import LOWRANK_TYPES, PAIR_TYPES
 from .conv_modules import (CONV_MODULE_TYPES, TRANSPOSED_TYPES, describe, has_unknown_forward, is_known_conv_class,
                            is_linear_module, is_weight_module, tf_same_pad)
 
@@ -60,8 +61,6 @@ class _Tracer(fx.Tracer):
     :mod:`~dsrewrite.frontends.conv_modules` knows."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from ..modules import PAIR_TYPES
-
         return (isinstance(m, PAIR_TYPES) or is_known_conv_class(type(m))
                 or (is_linear_module(m) and not has_unknown_forward(m))  # a Linear subclass's own forward: traced
                 or super().is_leaf_module(m, module_qualified_name))
@@ -565,8 +564,6 @@ def collect_sites(gm: fx.GraphModule, probes: Optional[Dict[fx.Node, Probe]] = N
     module once.
 
     ``probes`` (from :class:`ProbeProp`) are attached to the sites for the self-check."""
-    from ..modules import LOWRANK_TYPES, PAIR_TYPES
-
     by_target: "OrderedDict[str, List[fx.Node]]" = OrderedDict()
     for node in gm.graph.nodes:
         if node.op == "call_module" and (is_weight_module(gm.get_submodule(node.target))

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..backends.fx import GraphForward, apply_decisions, carry_attributes, pair_for, set_submodule
 from ..errors import first_line
@@ -118,8 +119,6 @@ class _Recorder(TorchFunctionMode):
 
 def _record(model: nn.Module, args: Sequence[Any]) -> Tuple[Dict[nn.Module, _Record], int]:
     """One real forward with hooks: per-module call records; returns them and the whole-model FLOPs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     # describe() before the hooks: it refuses a conv with forward hooks, ours included
     rec = _Recorder({m: describe(m).conv_args for m in model.modules() if is_weight_module(m)})
     handles = []

@@ -22,11 +22,15 @@ from ..ir import ConvSite
 from ..plan.planner import Decision, PlanInputs, Totals, plan_sites
 from ..plan.planfile import Plan, weight_shape
 from ..report import Report, build_report
+from ..timing import measure as timing_measure  # called through the module: tests patch compare
+from ..timing.loop import Attempt, attempt_from_layers, latency_loop
+from . import measure as onnx_measure  # called through the module: tests patch session
 from .backend import apply_decisions
 from .calib_data import as_feeds
 from .calibrate import OnnxCalibration
 from .flops import Shapes, count_flops, count_params, infer_shapes, partial_flops, subgraph_note
 from .frontend import CONV_OPS, collect_sites
+from .latency import OrtLayerTimer
 from .model_io import LARGE, load_model, model_nbytes, same_file, save_model
 from .runtime import OnnxRuntime
 from .selfcheck import self_check
@@ -330,11 +334,6 @@ def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target
     whole model against the original in one loop (:func:`dsrewrite.timing.loop.latency_loop`; one plan from the
     layer timings alone when ``check`` is False). Returns the kept plan's ``(new, decisions, done, check_note)``,
     its timing (``None`` unchecked), the rounds and a note."""
-    from ..timing.loop import Attempt, attempt_from_layers, latency_loop
-    from ..timing.measure import compare, time_call
-    from .latency import OrtLayerTimer
-    from .measure import random_feeds, session
-
     if large:
         raise DsrewriteError("target_latency times the model in onnxruntime from memory, which a model over 2 GB "
                              "cannot be: use target_flops, target_params, energy or a rank")
@@ -344,16 +343,16 @@ def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target
         raise DsrewriteError("target_latency times the model in onnxruntime and needs static input shapes: "
                              "give input_shapes (--input-shape NAME=SHAPE)")
     ort_options = ort_options or {}
-    feeds = random_feeds(model, shapes.inputs)
+    feeds = onnx_measure.random_feeds(model, shapes.inputs)
     try:
-        before = session(model, **ort_options, spinning=False)
+        before = onnx_measure.session(model, **ort_options, spinning=False)
         before.run(None, feeds)
     except DsrewriteError:
         raise
     except Exception as e:  # noqa: BLE001 - an op onnxruntime lacks, a bad shape: one line
         raise DsrewriteError(f"target_latency: onnxruntime cannot run the model ({first_line(e, 160)})") from None
     timer = OrtLayerTimer(**ort_options)
-    total = time_call(before.run, (None, feeds), warmup=2, reps=10, max_seconds=3.0, reduce=min)
+    total = timing_measure.time_call(before.run, (None, feeds), warmup=2, reps=10, max_seconds=3.0, reduce=min)
     if not check:
         out = plan_and_apply(timer, total)
         return out, None, [], "target_latency not checked on the whole model (measure_time=False)"
@@ -361,8 +360,8 @@ def _latency_plan(model: onnx.ModelProto, shapes: Shapes, plan_and_apply, target
     def attempt(t) -> Attempt:
         out = plan_and_apply(t, total)
         try:
-            after = session(out[0], **ort_options, spinning=False)
-            c = compare(before.run, after.run, (None, feeds))
+            after = onnx_measure.session(out[0], **ort_options, spinning=False)
+            c = timing_measure.compare(before.run, after.run, (None, feeds))
         except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: one line, dsrewrite's type
             raise DsrewriteError(f"target_latency: onnxruntime cannot run the rewritten model ({first_line(e, 160)}): "
                                  "a dsrewrite bug, please report it with the model") from None
@@ -379,10 +378,8 @@ def _fill_time(report: Report, timing: dict) -> None:
     report.time_runtime = timing["runtime"]
     c = timing.get("comparison")
     if c is not None:
-        from ..timing.measure import note_disturbed
-
         report.time_median_ratio = c.median_ratio
-        note_disturbed(report, c)
+        timing_measure.note_disturbed(report, c)
 
 
 def _runtime(ort_options: dict) -> str:
@@ -429,9 +426,6 @@ def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], 
              big: bool, ort_options: dict) -> None:
     """Time both models with onnxruntime, side by side in interleaved rounds (:func:`dsrewrite.timing.measure.compare`),
     in the sessions ``ort_options`` describe; ``big``: over the protobuf limit, so loaded from their files."""
-    from ..timing.measure import compare
-    from .measure import random_feeds, session
-
     if big and not (src_path and dst):
         report.notes.append("latency not measured: a model over 2 GB needs both src and dst paths")
         return
@@ -439,16 +433,16 @@ def _measure(model, new, input_shapes, report: Report, src_path: Optional[str], 
         report.notes.append("latency not measured: input shapes are not static")
         return
     try:
-        before = session(src_path if big else model, **ort_options, spinning=False)
-        after = session(dst if big else new, **ort_options, spinning=False)
+        before = onnx_measure.session(src_path if big else model, **ort_options, spinning=False)
+        after = onnx_measure.session(dst if big else new, **ort_options, spinning=False)
     except DsrewriteError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. an op onnxruntime lacks: keep the rewrite, say why
         report.notes.append(f"latency not measured: onnxruntime cannot load the model ({first_line(e, 120)})")
         return
-    feeds = random_feeds(model, input_shapes)
+    feeds = onnx_measure.random_feeds(model, input_shapes)
     try:
-        c = compare(before.run, after.run, (None, feeds))
+        c = timing_measure.compare(before.run, after.run, (None, feeds))
     except Exception as e:  # noqa: BLE001
         report.notes.append(f"latency not measured: onnxruntime failed to run the model ({first_line(e, 120)})")
         return

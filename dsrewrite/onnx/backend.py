@@ -37,6 +37,7 @@ from onnx import helper, numpy_helper
 from ..plan.factorize import Factors
 from ..ir import ConvSpec
 from ..plan.planner import Decision
+from .flops import attribute
 from .scopes import DEFAULT_DOMAINS, Scope, scopes, taken_names, value_uses
 
 __all__ = ["apply_decisions", "pair_nodes", "lowrank_nodes", "lowrank_arrays", "depthwise_attributes", "opset_of",
@@ -220,8 +221,6 @@ def opset_of(model: onnx.ModelProto) -> int:
 def _layout(node: onnx.NodeProto) -> tuple:
     """What decides a low-rank pair's stored weights besides the factors: the op and, for ``Gemm``, ``transB`` and
     ``alpha`` (two nodes sharing one weight share a pair only when these agree)."""
-    from .flops import attribute
-
     if node.op_type == "Gemm":
         return ("Gemm", bool(attribute(node, "transB", 0)), float(attribute(node, "alpha", 1.0)))
     return (node.op_type,)

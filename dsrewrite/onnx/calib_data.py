@@ -14,7 +14,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..calib.images import LAYOUTS, load_images
 from ..errors import DsrewriteError, first_line
+from . import measure as onnx_measure  # called through the module: tests patch session
 from .scopes import reads
 
 __all__ = ["as_feeds", "image_feeds", "with_outputs", "collect_conv_inputs", "Feed"]
@@ -123,8 +125,6 @@ def image_feeds(folder: str, model: onnx.ModelProto, *, size: Optional[Tuple[int
     """A folder of images as feeds of a one-input image model (:func:`dsrewrite.calib.images.load_images`: resized to
     ``size`` ``(H, W)``, by default the model's own, scaled to [0, 1], ``(x - mean) / std``, ``layout`` NCHW or
     NHWC, ``bgr`` channel order; or ``preprocess(PIL.Image) -> array`` per image)."""
-    from ..calib.images import LAYOUTS, load_images
-
     inputs = _graph_inputs(model)
     if len(inputs) != 1:
         raise DsrewriteError(f"images feed a model with one input; this one takes {len(inputs)} "
@@ -180,10 +180,8 @@ def collect_conv_inputs(model: onnx.ModelProto, feeds: Sequence[Feed], names: Se
                         threads: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
     """For each feed, ``{tensor name: value}`` of the tensors ``names`` (conv inputs) as onnxruntime computes
     them in ``model``, one feed at a time (memory bounded by one batch's activations)."""
-    from .measure import session
-
     names = list(dict.fromkeys(names))
-    sess = session(with_outputs(model, names, only=True), threads, once=True)
+    sess = onnx_measure.session(with_outputs(model, names, only=True), threads, once=True)
     for i, feed in enumerate(feeds):
         try:
             values = sess.run(names, feed)

@@ -25,7 +25,9 @@ import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..calib import solve as calib_solve
 from ..calib.solve import CalibResult, LayerCalibrator, PatchStats, patch_conv, summary
 from ..plan.eligibility import why_not
 from ..plan.factorize import Factors
@@ -60,8 +62,6 @@ def not_calibrated(site: ConvSite) -> Optional[str]:
 
 def _layer_inputs():
     """:class:`dsrewrite.calib.solve.LayerInputs` (the low-rank statistics), or ``None`` where it is missing."""
-    from ..calib import solve as calib_solve
-
     return getattr(calib_solve, "LayerInputs", None)
 
 
@@ -160,8 +160,6 @@ class OnnxCalibration:
         steps = waves if sequential else [layers]
         it = steps
         if self.progress and len(layers) > 1:
-            from tqdm.auto import tqdm
-
             it = tqdm(steps, desc="calibrating", unit="wave" if sequential else "pass", leave=False)
         for i, wave in enumerate(it):
             student = rebuild(decisions) if sequential and i > 0 else self.model

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Dict, Optional, Tuple
+
+import onnx
+import torch
 
 from ..calib.images import image_options, load_tensors
 from ..config import RewriteConfig
 from ..errors import DsrewriteError
 from ..report import Report
+from .api import REPLAY_OPTIONS, apply_plan, rewrite
+from .calib_data import image_feeds
 
 __all__ = ["cli_rewrite"]
 
@@ -18,8 +24,6 @@ def cli_rewrite(a: argparse.Namespace) -> Report:
     """Run :func:`dsrewrite.onnx.rewrite` (or, with ``--plan``, :func:`dsrewrite.onnx.apply_plan`) for the parsed
     ``dsrewrite rewrite`` arguments, and write the plan with ``--save-plan``; returns the report (the command line
     prints and saves it, as for torch models)."""
-    from .api import REPLAY_OPTIONS, apply_plan, rewrite
-
     if not a.out:
         raise DsrewriteError("-o/--out is required for an ONNX model (e.g. -o model_ds.onnx)")
     if not a.out.lower().endswith(".onnx"):
@@ -45,14 +49,8 @@ def cli_rewrite(a: argparse.Namespace) -> Report:
 def _calibration(a: argparse.Namespace, input_shapes):
     """``--calibration``: a folder of images (the ``--calib-*`` preprocessing) as feeds, a ``.pt`` file of a
     tensor or of a dict of tensors by input name as arrays; ``.npy`` / ``.npz`` paths are read by ``as_feeds``."""
-    import os
-
     path = a.calibration
     if os.path.isdir(path):
-        import onnx
-
-        from .calib_data import image_feeds
-
         try:
             header = onnx.load(a.src, load_external_data=False)
         except Exception:  # noqa: BLE001 - rewrite() gives the one-line error for a bad file
@@ -60,8 +58,6 @@ def _calibration(a: argparse.Namespace, input_shapes):
         return image_feeds(path, header, layout=getattr(a, "calib_layout", "nchw"), input_shapes=input_shapes,
                            **image_options(a))
     if path.lower().endswith((".pt", ".pth")) and os.path.isfile(path):
-        import torch  # .pt files are torch's; the ONNX route imports torch only for them
-
         data = load_tensors(path)
         if isinstance(data, torch.Tensor):
             return data.numpy()
@@ -80,8 +76,6 @@ def _input_shapes(src: str, given) -> Optional[Dict[str, Tuple[int, ...]]]:
     unnamed = [shape for name, shape in given if name is None]
     if not unnamed:
         return named
-    import onnx
-
     try:
         header = onnx.load(src, load_external_data=False)
     except Exception:  # noqa: BLE001 - rewrite() gives the one-line error for a bad file

@@ -17,7 +17,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import onnx
 from onnx import TensorProto
 
-from ..errors import first_line
+from ..errors import DsrewriteError, first_line
+from . import measure as onnx_measure  # called through the module: tests patch session
+from .calib_data import with_outputs
+from .model_io import LARGE, model_nbytes
 from .scopes import DEFAULT_DOMAINS, scopes, stored_tensors
 
 __all__ = ["Shapes", "infer_shapes", "count_flops", "count_params", "node_flops", "conv_positions", "attribute",
@@ -58,8 +61,6 @@ def _static(tp: onnx.TypeProto) -> Optional[Shape]:
 def _fix_inputs(graph: onnx.GraphProto, initializers: set, given: Mapping[str, Sequence[int]],
                 out: Shapes) -> bool:
     """Make every real graph input static in place; returns False when some dim stays unknown."""
-    from ..errors import DsrewriteError
-
     real = [i for i in graph.input if i.name not in initializers]
     unknown_names = set(given) - {i.name for i in real}
     if unknown_names:
@@ -184,15 +185,12 @@ def _runtime_shapes(model: onnx.ModelProto, out: Shapes) -> None:
              if t and t not in out.shapes]
     if not names:
         return
-    from .calib_data import with_outputs
-    from .measure import random_feeds, session
-    from .model_io import LARGE, model_nbytes
-
     if model_nbytes(model) >= LARGE:
         return
     names = list(dict.fromkeys(names))
     try:
-        values = session(with_outputs(model, names, only=True), once=True).run(names, random_feeds(model, out.inputs))
+        values = onnx_measure.session(with_outputs(model, names, only=True), once=True).run(
+            names, onnx_measure.random_feeds(model, out.inputs))
     except Exception as e:  # noqa: BLE001 - an op onnxruntime lacks: the shapes stay unknown, say why
         out.notes.append(f"{len(names)} tensor shapes unknown to shape inference and not read from onnxruntime "
                          f"({first_line(e, 120)})")

@@ -21,6 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ..ir import LINEAR, ConvSpec
 from ..plan.cost_model import candidate_ranks
 from ..timing.layers import cached_ms, layer_input
+from ..timing.measure import time_side_by_side
+from .backend import lowrank_nodes
 from .measure import session
 
 __all__ = ["OrtLayerTimer", "conv_model", "pair_model", "lowrank_model"]
@@ -82,8 +84,6 @@ def lowrank_model(spec: ConvSpec, rank: int, rng: np.random.Generator) -> Tuple[
     """The low-rank pair the ONNX backend writes (:func:`~dsrewrite.onnx.backend.lowrank_nodes`) for the layer's
     one-node model at ``rank``: two 1x1 ``Conv``s (the reduction with the layer's strides) or two ``Gemm``s
     (``transB=1``), the bias on the second; random weights."""
-    from .backend import lowrank_nodes
-
     dense, shape = conv_model(spec, rng)
     ones = [1] * len(spec.kernel)
     inits = [numpy_helper.from_array(_rand(rng, rank, spec.in_channels, *ones), "r"),
@@ -126,8 +126,6 @@ class OrtLayerTimer:
 
     def _measure_variants(self, spec: ConvSpec, variants) -> List[float]:
         """One call's time (ms) of the dense ``Conv`` / the pair at each ``(rank, _)`` variant, side by side."""
-        from ..timing.measure import time_side_by_side
-
         rng = np.random.default_rng(0)
         runs, shape = [], None
         for rank, _ in variants:

@@ -6,6 +6,8 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
+from ..errors import DsrewriteError
+
 __all__ = ["random_feeds", "session"]
 
 _NP = {
@@ -47,9 +49,7 @@ def session(model: Union[str, bytes, onnx.ModelProto], threads: Optional[int] = 
     work follows in the process), and no error log on stderr (the caller reports the exception).
     ``spinning=False``: idle pool threads sleep; every session that is *timed* beside another one needs it, since one session's spinning pool takes the cores from the other's run (per-round ratios
     of resnet18 spread 0.52-0.88 with spinning, 0.56-0.58 without: ``benchmarks/ort_timing_method.py``)."""
-    import onnxruntime as ort
-
-    from ..errors import DsrewriteError
+    import onnxruntime as ort  # optional dependency: the ONNX route rewrites without onnxruntime
 
     if provider not in ort.get_available_providers():
         raise DsrewriteError(f"onnxruntime has no {provider} here (available: {', '.join(ort.get_available_providers())})")

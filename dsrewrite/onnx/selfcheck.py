@@ -27,6 +27,7 @@ from ..errors import first_line
 from ..plan.factorize import exact_factors
 from ..plan.planner import Decision
 from ..plan.selfcheck import Tally, tolerance
+from . import measure as onnx_measure  # called through the module: tests patch session
 from .backend import UniqueNames, lowrank_arrays, lowrank_nodes, opset_of, pair_nodes
 from .model_io import LARGE, model_nbytes
 from .scopes import scopes, taken_names
@@ -88,8 +89,6 @@ def _run_original(model: onnx.ModelProto, decisions: List[Decision],
     The copy is the serialised model followed by a serialised ``ModelProto`` holding only the extra nodes and
     outputs: parsing concatenated messages merges them (repeated fields append), so the weights are not copied
     once more in memory."""
-    from .measure import random_feeds, session
-
     extra = onnx.ModelProto()
     g = extra.graph
     names = UniqueNames(taken_names(scopes(model.graph)))
@@ -118,10 +117,10 @@ def _run_original(model: onnx.ModelProto, decisions: List[Decision],
                        None if bias is None else expose(bias, dtype, False)))
     outputs = list(exposed.values())
     try:
-        sess = session(model.SerializeToString() + extra.SerializeToString(), once=True)
+        sess = onnx_measure.session(model.SerializeToString() + extra.SerializeToString(), once=True)
     except Exception as e:  # noqa: BLE001 - an op onnxruntime lacks, a model it refuses: say why, go on
         return {}, f"onnxruntime cannot load the model ({first_line(e, 120)})"
-    feeds = random_feeds(model, inputs, np.random.default_rng(_SEED))
+    feeds = onnx_measure.random_feeds(model, inputs, np.random.default_rng(_SEED))
     try:
         values = dict(zip(outputs, sess.run(outputs, feeds)))
     except Exception as e:  # noqa: BLE001
@@ -131,8 +130,6 @@ def _run_original(model: onnx.ModelProto, decisions: List[Decision],
 
 def _compare(model: onnx.ModelProto, d: Decision, probe: _Probe) -> Tuple[Optional[float], str]:
     """(relative error, "") of the exact pair on the probe, or (None, why it could not be compared)."""
-    from .measure import session
-
     x, y, run_bias = probe
     h, spec = d.site.handle, d.site.spec
     exact = exact_factors(np.asarray(d.site.weight, np.float32),
@@ -162,7 +159,7 @@ def _compare(model: onnx.ModelProto, d: Decision, probe: _Probe) -> Tuple[Option
     tiny = helper.make_model(graph, opset_imports=list(model.opset_import))
     tiny.ir_version = max(model.ir_version, 4)  # initializers need not be graph inputs
     try:
-        out = session(tiny, threads=1, once=True).run([y_name], feeds)[0]
+        out = onnx_measure.session(tiny, threads=1, once=True).run([y_name], feeds)[0]
     except Exception as e:  # noqa: BLE001 - a pair that does not run on the layer's input is a failure too
         return None, f"the pair does not run on the layer's input ({first_line(e, 120)})"
     if out.shape != y.shape:

@@ -159,8 +159,6 @@ class Plan:
             if d.factors is not None:
                 index = getattr(d.module, "channel_index", None) if d.module is not None else None
                 if index is not None:
-                    import torch
-
                     counts = [int(c) for c in torch.bincount(index.detach().cpu(), minlength=spec.in_channels)]
                 elif d.factors.channel_ranks is not None:
                     counts = [int(c) for c in d.factors.channel_ranks]

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from . import cost_model as cost
 from .allocate import Allocation, allocate_budget, check_fraction, energy_allocation
 from .cost_providers import budget_kind
 from .eligibility import why_not
+from ..calib.solve import whitened_rank_errors
 from ..errors import BudgetUnreachable, DsrewriteError
-from .factorize import Factors, factorize_layer
+from .factorize import Factors, factorize_layer, lowrank_view, rank_errors
 from ..ir import KINDS, ConvSite, ConvSpec
 from .policy import RankArg, RankMap, check_rank, choose_rank, plan_kinds
 from ..report import LayerReport
@@ -176,9 +178,7 @@ def plan_sites(sites: Iterable[ConvSite], inputs: Optional[PlanInputs] = None,
         return _plan_budget(sites, inputs, *chosen, kinds=kinds, notes=notes)
     decisions = []
     it = sites
-    if inputs.progress and len(sites) > 1:
-        from tqdm.auto import tqdm  # progress bars only when asked for
-
+    if inputs.progress and len(sites) > 1:  # progress bars only when asked for
         it = tqdm(sites, desc="factorising", unit="conv", leave=False)
     for site in it:
         spec = site.spec
@@ -270,14 +270,9 @@ def one_budget(rank, given: List[Tuple[str, float]], timer) -> Optional[Tuple[st
 
 def _site_errors(site: ConvSite, stats: dict, ragged: bool = False) -> List[float]:
     """Relative error at each rank: whitened (data-aware) when calibration statistics are known."""
-    from .factorize import rank_errors
-
     lowrank = site.spec.lowrank
     a = stats.get(site.spec.name)
     if a is not None:
-        from ..calib.solve import whitened_rank_errors
-        from .factorize import lowrank_view
-
         try:
             return whitened_rank_errors(lowrank_view(site.weight) if lowrank else site.weight, a,
                                         ragged=ragged and not lowrank)

@@ -28,6 +28,7 @@ from torch import nn
 from ..plan.cost_model import candidate_ranks
 from ..frontends.conv_modules import deepcopy_module
 from ..ir import LINEAR, ConvSpec
+from ..modules import LowRankConv1d, LowRankConv2d, LowRankLinear, SeparableConv1d, SeparableConv2d
 from .measure import time_call, time_side_by_side
 
 __all__ = ["LayerTimer", "ScaledTimer", "layer_input", "calls_scale", "cached_ms", "time_fn",
@@ -171,8 +172,6 @@ class LayerTimer:
     # ------------------------------------------------------------------ measuring
     def _build(self, spec: ConvSpec, rank: Optional[int], gathered: bool = False) -> Tuple[nn.Module, torch.Tensor]:
         """A layer of ``spec``'s shape (dense, or separable at ``rank``) with random weights, and its input."""
-        from ..modules import LowRankConv1d, LowRankConv2d, LowRankLinear, SeparableConv1d, SeparableConv2d
-
         shape, pads = layer_input(spec)
         dims = spec.spatial_dims
         kw = dict(stride=spec.stride, padding=pads, dilation=spec.dilation, bias=spec.bias,

@@ -12,7 +12,7 @@ import importlib
 from typing import Any, Callable, Dict, Optional, Sequence, Type
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..errors import DsrewriteError, first_line
 from .layers import LayerTimer
@@ -104,8 +104,6 @@ def compiled(model: nn.Module, n_args: int) -> Callable[..., Any]:
     """``torch.compile`` of ``model`` called through a one-node fx wrapper: the wrapper's generated ``forward``
     is a code object of its own, so compiling many modules of one class (layers timed one by one) never
     reaches Dynamo's per-code-object recompile limit and falls back to eager."""
-    import torch.fx as fx
-
     g = fx.Graph()
     xs = tuple(g.placeholder(f"x{i}") for i in range(n_args))
     g.output(g.call_module("model", xs))
