@@ -32,7 +32,7 @@ __all__ = ["rewrite", "apply_plan", "OnnxRewriteResult", "as_feeds", "image_feed
 def __getattr__(name: str):
     """``SeparableConvPass`` (the onnx_ir pass) loads on first use: only it needs the onnx_ir package."""
     if name == "SeparableConvPass":
-        from .ir_pass import SeparableConvPass
+        from .ir_pass import SeparableConvPass  # optional dependency: onnx_ir, for this pass only
 
         return SeparableConvPass
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
