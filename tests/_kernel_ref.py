@@ -1,4 +1,5 @@
-"""Float64 reference for the kernel tests: two ``F.conv2d`` calls on upcast inputs (shared by test_kernels_*)."""
+"""Float64 reference for the kernel tests: two ``F.conv2d`` calls on upcast inputs (shared by tests/kernels/ and
+tests/backends/test_triton.py)."""
 from __future__ import annotations
 
 import torch

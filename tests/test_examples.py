@@ -3,11 +3,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 EXAMPLES = ["digits.py", "rewrite_torchvision.py", "inspect_report.py"]
 
 

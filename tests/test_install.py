@@ -12,7 +12,9 @@ import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import conftest
+
+ROOT = str(conftest.ROOT)
 
 
 def source_packages() -> dict:

@@ -12,7 +12,8 @@ from typing import List, Tuple
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 FENCE = re.compile(r"^```(python|bash)[^\n]*\n(.*?)^```", re.S | re.M)
 
 

@@ -9,7 +9,9 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import conftest
+
+ROOT = str(conftest.ROOT)
 PACKAGES = {"dsrewrite": os.path.join(ROOT, "dsrewrite"), "dsrewrite.kernels": os.path.join(ROOT, "kernels")}
 MAX_FLAT = 12  # modules directly in dsrewrite/, __init__ and __main__ included
 MAX_LINES, MAX_KERNEL_LINES = 80, 120  # a function, def to last line; a Triton kernel (@triton.jit)

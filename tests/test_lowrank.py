@@ -16,7 +16,7 @@ from dsrewrite.ir import ConvSpec
 from dsrewrite.modules import LowRankConv2d, LowRankLinear
 from dsrewrite.report import Report
 
-from .conftest import rel_err
+from tests.conftest import rel_err
 
 
 class Mixed(nn.Module):

@@ -1,6 +1,5 @@
 """One planner for every route: the fx route, the module-swap fallback, the torch.compile backend and the ONNX
 route give the same plan (rank per layer, skip or not, factors) for the same model and options (issue 12)."""
-import os
 import warnings
 
 import numpy as np
@@ -15,6 +14,7 @@ import dsrewrite.api as api
 onnx = pytest.importorskip("onnx")
 from dsrewrite.onnx import rewrite as onnx_rewrite  # noqa: E402
 from dsrewrite.dynamo.backend import last_report  # noqa: E402
+from tests.conftest import derived_seed, np_rng  # noqa: E402
 
 
 class Net(nn.Module):
@@ -46,9 +46,7 @@ def plan_of(report):
 
 @pytest.fixture(scope="module")
 def model_and_onnx(tmp_path_factory):
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed: {seed}")
-    torch.manual_seed(seed)
+    torch.manual_seed(derived_seed("model_and_onnx"))  # the same model whichever test builds it first
     model = Net().eval()
     path = str(tmp_path_factory.mktemp("routes") / "net.onnx")
     with warnings.catch_warnings():
@@ -121,7 +119,7 @@ def test_a_registered_budget_kind_reaches_every_route(model_and_onnx, taps):
 def test_array_options_are_compared_as_data(model_and_onnx):
     """An array given as an option (calibration data) is never compared element-wise with a default."""
     model, path = model_and_onnx
-    data = np.random.default_rng().standard_normal((4, *SHAPE[1:])).astype(np.float32)
+    data = np_rng().standard_normal((4, *SHAPE[1:])).astype(np.float32)
     report = onnx_rewrite(path, calibration=data, rank=2).report
     assert any(n.startswith("calibrated 3 layer(s) on 2 feed(s)") for n in report.notes), report.notes
     with pytest.raises(dsrewrite.DsrewriteError, match="option 'sequential' is not supported by the PyTorch route"):
