@@ -134,7 +134,7 @@ def fused_block_m(m: int) -> int:
 def fused_shared_bytes(cfg: "triton.Config", itemsize: int, kh: int, kw: int, rank: int = 1) -> int:
     """Upper estimate of a config's shared memory (bytes) on sm_80/sm_90, for both memory formats (an NCHW call
     reads its input as channels_last; the output store needs none). Checked against Triton's compiler for every
-    config in ``benchmarks/kernels_aot.py`` and ``tests/test_kernels_aot.py``. Per rank: the pointwise slice,
+    config in ``benchmarks/kernels_aot.py`` and ``tests/kernels/test_aot.py``. Per rank: the pointwise slice,
     the tap weights and the depthwise tile (its layout conversion and the dot operand); pipelined configs
     (``num_stages > 1``) also stage the next channel block's ``kh*kw`` input taps with ``cp.async``."""
     k = cfg.kwargs
@@ -170,7 +170,7 @@ def _prune(configs, named_args, **kwargs):
 
 # What a tuned config is cached under. Beyond the shape: the channel and width strides of the input and output
 # (memory format), the rank, the ragged index, bias, activation and dot precision. Triton adds the dtype of every
-# tensor argument to the key itself (3.0 on; tests/test_kernels_tuning.py checks it).
+# tensor argument to the key itself (3.0 on; tests/kernels/test_tuning.py checks it).
 FUSED_TUNING_KEY = ["N", "CK", "M", "OH", "OW", "KH", "KW", "R", "stride_h", "stride_w", "sxc", "sxw", "sym",
                     "syw", "HAS_INDEX", "HAS_BIAS", "ACT", "PRECISION"]
 
