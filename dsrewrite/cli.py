@@ -407,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "/ --target-params below the smallest reachable gets the cheapest plan, each with a note)")
     r.add_argument("--ragged", action="store_true", help="per-channel ranks from each channel's spectrum: same "
                    "cost as the uniform rank, lower error (the depthwise conv gathers its inputs)")
+    r.add_argument("--int8-friendly", action="store_true", help="balance each pair's depthwise filters and "
+                   "pointwise columns to equal ranges, so it loses less to int8 quantization (the float model is "
+                   "unchanged in value)")
     r.add_argument("--calibration", help="a folder of images, or a .pt tensor file (ONNX: .npy/.npz/.pt): "
                    "data-aware initialisation (and data-aware allocation under a budget)")
     r.add_argument("--calib-size", type=_parse_size, help="calibration images: resize to HxW (default: the "

@@ -24,6 +24,7 @@ from .backend import apply_decisions
 from .flops import Shapes, count_flops, count_params, infer_shapes, partial_flops, subgraph_note
 from .frontend import CONV_OPS, collect_sites
 from .model_io import PROTOBUF_LIMIT, load_model, model_nbytes, same_file, save_model
+from .quantize import quantizable
 from .selfcheck import self_check
 
 __all__ = ["rewrite", "apply_plan", "OnnxRewriteResult"]
@@ -89,6 +90,12 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
             factors are refitted on the layers' outputs, and a budget allocates ranks by data-aware errors.
         sequential: with ``calibration``, refit in execution order on the rewritten graph's activations
             (``True``), on the original model's (``False``), or the first when it fits in time (``None``).
+        int8_friendly: rescale each pair's filters and columns to equal ranges for int8 (:mod:`dsrewrite.balance`);
+            the float model is unchanged in value.
+
+    A model below opset 13 that gains weights comes back at opset 13 when onnx.version_converter can convert it
+    with the same outputs, else with the new weights as ``Constant`` nodes (:func:`.quantize.quantizable`), so
+    that onnxruntime's quantizer takes it as it is; the report says which.
 
     Returns:
         ``(model, report)`` (an :class:`OnnxRewriteResult`), with ``.plan``: the per-layer decisions as a
@@ -211,6 +218,12 @@ def _rewrite(src, dst, cfg: RewriteConfig, replay: Optional[Plan] = None) -> Onn
             new = _rebuilt(model, shapes, decisions)
         else:
             notes.append("calibration: no layer was rewritten")
+    if cfg.int8_friendly:  # after the refit, which re-solves the pointwise weights
+        from ..balance import balance_decisions
+
+        notes.append(balance_decisions(decisions))
+        if done:
+            new = _rebuilt(model, shapes, decisions)
 
     made = Plan.from_decisions(decisions, route="onnx", config=cfg,
                                runtime=timing["runtime"] if timing is not None else None)
@@ -220,6 +233,10 @@ def _rewrite(src, dst, cfg: RewriteConfig, replay: Optional[Plan] = None) -> Onn
                      f"{replay.versions.get('dsrewrite', '?')}): no layer timed")
     large = model_nbytes(new) >= PROTOBUF_LIMIT - (64 << 20)
     if done and not large:
+        new, quant_note = quantizable(model, new, shapes.inputs,  # below opset 13: what onnxruntime quantizes
+                                      feeds=calib.feeds[0] if calib is not None and calib.feeds else None)
+        if quant_note:
+            notes.append(quant_note)
         _check_rewritten(new)
     shapes_after = infer_shapes(new, input_shapes) if done else shapes  # the same user shapes
     flops_after, _ = count_flops(new, shapes_after)
