@@ -174,3 +174,43 @@ def test_the_wrappers_quantize_and_refuse_in_one_line(tmp_path):
         quantize_static(new, str(tmp_path / "bad.onnx"), feeds(), fmt="int8")
     with pytest.raises(DsrewriteError, match="needs calibration feeds"):
         quantize_static(new, str(tmp_path / "bad.onnx"), [])
+
+
+def depthwise_groups(model: onnx.ModelProto):
+    """(group, filters) of every grouped Conv, with filters read from its weight initializer."""
+    w = {t.name: t.dims for t in model.graph.initializer}
+    return [(next(a.i for a in n.attribute if a.name == "group"), w[n.input[1]][0])
+            for n in model.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+
+
+def test_unit_multiplier_is_the_same_function_with_one_filter_per_channel():
+    from dsrewrite.onnx.quantize import unit_multiplier
+
+    src = net(17)
+    new, _ = rewrite(src, rank=3, measure_time=False)
+    assert depthwise_groups(new) == [(4, 12), (8, 24)]  # 3 filters per channel
+    gathered = onnx.ModelProto()
+    gathered.CopyFrom(new)
+    assert unit_multiplier(gathered) == 2
+    assert depthwise_groups(gathered) == [(12, 12), (24, 24)]
+    assert [n.op_type for n in gathered.graph.node].count("Gather") == 2
+    onnx.checker.check_model(gathered, full_check=True)
+    x = {"x": f32(*SHAPE)}
+    assert rel(run(gathered, x)[0], run(new, x)[0]) <= 1e-6
+    assert unit_multiplier(gathered) == 0  # nothing left to rewrite
+    again = onnx.ModelProto()
+    again.CopyFrom(new)
+    assert unit_multiplier(again, source=new) == 0  # only convs the source does not have
+
+
+def test_int8_friendly_writes_the_gathered_form_and_says_so():
+    src = net(17)
+    new, report = rewrite(src, rank=3, measure_time=False, int8_friendly=True)
+    assert depthwise_groups(new) == [(12, 12), (24, 24)]
+    assert any(n.startswith("int8_friendly: 2 depthwise conv(s) with several filters per channel written as a Gather")
+               for n in report.notes), report.notes
+    x = {"x": f32(*SHAPE)}
+    plain, _ = rewrite(src, rank=3, measure_time=False)
+    assert rel(run(new, x)[0], run(plain, x)[0]) <= 1e-5
+    one, report = rewrite(src, rank=1, measure_time=False, int8_friendly=True)  # one filter per channel already
+    assert not any("Gather" in n for n in report.notes) and "Gather" not in {n.op_type for n in one.graph.node}

@@ -220,10 +220,16 @@ def _rewrite(src, dst, cfg: RewriteConfig, replay: Optional[Plan] = None) -> Onn
             notes.append("calibration: no layer was rewritten")
     if cfg.int8_friendly:  # after the refit, which re-solves the pointwise weights
         from ..balance import balance_decisions
+        from .quantize import unit_multiplier
 
         notes.append(balance_decisions(decisions))
         if done:
             new = _rebuilt(model, shapes, decisions)
+            gathered = unit_multiplier(new, source=model)
+            if gathered:
+                notes.append(f"int8_friendly: {gathered} depthwise conv(s) with several filters per channel written as "
+                             "a Gather of the channels and one filter per channel (the same function; onnxruntime's "
+                             "int8 depthwise kernel takes only that form)")
 
     made = Plan.from_decisions(decisions, route="onnx", config=cfg,
                                runtime=timing["runtime"] if timing is not None else None)

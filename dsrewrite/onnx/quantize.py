@@ -11,8 +11,14 @@ default-domain opset to 13 with ``onnx.version_converter`` when that is safe (th
 ``onnx.checker`` and gives the same outputs in onnxruntime on random inputs), and says so; otherwise it keeps
 the opset and stores the new weights as ``Constant`` nodes, which the quantizer treats as it treats the
 original's constant weights (quantized per tensor as activations, or left in float), and says that too.
+
+A rank-``r`` pair's depthwise conv has ``r`` filters per input channel (``group=C``, ``C*r`` outputs). onnxruntime's
+int8 ``QLinearConv`` runs that form several times slower than the float conv (its fast depthwise kernel takes one
+filter per channel); :func:`unit_multiplier` writes it as a ``Gather`` of each channel ``r`` times and a depthwise
+conv with one filter per channel, the same function (``int8_friendly=True`` does it to the rewrite's convs).
+
 :func:`quantize_static` / :func:`quantize_dynamic` are thin wrappers that quantize such a model (or any) from
-arrays, with the usual settings written down once.
+arrays, with the usual settings written down once and :func:`unit_multiplier` applied first.
 """
 from __future__ import annotations
 
@@ -25,11 +31,12 @@ import onnx
 from onnx import helper
 
 from ..errors import DsrewriteError, first_line
-from .backend import opset_of
-from .scopes import scopes
+from .backend import UniqueNames, opset_of
+from .flops import attribute
+from .scopes import DEFAULT_DOMAINS, constant_value, scopes, taken_names
 
 __all__ = ["QUANT_OPSET", "quantizable", "raise_opset", "as_constant_nodes", "new_initializers",
-           "quantize_static", "quantize_dynamic"]
+           "unit_multiplier", "quantize_static", "quantize_dynamic"]
 
 QUANT_OPSET = 13  # per-channel DequantizeLinear (its ``axis``) and per-channel QuantizeLinear need it
 _MIN_IR = 7  # the IR version opset 13 needs
@@ -109,13 +116,61 @@ def as_constant_nodes(model: onnx.ModelProto, names: Iterable[str]) -> int:
         kept_inputs = [vi for vi in g.input if vi.name not in gone] if s.is_main else list(g.input)
         nodes = consts + list(g.node)
         for field, items in ((g.initializer, kept_inits), (g.input, kept_inputs), (g.node, nodes)):
-            copies = [type(m)() for m in items]
-            for c, m in zip(copies, items):
-                c.CopyFrom(m)
-            del field[:]
-            field.extend(copies)
+            _refill(field, items)
         moved += len(here)
     return moved
+
+
+def unit_multiplier(model: onnx.ModelProto, source: Optional[onnx.ModelProto] = None) -> int:
+    """Write every depthwise ``Conv`` with ``m > 1`` filters per channel (``group=C``, weight ``[C*m, 1, ...]``, as a
+    rank-``m`` pair's) as a ``Gather`` of each input channel ``m`` times, then a depthwise ``Conv`` with one filter
+    per channel (``group=C*m``), in place; returns how many. ``source``: only the convs it does not have (by node
+    name, in any graph: those a rewrite of ``source`` added). The same function, exactly (filter ``j`` reads channel
+    ``j // m`` either way); why: onnxruntime's int8 ``QLinearConv`` has a fast depthwise kernel for one filter per
+    channel only, and runs the other form several times slower than the float model (``benchmarks/int8.md``)."""
+    all_scopes = scopes(model.graph)
+    names = UniqueNames(taken_names(all_scopes))
+    old = {n.name for sc in scopes(source.graph) for n in sc.graph.node} if source is not None else set()
+    done = 0
+    for sc in all_scopes:
+        g = sc.graph
+        new_nodes, changed = [], False
+        for node in g.node:
+            group = (int(attribute(node, "group", 1)) if node.op_type == "Conv" and node.domain in DEFAULT_DOMAINS
+                     and node.name not in old else 1)
+            w = constant_value(sc, node.input[1])[0] if group > 1 and len(node.input) > 1 else None
+            if w is None or w.ndim < 3 or w.shape[1] != 1 or w.shape[0] % group or w.shape[0] == group:
+                new_nodes.append(node)
+                continue
+            m = w.shape[0] // group
+            base = node.name or node.output[0]
+            index, gathered = names(f"{base}_channel_index"), names(f"{base}_gather_output_0")
+            value = onnx.numpy_helper.from_array(np.repeat(np.arange(group, dtype=np.int64), m), index)
+            conv = onnx.NodeProto()
+            conv.CopyFrom(node)
+            conv.input[0] = gathered
+            for a in conv.attribute:
+                if a.name == "group":
+                    a.i = group * m
+            new_nodes += [helper.make_node("Constant", [], [index], name=names(f"{base}_channel_index_constant"),
+                                           value=value),
+                          helper.make_node("Gather", [node.input[0], index], [gathered], name=names(f"{base}_gather"),
+                                           axis=1),
+                          conv]
+            changed = True
+            done += 1
+        if changed:
+            _refill(g.node, new_nodes)
+    return done
+
+
+def _refill(field, items: list) -> None:
+    """Make the repeated message field ``field`` hold copies of ``items``, in order."""
+    copies = [type(m)() for m in items]
+    for c, m in zip(copies, items):
+        c.CopyFrom(m)
+    del field[:]
+    field.extend(copies)
 
 
 def quantizable(source: onnx.ModelProto, new: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
@@ -168,22 +223,30 @@ def _ort_quantization():
     return quantization
 
 
-def _as_path(model: Union[str, onnx.ModelProto], tmp: str, name: str) -> str:
-    """A path to ``model``: its own, or ``tmp/name`` where an in-memory model is saved."""
-    if isinstance(model, onnx.ModelProto):
-        path = os.path.join(tmp, name)
-        onnx.save(model, path)
-        return path
-    return str(model)
+def _prepared(model: Union[str, onnx.ModelProto], tmp: str, gather_depthwise: bool) -> str:
+    """``model`` (a path or a ModelProto, not changed) saved in ``tmp`` for the quantizer, its depthwise convs with
+    several filters per channel rewritten by :func:`unit_multiplier` when ``gather_depthwise``."""
+    m = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
+    if gather_depthwise:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(m)
+        if unit_multiplier(copy):
+            m = copy
+    path = os.path.join(tmp, "model.onnx")
+    onnx.save(m, path)
+    return path
 
 
 def quantize_static(model: Union[str, onnx.ModelProto], dst: str, feeds: Feeds, *, fmt: str = "qdq",
-                    per_channel: bool = True, calibrate_method: str = "minmax", **kw: Any) -> str:
+                    per_channel: bool = True, calibrate_method: str = "minmax", gather_depthwise: bool = True,
+                    **kw: Any) -> str:
     """Int8 static quantization in onnxruntime (``quantize_static``): weights int8, activations uint8, ranges from
     ``feeds`` (a list of ``{input name: array}``); ``fmt`` ``"qdq"`` or ``"qoperator"``; ``calibrate_method``
     ``"minmax"``, ``"percentile"`` or ``"entropy"``; other keywords go to onnxruntime as they are. Returns
-    ``dst``. A model below opset 13 with per-channel initializer weights is refused in one line (onnxruntime
-    would write an invalid model): rewrite it with dsrewrite, which raises the opset, or convert it first."""
+    ``dst``. ``gather_depthwise``: first write depthwise convs with several filters per channel in the form
+    onnxruntime's int8 kernels run fast (:func:`unit_multiplier`; exact). A model below opset 13 with per-channel
+    initializer weights is refused in one line (onnxruntime would write an invalid model): rewrite it with
+    dsrewrite, which raises the opset, or convert it first."""
     q = _ort_quantization()
     formats = {"qdq": q.QuantFormat.QDQ, "qoperator": q.QuantFormat.QOperator}
     methods = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
@@ -195,7 +258,7 @@ def quantize_static(model: Union[str, onnx.ModelProto], dst: str, feeds: Feeds, 
     if not feeds:
         raise DsrewriteError("quantize_static needs calibration feeds: a list of {input name: array}")
     with tempfile.TemporaryDirectory() as tmp:
-        path = _as_path(model, tmp, "model.onnx")
+        path = _prepared(model, tmp, gather_depthwise)
         _refuse_invalid(path, per_channel and fmt == "qdq")
         opts = dict(quant_format=formats[fmt], per_channel=per_channel, activation_type=q.QuantType.QUInt8,
                     weight_type=q.QuantType.QInt8, calibrate_method=methods[calibrate_method])
@@ -204,11 +267,13 @@ def quantize_static(model: Union[str, onnx.ModelProto], dst: str, feeds: Feeds, 
     return dst
 
 
-def quantize_dynamic(model: Union[str, onnx.ModelProto], dst: str, *, per_channel: bool = False, **kw: Any) -> str:
-    """Int8 dynamic quantization in onnxruntime (``quantize_dynamic``, int8 weights); returns ``dst``."""
+def quantize_dynamic(model: Union[str, onnx.ModelProto], dst: str, *, per_channel: bool = False,
+                     gather_depthwise: bool = True, **kw: Any) -> str:
+    """Int8 dynamic quantization in onnxruntime (``quantize_dynamic``, int8 weights); returns ``dst``.
+    ``gather_depthwise`` as for :func:`quantize_static`."""
     q = _ort_quantization()
     with tempfile.TemporaryDirectory() as tmp:
-        path = _as_path(model, tmp, "model.onnx")
+        path = _prepared(model, tmp, gather_depthwise)
         opts = dict(per_channel=per_channel, weight_type=q.QuantType.QInt8)
         opts.update(kw)
         q.quantize_dynamic(path, dst, **opts)
