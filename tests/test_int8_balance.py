@@ -113,7 +113,7 @@ def test_torch_route_same_outputs_balanced_pairs_and_a_note(route, ragged, gen):
 def test_torch_route_balances_after_calibration(gen):
     model = Net().eval()
     x = torch.randn(2, 3, 12, 12, generator=gen)
-    calib = torch.randn(16, 3, 12, 12, generator=gen)
+    calib = torch.randn(8, 3, 12, 12, generator=gen)
     plain = rewrite(model, x, rank=2, measure_time=False, calibration=calib)
     friendly = rewrite(model, x, rank=2, measure_time=False, calibration=calib, int8_friendly=True)
     fresh = torch.randn(4, 3, 12, 12, generator=gen)
