@@ -15,6 +15,10 @@ quantizer's range sees) differ, and a calibrated refit (:mod:`dsrewrite.calib_so
 weights without regard to the split. :func:`balanced` makes each filter's largest magnitude equal its column's,
 the geometric-mean choice of cross-layer equalization (Nagel et al., "Data-Free Quantization", ICCV 2019):
 ``s_j = sqrt(r_col_j / r_filter_j)``.
+
+Measured (``benchmarks/int8.md``), this does not make int8 more accurate: with per-channel weights a pair loses
+most in its intermediate activation, quantized per tensor, whose channel ranges equal weight ranges do not
+balance; after calibration it was slightly worse on all three models. Hence ``int8_friendly`` is off by default.
 """
 from __future__ import annotations
 
