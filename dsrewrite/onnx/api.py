@@ -3,7 +3,8 @@
 The model is edited as a protobuf: only the rewritten nodes (``Conv``, and with ``kinds`` the 1x1 ``Conv``,
 ``Gemm`` and ``MatMul`` weight layers) and the weights nothing reads any more change, so a model with nothing
 to rewrite comes back as it was, and everything the rewrite does not touch (value infos, subgraphs, metadata,
-opsets) is kept exactly.
+opsets) is kept exactly, with one exception said in the report: a model below opset 13 that gains weights is
+converted to opset 13 so that onnxruntime's quantizer takes it (:func:`.quantize.quantizable`).
 """
 from __future__ import annotations
 
