@@ -20,6 +20,7 @@ from .timing.loop import Attempt, attempt_from_layers, latency_loop
 from .timing.measure import count_params, eval_mode, input_device, outputs_differ, seeded
 from .timing.runtimes import time_models
 from .plan.planner import Decision, PlanInputs, Selector, layer_report, matcher
+from .plan.balance import balance_pairs, balanced_note
 from .plan.planfile import Plan, weight_shape
 from .plan.inputs import Planning
 from .report import Report, build_report
@@ -99,6 +100,9 @@ def rewrite(model: nn.Module, example_inputs: Any, config: Optional[RewriteConfi
             filters (same cost) spread where they reduce the error most; never a worse fit than uniform ranks.
             The depthwise conv reads its inputs through a channel index. With ``calibration`` the split
             follows the whitened (output-energy) spectra.
+        int8_friendly: rescale each pair's depthwise filters (reductions) and pointwise columns (expansions) to
+            equal ranges (:mod:`dsrewrite.plan.balance`), so the pairs lose less to int8 quantization; the float model
+            is unchanged in value. Quantize the result with :func:`dsrewrite.backends.int8.quantize_pt2e`.
 
     Returns:
         :class:`RewriteResult` with ``.model`` and ``.report``.
@@ -146,6 +150,9 @@ def _rewrite(model: nn.Module, args: tuple, cfg: RewriteConfig) -> RewriteResult
             plan.timer.save()
     if plan.timer is not None:
         plan.timer.save()
+    if cfg.int8_friendly:  # after calibration, which refits the pointwise weights
+        pairs = {id(d.module): d.module for d in built.decisions if d.rewritten and d.module is not None}
+        report.notes.append(balanced_note(balance_pairs(pairs.values())))
     kept = Plan.from_decisions(built.decisions, route=built.route, config=cfg, memory_format=plan.memory_format,
                                runtime=plan.runtime.name)
     return RewriteResult(built.model, report, built.decisions, plan.memory_format, kept)

@@ -367,6 +367,9 @@ def _budget_flags(r: argparse.ArgumentParser) -> None:
                    "/ --target-params below the smallest reachable gets the cheapest plan, each with a note)")
     r.add_argument("--ragged", action="store_true", help="per-channel ranks from each channel's spectrum: same "
                    "cost as the uniform rank, lower error (the depthwise conv gathers its inputs)")
+    r.add_argument("--int8-friendly", action="store_true", help="balance each pair's depthwise filters and "
+                   "pointwise columns to equal ranges, so it loses less to int8 quantization (the float model is "
+                   "unchanged in value)")
 
 
 def _calibration_flags(r: argparse.ArgumentParser) -> None:

@@ -59,6 +59,7 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "ort_optimization": _LATENCY_ONLY_PASS,
         "ort_provider": _LATENCY_ONLY_PASS,
         "sequential": "the pass does not calibrate",
+        "int8_friendly": "the scales are balanced after the rewrite: use dsrewrite.rewrite(model, x, int8_friendly=True)",
         "input_shapes": "the example inputs give the shapes",
         "overwrite": "the pass writes no file",
         "compiler": "it is an option of the torch.compile backend",
@@ -80,6 +81,8 @@ ROUTE_UNSUPPORTED: Dict[str, Dict[str, str]] = {
         "ort_optimization": "it sets the onnxruntime sessions models are timed in (runtime='onnxruntime')",
         "ort_provider": "it sets the onnxruntime sessions models are timed in (runtime='onnxruntime')",
         "sequential": "the backend always calibrates in execution order on the rewritten graph",
+        "int8_friendly": "the backend's graphs are not quantized: rewrite with dsrewrite.rewrite(..., "
+                         "int8_friendly=True) and quantize the model it returns",
     },
 }
 _CLI_WORDS = {"torch": "PyTorch", "onnx": "ONNX", "torch.compile": "torch.compile", "fx pass": "the fx pass"}
@@ -108,7 +111,8 @@ class RewriteConfig:
     Output: ``backend`` (how pairs run), ``inplace``, ``measure_time`` (``None``: the route's default),
     ``progress``, ``name``. ONNX: ``input_shapes``, ``overwrite``, and the onnxruntime sessions it times in
     (``ort_threads``, ``ort_optimization``, ``ort_provider``; also for ``runtime="onnxruntime"`` on the
-    PyTorch route). torch.compile: ``compiler``, ``mode``.
+    PyTorch route). torch.compile: ``compiler``, ``mode``. ``int8_friendly``: rescale each pair's filters and
+    columns to equal ranges for int8 quantization, the float model unchanged in value (:mod:`dsrewrite.plan.balance`).
     """
 
     rank: RankArg = "auto"
@@ -140,6 +144,7 @@ class RewriteConfig:
     ort_threads: Optional[int] = None
     ort_optimization: str = "all"
     ort_provider: str = "CPUExecutionProvider"
+    int8_friendly: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rank", check_rank(self.rank))
@@ -161,6 +166,8 @@ class RewriteConfig:
             raise DsrewriteError(f"sequential must be True, False or None, got {self.sequential!r}")
         if self.sequential is not None and self.calibration is None:
             raise DsrewriteError("sequential applies to calibration: give calibration data too")
+        if not isinstance(self.int8_friendly, bool):
+            raise DsrewriteError(f"int8_friendly must be True or False, got {self.int8_friendly!r}")
         if self.compiler not in COMPILERS:
             raise DsrewriteError(f"compiler must be one of {', '.join(COMPILERS)}, got {self.compiler!r}")
         given = [(k, getattr(self, k)) for k in BUDGET_ARGS if getattr(self, k) is not None]
@@ -214,7 +221,8 @@ class RewriteConfig:
                    backend=get("backend", "auto") or "auto", measure_time=not get("no_time", False),
                    progress=not get("quiet", False), overwrite=bool(get("overwrite", False)),
                    ort_threads=get("ort_threads"), ort_optimization=get("ort_optimization") or "all",
-                   ort_provider=get("ort_provider") or "CPUExecutionProvider")
+                   ort_provider=get("ort_provider") or "CPUExecutionProvider",
+                   int8_friendly=bool(get("int8_friendly", False)))
 
     # ------------------------------------------------------------------ reading
     def given(self) -> Dict[str, Any]:
@@ -276,5 +284,5 @@ class RewriteConfig:
             return ("id", id(v))
 
         names = ("rank", "include", "exclude", "backend", "target_flops", "target_params", "energy", "budget",
-                 "calibration", "sequential", "ragged", "kinds", "strict")
+                 "calibration", "sequential", "ragged", "kinds", "strict", "int8_friendly")
         return tuple((k, freeze(getattr(self, k))) for k in names), keep

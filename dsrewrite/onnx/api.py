@@ -3,7 +3,8 @@
 The model is edited as a protobuf: only the rewritten nodes (``Conv``, and with ``kinds`` the 1x1 ``Conv``,
 ``Gemm`` and ``MatMul`` weight layers) and the weights nothing reads any more change, so a model with nothing
 to rewrite comes back as it was, and everything the rewrite does not touch (value infos, subgraphs, metadata,
-opsets) is kept exactly.
+opsets) is kept exactly, with one exception said in the report: a model below opset 13 that gains weights is
+converted to opset 13 so that onnxruntime's quantizer takes it (:func:`.quantize.quantizable`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Union
 import onnx
 
 from ..config import RewriteConfig
+from ..plan.balance import balance_decisions
 from ..plan.eligibility import why_not
 from ..errors import DsrewriteError, first_line
 from ..ir import ConvSite
@@ -32,6 +34,7 @@ from .flops import Shapes, count_flops, count_params, infer_shapes, partial_flop
 from .frontend import CONV_OPS, collect_sites
 from .latency import OrtLayerTimer
 from .model_io import LARGE, load_model, model_nbytes, same_file, save_model
+from .quantize import quantizable, unit_multiplier
 from .runtime import OnnxRuntime
 from .selfcheck import self_check
 
@@ -98,6 +101,12 @@ def rewrite(src: Union[str, "os.PathLike[str]", onnx.ModelProto], dst: Union[Non
             factors are refitted on the layers' outputs, and a budget allocates ranks by data-aware errors.
         sequential: with ``calibration``, refit in execution order on the rewritten graph's activations
             (``True``), on the original model's (``False``), or the first when it fits in time (``None``).
+        int8_friendly: rescale each pair's filters and columns to equal ranges for int8 (:mod:`dsrewrite.plan.balance`);
+            the float model is unchanged in value.
+
+    A model below opset 13 that gains weights comes back at opset 13 when onnx.version_converter can convert it
+    with the same outputs, else with the new weights as ``Constant`` nodes (:func:`.quantize.quantizable`), so
+    that onnxruntime's quantizer takes it as it is; the report says which.
 
     Returns:
         ``(model, report)`` (an :class:`OnnxRewriteResult`), with ``.plan``: the per-layer decisions as a
@@ -188,9 +197,15 @@ def _rewrite(src, dst, cfg: RewriteConfig, replay: Optional[Plan] = None) -> Onn
             new = _rebuilt(source.model, source.shapes, decisions)
         else:
             source.notes.append("calibration: no layer was rewritten")
+    if cfg.int8_friendly:  # after the refit, which re-solves the pointwise weights
+        new = _int8_friendly(source, decisions, done, new)
     made = _made_plan(decisions, cfg, replay, timing, source.notes)
     large = model_nbytes(new) >= LARGE
     if done and not large:
+        new, quant_note = quantizable(source.model, new, source.shapes.inputs,  # below opset 13: what onnxruntime
+                                      feeds=calib.feeds[0] if calib is not None and calib.feeds else None)  # quantizes
+        if quant_note:
+            source.notes.append(quant_note)
         _check_rewritten(new)
     report = _report(source, new, decisions, done, check_note, cfg)
     if dst is not None:
@@ -203,6 +218,21 @@ def _rewrite(src, dst, cfg: RewriteConfig, replay: Optional[Plan] = None) -> Onn
     elif cfg.measure_time:  # off unless asked: it runs both models in onnxruntime
         _measure(source.model, new, source.shapes.inputs, report, source.info.path, dst, large, ort_options)
     return OnnxRewriteResult(new, report, made)
+
+
+def _int8_friendly(source: _Source, decisions: List[Decision], done: bool, new: onnx.ModelProto) -> onnx.ModelProto:
+    """Each pair's filters and columns balanced (exact in float), and depthwise convs with several filters per
+    channel written as a Gather and one filter per channel, the form onnxruntime's int8 depthwise kernel takes."""
+    source.notes.append(balance_decisions(decisions))
+    if not done:
+        return new
+    new = _rebuilt(source.model, source.shapes, decisions)
+    gathered = unit_multiplier(new, source=source.model)
+    if gathered:
+        source.notes.append(f"int8_friendly: {gathered} depthwise conv(s) with several filters per channel written as "
+                            "a Gather of the channels and one filter per channel (the same function; onnxruntime's "
+                            "int8 depthwise kernel takes only that form)")
+    return new
 
 
 def _check_output(src, dst, cfg: RewriteConfig) -> Optional[str]:
