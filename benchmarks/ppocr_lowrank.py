@@ -79,17 +79,18 @@ def smallest(model, shape, kinds: str) -> Dict[str, Any]:
 
 
 def time_onnx(before: str, after: str, shape: Sequence[int]) -> Dict[str, Any]:
-    """Both files in onnxruntime, side by side in interleaved rounds on one random input."""
+    """Both files in onnxruntime, side by side in interleaved rounds on one random input (pool threads sleeping
+    when idle: two spinning sessions take the cores from each other, RESULTS.md, issue 23 item 5)."""
     from dsrewrite.timing.measure import compare
     from dsrewrite.onnx.measure import session
 
-    s0, s1 = session(before, THREADS), session(after, THREADS)
+    s0, s1 = session(before, THREADS, spinning=False), session(after, THREADS, spinning=False)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     f0 = {s0.get_inputs()[0].name: x}
     f1 = {s1.get_inputs()[0].name: x}
     c = compare(lambda: s0.run(None, f0), lambda: s1.run(None, f1), (), reps=20, max_seconds=12.0, min_reps=8)
     return dict(ms_before=round(c.before_ms, 2), ms_after=round(c.after_ms, 2), time_ratio=round(c.ratio, 3),
-                time_noise=round(c.noise, 3), rounds=c.rounds, load=load())
+                time_noise=round(c.noise, 3), time_median_ratio=round(c.central, 3), rounds=c.rounds, load=load())
 
 
 def rewrite_row(model, out_path: str, shape, feeds, budget: Dict[str, float]) -> Dict[str, Any]:
