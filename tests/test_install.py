@@ -125,7 +125,7 @@ def test_top_level_kernels_without_another_distribution_is_an_empty_namespace():
         import sys, kernels
         assert getattr(kernels, "__file__", None) is None and not hasattr(kernels, "__version__")
         assert list(kernels.__path__) == []
-        for stmt in ("from kernels import get_kernel", "import kernels._op", "import kernels.ops"):
+        for stmt in ("from kernels import get_kernel", "import kernels.library", "import kernels.ops"):
             try:
                 exec(stmt)
             except ImportError:
