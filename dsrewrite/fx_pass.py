@@ -6,7 +6,6 @@ Usable on its own or inside ``torch.fx.passes.infra.pass_manager.PassManager``. 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import sys
 from typing import Any, List, Optional, Sequence
@@ -81,10 +80,8 @@ class SeparableRewritePass(PassBase):
         self.flops_before = int(counter.get_total_flops())
         sites = collect_sites(graph_module, prop.probes)
         del prop  # its probe dict and last values: the sites now hold the probes, and self_check drops them
-        # budgets are fractions of the whole graph (the planner ignores the totals without one)
-        totals = dataclasses.replace(self.inputs.totals, flops=self.inputs.totals.flops or self.flops_before,
-                                     params=self.inputs.totals.params or count_params(graph_module))
-        self.decisions = plan_sites(sites, self.inputs.replace(totals=totals), self.notes)
+        inputs = self.inputs.of_whole_model(self.flops_before, count_params(graph_module))  # the whole graph
+        self.decisions = plan_sites(sites, inputs, self.notes)
         self.self_check_note = self_check(self.decisions, lambda d, f: pair_for(d, backend="torch", factors=f))
         modified = apply_decisions(graph_module, self.decisions, backend=self.backend, also=self.mirror)
         return PassResult(graph_module, modified)

@@ -194,7 +194,7 @@ def _plan_fresh(gm: fx.GraphModule, sites: List[ConvSite], inputs: GraphInputs, 
         batches = _calibration_batches(opts.calibration, inputs, teacher)
     planning = Planning(teacher if teacher is not None else gm, (inputs.values[inputs.data[0]],) if batches else (),
                         dataclasses.replace(opts, calibration=batches))
-    plan_inputs = planning.inputs.replace(totals=dataclasses.replace(planning.inputs.totals, flops=flops, params=params))
+    plan_inputs = planning.inputs.of_whole_model(flops, params)
     decisions = plan_sites(sites, plan_inputs, notes)  # a budget not met says so in this graph's report
     apply_decisions(gm, decisions, backend=opts.backend)
     for d in decisions:

@@ -15,7 +15,6 @@ one forward's memory. Ranks are planned over all sites at once, the same as on t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -236,9 +235,7 @@ def rewrite_untraceable(model: nn.Module, args: Sequence[Any], inputs: PlanInput
                 traced.append((m, gm, sites))
     ordered = [s for _, s in sorted(keyed, key=lambda t: t[0])]
 
-    totals = dataclasses.replace(inputs.totals, flops=inputs.totals.flops or flops,  # fractions of the whole model
-                                 params=inputs.totals.params or count_params(model))
-    decisions = plan_sites(ordered, inputs.replace(totals=totals), notes)
+    decisions = plan_sites(ordered, inputs.of_whole_model(flops, count_params(model)), notes)
     check_note = self_check(decisions, lambda d, f: pair_for(d, backend="torch", factors=f))
     by_site = {id(d.site): d for d in decisions}
 

@@ -151,6 +151,11 @@ class PlanInputs:
         """A copy with ``changes`` (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
+    def of_whole_model(self, flops: Optional[float], params: Optional[float]) -> "PlanInputs":
+        """A copy whose budgets are fractions of the whole model: its FLOPs and parameters, where not given."""
+        t = self.totals
+        return self.replace(totals=dataclasses.replace(t, flops=t.flops or flops, params=t.params or params))
+
 
 def plan_sites(sites: Iterable[ConvSite], inputs: Optional[PlanInputs] = None,
                notes: Optional[List[str]] = None) -> List[Decision]:
