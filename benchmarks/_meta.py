@@ -8,20 +8,41 @@ import platform
 import subprocess
 import sys
 import tempfile
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_json(path: str, script: str, argv: Optional[Sequence[str]], **payload: Any) -> None:
-    """Write ``payload`` with a ``meta`` block (the command is ``python benchmarks/<script>`` and its arguments)."""
+def run_meta(script: str, argv: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """The ``meta`` block: date, machine, torch and threads, and the command (``python benchmarks/<script> ...``)."""
     import torch
 
-    meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} cores",
+    return dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} cores",
                 torch=torch.__version__, threads=torch.get_num_threads(),
                 command=f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
+def write_json(path: str, script: str, argv: Optional[Sequence[str]], **payload: Any) -> None:
+    """Write ``payload`` with a ``meta`` block (the command is ``python benchmarks/<script>`` and its arguments)."""
     with open(path, "w") as f:
-        json.dump(dict(meta=meta, **payload), f, indent=1)
+        json.dump(dict(meta=run_meta(script, argv), **payload), f, indent=1)
+
+
+def emit(script: str, argv: Optional[Sequence[str]], data: Dict[str, Any], json_path: Optional[str],
+         md_path: Optional[str], markdown: Callable[[Dict[str, Any]], str]) -> None:
+    """Write ``data`` as JSON (with its meta block) when asked, then print its Markdown (``markdown(data)``, read
+    back as JSON when written, so both say the same) and write it when asked."""
+    if json_path:
+        write_json(json_path, script, argv, **data)
+        with open(json_path) as f:
+            data = json.load(f)
+    else:
+        data = dict(data, meta=run_meta(script, argv))
+    md = markdown(data)
+    print(md)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(md)
 
 
 def export_code(rev: str) -> Tuple[str, str]:

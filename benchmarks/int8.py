@@ -445,26 +445,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 pt2e_rows += run_pt2e(task)
     data = dict(onnxruntime=onnxruntime.__version__, tasks=infos, rows=rows, pt2e_rows=pt2e_rows, total_s=round(time.perf_counter() - _T0, 1),
                 loadavg_start=loadavg_start, loadavg_end=[round(v, 2) for v in os.getloadavg()])
-    from _meta import write_json
+    from _meta import emit
 
-    if a.json:
-        write_json(a.json, "int8.py", argv, **data)
-        import json
-
-        with open(a.json) as f:
-            data = json.load(f)
-    else:
-        import datetime
-        import platform
-
-        data["meta"] = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                            torch=torch.__version__, command="python benchmarks/int8.py " +
-                            " ".join(argv if argv is not None else sys.argv[1:]))
-    md = markdown(data)
-    print(md)
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(md)
+    emit("int8.py", argv, data, a.json, a.markdown, markdown)
     return 0
 
 

@@ -222,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 log(f"{arm} {row['budget']}: " + (row["error"] if row.get("error") else
                     f"FLOPs {row['model_flops']:.3f}, pairs {row['rewritten']}, CER {_pct(row['cer'], 2)} %, vs "
                     f"original {_pct(row['cer_vs_original'], 2)} %, time {row.get('time')}"))
-    from _meta import write_json  # benchmarks/ is the script's folder
+    from _meta import emit  # benchmarks/ is the script's folder
     from importlib.metadata import version
 
     data = dict(onnxruntime=onnxruntime.__version__, rapidocr_onnxruntime=version("rapidocr-onnxruntime"),
@@ -231,25 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           eval_lines=len(eval_lines), eval_pages=len(eval_pages), page_size=page),
                 reach=reach, rows=rows, missing=missing, total_s=round(time.perf_counter() - _T0, 1),
                 loadavg_start=loadavg_start, loadavg_end=[round(v, 2) for v in os.getloadavg()])
-    if a.json:
-        write_json(a.json, "ppocr_lowrank.py", argv, **data)
-        import json
-
-        with open(a.json) as f:
-            data = json.load(f)
-    else:
-        import datetime
-        import platform
-
-        import torch
-        data["meta"] = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                            torch=torch.__version__, command="python benchmarks/ppocr_lowrank.py " +
-                            " ".join(argv if argv is not None else sys.argv[1:]))
-    md = markdown(data)
-    print(md)
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(md)
+    emit("ppocr_lowrank.py", argv, data, a.json, a.markdown, markdown)
     return 0
 
 
